@@ -1,0 +1,131 @@
+//! What this host offers pclive: tool versions and kernel features.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::versions::{self, MIN_CONTAINERD, MIN_CRIU, MIN_RUNC};
+
+/// One finding of `pclive check`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+    /// What follows for pclive, or what to do.
+    pub meaning: String,
+}
+
+/// Everything `pclive check` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub kernel: String,
+    pub findings: Vec<Finding>,
+}
+
+impl HostReport {
+    /// True when every required finding holds.
+    pub fn ready(&self) -> bool {
+        self.findings.iter().all(|f| f.ok)
+    }
+}
+
+fn version_finding(name: &'static str, binary: &str, args: &[&str], min: (u32, u32)) -> Finding {
+    match versions::tool_version(name, binary, args, min) {
+        Ok((major, minor, patch)) => Finding {
+            name: name.into(),
+            ok: true,
+            detail: format!("{major}.{minor}.{patch}"),
+            meaning: format!("{name} >= {}.{} as pclive needs", min.0, min.1),
+        },
+        Err(e) => Finding {
+            name: name.into(),
+            ok: false,
+            detail: "missing or too old".into(),
+            meaning: e.to_string(),
+        },
+    }
+}
+
+fn criu_feature(feature: &str) -> bool {
+    Command::new("criu")
+        .args(["check", "--feature", feature])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Inspects this host.
+pub fn inspect() -> HostReport {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mut findings = vec![
+        version_finding("containerd", "containerd", &["--version"], MIN_CONTAINERD),
+        version_finding("runc", "runc", &["--version"], MIN_RUNC),
+        version_finding("criu", "criu", &["--version"], MIN_CRIU),
+    ];
+    let uffd = Path::new("/proc/sys/vm/unprivileged_userfaultfd").exists()
+        || Path::new("/dev/userfaultfd").exists();
+    findings.push(Finding {
+        name: "userfaultfd".into(),
+        ok: uffd,
+        detail: if uffd { "present" } else { "absent" }.into(),
+        meaning: if uffd {
+            "lazy restore (memory installed by pclive's page server) is possible".into()
+        } else {
+            "no userfaultfd: lazy restore cannot work; rebuild the kernel with CONFIG_USERFAULTFD"
+                .into()
+        },
+    });
+    let soft_dirty = criu_feature("mem_dirty_track");
+    findings.push(Finding {
+        name: "soft-dirty".into(),
+        // Optional: pclive falls back to its content-hash tracker.
+        ok: true,
+        detail: if soft_dirty { "present" } else { "absent" }.into(),
+        meaning: if soft_dirty {
+            "dirty pages are tracked by the kernel".into()
+        } else {
+            "no soft-dirty: CRIU pre-dump cannot run here; pclive tracks dirty pages by content hash"
+                .into()
+        },
+    });
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let freezer = v2 || Path::new("/sys/fs/cgroup/freezer").exists();
+    findings.push(Finding {
+        name: "cgroups".into(),
+        ok: freezer,
+        detail: if v2 { "v2 (unified)" } else { "v1" }.into(),
+        meaning: if freezer {
+            "containers can be frozen for the final dump".into()
+        } else {
+            "no freezer cgroup: pause and checkpoint cannot work".into()
+        },
+    });
+    HostReport { kernel, findings }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_lists_every_tool() {
+        let report = inspect();
+        let names: Vec<&str> = report.findings.iter().map(|f| f.name.as_str()).collect();
+        for want in [
+            "containerd",
+            "runc",
+            "criu",
+            "userfaultfd",
+            "soft-dirty",
+            "cgroups",
+        ] {
+            assert!(names.contains(&want), "{names:?}");
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! pclive restore engine.
+//!
+//! The engine speaks its own types; containerd and protobuf stay in the shim. It will hold the
+//! CRIU image codec, the staging page store, the lazy-pages (userfaultfd) server and the migration
+//! protocol. For now it offers the host capability report behind `pclive check`.
+
+pub mod host;
+pub mod versions;
