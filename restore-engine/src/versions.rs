@@ -1,9 +1,8 @@
-//! Minimum versions of the tools pclive drives. The shim checks them once per process so that a
-//! host with an old runc or CRIU fails with a message that names the fix, not deep inside CRIU;
+//! Minimum versions of the tools pclive drives. The shim checks them (through its reaper) so that
+//! a host with an old runc or CRIU fails with a message that names the fix, not deep inside CRIU;
 //! `pclive check` reports them.
 
 use std::process::Command;
-use std::sync::OnceLock;
 
 /// pclive needs runc ≥ 1.3 (lazy-pages restore, checkpoint fixes) and CRIU ≥ 4.2 (TCP sockets on
 /// kernels ≥ 6.16, vDSO on 6.18); containerd ≥ 2.0 speaks task API v3.
@@ -79,24 +78,6 @@ pub fn tool_version(
         })?;
     let text = String::from_utf8_lossy(&output.stdout);
     require(tool, &text, min)
-}
-
-/// Checks runc once per process (the result is cached).
-pub fn check_runc(binary: &str) -> Result<(), VersionError> {
-    static RESULT: OnceLock<Result<(u32, u32, u32), VersionError>> = OnceLock::new();
-    RESULT
-        .get_or_init(|| tool_version("runc", binary, &["--version"], MIN_RUNC))
-        .clone()
-        .map(drop)
-}
-
-/// Checks CRIU once per process (the result is cached).
-pub fn check_criu() -> Result<(), VersionError> {
-    static RESULT: OnceLock<Result<(u32, u32, u32), VersionError>> = OnceLock::new();
-    RESULT
-        .get_or_init(|| tool_version("criu", "criu", &["--version"], MIN_CRIU))
-        .clone()
-        .map(drop)
 }
 
 #[cfg(test)]

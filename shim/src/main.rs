@@ -3,11 +3,7 @@
 //! containerd starts it; users do not. It runs containers with runc as the runc shim does and
 //! adds checkpoint/restore (and, through the restore engine, live migration).
 
-mod cgroups;
-mod io;
-mod runc;
-mod service;
-mod task;
+use containerd_shim_pclive::{service, task};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -1,23 +1,19 @@
-//! Typed command lines for runc, and a runner that cooperates with the shim's reaper.
-//!
-//! The shim is a child subreaper and the containerd-shim crate reaps every child with
-//! `waitpid(-1)` on SIGCHLD. `std::process::Child::wait` would therefore race the reaper and lose
-//! exit codes; instead every runc invocation subscribes to the reaper's exit monitor *before* it
-//! spawns, and learns its exit status from there.
+//! Typed command lines for runc. Each invocation runs through [`crate::reaper`], so that its
+//! exit status comes from the shim's reaper instead of racing it.
 //!
 //! Each subcommand has an options struct whose `push_args` renders it into an argument vector;
 //! no command line is ever joined into a string.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::thread;
 
-use containerd_shim::monitor::{monitor_subscribe, Subject, Topic};
 use serde::Deserialize;
+
+use crate::reaper::{self, ReapedOutput};
 
 /// Errors from running runc.
 #[derive(Debug, thiserror::Error)]
@@ -348,58 +344,17 @@ impl Runc {
             // Keep only this invocation's messages, so errors name this failure.
             let _ = fs::remove_file(log);
         }
-
-        let subscription =
-            monitor_subscribe(Topic::Pid).map_err(|e| RuncError::Monitor(e.to_string()))?;
-        let spawned = command.spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(source) => {
-                return Err(RuncError::Spawn {
-                    binary: self.binary.clone(),
-                    source,
-                });
-            }
-        };
-        // The Command holds the parent's copies of the container's descriptors: drop them now so
-        // the container alone keeps the pipes open.
-        drop(command);
-        let pid = child.id() as i32;
-
-        if let (Some(data), Some(mut stdin)) = (stdin_data, child.stdin.take()) {
-            let _ = stdin.write_all(data);
-        }
-        let stdout_reader = child.stdout.take().map(|mut out| {
-            thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = out.read_to_end(&mut buf);
-                buf
-            })
-        });
-        let mut stderr_buf = Vec::new();
-        if let Some(mut err) = child.stderr.take() {
-            let _ = err.read_to_end(&mut stderr_buf);
-        }
-        let stdout = stdout_reader
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default();
-
-        let status = loop {
-            match subscription.rx.recv() {
-                Ok(event) => {
-                    if matches!(event.subject, Subject::Pid(p) if p == pid) {
-                        break event.exit_code;
-                    }
-                }
-                Err(_) => {
-                    return Err(RuncError::Monitor(
-                        "exit monitor closed before runc exited".into(),
-                    ));
-                }
-            }
-        };
-        // Dropping the subscription unsubscribes it.
-        drop(subscription);
+        let ReapedOutput {
+            status,
+            stdout,
+            stderr: stderr_buf,
+        } = reaper::run(command, stdin_data).map_err(|e| match e {
+            reaper::ReaperError::Spawn(source) => RuncError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            },
+            reaper::ReaperError::Monitor(m) => RuncError::Monitor(m),
+        })?;
 
         if status != 0 {
             let mut message = String::from_utf8_lossy(&stderr_buf).trim().to_string();

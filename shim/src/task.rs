@@ -17,7 +17,8 @@ use log::{debug, info, warn};
 use crate::cgroups::{self, CgroupError, ContainerStats, OomWatch};
 use crate::io::{self as pio, IoError, PreparedIo, ProcessIo, StdioConfig};
 use crate::runc::{CheckpointOpts, CreateOpts, CriuOpts, ExecOpts, RestoreOpts, Runc, RuncError};
-use restore_engine::versions::{self, VersionError};
+use crate::tools;
+use restore_engine::versions::VersionError;
 
 /// runc reads the CRIU config file this annotation names (instead of /etc/criu/runc.conf).
 const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
@@ -509,7 +510,7 @@ impl Tasks {
         }
         let bundle = params.bundle.clone();
         let runc = self.runc_for(&bundle, &params.options);
-        versions::check_runc(&runc.binary.to_string_lossy())?;
+        tools::check_runc(&runc.binary.to_string_lossy())?;
         fs::create_dir_all(&runc.root).map_err(os_err(format!(
             "cannot create runc root {}",
             runc.root.display()
@@ -713,7 +714,7 @@ impl Tasks {
                 });
             }
             Some(InitStart::Restore { source, io }) => {
-                versions::check_criu()?;
+                tools::check_criu()?;
                 use_restore_criu_config(&container.bundle)?;
                 let started = Instant::now();
                 let pid_file = container.bundle.join("init.pid");
@@ -1107,7 +1108,7 @@ impl Tasks {
                 expected: "running or paused",
             });
         }
-        versions::check_criu()?;
+        tools::check_criu()?;
         let work_path = params
             .work_path
             .clone()

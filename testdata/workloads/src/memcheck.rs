@@ -132,3 +132,31 @@ fn main() {
         sleep(tick);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filled_page_verifies_and_zeroed_or_stale_pages_do_not() {
+        let mut memory = vec![0u64; 3 * PAGE_WORDS];
+        for page in 0..3 {
+            fill_page(&mut memory, page, 5);
+        }
+        assert!(page_is_intact(&memory, 1, 5));
+        // A page that came back zero-filled (a lost lazy page) is caught.
+        memory[PAGE_WORDS..2 * PAGE_WORDS].fill(0);
+        assert!(!page_is_intact(&memory, 1, 5));
+        // So is a page with an older generation's content (a missed dirty page).
+        fill_page(&mut memory, 2, 4);
+        assert!(!page_is_intact(&memory, 2, 5));
+        // And a single flipped word.
+        memory[7] ^= 1;
+        assert!(!page_is_intact(&memory, 0, 5));
+    }
+
+    #[test]
+    fn no_page_content_is_all_zero() {
+        assert!((0..PAGE_WORDS).all(|i| expected_word(0, 0, i) != 0));
+    }
+}

@@ -1,0 +1,12 @@
+//! containerd-shim-pclive: the containerd shim v2 of runtime `io.containerd.pclive.v2`.
+//!
+//! `service` is the edge (ttrpc, protobuf); `task` the core over typed `runc` command lines;
+//! `io` the container stdio; `cgroups` statistics and OOM events.
+
+pub mod cgroups;
+pub mod io;
+pub mod reaper;
+pub mod runc;
+pub mod service;
+pub mod task;
+pub mod tools;

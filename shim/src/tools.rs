@@ -1,0 +1,52 @@
+//! Version checks of runc and CRIU, once per shim process, run through the reaper.
+
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use restore_engine::versions::{self, VersionError, MIN_CRIU, MIN_RUNC};
+
+use crate::reaper;
+
+fn version_of(
+    tool: &'static str,
+    binary: &str,
+    min: (u32, u32),
+) -> Result<(u32, u32, u32), VersionError> {
+    let mut command = Command::new(binary);
+    command
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let missing = |detail: String| VersionError::Missing {
+        tool,
+        min: format!("{}.{}", min.0, min.1),
+        detail,
+    };
+    let output = reaper::run(command, None).map_err(|e| missing(format!("{binary}: {e}")))?;
+    if output.status != 0 {
+        return Err(missing(format!(
+            "{binary} --version exited with {}",
+            output.status
+        )));
+    }
+    versions::require(tool, &String::from_utf8_lossy(&output.stdout), min)
+}
+
+/// runc ≥ 1.3, checked once (the result is cached).
+pub fn check_runc(binary: &str) -> Result<(), VersionError> {
+    static RESULT: OnceLock<Result<(u32, u32, u32), VersionError>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| version_of("runc", binary, MIN_RUNC))
+        .clone()
+        .map(drop)
+}
+
+/// CRIU ≥ 4.2, checked once (the result is cached).
+pub fn check_criu() -> Result<(), VersionError> {
+    static RESULT: OnceLock<Result<(u32, u32, u32), VersionError>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| version_of("criu", "criu", MIN_CRIU))
+        .clone()
+        .map(drop)
+}

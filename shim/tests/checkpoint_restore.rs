@@ -1,0 +1,212 @@
+//! Local checkpoint and restore through containerd's API (ctr), runc and CRIU: a restored
+//! container continues where it stopped, proven by a counter and by checksummed memory.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::*;
+
+const COUNTER: &[&str] = &[
+    "/bin/sh",
+    "-c",
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done",
+];
+
+fn checkpoint_and_remove(ctd: &Containerd, id: &str, images: &Path) {
+    let images = images.display().to_string();
+    let work = format!("{images}-work");
+    ctd.ctr_ok(&[
+        "task",
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        &images,
+        "--work-path",
+        &work,
+        id,
+    ]);
+    ctd.wait_status(id, "STOPPED");
+    ctd.ctr_ok(&["task", "rm", id]);
+    ctd.ctr_ok(&["container", "rm", id]);
+}
+
+fn restore(ctd: &Containerd, id: &str, rootfs: &Path, images: &Path) {
+    let annotation = format!("{RESTORE_ANNOTATION}={}", images.display());
+    // The command is ignored: the process tree comes from the images.
+    ctd.run_detached(id, rootfs, &["--annotation", &annotation], &["/bin/true"]);
+    ctd.wait_status(id, "RUNNING");
+}
+
+#[test]
+fn a_counter_continues_after_checkpoint_and_restore() {
+    let ctd = Containerd::start();
+    let rootfs = ctd.rootfs("counter");
+    let count = rootfs.join("tmp/count");
+    ctd.run_detached("counter", &rootfs, &[], COUNTER);
+    wait_for("the counter to reach 20", Duration::from_secs(20), || {
+        read_number(&count).is_some_and(|n| n >= 20)
+    });
+
+    let images = ctd.dir.join("counter-images");
+    checkpoint_and_remove(&ctd, "counter", &images);
+    assert!(images.join("inventory.img").is_file());
+    let at_checkpoint = read_number(&count).unwrap();
+    sleep(Duration::from_millis(300));
+    assert_eq!(
+        read_number(&count).unwrap(),
+        at_checkpoint,
+        "--exit left the container running"
+    );
+
+    restore(&ctd, "counter-restored", &rootfs, &images);
+    // A fresh start would count from 1; the restored shell goes on from where it stopped.
+    wait_for(
+        "the restored counter to continue",
+        Duration::from_secs(20),
+        || read_number(&count).is_some_and(|n| n > at_checkpoint + 5),
+    );
+    // And it is an ordinary task: exec, pause and kill work on it.
+    let out = ctd.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "look",
+        "counter-restored",
+        "/bin/cat",
+        "/tmp/count",
+    ]);
+    assert!(out.trim().parse::<u64>().unwrap() > at_checkpoint);
+    ctd.ctr_ok(&["task", "pause", "counter-restored"]);
+    ctd.ctr_ok(&["task", "resume", "counter-restored"]);
+    ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "counter-restored"]);
+    ctd.wait_status("counter-restored", "STOPPED");
+}
+
+#[test]
+fn checkpoint_without_exit_leaves_the_container_running() {
+    let ctd = Containerd::start();
+    let rootfs = ctd.rootfs("live");
+    let count = rootfs.join("tmp/count");
+    ctd.run_detached("live", &rootfs, &[], COUNTER);
+    ctd.wait_status("live", "RUNNING");
+    let images = ctd.dir.join("live-images").display().to_string();
+    ctd.ctr_ok(&["task", "checkpoint", "--image-path", &images, "live"]);
+    assert!(Path::new(&images).join("inventory.img").is_file());
+    assert_eq!(ctd.task("live").unwrap().1, "RUNNING");
+    let now = read_number(&count).unwrap();
+    wait_for("the counter to go on", Duration::from_secs(20), || {
+        read_number(&count).is_some_and(|n| n > now + 3)
+    });
+
+    // Without --image-path containerd stores the checkpoint in its content store as an image.
+    ctd.ctr_ok(&["task", "checkpoint", "live"]);
+    let images = ctd.ctr_ok(&["image", "ls", "-q"]);
+    assert!(
+        images.contains("checkpoint"),
+        "no checkpoint image: {images}"
+    );
+    assert_eq!(ctd.task("live").unwrap().1, "RUNNING");
+}
+
+#[test]
+fn checksummed_memory_of_256_mib_survives_checkpoint_and_restore() {
+    let ctd = Containerd::start();
+    let rootfs = ctd.rootfs("mem");
+    let status = rootfs.join("status");
+    ctd.run_detached(
+        "mem",
+        &rootfs,
+        &[],
+        &["/usr/local/bin/memcheck", "256", "--status", "/status"],
+    );
+    wait_for("two verified passes", Duration::from_secs(60), || {
+        memcheck_status(&status).is_some_and(|s| s.pass >= 2)
+    });
+
+    let images = ctd.dir.join("mem-images");
+    checkpoint_and_remove(&ctd, "mem", &images);
+    let before = memcheck_status(&status).unwrap();
+    assert_eq!(before.pages, 256 * 256);
+    let pages_size: u64 = fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(
+        pages_size >= 256 << 20,
+        "the image holds only {pages_size} bytes of pages"
+    );
+
+    restore(&ctd, "mem-restored", &rootfs, &images);
+    // Two more full passes after the restore: every page was verified against its generation,
+    // and the process is the same one (its pass and write counters went on, not from zero).
+    wait_for(
+        "two full verified passes after restore",
+        Duration::from_secs(60),
+        || memcheck_status(&status).is_some_and(|s| s.pass >= before.pass + 2),
+    );
+    let after = memcheck_status(&status).unwrap();
+    assert_eq!(after.errors, 0);
+    assert!(after.writes > before.writes, "{before:?} -> {after:?}");
+    assert_eq!(ctd.task("mem-restored").unwrap().1, "RUNNING");
+}
+
+#[test]
+fn restoring_from_a_directory_without_images_is_refused() {
+    let ctd = Containerd::start();
+    let rootfs = ctd.rootfs("bogus");
+    let empty = ctd.dir.join("empty-images");
+    fs::create_dir_all(&empty).unwrap();
+    let annotation = format!("{RESTORE_ANNOTATION}={}", empty.display());
+    let rootfs_arg = rootfs.display().to_string();
+    let err = ctd.ctr_err(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &annotation,
+        "--rootfs",
+        &rootfs_arg,
+        "bogus",
+        "/bin/true",
+    ]);
+    assert!(
+        err.contains("no CRIU image set") && err.contains("inventory.img"),
+        "unclear error: {err}"
+    );
+}
+
+#[test]
+fn checkpoint_without_criu_names_the_fix_and_keeps_the_container() {
+    let ctd = Containerd::start_with(Tools::NoCriu);
+    let rootfs = ctd.rootfs("nocriu");
+    let count = rootfs.join("tmp/count");
+    ctd.run_detached("nocriu", &rootfs, &[], COUNTER);
+    ctd.wait_status("nocriu", "RUNNING");
+    let images = ctd.dir.join("nocriu-images").display().to_string();
+    let err = ctd.ctr_err(&[
+        "task",
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        &images,
+        "nocriu",
+    ]);
+    assert!(
+        err.contains("criu") && err.contains("install criu >= 4.2"),
+        "unclear error: {err}"
+    );
+    // Nothing lost: the container runs on.
+    assert_eq!(ctd.task("nocriu").unwrap().1, "RUNNING");
+    let now = read_number(&count).unwrap();
+    wait_for("the counter to go on", Duration::from_secs(20), || {
+        read_number(&count).is_some_and(|n| n > now + 3)
+    });
+}
