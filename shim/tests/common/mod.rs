@@ -258,7 +258,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 
     pub fn wait_status(&self, id: &str, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.task(id).is_some_and(|(_, s)| s == want) {
+        while self.task(id).is_none_or(|(_, s)| s != want) {
             assert!(
                 Instant::now() < deadline,
                 "timed out waiting for task {id} to be {want}; tasks:\n{}\n--- containerd log tail ---\n{}",
