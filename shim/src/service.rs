@@ -83,7 +83,8 @@ fn type_name(any: &Any) -> &str {
 }
 
 fn runtime_options(any: Option<&Any>) -> Result<RuntimeOptions, ttrpc::Error> {
-    let Some(any) = any else {
+    // `ctr container restore` sends an empty Any when the container has no runtime options.
+    let Some(any) = any.filter(|a| !(a.type_url.is_empty() && a.value.is_empty())) else {
         return Ok(RuntimeOptions::default());
     };
     if type_name(any) != RUNC_OPTIONS_TYPE {
@@ -111,7 +112,7 @@ fn checkpoint_params(path: &str, any: Option<&Any>) -> Result<CheckpointParams, 
         image_path: PathBuf::from(path),
         ..Default::default()
     };
-    if let Some(any) = any {
+    if let Some(any) = any.filter(|a| !(a.type_url.is_empty() && a.value.is_empty())) {
         if type_name(any) != CHECKPOINT_OPTIONS_TYPE {
             return Err(invalid(format!(
                 "checkpoint options of type '{}' are not understood by {RUNTIME_ID}: send {CHECKPOINT_OPTIONS_TYPE}",

@@ -87,6 +87,118 @@ fn a_counter_continues_after_checkpoint_and_restore() {
 }
 
 #[test]
+fn an_image_based_container_checkpoints_to_the_content_store_and_restores_live() {
+    let ctd = Containerd::start();
+    let events_file = ctd.dir.join("events.txt");
+    let _events = Guarded(Some(
+        ctd.ctr_command(&["events"])
+            .stdout(fs::File::create(&events_file).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    let image = "pclive.test/busybox:1";
+    ctd.import_image(&ctd.rootfs("image"), image);
+
+    // From an image the rootfs comes from the snapshotter: the shim mounts it.
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        image,
+        "probe",
+        "/bin/sh",
+        "-c",
+        "grep -q '^overlay / overlay' /proc/mounts && exit 4",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "rootfs is not the overlay: {out:?}"
+    );
+
+    ctd.ctr_ok(
+        &["run", "-d", "--null-io", "--runtime", RUNTIME, image, "svc"]
+            .into_iter()
+            .chain(COUNTER.iter().copied())
+            .collect::<Vec<_>>(),
+    );
+    let read_count = |id: &str, exec_id: &str| -> u64 {
+        ctd.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            exec_id,
+            id,
+            "/bin/cat",
+            "/tmp/count",
+        ])
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    ctd.wait_status("svc", "RUNNING");
+    // 60 counts take 3 s: a restarted (not restored) counter could not be there yet when we look.
+    wait_for("the counter to reach 60", Duration::from_secs(30), || {
+        read_count("svc", "c1") >= 60
+    });
+
+    // The checkpoint goes into containerd's content store (criu tar + spec), the task runs on.
+    ctd.ctr_ok(&[
+        "container",
+        "checkpoint",
+        "--task",
+        "svc",
+        "pclive.test/svc-checkpoint:1",
+    ]);
+    // The counter's value when the checkpoint was taken is at most this.
+    let after_checkpoint = read_count("svc", "c2");
+    ctd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "svc"]);
+    ctd.wait_status("svc", "STOPPED");
+    ctd.ctr_ok(&["task", "rm", "svc"]);
+    ctd.ctr_ok(&["container", "rm", "svc"]);
+
+    // containerd unpacks the checkpoint and hands the directory to the shim (CreateTaskRequest.checkpoint).
+    ctd.ctr_ok(&[
+        "container",
+        "restore",
+        "--live",
+        "svc",
+        "pclive.test/svc-checkpoint:1",
+    ]);
+    ctd.wait_status("svc", "RUNNING");
+    wait_for("the restored counter", Duration::from_secs(20), || {
+        ctd.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "c3",
+            "svc",
+            "/bin/cat",
+            "/tmp/count",
+        ])
+        .status
+        .success()
+    });
+    let restored = read_count("svc", "c4");
+    // Restored, the counter resumes at its checkpointed value (>= 60, <= after_checkpoint);
+    // restarted, it would be far below 60 this soon.
+    assert!(
+        (60..after_checkpoint + 200).contains(&restored),
+        "restored counter {restored} does not continue from the checkpoint (<= {after_checkpoint})"
+    );
+    wait_for(
+        "a /tasks/checkpointed event",
+        Duration::from_secs(10),
+        || {
+            fs::read_to_string(&events_file)
+                .unwrap_or_default()
+                .contains("/tasks/checkpointed")
+        },
+    );
+}
+
+#[test]
 fn checkpoint_without_exit_leaves_the_container_running() {
     let ctd = Containerd::start();
     let rootfs = ctd.rootfs("live");

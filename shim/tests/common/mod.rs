@@ -226,6 +226,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
         out
     }
 
+    /// Imports `rootfs` as the OCI image `reference` (testdata/build-image.sh), so containers
+    /// run from the overlayfs snapshotter as users' do.
+    pub fn import_image(&self, rootfs: &Path, reference: &str) {
+        let archive = self.dir.join("image.tar");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/build-image.sh");
+        let status = Command::new("bash")
+            .arg(script)
+            .arg(rootfs)
+            .arg(reference)
+            .arg(&archive)
+            .status()
+            .unwrap();
+        assert!(status.success(), "build-image.sh failed");
+        self.ctr_ok(&["image", "import", &archive.display().to_string()]);
+    }
+
     /// `ctr run -d --null-io` of a pclive container from `rootfs`.
     pub fn run_detached(&self, id: &str, rootfs: &Path, extra: &[&str], cmd: &[&str]) {
         let rootfs = rootfs.display().to_string();
