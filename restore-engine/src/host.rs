@@ -68,17 +68,38 @@ pub fn inspect() -> HostReport {
         version_finding("runc", "runc", &["--version"], MIN_RUNC),
         version_finding("criu", "criu", &["--version"], MIN_CRIU),
     ];
-    let uffd = Path::new("/proc/sys/vm/unprivileged_userfaultfd").exists()
-        || Path::new("/dev/userfaultfd").exists();
+    let uffd = crate::uffd::probe();
+    findings.push(match &uffd {
+        Ok(features) => Finding {
+            name: "userfaultfd".into(),
+            ok: features.has(crate::uffd::UFFD_FEATURE_EVENT_FORK | crate::uffd::UFFD_FEATURE_EVENT_REMAP),
+            detail: format!("features {:#x}", features.features),
+            meaning: "lazy restore: pclive installs memory with UFFDIO_COPY from local RAM".into(),
+        },
+        Err(e) => Finding {
+            name: "userfaultfd".into(),
+            ok: false,
+            detail: e.to_string(),
+            meaning: "no userfaultfd: lazy restore cannot work (needs CONFIG_USERFAULTFD and root or vm.unprivileged_userfaultfd=1)".into(),
+        },
+    });
+    let wp_async = uffd
+        .as_ref()
+        .is_ok_and(|f| f.has(crate::uffd::UFFD_FEATURE_WP_ASYNC));
+    let pagemap_scan = crate::uffd::pagemap_scan_available();
     findings.push(Finding {
-        name: "userfaultfd".into(),
-        ok: uffd,
-        detail: if uffd { "present" } else { "absent" }.into(),
-        meaning: if uffd {
-            "lazy restore (memory installed by pclive's page server) is possible".into()
+        name: "uffd-wp".into(),
+        // Optional: the write-protect tracker is an optimisation over content hashing.
+        ok: true,
+        detail: format!(
+            "write-protect async {}, PAGEMAP_SCAN {}",
+            if wp_async { "yes" } else { "no" },
+            if pagemap_scan { "yes" } else { "no" }
+        ),
+        meaning: if wp_async && pagemap_scan {
+            "O(dirty) write-protect dirty tracking is possible on this kernel".into()
         } else {
-            "no userfaultfd: lazy restore cannot work; rebuild the kernel with CONFIG_USERFAULTFD"
-                .into()
+            "no O(dirty) write-protect tracking: pclive hashes page contents instead".into()
         },
     });
     let soft_dirty = criu_feature("mem_dirty_track");

@@ -5,4 +5,6 @@
 //! protocol. For now it offers the host capability report behind `pclive check`.
 
 pub mod host;
+pub mod staging;
+pub mod uffd;
 pub mod versions;

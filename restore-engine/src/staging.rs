@@ -1,0 +1,418 @@
+//! The staging page store: memory of the container being restored, held in local RAM until
+//! the lazy-pages server installs it.
+//!
+//! Pages are keyed by (task pid in the container's pid namespace, page-aligned virtual address).
+//! Contents live in large slabs (no allocation per page); a hash map gives O(1) lookup from a
+//! page to its slot. Pages stored in address order occupy consecutive slots, so a run of pages
+//! can be installed with one large UFFDIO_COPY straight from the slab. Zero pages are markers
+//! that take no slab space. Installed pages are released; a slab whose pages are all released
+//! is freed.
+
+use std::collections::HashMap;
+
+pub const PAGE_SIZE: usize = 4096;
+/// Pages per slab (4 MiB): large enough for 1 MiB+ copies, small enough to free memory early.
+pub const SLAB_PAGES: usize = 1024;
+
+/// A task pid as CRIU's images name it (inside the container's pid namespace).
+pub type TaskPid = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Zero,
+    Data(u32),
+}
+
+/// A page's content as the store holds it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PageRef<'a> {
+    Zero,
+    Data(&'a [u8]),
+}
+
+/// A run of pages that can be installed with one copy: consecutive addresses, contiguous memory
+/// (or all zero).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Run<'a> {
+    pub vaddr: u64,
+    pub pages: usize,
+    /// `None` for a run of zero pages.
+    pub data: Option<&'a [u8]>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StagingError {
+    #[error("address {0:#x} is not page aligned")]
+    Unaligned(u64),
+    #[error("page content of {0} bytes is not a whole number of pages")]
+    PartialPage(usize),
+    #[error("the staging store is full ({0} pages of data): raise its limit or free memory")]
+    Full(usize),
+}
+
+struct Slab {
+    bytes: Vec<u8>,
+    live: usize,
+}
+
+/// The store. Not thread-safe by itself; the server owns it.
+pub struct StagingStore {
+    index: HashMap<(TaskPid, u64), Slot>,
+    slabs: Vec<Option<Slab>>,
+    /// Next free slot at the end of the newest slab (slots are not reused inside a slab: a run
+    /// stays contiguous, and a released slab goes back to the OS at once).
+    next_slot: u32,
+    max_data_pages: usize,
+    data_pages: usize,
+}
+
+impl Default for StagingStore {
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
+}
+
+impl StagingStore {
+    /// A store that holds at most `max_data_pages` pages of data (zero pages are free).
+    pub fn new(max_data_pages: usize) -> Self {
+        StagingStore {
+            index: HashMap::new(),
+            slabs: Vec::new(),
+            next_slot: 0,
+            max_data_pages,
+            data_pages: 0,
+        }
+    }
+
+    /// Pages currently held (data and zero markers).
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Bytes of page data currently held.
+    pub fn data_bytes(&self) -> usize {
+        self.data_pages * PAGE_SIZE
+    }
+
+    fn slot_location(slot: u32) -> (usize, usize) {
+        let slot = slot as usize;
+        (slot / SLAB_PAGES, (slot % SLAB_PAGES) * PAGE_SIZE)
+    }
+
+    fn page_bytes(&self, slot: u32) -> &[u8] {
+        let (slab, offset) = Self::slot_location(slot);
+        let slab = self.slabs[slab]
+            .as_ref()
+            .expect("a live slot points into a live slab");
+        &slab.bytes[offset..offset + PAGE_SIZE]
+    }
+
+    fn allocate_slot(&mut self) -> Result<u32, StagingError> {
+        if self.data_pages >= self.max_data_pages {
+            return Err(StagingError::Full(self.data_pages));
+        }
+        let slot = self.next_slot;
+        let (slab, _) = Self::slot_location(slot);
+        if slab == self.slabs.len() {
+            self.slabs.push(Some(Slab {
+                // calloc'd: the kernel provides zero pages lazily, nothing is touched here.
+                bytes: vec![0u8; SLAB_PAGES * PAGE_SIZE],
+                live: 0,
+            }));
+        }
+        self.next_slot += 1;
+        self.data_pages += 1;
+        if let Some(s) = self.slabs[slab].as_mut() {
+            s.live += 1;
+        }
+        Ok(slot)
+    }
+
+    fn release_slot(&mut self, slot: Slot) {
+        if let Slot::Data(slot) = slot {
+            let (slab_index, _) = Self::slot_location(slot);
+            self.data_pages -= 1;
+            let is_current = slab_index == (self.next_slot as usize).saturating_sub(1) / SLAB_PAGES;
+            if let Some(slab) = self.slabs[slab_index].as_mut() {
+                slab.live -= 1;
+                if slab.live == 0 && !is_current {
+                    self.slabs[slab_index] = None;
+                }
+            }
+        }
+    }
+
+    /// Stores (or replaces) the contents of consecutive pages starting at `vaddr`.
+    pub fn put(&mut self, pid: TaskPid, vaddr: u64, data: &[u8]) -> Result<(), StagingError> {
+        if vaddr % PAGE_SIZE as u64 != 0 {
+            return Err(StagingError::Unaligned(vaddr));
+        }
+        if data.len() % PAGE_SIZE != 0 {
+            return Err(StagingError::PartialPage(data.len()));
+        }
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let addr = vaddr + (i * PAGE_SIZE) as u64;
+            let existing = self.index.get(&(pid, addr)).copied();
+            let slot = match existing {
+                // Rewrite in place: a newer round's content for the same page.
+                Some(Slot::Data(slot)) => slot,
+                other => {
+                    let slot = self.allocate_slot()?;
+                    if other.is_some() {
+                        self.index.remove(&(pid, addr));
+                    }
+                    self.index.insert((pid, addr), Slot::Data(slot));
+                    slot
+                }
+            };
+            let (slab, offset) = Self::slot_location(slot);
+            let slab = self.slabs[slab].as_mut().expect("slot in a live slab");
+            slab.bytes[offset..offset + PAGE_SIZE].copy_from_slice(page);
+        }
+        Ok(())
+    }
+
+    /// Marks `pages` pages from `vaddr` as zero-filled.
+    pub fn put_zero(&mut self, pid: TaskPid, vaddr: u64, pages: usize) -> Result<(), StagingError> {
+        if vaddr % PAGE_SIZE as u64 != 0 {
+            return Err(StagingError::Unaligned(vaddr));
+        }
+        for i in 0..pages {
+            let addr = vaddr + (i * PAGE_SIZE) as u64;
+            if let Some(old) = self.index.insert((pid, addr), Slot::Zero) {
+                self.release_slot(old);
+            }
+        }
+        Ok(())
+    }
+
+    /// The content of one page, if staged.
+    pub fn get(&self, pid: TaskPid, vaddr: u64) -> Option<PageRef<'_>> {
+        let page = vaddr & !(PAGE_SIZE as u64 - 1);
+        match self.index.get(&(pid, page))? {
+            Slot::Zero => Some(PageRef::Zero),
+            Slot::Data(slot) => Some(PageRef::Data(self.page_bytes(*slot))),
+        }
+    }
+
+    /// The longest installable run starting at `vaddr` (at most `max_pages`): consecutive staged
+    /// pages whose data is contiguous in one slab, or consecutive zero pages.
+    pub fn run_at(&self, pid: TaskPid, vaddr: u64, max_pages: usize) -> Option<Run<'_>> {
+        let first = *self.index.get(&(pid, vaddr))?;
+        let mut pages = 1;
+        match first {
+            Slot::Zero => {
+                while pages < max_pages
+                    && self.index.get(&(pid, vaddr + (pages * PAGE_SIZE) as u64))
+                        == Some(&Slot::Zero)
+                {
+                    pages += 1;
+                }
+                Some(Run {
+                    vaddr,
+                    pages,
+                    data: None,
+                })
+            }
+            Slot::Data(slot) => {
+                let (slab, offset) = Self::slot_location(slot);
+                let room = SLAB_PAGES - offset / PAGE_SIZE;
+                while pages < max_pages.min(room)
+                    && self.index.get(&(pid, vaddr + (pages * PAGE_SIZE) as u64))
+                        == Some(&Slot::Data(slot + pages as u32))
+                {
+                    pages += 1;
+                }
+                let bytes = &self.slabs[slab].as_ref().expect("live slab").bytes
+                    [offset..offset + pages * PAGE_SIZE];
+                Some(Run {
+                    vaddr,
+                    pages,
+                    data: Some(bytes),
+                })
+            }
+        }
+    }
+
+    /// Releases `pages` pages from `vaddr` (installed, or no longer needed).
+    pub fn release(&mut self, pid: TaskPid, vaddr: u64, pages: usize) {
+        for i in 0..pages {
+            if let Some(slot) = self.index.remove(&(pid, vaddr + (i * PAGE_SIZE) as u64)) {
+                self.release_slot(slot);
+            }
+        }
+    }
+
+    /// Drops every page of a task (it exited, or was unmapped).
+    pub fn release_task(&mut self, pid: TaskPid) {
+        let keys: Vec<(TaskPid, u64)> = self
+            .index
+            .keys()
+            .filter(|(p, _)| *p == pid)
+            .copied()
+            .collect();
+        for key in keys {
+            if let Some(slot) = self.index.remove(&key) {
+                self.release_slot(slot);
+            }
+        }
+    }
+
+    /// Staged page addresses of a task in `[start, end)`, sorted.
+    pub fn pages_in(&self, pid: TaskPid, start: u64, end: u64) -> Vec<u64> {
+        let mut pages: Vec<u64> = self
+            .index
+            .keys()
+            .filter(|(p, a)| *p == pid && *a >= start && *a < end)
+            .map(|(_, a)| *a)
+            .collect();
+        pages.sort_unstable();
+        pages
+    }
+
+    /// Moves a task's pages from `[old, old + len)` to `[new, new + len)` (a remap in the task).
+    pub fn remap(&mut self, pid: TaskPid, old: u64, new: u64, len: u64) {
+        let moved: Vec<(u64, Slot)> = self
+            .pages_in(pid, old, old + len)
+            .into_iter()
+            .filter_map(|a| self.index.remove(&(pid, a)).map(|s| (a, s)))
+            .collect();
+        for (addr, slot) in moved {
+            if let Some(old_slot) = self.index.insert((pid, addr - old + new), slot) {
+                self.release_slot(old_slot);
+            }
+        }
+    }
+
+    /// Copies a task's pages to a new pid (a fork in the restored task: the child starts with
+    /// the parent's memory).
+    pub fn fork(&mut self, parent: TaskPid, child: TaskPid) -> Result<(), StagingError> {
+        let pages = self.pages_in(parent, 0, u64::MAX);
+        for addr in pages {
+            match self.index.get(&(parent, addr)).copied() {
+                Some(Slot::Zero) => self.put_zero(child, addr, 1)?,
+                Some(Slot::Data(slot)) => {
+                    let copy = self.page_bytes(slot).to_vec();
+                    self.put(child, addr, &copy)?;
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE_SIZE]
+    }
+
+    #[test]
+    fn put_get_and_replace() {
+        let mut store = StagingStore::default();
+        store.put(1, 0x1000, &page(7)).unwrap();
+        assert_eq!(store.get(1, 0x1000), Some(PageRef::Data(&page(7)[..])));
+        assert_eq!(store.get(1, 0x1abc), Some(PageRef::Data(&page(7)[..])));
+        assert_eq!(store.get(2, 0x1000), None);
+        store.put(1, 0x1000, &page(8)).unwrap();
+        assert_eq!(store.get(1, 0x1000), Some(PageRef::Data(&page(8)[..])));
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.data_bytes(), PAGE_SIZE);
+    }
+
+    #[test]
+    fn consecutive_pages_form_one_contiguous_run() {
+        let mut store = StagingStore::default();
+        let mut data = Vec::new();
+        for i in 0..10u8 {
+            data.extend_from_slice(&page(i));
+        }
+        store.put(1, 0x10000, &data).unwrap();
+        let run = store.run_at(1, 0x10000, 64).unwrap();
+        assert_eq!(run.pages, 10);
+        assert_eq!(run.data.unwrap(), &data[..]);
+        let capped = store.run_at(1, 0x10000, 4).unwrap();
+        assert_eq!(capped.pages, 4);
+    }
+
+    #[test]
+    fn zero_pages_take_no_data_and_form_runs() {
+        let mut store = StagingStore::default();
+        store.put_zero(3, 0x4000, 5).unwrap();
+        assert_eq!(store.data_bytes(), 0);
+        assert_eq!(store.get(3, 0x5000), Some(PageRef::Zero));
+        let run = store.run_at(3, 0x4000, 100).unwrap();
+        assert_eq!((run.pages, run.data), (5, None));
+        // Data replacing a zero page, and zero replacing data.
+        store.put(3, 0x4000, &page(1)).unwrap();
+        assert_eq!(store.data_bytes(), PAGE_SIZE);
+        store.put_zero(3, 0x4000, 1).unwrap();
+        assert_eq!(store.data_bytes(), 0);
+    }
+
+    #[test]
+    fn releasing_every_page_of_a_slab_frees_it() {
+        let mut store = StagingStore::default();
+        let data = vec![9u8; PAGE_SIZE * SLAB_PAGES];
+        store.put(1, 0, &data).unwrap();
+        store
+            .put(1, (SLAB_PAGES * PAGE_SIZE) as u64, &page(1))
+            .unwrap();
+        assert!(store.slabs[0].is_some());
+        store.release(1, 0, SLAB_PAGES);
+        assert!(store.slabs[0].is_none(), "a fully released slab is freed");
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.data_bytes(), PAGE_SIZE);
+    }
+
+    #[test]
+    fn runs_never_cross_a_slab_boundary() {
+        let mut store = StagingStore::default();
+        let data = vec![1u8; PAGE_SIZE * (SLAB_PAGES + 10)];
+        store.put(1, 0, &data).unwrap();
+        assert_eq!(store.run_at(1, 0, usize::MAX).unwrap().pages, SLAB_PAGES);
+        let second = store
+            .run_at(1, (SLAB_PAGES * PAGE_SIZE) as u64, usize::MAX)
+            .unwrap();
+        assert_eq!(second.pages, 10);
+    }
+
+    #[test]
+    fn limits_and_alignment_are_enforced() {
+        let mut store = StagingStore::new(2);
+        assert_eq!(
+            store.put(1, 0x123, &page(0)),
+            Err(StagingError::Unaligned(0x123))
+        );
+        assert_eq!(
+            store.put(1, 0x1000, &[0u8; 100]),
+            Err(StagingError::PartialPage(100))
+        );
+        store.put(1, 0x1000, &page(1)).unwrap();
+        store.put(1, 0x2000, &page(1)).unwrap();
+        assert_eq!(store.put(1, 0x3000, &page(1)), Err(StagingError::Full(2)));
+    }
+
+    #[test]
+    fn remap_fork_and_release_task() {
+        let mut store = StagingStore::default();
+        store.put(1, 0x10000, &[page(1), page(2)].concat()).unwrap();
+        store.put_zero(1, 0x12000, 1).unwrap();
+        store.fork(1, 2).unwrap();
+        assert_eq!(store.get(2, 0x11000), Some(PageRef::Data(&page(2)[..])));
+        store.remap(1, 0x10000, 0x80000, 0x3000);
+        assert_eq!(store.get(1, 0x10000), None);
+        assert_eq!(store.get(1, 0x81000), Some(PageRef::Data(&page(2)[..])));
+        assert_eq!(store.get(1, 0x82000), Some(PageRef::Zero));
+        store.release_task(1);
+        assert_eq!(store.pages_in(1, 0, u64::MAX), Vec::<u64>::new());
+        assert_eq!(store.pages_in(2, 0, u64::MAX).len(), 3);
+    }
+}

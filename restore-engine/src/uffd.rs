@@ -1,0 +1,382 @@
+//! userfaultfd: the ioctls and messages the lazy-pages server needs (linux/userfaultfd.h).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+pub const UFFD_API: u64 = 0xAA;
+
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
+pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+
+pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+/// UFFDIO_COPY_MODE_DONTWAKE: do not wake faulting threads (we wake them with UFFDIO_WAKE).
+pub const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioApi {
+    pub api: u64,
+    pub features: u64,
+    pub ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioRange {
+    pub start: u64,
+    pub len: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioCopy {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub copy: i64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioZeropage {
+    pub range: UffdioRange,
+    pub mode: u64,
+    pub zeropage: i64,
+}
+
+nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
+nix::ioctl_readwrite!(uffdio_copy, 0xAA, 0x03, UffdioCopy);
+nix::ioctl_readwrite!(uffdio_zeropage, 0xAA, 0x04, UffdioZeropage);
+nix::ioctl_read!(uffdio_wake, 0xAA, 0x02, UffdioRange);
+
+/// One message read from a userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UffdEvent {
+    PageFault { address: u64, flags: u64 },
+    Fork { child_uffd: RawFd },
+    Remap { from: u64, to: u64, len: u64 },
+    Remove { start: u64, end: u64 },
+    Unmap { start: u64, end: u64 },
+    Unknown(u8),
+}
+
+/// Size of `struct uffd_msg`.
+pub const UFFD_MSG_SIZE: usize = 32;
+
+/// Decodes a `struct uffd_msg`.
+pub fn decode_msg(raw: &[u8; UFFD_MSG_SIZE]) -> UffdEvent {
+    let u64_at = |off: usize| u64::from_ne_bytes(raw[off..off + 8].try_into().expect("8 bytes"));
+    let u32_at = |off: usize| u32::from_ne_bytes(raw[off..off + 4].try_into().expect("4 bytes"));
+    // event (u8) + reserved (u8, u16, u32), then the 24-byte argument union at offset 8.
+    match raw[0] {
+        UFFD_EVENT_PAGEFAULT => UffdEvent::PageFault {
+            flags: u64_at(8),
+            address: u64_at(16),
+        },
+        UFFD_EVENT_FORK => UffdEvent::Fork {
+            child_uffd: u32_at(8) as RawFd,
+        },
+        UFFD_EVENT_REMAP => UffdEvent::Remap {
+            from: u64_at(8),
+            to: u64_at(16),
+            len: u64_at(24),
+        },
+        UFFD_EVENT_REMOVE => UffdEvent::Remove {
+            start: u64_at(8),
+            end: u64_at(16),
+        },
+        UFFD_EVENT_UNMAP => UffdEvent::Unmap {
+            start: u64_at(8),
+            end: u64_at(16),
+        },
+        other => UffdEvent::Unknown(other),
+    }
+}
+
+/// Outcome of installing pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// All bytes installed.
+    Done,
+    /// Some pages were already present (EEXIST): nothing to do for them.
+    AlreadyPresent,
+    /// The target address space is gone (task exited, or the range was unmapped).
+    Gone,
+}
+
+/// A userfaultfd received from a restored task.
+#[derive(Debug)]
+pub struct Uffd(OwnedFd);
+
+impl Uffd {
+    pub fn from_owned(fd: OwnedFd) -> Self {
+        Uffd(fd)
+    }
+
+    pub fn as_raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Takes ownership of a descriptor the kernel handed us in a fork event.
+    ///
+    /// # Safety
+    /// `fd` must be an open descriptor owned by nobody else.
+    pub unsafe fn from_raw(fd: RawFd) -> Self {
+        // SAFETY: guaranteed by the caller.
+        Uffd(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Installs `data` at `dst` (page aligned, whole pages) with UFFDIO_COPY, retrying partial
+    /// copies and EAGAIN (the mm changed under us).
+    pub fn copy(&self, dst: u64, data: &[u8], wake: bool) -> io::Result<Install> {
+        let mut done = 0usize;
+        let mut saw_existing = false;
+        while done < data.len() {
+            let mut arg = UffdioCopy {
+                dst: dst + done as u64,
+                src: data[done..].as_ptr() as u64,
+                len: (data.len() - done) as u64,
+                mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+                copy: 0,
+            };
+            // SAFETY: the fd is a userfaultfd; `arg` is a valid uffdio_copy whose src points to
+            // `len` readable bytes of `data`, alive for the call.
+            let result = unsafe { uffdio_copy(self.as_raw(), &mut arg) };
+            match result {
+                Ok(_) => done += arg.len as usize,
+                Err(errno) => {
+                    if arg.copy > 0 {
+                        done += arg.copy as usize;
+                        continue;
+                    }
+                    match errno {
+                        nix::errno::Errno::EAGAIN => continue,
+                        nix::errno::Errno::EEXIST => {
+                            // The first page is present already: skip it.
+                            saw_existing = true;
+                            done += crate::staging::PAGE_SIZE;
+                        }
+                        nix::errno::Errno::ENOENT | nix::errno::Errno::ESRCH => {
+                            return Ok(Install::Gone)
+                        }
+                        other => return Err(io::Error::from(other)),
+                    }
+                }
+            }
+        }
+        Ok(if saw_existing {
+            Install::AlreadyPresent
+        } else {
+            Install::Done
+        })
+    }
+
+    /// Installs zero pages over `[start, start + len)`.
+    pub fn zero(&self, start: u64, len: u64, wake: bool) -> io::Result<Install> {
+        let mut done = 0u64;
+        let mut saw_existing = false;
+        while done < len {
+            let mut arg = UffdioZeropage {
+                range: UffdioRange {
+                    start: start + done,
+                    len: len - done,
+                },
+                mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+                zeropage: 0,
+            };
+            // SAFETY: the fd is a userfaultfd; `arg` is a valid uffdio_zeropage for the call.
+            let result = unsafe { uffdio_zeropage(self.as_raw(), &mut arg) };
+            match result {
+                Ok(_) => done += arg.range.len,
+                Err(errno) => {
+                    if arg.zeropage > 0 {
+                        done += arg.zeropage as u64;
+                        continue;
+                    }
+                    match errno {
+                        nix::errno::Errno::EAGAIN => continue,
+                        nix::errno::Errno::EEXIST => {
+                            saw_existing = true;
+                            done += crate::staging::PAGE_SIZE as u64;
+                        }
+                        nix::errno::Errno::ENOENT | nix::errno::Errno::ESRCH => {
+                            return Ok(Install::Gone)
+                        }
+                        other => return Err(io::Error::from(other)),
+                    }
+                }
+            }
+        }
+        Ok(if saw_existing {
+            Install::AlreadyPresent
+        } else {
+            Install::Done
+        })
+    }
+
+    /// Wakes threads blocked on faults in `[start, start + len)`.
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        // SAFETY: the fd is a userfaultfd; `range` is a valid uffdio_range for the call.
+        unsafe { uffdio_wake(self.as_raw(), &mut range) }
+            .map(drop)
+            .map_err(io::Error::from)
+    }
+
+    /// Reads pending messages (the fd must be non-blocking). Returns an empty vector when none.
+    pub fn read_events(&self) -> io::Result<Vec<UffdEvent>> {
+        let mut buf = [0u8; UFFD_MSG_SIZE * 64];
+        // SAFETY: reads at most buf.len() bytes into our buffer.
+        let n = unsafe { libc::read(self.as_raw(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                return Ok(Vec::new());
+            }
+            return Err(err);
+        }
+        Ok(buf[..n as usize]
+            .chunks_exact(UFFD_MSG_SIZE)
+            .map(|chunk| decode_msg(chunk.try_into().expect("32-byte chunk")))
+            .collect())
+    }
+}
+
+/// What this kernel's userfaultfd supports, probed on a userfaultfd of our own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UffdFeatures {
+    pub available: bool,
+    pub features: u64,
+}
+
+impl UffdFeatures {
+    pub fn has(&self, feature: u64) -> bool {
+        self.available && self.features & feature == feature
+    }
+}
+
+/// Opens a userfaultfd (user-mode faults only, which needs no privilege) and asks the kernel
+/// which API features it offers.
+pub fn probe() -> io::Result<UffdFeatures> {
+    const UFFD_USER_MODE_ONLY: libc::c_long = 1;
+    // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC as libc::c_long
+                | libc::O_NONBLOCK as libc::c_long
+                | UFFD_USER_MODE_ONLY,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: fd is a userfaultfd and `api` a valid uffdio_api for the call.
+    unsafe { uffdio_api(fd.as_raw_fd(), &mut api) }.map_err(io::Error::from)?;
+    Ok(UffdFeatures {
+        available: true,
+        features: api.features,
+    })
+}
+
+/// Whether the PAGEMAP_SCAN ioctl on /proc/PID/pagemap exists (Linux 6.7+).
+pub fn pagemap_scan_available() -> bool {
+    #[repr(C)]
+    struct PmScanArg {
+        size: u64,
+        flags: u64,
+        start: u64,
+        end: u64,
+        walk_end: u64,
+        vec: u64,
+        vec_len: u64,
+        max_pages: u64,
+        category_inverted: u64,
+        category_mask: u64,
+        category_anyof_mask: u64,
+        return_mask: u64,
+    }
+    nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
+    let Ok(file) = std::fs::File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    let probe_page = [0u8; 1];
+    let start = probe_page.as_ptr() as u64 & !4095;
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags: 0,
+        start,
+        end: start + 4096,
+        walk_end: 0,
+        vec: 0,
+        vec_len: 0,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: 0,
+        category_anyof_mask: 0,
+        return_mask: 0,
+    };
+    // SAFETY: a valid pm_scan_arg with no output vector; the kernel only reads it and writes
+    // walk_end.
+    unsafe { pagemap_scan(file.as_raw_fd(), &mut arg) }.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_fault_and_remap_messages() {
+        let mut raw = [0u8; UFFD_MSG_SIZE];
+        raw[0] = UFFD_EVENT_PAGEFAULT;
+        raw[8..16].copy_from_slice(&1u64.to_ne_bytes());
+        raw[16..24].copy_from_slice(&0x7f00_0000_1000u64.to_ne_bytes());
+        assert_eq!(
+            decode_msg(&raw),
+            UffdEvent::PageFault {
+                address: 0x7f00_0000_1000,
+                flags: 1
+            }
+        );
+        raw[0] = UFFD_EVENT_REMAP;
+        raw[24..32].copy_from_slice(&0x2000u64.to_ne_bytes());
+        assert_eq!(
+            decode_msg(&raw),
+            UffdEvent::Remap {
+                from: 1,
+                to: 0x7f00_0000_1000,
+                len: 0x2000
+            }
+        );
+        raw[0] = 0x99;
+        assert_eq!(decode_msg(&raw), UffdEvent::Unknown(0x99));
+    }
+
+    #[test]
+    fn this_kernel_offers_userfaultfd() {
+        let features = probe().expect(
+            "userfaultfd is required by pclive's lazy restore (CONFIG_USERFAULTFD, and \
+             vm.unprivileged_userfaultfd or root)",
+        );
+        assert!(features.available);
+        assert!(features.has(UFFD_FEATURE_EVENT_FORK));
+    }
+}
