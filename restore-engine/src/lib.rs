@@ -5,6 +5,7 @@
 //! protocol. For now it offers the host capability report behind `pclive check`.
 
 pub mod host;
+pub mod images;
 pub mod staging;
 pub mod uffd;
 pub mod versions;
