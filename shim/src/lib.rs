@@ -5,6 +5,8 @@
 
 pub mod cgroups;
 pub mod io;
+pub mod lazy_restore;
+pub mod netns;
 pub mod reaper;
 pub mod runc;
 pub mod service;

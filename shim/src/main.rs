@@ -7,6 +7,11 @@ use containerd_shim_pclive::{service, task};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str)
+        == Some(containerd_shim_pclive::lazy_restore::SERVER_SUBCOMMAND)
+    {
+        std::process::exit(restore_engine::lazy::server_main(&args[2..]));
+    }
     if args.iter().any(|a| a == "--version" || a == "-version") {
         println!(
             "containerd-shim-pclive-v2 {} (runtime {})",

@@ -667,6 +667,12 @@ impl containerd_shim::Task for TaskService {
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<Empty> {
         if self.tasks.is_empty() {
             info!("shutdown: no containers left");
+            // runc's state directories of this namespace and containerd instance go when empty.
+            let root = self.tasks.runc_root();
+            let _ = std::fs::remove_dir(root);
+            if let Some(per_daemon) = root.parent() {
+                let _ = std::fs::remove_dir(per_daemon);
+            }
             self.exit.signal();
         }
         Ok(Empty::new())

@@ -16,6 +16,7 @@ use log::{debug, info, warn};
 
 use crate::cgroups::{self, CgroupError, ContainerStats, OomWatch};
 use crate::io::{self as pio, IoError, PreparedIo, ProcessIo, StdioConfig};
+use crate::lazy_restore::{LazyOptions, LazyRestoreError, LazyServer};
 use crate::runc::{CheckpointOpts, CreateOpts, CriuOpts, ExecOpts, RestoreOpts, Runc, RuncError};
 use crate::tools;
 use restore_engine::versions::VersionError;
@@ -32,6 +33,11 @@ const RESTORE_ONLY_CRIU_OPTIONS: &str = "mntns-compat-mode\n";
 pub const RESTORE_IMAGE_ANNOTATION: &str = "io.containerd.pclive.restore.image-path";
 /// Optional CRIU work directory (logs) for such a restore.
 pub const RESTORE_WORK_ANNOTATION: &str = "io.containerd.pclive.restore.work-path";
+/// `true`: restore lazily: the tasks resume at once and pclive's lazy-pages server installs
+/// their memory with userfaultfd (faults first, the rest in the background).
+pub const RESTORE_LAZY_ANNOTATION: &str = "io.containerd.pclive.restore.lazy-pages";
+/// Background fill limit of a lazy restore, in MiB/s (faults are never limited).
+pub const RESTORE_FILL_RATE_ANNOTATION: &str = "io.containerd.pclive.restore.fill-rate-mib";
 
 /// How long an exit waits for the process's output to drain before it is reported.
 const OUTPUT_DRAIN_BOUND: Duration = Duration::from_secs(2);
@@ -66,6 +72,8 @@ pub enum TaskError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Version(#[from] VersionError),
+    #[error(transparent)]
+    Lazy(#[from] LazyRestoreError),
     #[error("{what}: {source}")]
     Os {
         what: String,
@@ -178,11 +186,13 @@ pub struct RootfsMount {
     pub options: Vec<String>,
 }
 
-/// Where a restore reads its CRIU images from.
+/// Where a restore reads its CRIU images from, and how.
 #[derive(Debug, Clone)]
 pub struct RestoreSource {
     pub image_path: PathBuf,
     pub work_path: Option<PathBuf>,
+    /// Lazy restore (userfaultfd) instead of CRIU filling memory before the tasks resume.
+    pub lazy: Option<LazyOptions>,
 }
 
 /// Runtime options (containerd's runc `Options`, as far as they apply).
@@ -264,7 +274,7 @@ enum InitStart {
     /// `runc restore`, stdio already prepared at create time.
     Restore {
         source: RestoreSource,
-        io: PreparedIo,
+        io: Box<PreparedIo>,
     },
 }
 
@@ -340,6 +350,28 @@ fn read_pid_file(path: &Path) -> Result<u32, TaskError> {
     })
 }
 
+/// Lazy-restore options from the container's annotations.
+fn lazy_options(annotations: &HashMap<String, String>) -> Result<Option<LazyOptions>, TaskError> {
+    match annotations.get(RESTORE_LAZY_ANNOTATION).map(String::as_str) {
+        None | Some("false") => return Ok(None),
+        Some("true") => {}
+        Some(other) => {
+            return Err(TaskError::Invalid(format!(
+                "annotation {RESTORE_LAZY_ANNOTATION}={other}: use true or false"
+            )))
+        }
+    };
+    let fill_rate_mib = match annotations.get(RESTORE_FILL_RATE_ANNOTATION) {
+        None => None,
+        Some(v) => Some(v.parse::<u64>().ok().filter(|r| *r > 0).ok_or_else(|| {
+            TaskError::Invalid(format!(
+                "annotation {RESTORE_FILL_RATE_ANNOTATION}={v}: a positive number of MiB/s"
+            ))
+        })?),
+    };
+    Ok(Some(LazyOptions { fill_rate_mib }))
+}
+
 /// Reads the annotations of the bundle's OCI spec.
 fn spec_annotations(bundle: &Path) -> HashMap<String, String> {
     let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"));
@@ -377,6 +409,11 @@ impl Tasks {
 
     pub fn is_empty(&self) -> bool {
         self.containers().is_empty()
+    }
+
+    /// runc `--root` of this shim's containers.
+    pub fn runc_root(&self) -> &Path {
+        &self.config.runc_root
     }
 
     /// The reaper tells every exit; route each to its process.
@@ -518,22 +555,16 @@ impl Tasks {
 
         // Where to restore from, if anywhere: containerd's checkpoint, runc options, annotation.
         let annotations = spec_annotations(&bundle);
+        let lazy = lazy_options(&annotations)?;
+        let criu_work_path = params.options.criu_work_path.as_ref().map(PathBuf::from);
         let restore = params
             .checkpoint
             .clone()
+            .or_else(|| params.options.criu_image_path.as_ref().map(PathBuf::from))
             .map(|image_path| RestoreSource {
                 image_path,
-                work_path: params.options.criu_work_path.as_ref().map(PathBuf::from),
-            })
-            .or_else(|| {
-                params
-                    .options
-                    .criu_image_path
-                    .as_ref()
-                    .map(|p| RestoreSource {
-                        image_path: PathBuf::from(p),
-                        work_path: params.options.criu_work_path.as_ref().map(PathBuf::from),
-                    })
+                work_path: criu_work_path.clone(),
+                lazy: lazy.clone(),
             })
             .or_else(|| {
                 annotations
@@ -541,6 +572,7 @@ impl Tasks {
                     .map(|p| RestoreSource {
                         image_path: PathBuf::from(p),
                         work_path: annotations.get(RESTORE_WORK_ANNOTATION).map(PathBuf::from),
+                        lazy: lazy.clone(),
                     })
             });
         if let Some(source) = &restore {
@@ -574,7 +606,7 @@ impl Tasks {
                 );
                 InitStart::Restore {
                     source,
-                    io: prepared,
+                    io: Box::new(prepared),
                 }
             }
             None => {
@@ -726,6 +758,12 @@ impl Tasks {
                     "cannot create CRIU work directory {}",
                     work_path.display()
                 )))?;
+                let lazy_server = match &source.lazy {
+                    Some(options) => {
+                        Some(LazyServer::start(&source.image_path, &work_path, options)?)
+                    }
+                    None => None,
+                };
                 let opts = RestoreOpts {
                     criu: CriuOpts {
                         image_path: source.image_path.clone(),
@@ -734,6 +772,7 @@ impl Tasks {
                         tcp_established: true,
                         ext_unix_sk: true,
                         file_locks: true,
+                        lazy_pages: lazy_server.is_some(),
                         ..Default::default()
                     },
                     bundle: container.bundle.clone(),
@@ -742,7 +781,15 @@ impl Tasks {
                     no_pivot: container.no_pivot,
                 };
                 let (runc_stdio, rest) = io.split();
-                container.runc.restore(&container.id, &opts, runc_stdio)?;
+                if let Err(e) = container.runc.restore(&container.id, &opts, runc_stdio) {
+                    if let Some(server) = lazy_server {
+                        server.abort();
+                    }
+                    return Err(e.into());
+                }
+                if let Some(server) = lazy_server {
+                    server.restored(container.id.clone(), container.runc.clone());
+                }
                 let process_io = rest.start()?;
                 let pid = read_pid_file(&pid_file)?;
                 {
@@ -752,11 +799,25 @@ impl Tasks {
                     inner.io = Some(process_io);
                 }
                 self.claim_pid(&container.id, None, pid);
+                let spec = oci_spec::runtime::Spec::load(container.bundle.join("config.json"));
+                if spec.as_ref().is_ok_and(crate::netns::has_private_netns) {
+                    if let Err(e) = crate::netns::bring_up_loopback(pid) {
+                        warn!(
+                            "{}: cannot bring up lo after the restore: {e}",
+                            container.id
+                        );
+                    }
+                }
                 info!(
-                    "{}: restored from {} in {:.3}s (pid {pid})",
+                    "{}: restored from {} in {:.3}s (pid {pid}, {})",
                     container.id,
                     source.image_path.display(),
-                    started.elapsed().as_secs_f64()
+                    started.elapsed().as_secs_f64(),
+                    if source.lazy.is_some() {
+                        "lazy: memory is being installed"
+                    } else {
+                        "eager"
+                    }
                 );
                 self.events.publish(TaskEvent::Start {
                     id: container.id.clone(),

@@ -214,12 +214,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 
     /// A fresh rootfs (busybox + memcheck) for one container.
     pub fn rootfs(&self, name: &str) -> PathBuf {
+        self.rootfs_with(name, &[])
+    }
+
+    /// A fresh rootfs with busybox, memcheck and these host binaries (and their libraries).
+    pub fn rootfs_with(&self, name: &str, binaries: &[&Path]) -> PathBuf {
         let out = self.dir.join("rootfs").join(name);
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/build-rootfs.sh");
         let status = Command::new("bash")
             .arg(script)
             .arg(&out)
             .arg(workload_binary("memcheck"))
+            .args(binaries)
             .status()
             .unwrap();
         assert!(status.success(), "build-rootfs.sh failed");

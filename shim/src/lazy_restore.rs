@@ -1,0 +1,405 @@
+//! Lazy restore from the shim's side: starts the engine's lazy-pages server as a child process,
+//! runs the restore against it, and supervises it until every page is installed.
+//!
+//! Supervision is what makes lazy restore safe. The server passes the shim a copy of every
+//! userfaultfd it receives. If the server dies before the fill is complete, those copies keep
+//! the userfaultfds open, so the restored tasks' faults stay blocked instead of being satisfied
+//! with zero-filled pages; the shim then kills the container and says why. Only when the server
+//! reports that every page is installed does the shim drop its copies.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use containerd_shim::monitor::{monitor_subscribe, Subject, Subscription, Topic};
+use log::{error, info, warn};
+use restore_engine::lazy::{self, FillStats, LazyEvent};
+use serde::Serialize;
+
+use crate::runc::Runc;
+
+/// The subcommand of the shim binary that runs the lazy-pages server.
+pub const SERVER_SUBCOMMAND: &str = "lazy-pages-server";
+/// Name of the report the shim writes into the CRIU work directory when the fill ends.
+pub const REPORT_FILE: &str = "pclive-lazy-restore.json";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LazyRestoreError {
+    #[error("cannot start the lazy-pages server: {0}")]
+    Spawn(String),
+    #[error("the lazy-pages server failed before the restore: {0}")]
+    NotReady(String),
+}
+
+/// Options of a lazy restore.
+#[derive(Debug, Clone, Default)]
+pub struct LazyOptions {
+    /// Background fill limit in MiB/s (faults are always served at once).
+    pub fill_rate_mib: Option<u64>,
+}
+
+/// What the shim records about a lazy restore (written as JSON next to CRIU's logs).
+#[derive(Debug, Clone, Serialize)]
+pub struct LazyReport {
+    pub container: String,
+    pub status: &'static str,
+    pub reason: Option<String>,
+    /// Server ready → CRIU's restore finished (tasks resumed).
+    pub restore_seconds: Option<f64>,
+    pub fill: Option<FillStats>,
+}
+
+/// What the supervisor needs to stop the container if the fill fails.
+struct Target {
+    id: String,
+    runc: Runc,
+}
+
+/// A running lazy-pages server, ready for the restore to connect, and supervised from the start:
+/// if it dies at any point before every page is installed, the restored tasks are killed
+/// (during the restore: every process the restore created; afterwards: the container).
+pub struct LazyServer {
+    pid: i32,
+    target: Arc<Mutex<Option<Target>>>,
+    watcher: Option<thread::JoinHandle<()>>,
+}
+
+struct Watch {
+    pid: i32,
+    events: Receiver<LazyEvent>,
+    supervisor: UnixStream,
+    exit: Subscription,
+    work_dir: PathBuf,
+    ready_at: Instant,
+    target: Arc<Mutex<Option<Target>>>,
+}
+
+impl LazyServer {
+    /// Starts the server for `images`, listening in `work_dir` (the restore's CRIU work dir), and
+    /// waits until it listens.
+    pub fn start(
+        images: &Path,
+        work_dir: &Path,
+        options: &LazyOptions,
+    ) -> Result<Self, LazyRestoreError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| LazyRestoreError::Spawn(format!("cannot find the shim binary: {e}")))?;
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|e| LazyRestoreError::Spawn(format!("socketpair: {e}")))?;
+        let log = fs::File::create(work_dir.join("lazy-pages-server.log"))
+            .map_err(|e| LazyRestoreError::Spawn(format!("server log: {e}")))?;
+        let mut command = Command::new(exe);
+        command
+            .arg(SERVER_SUBCOMMAND)
+            .arg("--images")
+            .arg(images)
+            .arg("--work-dir")
+            .arg(work_dir)
+            .args(["--supervisor-fd", "3"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        if let Some(rate) = options.fill_rate_mib {
+            command.args(["--fill-rate-mib", &rate.to_string()]);
+        }
+        let theirs_fd = theirs.as_raw_fd();
+        // SAFETY: dup2 and close_range are async-signal-safe; they only rearrange the child's
+        // descriptors (fd 3 becomes the supervisor socket, nothing else of the shim leaks).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(theirs_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+        // Subscribe before spawning so the exit cannot be missed.
+        let exit = monitor_subscribe(Topic::Pid)
+            .map_err(|e| LazyRestoreError::Spawn(format!("exit monitor: {e}")))?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| LazyRestoreError::Spawn(e.to_string()))?;
+        drop(theirs);
+        let pid = child.id() as i32;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        // The reaper collects the exit; the Child handle is not waited on.
+        drop(child);
+
+        let (tx, events) = mpsc::channel();
+        thread::Builder::new()
+            .name("lazy-events".into())
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    match serde_json::from_str::<LazyEvent>(&line) {
+                        Ok(event) => {
+                            if tx.send(event).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            warn!("lazy-pages server said something unexpected ({e}): {line}")
+                        }
+                    }
+                }
+            })
+            .map_err(|e| LazyRestoreError::Spawn(e.to_string()))?;
+
+        let ready = events.recv_timeout(READY_TIMEOUT);
+        let not_ready = |reason: String| {
+            kill(pid);
+            let _ = wait_exit(&exit, pid, Duration::from_secs(10));
+            LazyRestoreError::NotReady(reason)
+        };
+        match ready {
+            Ok(LazyEvent::Ready { lazy_bytes, .. }) => info!(
+                "lazy-pages server {pid} ready: {:.1} MiB to install lazily",
+                lazy_bytes as f64 / (1 << 20) as f64
+            ),
+            Ok(LazyEvent::Error { message }) => return Err(not_ready(message)),
+            Ok(other) => return Err(not_ready(format!("unexpected {other:?}"))),
+            Err(_) => {
+                let log =
+                    fs::read_to_string(work_dir.join("lazy-pages-server.log")).unwrap_or_default();
+                return Err(not_ready(format!(
+                    "no ready message within {READY_TIMEOUT:?}. {}",
+                    log.trim()
+                )));
+            }
+        }
+
+        let target = Arc::new(Mutex::new(None));
+        let watch = Watch {
+            pid,
+            events,
+            supervisor: ours,
+            exit,
+            work_dir: work_dir.to_owned(),
+            ready_at: Instant::now(),
+            target: Arc::clone(&target),
+        };
+        let watcher = thread::Builder::new()
+            .name("lazy-supervisor".into())
+            .spawn(move || watch.run())
+            .map_err(|e| LazyRestoreError::Spawn(e.to_string()))?;
+        Ok(LazyServer {
+            pid,
+            target,
+            watcher: Some(watcher),
+        })
+    }
+
+    /// The restore failed: stop the server; nothing depends on it.
+    pub fn abort(mut self) {
+        kill(self.pid);
+        if let Some(watcher) = self.watcher.take() {
+            let _ = watcher.join();
+        }
+    }
+
+    /// The restore succeeded: from now on a failure of the fill kills container `id`.
+    pub fn restored(self, id: String, runc: Runc) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(Target { id, runc });
+    }
+}
+
+fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// SIGKILLs every descendant of this shim except `spare`: during a restore these are runc, CRIU
+/// and the tasks being restored (blocked in faults nobody will serve).
+fn kill_descendants(spare: i32) {
+    let me = std::process::id() as i32;
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    let parents: Vec<(i32, i32)> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command may contain spaces and parentheses: the fields follow the last ')'.
+            let after = &stat[stat.rfind(')')? + 2..];
+            let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut family = vec![me];
+    let mut i = 0;
+    while i < family.len() {
+        let parent = family[i];
+        family.extend(
+            parents
+                .iter()
+                .filter(|(_, ppid)| *ppid == parent)
+                .map(|(pid, _)| *pid),
+        );
+        i += 1;
+    }
+    for pid in family.into_iter().skip(1).filter(|p| *p != spare) {
+        kill(pid);
+    }
+}
+
+impl Watch {
+    fn run(self) {
+        let held: Arc<Mutex<Vec<OwnedFd>>> = Arc::new(Mutex::new(Vec::new()));
+        let receiver = {
+            let held = Arc::clone(&held);
+            let stream = self
+                .supervisor
+                .try_clone()
+                .expect("clone of the supervisor socket");
+            thread::spawn(move || {
+                while let Ok(Some((_pid, fd))) = lazy::receive_from_server(&stream) {
+                    held.lock().unwrap_or_else(|p| p.into_inner()).push(fd);
+                }
+            })
+        };
+        let label = || {
+            self.target
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|t| t.id.clone())
+                .unwrap_or_else(|| "restore".into())
+        };
+        let mut restore_seconds = None;
+        let mut outcome: Result<FillStats, String> =
+            Err("the lazy-pages server exited before installing every page".into());
+        loop {
+            match self.events.recv_timeout(Duration::from_secs(1)) {
+                Ok(LazyEvent::RestoreFinished { .. }) => {
+                    let seconds = self.ready_at.elapsed().as_secs_f64();
+                    restore_seconds = Some(seconds);
+                    info!(
+                        "{}: lazy restore: tasks resume {seconds:.3}s after the server was ready",
+                        label()
+                    );
+                }
+                Ok(LazyEvent::Task { pid, lazy_bytes }) => info!(
+                    "{}: task {pid} handed over its userfaultfd ({:.1} MiB lazy)",
+                    label(),
+                    lazy_bytes as f64 / (1 << 20) as f64
+                ),
+                Ok(LazyEvent::Done(stats)) => outcome = Ok(stats),
+                Ok(LazyEvent::Error { message }) => outcome = Err(message),
+                Ok(LazyEvent::Ready { .. }) => {}
+                Err(RecvTimeoutError::Timeout) => continue,
+                // stdout closed: the server is exiting.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let code = wait_exit(&self.exit, self.pid, Duration::from_secs(30));
+        let id = label();
+        let report = match (outcome, code) {
+            (Ok(stats), Some(0)) => {
+                info!(
+                    "{id}: lazy restore complete: {} pages by fault, {} in background, {} zero, {:.1} MiB in {:.3}s ({:.2} GB/s)",
+                    stats.pages_by_fault,
+                    stats.pages_in_background,
+                    stats.zero_pages,
+                    stats.bytes as f64 / (1 << 20) as f64,
+                    stats.fill_seconds,
+                    stats.fill_gb_per_s
+                );
+                LazyReport {
+                    container: id,
+                    status: "done",
+                    reason: None,
+                    restore_seconds,
+                    fill: Some(stats),
+                }
+            }
+            (outcome, code) => {
+                let mut reason = match outcome {
+                    Err(message) => message,
+                    Ok(_) => format!("the lazy-pages server exited with {code:?}"),
+                };
+                if let Some(signal) = code.filter(|c| *c > 128).map(|c| c - 128) {
+                    reason = format!("{reason} (the server was killed by signal {signal})");
+                }
+                error!(
+                    "{id}: lazy restore failed: {reason}. Killing the container: its memory is incomplete and it must not run on zero-filled pages"
+                );
+                let target = self.target.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match target {
+                    Some(Target { id, runc }) => {
+                        if let Err(e) = runc.kill(&id, libc::SIGKILL as u32, true) {
+                            error!("{id}: runc kill: {e}");
+                        }
+                        kill_descendants(self.pid);
+                    }
+                    // Still restoring: the tasks hang in faults; kill them, CRIU and runc, and
+                    // remove what a killed CRIU leaves mounted in its work directory.
+                    None => {
+                        kill_descendants(self.pid);
+                        thread::sleep(Duration::from_millis(200));
+                        unmount_below(&self.work_dir);
+                    }
+                }
+                LazyReport {
+                    container: id,
+                    status: "failed",
+                    reason: Some(reason),
+                    restore_seconds,
+                    fill: None,
+                }
+            }
+        };
+        // Only now may the userfaultfds close: every page is installed, or the tasks are dead.
+        drop(self.supervisor);
+        let _ = receiver.join();
+        held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Ok(json) = serde_json::to_vec_pretty(&report) {
+            let _ = fs::write(self.work_dir.join(REPORT_FILE), json);
+        }
+    }
+}
+
+/// Detaches every mount below `dir` (CRIU's cgroup yard, left behind when CRIU is killed).
+fn unmount_below(dir: &Path) {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let mut below: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| Path::new(m).starts_with(dir) && Path::new(m) != dir)
+        .collect();
+    below.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in below {
+        if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
+            warn!("cannot unmount {m}: {e}");
+        }
+    }
+}
+
+/// Waits for `pid`'s exit code from the reaper's monitor.
+fn wait_exit(subscription: &Subscription, pid: i32, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match subscription.rx.recv_timeout(left) {
+            Ok(event) if matches!(event.subject, Subject::Pid(p) if p == pid) => {
+                return Some(event.exit_code)
+            }
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
