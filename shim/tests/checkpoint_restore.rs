@@ -13,7 +13,7 @@ use common::*;
 const COUNTER: &[&str] = &[
     "/bin/sh",
     "-c",
-    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done",
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done",
 ];
 
 fn checkpoint_and_remove(ctd: &Containerd, id: &str, images: &Path) {
@@ -140,7 +140,20 @@ fn an_image_based_container_checkpoints_to_the_content_store_and_restores_live()
     ctd.wait_status("svc", "RUNNING");
     // 60 counts take 3 s: a restarted (not restored) counter could not be there yet when we look.
     wait_for("the counter to reach 60", Duration::from_secs(30), || {
-        read_count("svc", "c1") >= 60
+        // The file appears with the first count.
+        let out = ctd.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "c1",
+            "svc",
+            "/bin/cat",
+            "/tmp/count",
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .is_ok_and(|n| n >= 60)
     });
 
     // The checkpoint goes into containerd's content store (criu tar + spec), the task runs on.

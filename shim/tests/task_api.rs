@@ -13,7 +13,7 @@ use common::*;
 const COUNTER: &[&str] = &[
     "/bin/sh",
     "-c",
-    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done",
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done",
 ];
 
 #[test]
