@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::images::{self, ImageError, PE_LAZY, PE_PRESENT};
 use crate::staging::StagingStore;
-use crate::uffd::{Install, Uffd, UffdEvent};
+use crate::uffd::{Installed, Stop, Uffd, UffdEvent};
 
 pub const SOCKET_NAME: &str = "lazy-pages.socket";
 /// "ReSTore Finished": sent by CRIU once every task is restored.
@@ -285,6 +285,11 @@ struct Task {
     source_pid: u32,
     uffd: Uffd,
     pending: PendingRanges,
+    /// Faults that could not be served yet (the address space was changing): their threads
+    /// wait, so they are retried before anything else.
+    deferred_faults: Vec<u64>,
+    /// Its userfaultfd reported an error or hang-up: stop polling it.
+    gone: bool,
 }
 
 /// Progress reported by the server.
@@ -306,6 +311,8 @@ pub enum LazyEvent {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FillStats {
     pub tasks: usize,
+    /// Address spaces created by fork while the fill ran (each followed by the server).
+    pub forks: u64,
     pub pages_by_fault: u64,
     pub pages_in_background: u64,
     pub zero_pages: u64,
@@ -527,6 +534,8 @@ pub fn serve<S: PageSource>(
             source_pid: pid,
             uffd: Uffd::from_owned(fd),
             pending,
+            deferred_faults: Vec::new(),
+            gone: false,
         });
     }
     // The restorer may fault on lazy memory before it finishes (CRIU's restorer blob touches
@@ -548,7 +557,9 @@ pub fn serve<S: PageSource>(
     let mut background_bytes = 0u64;
     let mut pollfds: Vec<libc::pollfd> = Vec::new();
     loop {
-        let all_installed = tasks.iter().all(|t| t.pending.is_empty());
+        let all_installed = tasks
+            .iter()
+            .all(|t| t.pending.is_empty() && t.deferred_faults.is_empty());
         if fill_start.is_some() && all_installed {
             break;
         }
@@ -623,10 +634,15 @@ pub fn serve<S: PageSource>(
                 }
                 let task = &mut tasks[i];
                 let messages = match task.uffd.read_events() {
-                    Ok(m) => m,
-                    Err(_) => {
+                    Ok(m)
+                        if pfd.revents & (libc::POLLERR | libc::POLLHUP) == 0 || !m.is_empty() =>
+                    {
+                        m
+                    }
+                    _ => {
                         // The address space is gone.
                         task.pending = PendingRanges::default();
+                        task.gone = true;
                         continue;
                     }
                 };
@@ -636,8 +652,15 @@ pub fn serve<S: PageSource>(
                     }
                 }
             }
+            tasks.retain(|t| !t.gone);
             tasks.extend(forks);
+            for task in tasks.iter_mut() {
+                filler.retry_deferred(task)?;
+            }
             continue;
+        }
+        for task in tasks.iter_mut() {
+            filler.retry_deferred(task)?;
         }
         if wait_ms > 0 || fill_start.is_none() {
             continue;
@@ -669,16 +692,16 @@ struct Filler<'a, S: PageSource> {
 }
 
 impl<S: PageSource> Filler<'_, S> {
-    /// Installs up to `max_pages` pending pages at `addr` (which must be pending). Returns the
-    /// number of pages handled.
+    /// Installs up to `max_pages` pending pages at `addr`. Returns the pages handled and whether
+    /// the address space was busy (events must be read before retrying).
     fn install(
         &mut self,
         task: &mut Task,
         addr: u64,
         max_pages: usize,
-    ) -> Result<usize, LazyError> {
+    ) -> Result<(usize, bool), LazyError> {
         let Some((start, pending)) = task.pending.find(addr) else {
-            return Ok(0);
+            return Ok((0, false));
         };
         let img_addr = pending.img_start + (addr - start);
         let room = ((pending.end - addr) as usize / self.page_size).min(max_pages);
@@ -691,37 +714,89 @@ impl<S: PageSource> Filler<'_, S> {
                 })?;
         let pages = chunk.pages(self.page_size).min(room);
         let len = (pages * self.page_size) as u64;
-        let outcome = match chunk {
-            Chunk::Data(bytes) => task.uffd.copy(addr, &bytes[..len as usize], true),
-            Chunk::Zero(_) => {
-                self.stats.zero_pages += pages as u64;
-                task.uffd.zero(addr, len, true)
-            }
+        let is_zero = matches!(chunk, Chunk::Zero(_));
+        let Installed { bytes, stop } = match chunk {
+            Chunk::Data(data) => task.uffd.copy(addr, &data[..len as usize]),
+            Chunk::Zero(_) => task.uffd.zero(addr, len),
         }
         .map_err(|source| LazyError::Install {
             pid: task.source_pid,
             vaddr: addr,
             source,
         })?;
-        match outcome {
-            Install::Done | Install::AlreadyPresent => {
-                task.pending.remove(addr, addr + len);
-                self.stats.bytes += len;
-                self.source.installed(task.source_pid, img_addr, pages);
+        let done_pages = bytes as usize / self.page_size;
+        if bytes > 0 {
+            task.pending.remove(addr, addr + bytes);
+            self.stats.bytes += bytes;
+            if is_zero {
+                self.stats.zero_pages += done_pages as u64;
             }
-            Install::Gone => {
-                // The range was unmapped or the task exited; the event says which.
-                task.pending.remove(addr, addr + len);
+            self.source.installed(task.source_pid, img_addr, done_pages);
+        }
+        match stop {
+            None => Ok((done_pages, false)),
+            Some(Stop::Busy) => Ok((done_pages, true)),
+            Some(Stop::Unmapped) => {
+                task.pending.remove(addr + bytes, addr + len);
+                Ok((done_pages, false))
+            }
+            Some(Stop::Exited) => {
+                task.pending = PendingRanges::default();
+                Ok((done_pages, false))
             }
         }
-        Ok(pages)
+    }
+
+    /// Serves a fault at `page`; defers it if the address space is changing.
+    fn serve_fault(&mut self, task: &mut Task, page: u64) -> Result<(), LazyError> {
+        let busy = if task.pending.find(page).is_some() {
+            let (pages, busy) = self.install(task, page, FAULT_AROUND_PAGES)?;
+            self.stats.pages_by_fault += pages as u64;
+            busy && pages == 0
+        } else {
+            // Never populated at dump time (or installed meanwhile): a zero page. Zeroing also
+            // wakes the thread if another fault installed the page first.
+            let installed = task
+                .uffd
+                .zero(page, self.page_size as u64)
+                .map_err(|source| LazyError::Install {
+                    pid: task.source_pid,
+                    vaddr: page,
+                    source,
+                })?;
+            match installed.stop {
+                Some(Stop::Busy) => true,
+                Some(Stop::Exited) => {
+                    task.pending = PendingRanges::default();
+                    false
+                }
+                _ => {
+                    if installed.bytes > 0 {
+                        let _ = task.uffd.wake(page, self.page_size as u64);
+                    }
+                    false
+                }
+            }
+        };
+        if busy {
+            task.deferred_faults.push(page);
+        }
+        Ok(())
+    }
+
+    /// Retries deferred faults of a task (after its events were read).
+    fn retry_deferred(&mut self, task: &mut Task) -> Result<(), LazyError> {
+        for page in std::mem::take(&mut task.deferred_faults) {
+            self.serve_fault(task, page)?;
+        }
+        Ok(())
     }
 
     fn background_chunk(&mut self, task: &mut Task, chunk_bytes: usize) -> Result<u64, LazyError> {
         let Some((start, _)) = task.pending.first() else {
             return Ok(0);
         };
-        let pages = self.install(task, start, (chunk_bytes / self.page_size).max(1))?;
+        let (pages, _busy) = self.install(task, start, (chunk_bytes / self.page_size).max(1))?;
         self.stats.pages_in_background += pages as u64;
         Ok((pages * self.page_size) as u64)
     }
@@ -734,27 +809,7 @@ impl<S: PageSource> Filler<'_, S> {
         match event {
             UffdEvent::PageFault { address, .. } => {
                 let page = address & !(self.page_size as u64 - 1);
-                if task.pending.find(page).is_some() {
-                    let pages = self.install(task, page, FAULT_AROUND_PAGES)?;
-                    self.stats.pages_by_fault += pages as u64;
-                } else {
-                    // Never populated at dump time (or installed meanwhile): a zero page, and
-                    // a wake in case another thread raced us to it.
-                    match task.uffd.zero(page, self.page_size as u64, true) {
-                        Ok(Install::AlreadyPresent) => {
-                            let _ = task.uffd.wake(page, self.page_size as u64);
-                        }
-                        Ok(Install::Done) => self.stats.zero_pages += 1,
-                        Ok(Install::Gone) => {}
-                        Err(source) => {
-                            return Err(LazyError::Install {
-                                pid: task.source_pid,
-                                vaddr: page,
-                                source,
-                            })
-                        }
-                    }
-                }
+                self.serve_fault(task, page)?;
                 Ok(None)
             }
             UffdEvent::Fork { child_uffd } => {
@@ -763,10 +818,13 @@ impl<S: PageSource> Filler<'_, S> {
                 if let Some(supervisor) = self.supervisor {
                     send_to_supervisor(supervisor, task.source_pid, uffd.as_raw())?;
                 }
+                self.stats.forks += 1;
                 Ok(Some(Task {
                     source_pid: task.source_pid,
                     uffd,
                     pending: task.pending.clone(),
+                    deferred_faults: Vec::new(),
+                    gone: false,
                 }))
             }
             UffdEvent::Remap { from, to, len } => {

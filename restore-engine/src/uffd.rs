@@ -19,9 +19,6 @@ pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 
-/// UFFDIO_COPY_MODE_DONTWAKE: do not wake faulting threads (we wake them with UFFDIO_WAKE).
-pub const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
-
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct UffdioApi {
@@ -104,15 +101,25 @@ pub fn decode_msg(raw: &[u8; UFFD_MSG_SIZE]) -> UffdEvent {
     }
 }
 
-/// Outcome of installing pages.
+/// Why an install stopped before the end of its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Install {
-    /// All bytes installed.
-    Done,
-    /// Some pages were already present (EEXIST): nothing to do for them.
-    AlreadyPresent,
-    /// The target address space is gone (task exited, or the range was unmapped).
-    Gone,
+pub enum Stop {
+    /// The address space is changing (a fork, remap or unmap event is pending): read the
+    /// events, then retry. Retrying without reading them would spin forever, since the task
+    /// waits for its event to be read.
+    Busy,
+    /// The rest of the range is no longer mapped in the task (an unmap event follows).
+    Unmapped,
+    /// The task's address space is gone (it exited).
+    Exited,
+}
+
+/// Outcome of installing pages: how many bytes from the start are done (installed, or present
+/// already), and why it stopped early, if it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Installed {
+    pub bytes: u64,
+    pub stop: Option<Stop>,
 }
 
 /// A userfaultfd received from a restored task.
@@ -137,62 +144,60 @@ impl Uffd {
         Uffd(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    /// Installs `data` at `dst` (page aligned, whole pages) with UFFDIO_COPY, retrying partial
-    /// copies and EAGAIN (the mm changed under us).
-    pub fn copy(&self, dst: u64, data: &[u8], wake: bool) -> io::Result<Install> {
-        let mut done = 0usize;
-        let mut saw_existing = false;
-        while done < data.len() {
+    /// Installs `data` at `dst` (page aligned, whole pages) with UFFDIO_COPY, waking threads
+    /// that wait on those pages. Pages present already are skipped.
+    pub fn copy(&self, dst: u64, data: &[u8]) -> io::Result<Installed> {
+        let page = crate::staging::PAGE_SIZE as u64;
+        let mut done = 0u64;
+        while done < data.len() as u64 {
             let mut arg = UffdioCopy {
-                dst: dst + done as u64,
-                src: data[done..].as_ptr() as u64,
-                len: (data.len() - done) as u64,
-                mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+                dst: dst + done,
+                src: data[done as usize..].as_ptr() as u64,
+                len: data.len() as u64 - done,
+                mode: 0,
                 copy: 0,
             };
             // SAFETY: the fd is a userfaultfd; `arg` is a valid uffdio_copy whose src points to
             // `len` readable bytes of `data`, alive for the call.
             let result = unsafe { uffdio_copy(self.as_raw(), &mut arg) };
             match result {
-                Ok(_) => done += arg.len as usize,
+                Ok(_) => done += arg.len,
                 Err(errno) => {
                     if arg.copy > 0 {
-                        done += arg.copy as usize;
+                        done += arg.copy as u64;
                         continue;
                     }
-                    match errno {
-                        nix::errno::Errno::EAGAIN => continue,
-                        nix::errno::Errno::EEXIST => {
-                            // The first page is present already: skip it.
-                            saw_existing = true;
-                            done += crate::staging::PAGE_SIZE;
+                    match classify(errno) {
+                        Some(stop) => {
+                            return Ok(Installed {
+                                bytes: done,
+                                stop: Some(stop),
+                            })
                         }
-                        nix::errno::Errno::ENOENT | nix::errno::Errno::ESRCH => {
-                            return Ok(Install::Gone)
-                        }
-                        other => return Err(io::Error::from(other)),
+                        // EEXIST: the first page is present already.
+                        None if errno == nix::errno::Errno::EEXIST => done += page,
+                        None => return Err(io::Error::from(errno)),
                     }
                 }
             }
         }
-        Ok(if saw_existing {
-            Install::AlreadyPresent
-        } else {
-            Install::Done
+        Ok(Installed {
+            bytes: done,
+            stop: None,
         })
     }
 
-    /// Installs zero pages over `[start, start + len)`.
-    pub fn zero(&self, start: u64, len: u64, wake: bool) -> io::Result<Install> {
+    /// Installs zero pages over `[start, start + len)`, waking waiting threads.
+    pub fn zero(&self, start: u64, len: u64) -> io::Result<Installed> {
+        let page = crate::staging::PAGE_SIZE as u64;
         let mut done = 0u64;
-        let mut saw_existing = false;
         while done < len {
             let mut arg = UffdioZeropage {
                 range: UffdioRange {
                     start: start + done,
                     len: len - done,
                 },
-                mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+                mode: 0,
                 zeropage: 0,
             };
             // SAFETY: the fd is a userfaultfd; `arg` is a valid uffdio_zeropage for the call.
@@ -204,24 +209,22 @@ impl Uffd {
                         done += arg.zeropage as u64;
                         continue;
                     }
-                    match errno {
-                        nix::errno::Errno::EAGAIN => continue,
-                        nix::errno::Errno::EEXIST => {
-                            saw_existing = true;
-                            done += crate::staging::PAGE_SIZE as u64;
+                    match classify(errno) {
+                        Some(stop) => {
+                            return Ok(Installed {
+                                bytes: done,
+                                stop: Some(stop),
+                            })
                         }
-                        nix::errno::Errno::ENOENT | nix::errno::Errno::ESRCH => {
-                            return Ok(Install::Gone)
-                        }
-                        other => return Err(io::Error::from(other)),
+                        None if errno == nix::errno::Errno::EEXIST => done += page,
+                        None => return Err(io::Error::from(errno)),
                     }
                 }
             }
         }
-        Ok(if saw_existing {
-            Install::AlreadyPresent
-        } else {
-            Install::Done
+        Ok(Installed {
+            bytes: done,
+            stop: None,
         })
     }
 
@@ -250,6 +253,16 @@ impl Uffd {
             .chunks_exact(UFFD_MSG_SIZE)
             .map(|chunk| decode_msg(chunk.try_into().expect("32-byte chunk")))
             .collect())
+    }
+}
+
+/// Errors after which the caller decides what to do (the others are failures or EEXIST).
+fn classify(errno: nix::errno::Errno) -> Option<Stop> {
+    match errno {
+        nix::errno::Errno::EAGAIN => Some(Stop::Busy),
+        nix::errno::Errno::ENOENT => Some(Stop::Unmapped),
+        nix::errno::Errno::ESRCH | nix::errno::Errno::ENOSPC => Some(Stop::Exited),
+        _ => None,
     }
 }
 

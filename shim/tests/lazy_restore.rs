@@ -277,3 +277,67 @@ fn redis_restores_lazily_with_the_same_dataset() {
     });
     assert_eq!(report(&ctd, "redis-lazy").unwrap()["status"], "done");
 }
+
+#[test]
+fn a_forking_multi_process_container_restores_lazily() {
+    let ctd = Containerd::start();
+    let rootfs = ctd.rootfs("family");
+    // A shell with two memcheck children, one of which forks a short-lived child every 20 ms:
+    // forks happen while the (throttled) fill is still running, so the server must follow new
+    // address spaces (userfaultfd fork events) and notice when they exit.
+    ctd.run_detached(
+        "family",
+        &rootfs,
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            "/usr/local/bin/memcheck 64 --status /s1 --fork-every 4 & \
+             /usr/local/bin/memcheck 64 --status /s2 & \
+             while true; do sleep 0.05; done",
+        ],
+    );
+    let (s1, s2) = (rootfs.join("s1"), rootfs.join("s2"));
+    wait_for("both children to verify", Duration::from_secs(60), || {
+        memcheck_status(&s1).is_some_and(|s| s.pass >= 1)
+            && memcheck_status(&s2).is_some_and(|s| s.pass >= 1)
+    });
+    let images = ctd.dir.join("family-images");
+    checkpoint(&ctd, "family", &images);
+    assert!(images::read_pstree(&images).unwrap().len() >= 3);
+    let (b1, b2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
+
+    lazy_restore(
+        &ctd,
+        "family-lazy",
+        &rootfs,
+        &images,
+        &[
+            "--annotation",
+            "io.containerd.pclive.restore.fill-rate-mib=16",
+        ],
+    );
+    ctd.wait_status("family-lazy", "RUNNING");
+    wait_for(
+        "both children to verify after restore",
+        Duration::from_secs(90),
+        || {
+            memcheck_status(&s1).is_some_and(|s| s.pass >= b1.pass + 2)
+                && memcheck_status(&s2).is_some_and(|s| s.pass >= b2.pass + 2)
+        },
+    );
+    wait_for("the fill report", Duration::from_secs(60), || {
+        report(&ctd, "family-lazy").is_some()
+    });
+    let report = report(&ctd, "family-lazy").unwrap();
+    assert_eq!(report["status"], "done", "{report:#}");
+    assert!(
+        report["fill"]["tasks"].as_u64().unwrap() >= 3,
+        "the server did not serve every task: {report:#}"
+    );
+    assert!(
+        report["fill"]["forks"].as_u64().unwrap() > 0,
+        "no fork happened during the fill: the test proves nothing: {report:#}"
+    );
+    assert_eq!(ctd.task("family-lazy").unwrap().1, "RUNNING");
+}

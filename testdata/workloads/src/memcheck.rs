@@ -11,7 +11,10 @@
 //! A zero-filled, stale or torn page fails the check: memcheck then writes `CORRUPT ...` to the status
 //! file and exits with code 3, so a restore that lost memory cannot go unnoticed.
 //!
-//! Usage: `memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS]`
+//! Usage: `memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS] [--fork-every N]`
+//!
+//! `--fork-every N` forks a short-lived child every N ticks (the child checks one page and
+//! exits), so that a restore sees new address spaces appear while it installs memory.
 
 use std::env;
 use std::fs;
@@ -58,8 +61,37 @@ fn write_status(path: &str, line: &str) {
     }
 }
 
+/// Forks a child that verifies one page of the inherited memory and exits (3 if it is wrong).
+fn fork_and_check(memory: &[u64], generations: &[u32], page: usize) {
+    // SAFETY: memcheck is single-threaded, so the child may run arbitrary code after fork.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        0 => {
+            let code = if page_is_intact(memory, page, generations[page]) {
+                0
+            } else {
+                3
+            };
+            // SAFETY: _exit is always safe to call; it skips destructors in the child.
+            unsafe { libc::_exit(code) }
+        }
+        pid if pid > 0 => {
+            let mut status = 0;
+            // SAFETY: waits for our own child; status points to a live int.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3 {
+                eprintln!("memcheck: forked child saw a corrupt page {page}");
+                exit(3);
+            }
+        }
+        _ => eprintln!("memcheck: fork failed: {}", std::io::Error::last_os_error()),
+    }
+}
+
 fn usage() -> ! {
-    eprintln!("usage: memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS]");
+    eprintln!(
+        "usage: memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS] [--fork-every N]"
+    );
     exit(2)
 }
 
@@ -72,6 +104,7 @@ fn main() {
     let mut status_path = String::from("/status");
     let mut writes_per_tick = 64usize;
     let mut tick = Duration::from_millis(5);
+    let mut fork_every = 0u64;
     let mut rest = args[1..].iter();
     while let Some(flag) = rest.next() {
         let value = rest.next().unwrap_or_else(|| usage());
@@ -79,6 +112,7 @@ fn main() {
             "--status" => status_path = value.clone(),
             "--writes-per-tick" => writes_per_tick = value.parse().unwrap_or_else(|_| usage()),
             "--tick-ms" => tick = Duration::from_millis(value.parse().unwrap_or_else(|_| usage())),
+            "--fork-every" => fork_every = value.parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -127,6 +161,9 @@ fn main() {
                 &status_path,
                 &format!("pass={pass} pages={pages} writes={writes} errors=0 counter={counter}\n"),
             );
+        }
+        if fork_every > 0 && counter.is_multiple_of(fork_every) {
+            fork_and_check(&memory, &generations, (counter as usize * 7919) % pages);
         }
         counter += 1;
         sleep(tick);
