@@ -100,6 +100,37 @@ impl PageSource for StagingStore {
     }
 }
 
+/// Copies the lazy pages of an image set into a staging store (for a restore whose images are
+/// not to be read while it runs, and the path migration takes: pages arrive in the store).
+pub fn stage_images(dir: &Path, store: &mut StagingStore) -> Result<u64, LazyError> {
+    let source = ImageSource::open(dir)?;
+    let page_size = source.page_size;
+    let mut bytes = 0u64;
+    for (&pid, task) in &source.tasks {
+        for range in task
+            .ranges
+            .iter()
+            .filter(|r| r.is(PE_LAZY) && r.is(PE_PRESENT))
+        {
+            let len = range.nr_pages * page_size;
+            let from = range.file_offset as usize;
+            let data = task
+                .pages
+                .as_deref()
+                .and_then(|p| p.get(from..from + len as usize))
+                .ok_or(LazyError::MissingPage {
+                    pid,
+                    vaddr: range.vaddr,
+                })?;
+            store.put(pid, range.vaddr, data).map_err(|e| {
+                LazyError::Protocol(format!("staging task {pid} at {:#x}: {e}", range.vaddr))
+            })?;
+            bytes += len;
+        }
+    }
+    Ok(bytes)
+}
+
 /// Lazy pages read straight from an image set's page files (mapped, so installing is one copy
 /// from the page cache).
 pub struct ImageSource {
@@ -313,6 +344,10 @@ pub struct FillStats {
     pub tasks: usize,
     /// Address spaces created by fork while the fill ran (each followed by the server).
     pub forks: u64,
+    /// mremap, MADV_DONTNEED/REMOVE and munmap events seen while the fill ran.
+    pub remaps: u64,
+    pub removes: u64,
+    pub unmaps: u64,
     pub pages_by_fault: u64,
     pub pages_in_background: u64,
     pub zero_pages: u64,
@@ -666,12 +701,20 @@ pub fn serve<S: PageSource>(
             continue;
         }
         // No fault pending: one background chunk, round-robin over the tasks with work left.
+        // A throttled fill moves in small chunks (a tenth of a second's worth) so it is smooth.
+        let chunk_bytes = match config.fill_rate {
+            Some(rate) => config
+                .chunk_bytes
+                .min((rate / 10) as usize)
+                .max(page_size as usize),
+            None => config.chunk_bytes,
+        };
         let candidates: Vec<usize> = (0..tasks.len())
             .filter(|&i| !tasks[i].pending.is_empty())
             .collect();
         let index = candidates[next_task % candidates.len()];
         next_task += 1;
-        background_bytes += filler.background_chunk(&mut tasks[index], config.chunk_bytes)?;
+        background_bytes += filler.background_chunk(&mut tasks[index], chunk_bytes)?;
     }
     let fill_start = fill_start.expect("the loop ends only after the restore finished");
     stats.fill_seconds = fill_start.elapsed().as_secs_f64();
@@ -828,10 +871,12 @@ impl<S: PageSource> Filler<'_, S> {
                 }))
             }
             UffdEvent::Remap { from, to, len } => {
+                self.stats.remaps += 1;
                 task.pending.remap(from, to, len);
                 Ok(None)
             }
             UffdEvent::Remove { start, end } => {
+                self.stats.removes += 1;
                 // MADV_DONTNEED/REMOVE: the task dropped these pages; stop watching them so
                 // its later touches get fresh zero pages from the kernel.
                 let mut range = crate::uffd::UffdioRange {
@@ -845,6 +890,7 @@ impl<S: PageSource> Filler<'_, S> {
                 Ok(None)
             }
             UffdEvent::Unmap { start, end } => {
+                self.stats.unmaps += 1;
                 task.pending.remove(start, end);
                 Ok(None)
             }
@@ -859,18 +905,23 @@ impl<S: PageSource> Filler<'_, S> {
 /// server cannot take the shim down, and the shim can stop the container if the server dies).
 ///
 /// ```text
-/// lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N]
+/// lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N]
+///                   [--chunk-kib N] [--page-source images|staging]
 /// ```
+///
+/// `images` (default) installs pages straight from the mapped image files; `staging` first
+/// copies them into the staging store (RAM), as a migration's pages arrive.
 ///
 /// Progress goes to stdout as JSON lines ([`LazyEvent`]). Exit code 0 once every page is
 /// installed, 1 on failure, 2 on a usage error.
 pub fn server_main(args: &[String]) -> i32 {
-    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N]";
+    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N] [--page-source images|staging]";
     let mut images = None;
     let mut work_dir = None;
     let mut supervisor_fd = None;
     let mut fill_rate_mib = None;
     let mut chunk_kib = None;
+    let mut staging = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let Some(value) = it.next() else {
@@ -883,6 +934,8 @@ pub fn server_main(args: &[String]) -> i32 {
             "--supervisor-fd" => supervisor_fd = value.parse::<RawFd>().ok(),
             "--fill-rate-mib" => fill_rate_mib = value.parse::<u64>().ok(),
             "--chunk-kib" => chunk_kib = value.parse::<usize>().ok(),
+            "--page-source" if value == "images" => staging = false,
+            "--page-source" if value == "staging" => staging = true,
             _ => {
                 eprintln!("{usage}");
                 return 2;
@@ -908,8 +961,14 @@ pub fn server_main(args: &[String]) -> i32 {
             let _ = out.flush();
         }
     };
-    let result = ImageSource::open(&images)
-        .and_then(|mut source| serve(&config, &mut source, supervisor.as_ref(), emit));
+    let result = if staging {
+        let mut store = StagingStore::default();
+        stage_images(&images, &mut store)
+            .and_then(|_| serve(&config, &mut store, supervisor.as_ref(), emit))
+    } else {
+        ImageSource::open(&images)
+            .and_then(|mut source| serve(&config, &mut source, supervisor.as_ref(), emit))
+    };
     match result {
         Ok(_) => 0,
         Err(e) => {

@@ -45,6 +45,9 @@ pub enum LazyRestoreError {
 pub struct LazyOptions {
     /// Background fill limit in MiB/s (faults are always served at once).
     pub fill_rate_mib: Option<u64>,
+    /// Copy the pages into the engine's staging store before the restore, instead of installing
+    /// them from the mapped image files.
+    pub stage_in_memory: bool,
 }
 
 /// What the shim records about a lazy restore (written as JSON next to CRIU's logs).
@@ -110,6 +113,9 @@ impl LazyServer {
             .stderr(log);
         if let Some(rate) = options.fill_rate_mib {
             command.args(["--fill-rate-mib", &rate.to_string()]);
+        }
+        if options.stage_in_memory {
+            command.args(["--page-source", "staging"]);
         }
         let theirs_fd = theirs.as_raw_fd();
         // SAFETY: dup2 and close_range are async-signal-safe; they only rearrange the child's

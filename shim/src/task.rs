@@ -38,6 +38,9 @@ pub const RESTORE_WORK_ANNOTATION: &str = "io.containerd.pclive.restore.work-pat
 pub const RESTORE_LAZY_ANNOTATION: &str = "io.containerd.pclive.restore.lazy-pages";
 /// Background fill limit of a lazy restore, in MiB/s (faults are never limited).
 pub const RESTORE_FILL_RATE_ANNOTATION: &str = "io.containerd.pclive.restore.fill-rate-mib";
+/// Where a lazy restore takes pages from: `images` (the mapped image files, default) or
+/// `staging` (copied into memory first).
+pub const RESTORE_PAGE_SOURCE_ANNOTATION: &str = "io.containerd.pclive.restore.page-source";
 
 /// How long an exit waits for the process's output to drain before it is reported.
 const OUTPUT_DRAIN_BOUND: Duration = Duration::from_secs(2);
@@ -369,7 +372,22 @@ fn lazy_options(annotations: &HashMap<String, String>) -> Result<Option<LazyOpti
             ))
         })?),
     };
-    Ok(Some(LazyOptions { fill_rate_mib }))
+    let stage_in_memory = match annotations
+        .get(RESTORE_PAGE_SOURCE_ANNOTATION)
+        .map(String::as_str)
+    {
+        None | Some("images") => false,
+        Some("staging") => true,
+        Some(other) => {
+            return Err(TaskError::Invalid(format!(
+                "annotation {RESTORE_PAGE_SOURCE_ANNOTATION}={other}: use images or staging"
+            )))
+        }
+    };
+    Ok(Some(LazyOptions {
+        fill_rate_mib,
+        stage_in_memory,
+    }))
 }
 
 /// Reads the annotations of the bundle's OCI spec.

@@ -267,7 +267,17 @@ fn redis_restores_lazily_with_the_same_dataset() {
 
     let images = ctd.dir.join("redis-images");
     checkpoint(&ctd, "redis", &images);
-    lazy_restore(&ctd, "redis-lazy", &rootfs, &images, &[]);
+    // Through the staging store, the path migrated pages take.
+    lazy_restore(
+        &ctd,
+        "redis-lazy",
+        &rootfs,
+        &images,
+        &[
+            "--annotation",
+            "io.containerd.pclive.restore.page-source=staging",
+        ],
+    );
     ctd.wait_status("redis-lazy", "RUNNING");
     assert_eq!(cli("redis-lazy", &["DEBUG", "DIGEST"]), digest);
     assert_eq!(cli("redis-lazy", &["DBSIZE"]), "250000");
@@ -282,9 +292,10 @@ fn redis_restores_lazily_with_the_same_dataset() {
 fn a_forking_multi_process_container_restores_lazily() {
     let ctd = Containerd::start();
     let rootfs = ctd.rootfs("family");
-    // A shell with two memcheck children, one of which forks a short-lived child every 20 ms:
-    // forks happen while the (throttled) fill is still running, so the server must follow new
-    // address spaces (userfaultfd fork events) and notice when they exit.
+    // A shell with two memcheck children: one forks a short-lived child every 20 ms, the other
+    // maps, moves (mremap), discards (MADV_DONTNEED) and unmaps a region in a cycle. This all
+    // happens while the (throttled) fill runs, so the server must follow new address spaces,
+    // exits, remaps, removes and unmaps.
     ctd.run_detached(
         "family",
         &rootfs,
@@ -293,7 +304,7 @@ fn a_forking_multi_process_container_restores_lazily() {
             "/bin/sh",
             "-c",
             "/usr/local/bin/memcheck 64 --status /s1 --fork-every 4 & \
-             /usr/local/bin/memcheck 64 --status /s2 & \
+             /usr/local/bin/memcheck 64 --status /s2 --churn --tick-ms 50 & \
              while true; do sleep 0.05; done",
         ],
     );
@@ -314,7 +325,7 @@ fn a_forking_multi_process_container_restores_lazily() {
         &images,
         &[
             "--annotation",
-            "io.containerd.pclive.restore.fill-rate-mib=16",
+            "io.containerd.pclive.restore.fill-rate-mib=2",
         ],
     );
     ctd.wait_status("family-lazy", "RUNNING");
@@ -326,7 +337,7 @@ fn a_forking_multi_process_container_restores_lazily() {
                 && memcheck_status(&s2).is_some_and(|s| s.pass >= b2.pass + 2)
         },
     );
-    wait_for("the fill report", Duration::from_secs(60), || {
+    wait_for("the fill report", Duration::from_secs(120), || {
         report(&ctd, "family-lazy").is_some()
     });
     let report = report(&ctd, "family-lazy").unwrap();
@@ -335,9 +346,11 @@ fn a_forking_multi_process_container_restores_lazily() {
         report["fill"]["tasks"].as_u64().unwrap() >= 3,
         "the server did not serve every task: {report:#}"
     );
-    assert!(
-        report["fill"]["forks"].as_u64().unwrap() > 0,
-        "no fork happened during the fill: the test proves nothing: {report:#}"
-    );
+    for event in ["forks", "remaps", "removes", "unmaps"] {
+        assert!(
+            report["fill"][event].as_u64().unwrap() > 0,
+            "no {event} happened during the fill: the test proves nothing: {report:#}"
+        );
+    }
     assert_eq!(ctd.task("family-lazy").unwrap().1, "RUNNING");
 }

@@ -11,10 +11,14 @@
 //! A zero-filled, stale or torn page fails the check: memcheck then writes `CORRUPT ...` to the status
 //! file and exits with code 3, so a restore that lost memory cannot go unnoticed.
 //!
-//! Usage: `memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS] [--fork-every N]`
+//! Usage: `memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS] [--fork-every N] [--churn]`
 //!
 //! `--fork-every N` forks a short-lived child every N ticks (the child checks one page and
 //! exits), so that a restore sees new address spaces appear while it installs memory.
+//!
+//! `--churn` keeps a second region cycling through mmap → fill → mremap (move and grow) →
+//! MADV_DONTNEED of half → munmap, verifying it at each step, so that a restore or migration sees
+//! mappings move, shrink and vanish.
 
 use std::env;
 use std::fs;
@@ -61,6 +65,138 @@ fn write_status(path: &str, line: &str) {
     }
 }
 
+const CHURN_BYTES: usize = 8 << 20;
+
+/// A region that is mapped, moved, partly discarded and unmapped in a cycle.
+struct Churn {
+    id: usize,
+    region: Option<(*mut u64, usize)>,
+    phase: u8,
+    generation: u32,
+}
+
+impl Churn {
+    fn words(&self) -> &mut [u64] {
+        let (ptr, len) = self.region.expect("mapped");
+        // SAFETY: ptr/len describe a live private mapping that only this struct uses.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len / 8) }
+    }
+
+    fn fill(&self, from_page: usize, to_page: usize) {
+        let words = self.words();
+        for page in from_page..to_page {
+            for i in 0..PAGE_WORDS {
+                words[page * PAGE_WORDS + i] =
+                    expected_word(1 << 20 | self.id << 16 | page, self.generation, i);
+            }
+        }
+    }
+
+    fn check(&self, from_page: usize, to_page: usize, zero: bool) -> Result<(), String> {
+        let words = self.words();
+        for page in from_page..to_page {
+            for i in 0..PAGE_WORDS {
+                let want = if zero {
+                    0
+                } else {
+                    expected_word(1 << 20 | self.id << 16 | page, self.generation, i)
+                };
+                if words[page * PAGE_WORDS + i] != want {
+                    return Err(format!(
+                        "region={} page={page} phase={} zero={zero}",
+                        self.id, self.phase
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of the cycle.
+    fn step(&mut self) -> Result<(), String> {
+        let pages = |bytes: usize| bytes / 4096;
+        match self.phase {
+            0 => {
+                // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
+                let ptr = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        CHURN_BYTES,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if ptr == libc::MAP_FAILED {
+                    return Err("mmap failed".into());
+                }
+                self.generation = self.generation.wrapping_add(1);
+                self.region = Some((ptr.cast(), CHURN_BYTES));
+                self.fill(0, pages(CHURN_BYTES));
+            }
+            1 => {
+                // Move first, check after: pages not yet restored move with the mapping.
+                let (ptr, len) = self.region.expect("mapped");
+                // Reserve a new place so the mapping really moves (growing in place would not).
+                // SAFETY: a fresh inaccessible reservation; nothing else is affected.
+                let target = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        2 * len,
+                        libc::PROT_NONE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if target == libc::MAP_FAILED {
+                    return Err("mmap of the remap target failed".into());
+                }
+                // SAFETY: moves and grows our own mapping over our own reservation; the old
+                // address is not used again.
+                let moved = unsafe {
+                    libc::mremap(
+                        ptr.cast(),
+                        len,
+                        2 * len,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        target,
+                    )
+                };
+                if moved == libc::MAP_FAILED {
+                    return Err("mremap failed".into());
+                }
+                self.region = Some((moved.cast(), 2 * len));
+                self.check(0, pages(CHURN_BYTES), false)?;
+                self.fill(pages(CHURN_BYTES), pages(2 * CHURN_BYTES));
+            }
+            2 => {
+                // Discard before looking: the discarded half must read as zero, never as data.
+                let (ptr, _) = self.region.expect("mapped");
+                // SAFETY: discards the second half of our own mapping.
+                unsafe {
+                    libc::madvise(
+                        ptr.cast::<u8>().add(CHURN_BYTES).cast(),
+                        CHURN_BYTES,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                self.check(0, pages(CHURN_BYTES), false)?;
+                self.check(pages(CHURN_BYTES), pages(2 * CHURN_BYTES), true)?;
+            }
+            _ => {
+                // Unmap without touching: whatever was not restored yet simply goes.
+                let (ptr, len) = self.region.take().expect("mapped");
+                // SAFETY: unmaps our own mapping, which nothing references any more.
+                unsafe { libc::munmap(ptr.cast(), len) };
+            }
+        }
+        self.phase = (self.phase + 1) % 4;
+        Ok(())
+    }
+}
+
 /// Forks a child that verifies one page of the inherited memory and exits (3 if it is wrong).
 fn fork_and_check(memory: &[u64], generations: &[u32], page: usize) {
     // SAFETY: memcheck is single-threaded, so the child may run arbitrary code after fork.
@@ -90,7 +226,7 @@ fn fork_and_check(memory: &[u64], generations: &[u32], page: usize) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS] [--fork-every N]"
+        "usage: memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS] [--fork-every N] [--churn]"
     );
     exit(2)
 }
@@ -105,8 +241,13 @@ fn main() {
     let mut writes_per_tick = 64usize;
     let mut tick = Duration::from_millis(5);
     let mut fork_every = 0u64;
+    let mut churn = false;
     let mut rest = args[1..].iter();
     while let Some(flag) = rest.next() {
+        if flag == "--churn" {
+            churn = true;
+            continue;
+        }
         let value = rest.next().unwrap_or_else(|| usage());
         match flag.as_str() {
             "--status" => status_path = value.clone(),
@@ -124,6 +265,23 @@ fn main() {
         fill_page(&mut memory, page, 0);
     }
 
+    // Four regions a phase apart: whenever memcheck is checkpointed, one region is about to be
+    // moved, one discarded and one unmapped.
+    let mut churn_regions: Vec<Churn> = (0..4)
+        .map(|id| Churn {
+            id,
+            region: None,
+            phase: 0,
+            generation: 0,
+        })
+        .collect();
+    if churn {
+        for (k, region) in churn_regions.iter_mut().enumerate() {
+            for _ in 0..k {
+                region.step().expect("a fresh region verifies");
+            }
+        }
+    }
     let mut rng = 0x1234_5678_9abc_def0u64;
     let mut writes = 0u64;
     let mut pass = 0u64;
@@ -161,6 +319,16 @@ fn main() {
                 &status_path,
                 &format!("pass={pass} pages={pages} writes={writes} errors=0 counter={counter}\n"),
             );
+        }
+        if churn && counter.is_multiple_of(10) {
+            for region in churn_regions.iter_mut() {
+                if let Err(problem) = region.step() {
+                    let line = format!("CORRUPT churn {problem} pass={pass}\n");
+                    write_status(&status_path, &line);
+                    eprint!("memcheck: {line}");
+                    exit(3);
+                }
+            }
         }
         if fork_every > 0 && counter.is_multiple_of(fork_every) {
             fork_and_check(&memory, &generations, (counter as usize * 7919) % pages);
