@@ -76,14 +76,21 @@ struct Churn {
 }
 
 impl Churn {
-    fn words(&self) -> &mut [u64] {
+    fn words(&self) -> &[u64] {
         let (ptr, len) = self.region.expect("mapped");
         // SAFETY: ptr/len describe a live private mapping that only this struct uses.
+        unsafe { std::slice::from_raw_parts(ptr, len / 8) }
+    }
+
+    fn words_mut(&mut self) -> &mut [u64] {
+        let (ptr, len) = self.region.expect("mapped");
+        // SAFETY: as above, and `&mut self` makes this the only reference.
         unsafe { std::slice::from_raw_parts_mut(ptr, len / 8) }
     }
 
-    fn fill(&self, from_page: usize, to_page: usize) {
-        let words = self.words();
+    fn fill(&mut self, from_page: usize, to_page: usize) {
+        let (id, generation) = (self.id, self.generation);
+        let words = self.words_mut();
         for page in from_page..to_page {
             for i in 0..PAGE_WORDS {
                 words[page * PAGE_WORDS + i] =
