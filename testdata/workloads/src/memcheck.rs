@@ -94,7 +94,7 @@ impl Churn {
         for page in from_page..to_page {
             for i in 0..PAGE_WORDS {
                 words[page * PAGE_WORDS + i] =
-                    expected_word(1 << 20 | self.id << 16 | page, self.generation, i);
+                    expected_word(1 << 20 | id << 16 | page, generation, i);
             }
         }
     }
