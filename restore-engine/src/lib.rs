@@ -7,6 +7,7 @@
 pub mod host;
 pub mod images;
 pub mod lazy;
+pub mod memory;
 pub mod staging;
 pub mod uffd;
 pub mod versions;

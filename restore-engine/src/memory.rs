@@ -1,0 +1,515 @@
+//! Reading a running task's memory for pre-copy: which mappings CRIU will restore lazily, which
+//! of their pages are present, their contents (process_vm_readv in large batches), and dirty
+//! trackers that say which pages changed since the last round.
+//!
+//! Trackers, chosen at run time by what the kernel offers:
+//! - [`SoftDirtyTracker`]: clear_refs(4) + pagemap bit 55, where the kernel has soft-dirty.
+//! - [`HashTracker`]: reads every present page each round and compares an XXH3 hash per page.
+//!   Works on every kernel and architecture; costs a read of resident memory per round.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const PAGE: u64 = 4096;
+/// Bytes per process_vm_readv batch: large enough to amortise the syscall, small enough to keep
+/// the buffer in cache.
+const READ_BATCH: usize = 4 << 20;
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_SOFT_DIRTY: u64 = 1 << 55;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    #[error("task {pid}: cannot read {what}: {source}. Has it exited, or is pclive not root?")]
+    Proc {
+        pid: u32,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("task {pid}: reading memory at {addr:#x}: {source}")]
+    Read {
+        pid: u32,
+        addr: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); use the content-hash tracker")]
+    NoSoftDirty,
+}
+
+/// A mapping CRIU restores lazily: private, anonymous, not locked, not hugetlb, not
+/// vdso/vvar/vsyscall (CRIU's `vma_entry_can_be_lazy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LazyVma {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Parses /proc/PID/smaps (mappings plus VmFlags) into the lazy-eligible mappings.
+pub fn parse_lazy_vmas(smaps: &str) -> Vec<LazyVma> {
+    let mut out = Vec::new();
+    let mut current: Option<(LazyVma, bool)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-').and_then(|(s, e)| {
+            Some((
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            ))
+        }) {
+            if let Some((vma, true)) = current.take() {
+                out.push(vma);
+            }
+            let perms = fields.next().unwrap_or("");
+            let _offset = fields.next();
+            let _dev = fields.next();
+            let inode = fields.next().unwrap_or("0");
+            let path = fields.next().unwrap_or("");
+            let private = perms.as_bytes().get(3) == Some(&b'p');
+            let anonymous =
+                inode == "0" && (path.is_empty() || path == "[heap]" || path.starts_with("[stack"));
+            current = Some((LazyVma { start, end }, private && anonymous));
+        } else if first == "VmFlags:" {
+            let flags: Vec<&str> = fields.collect();
+            // lo: locked, ht: hugetlb, dd: do not dump.
+            if flags.iter().any(|f| matches!(*f, "lo" | "ht" | "dd")) {
+                if let Some((_, eligible)) = current.as_mut() {
+                    *eligible = false;
+                }
+            }
+        }
+    }
+    if let Some((vma, true)) = current {
+        out.push(vma);
+    }
+    out
+}
+
+pub fn lazy_vmas(pid: u32) -> Result<Vec<LazyVma>, TrackError> {
+    let smaps =
+        fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|source| TrackError::Proc {
+            pid,
+            what: "smaps",
+            source,
+        })?;
+    Ok(parse_lazy_vmas(&smaps))
+}
+
+/// Pagemap entries of `[start, end)`.
+fn pagemap_entries(
+    pid: u32,
+    file: &fs::File,
+    start: u64,
+    end: u64,
+) -> Result<Vec<u64>, TrackError> {
+    let pages = ((end - start) / PAGE) as usize;
+    let mut raw = vec![0u8; pages * 8];
+    file.read_exact_at(&mut raw, start / PAGE * 8)
+        .map_err(|source| TrackError::Proc {
+            pid,
+            what: "pagemap",
+            source,
+        })?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Reads `len` bytes at `addr` of another process (or this one) into `buf`.
+fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), TrackError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: one local iovec pointing into `buf` (valid for iov_len bytes), one remote
+        // iovec the kernel checks against the target's address space.
+        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            return Err(TrackError::Read {
+                pid,
+                addr: addr + done as u64,
+                source: if n == 0 {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "read nothing")
+                } else {
+                    io::Error::last_os_error()
+                },
+            });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Pages that changed in one round for one task.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// Runs of consecutive changed pages with their contents.
+    pub runs: Vec<(u64, Vec<u8>)>,
+    /// Pages that are now zero (written with zeroes, or discarded).
+    pub zero: Vec<u64>,
+}
+
+impl Delta {
+    pub fn data_pages(&self) -> u64 {
+        self.runs.iter().map(|(_, d)| d.len() as u64 / PAGE).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.zero.is_empty()
+    }
+    fn push_page(&mut self, addr: u64, data: &[u8]) {
+        if data.iter().all(|&b| b == 0) {
+            self.zero.push(addr);
+            return;
+        }
+        match self.runs.last_mut() {
+            Some((start, bytes)) if *start + bytes.len() as u64 == addr => {
+                bytes.extend_from_slice(data)
+            }
+            _ => self.runs.push((addr, data.to_vec())),
+        }
+    }
+}
+
+/// Finds pages that changed since the previous round.
+pub trait DirtyTracker {
+    fn name(&self) -> &'static str;
+    /// One round over the task `pid`: every page that changed since the last round (all present
+    /// pages in the first round).
+    fn round(&mut self, pid: u32) -> Result<Delta, TrackError>;
+}
+
+/// Reads the present pages of `pid`'s lazy mappings in large batches and calls `visit` with each
+/// page's address and content.
+fn for_each_present_page(pid: u32, mut visit: impl FnMut(u64, &[u8])) -> Result<(), TrackError> {
+    let pagemap =
+        fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| TrackError::Proc {
+            pid,
+            what: "pagemap",
+            source,
+        })?;
+    let mut buf = vec![0u8; READ_BATCH];
+    for vma in lazy_vmas(pid)? {
+        let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end)?;
+        let mut i = 0usize;
+        while i < entries.len() {
+            if entries[i] & (PM_PRESENT | PM_SWAPPED) == 0 {
+                i += 1;
+                continue;
+            }
+            // A run of present pages, at most one batch long.
+            let mut j = i;
+            while j < entries.len()
+                && entries[j] & (PM_PRESENT | PM_SWAPPED) != 0
+                && (j - i + 1) * PAGE as usize <= READ_BATCH
+            {
+                j += 1;
+            }
+            let addr = vma.start + i as u64 * PAGE;
+            let len = (j - i) * PAGE as usize;
+            match read_remote(pid, addr, &mut buf[..len]) {
+                Ok(()) => {
+                    for (k, page) in buf[..len].chunks_exact(PAGE as usize).enumerate() {
+                        visit(addr + k as u64 * PAGE, page);
+                    }
+                }
+                // The mapping went away under us: the next round sees the new layout.
+                Err(TrackError::Read { source, .. })
+                    if source.raw_os_error() == Some(libc::EFAULT) => {}
+                Err(e) => return Err(e),
+            }
+            i = j;
+        }
+    }
+    Ok(())
+}
+
+/// Content-hash dirty tracking: works everywhere, costs a read of resident memory per round.
+#[derive(Default)]
+pub struct HashTracker {
+    hashes: HashMap<u32, HashMap<u64, u64>>,
+}
+
+impl DirtyTracker for HashTracker {
+    fn name(&self) -> &'static str {
+        "content-hash"
+    }
+
+    fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
+        let previous = self.hashes.remove(&pid).unwrap_or_default();
+        let mut current = HashMap::with_capacity(previous.len().max(1024));
+        let mut delta = Delta::default();
+        for_each_present_page(pid, |addr, page| {
+            let hash = xxh3_64(page);
+            if previous.get(&addr) != Some(&hash) {
+                delta.push_page(addr, page);
+            }
+            current.insert(addr, hash);
+        })?;
+        // Pages present before and gone now (discarded): zero on the destination.
+        for addr in previous.keys() {
+            if !current.contains_key(addr) {
+                delta.zero.push(*addr);
+            }
+        }
+        delta.zero.sort_unstable();
+        self.hashes.insert(pid, current);
+        Ok(delta)
+    }
+}
+
+/// Soft-dirty tracking: the kernel marks written pages; O(mapped pages) per round to read the
+/// bits, O(dirty) to read data.
+pub struct SoftDirtyTracker {
+    first_round_done: HashMap<u32, ()>,
+}
+
+impl SoftDirtyTracker {
+    pub fn new() -> Result<Self, TrackError> {
+        if !soft_dirty_supported() {
+            return Err(TrackError::NoSoftDirty);
+        }
+        Ok(SoftDirtyTracker {
+            first_round_done: HashMap::new(),
+        })
+    }
+}
+
+impl DirtyTracker for SoftDirtyTracker {
+    fn name(&self) -> &'static str {
+        "soft-dirty"
+    }
+
+    fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
+        let first = self.first_round_done.insert(pid, ()).is_none();
+        let pagemap =
+            fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| TrackError::Proc {
+                pid,
+                what: "pagemap",
+                source,
+            })?;
+        let mut delta = Delta::default();
+        let mut page = vec![0u8; PAGE as usize];
+        for vma in lazy_vmas(pid)? {
+            let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end)?;
+            for (i, entry) in entries.iter().enumerate() {
+                let present = entry & (PM_PRESENT | PM_SWAPPED) != 0;
+                if present && (first || entry & PM_SOFT_DIRTY != 0) {
+                    let addr = vma.start + i as u64 * PAGE;
+                    if read_remote(pid, addr, &mut page).is_ok() {
+                        delta.push_page(addr, &page);
+                    }
+                }
+            }
+        }
+        fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|source| TrackError::Proc {
+            pid,
+            what: "clear_refs",
+            source,
+        })?;
+        Ok(delta)
+    }
+}
+
+/// Whether this kernel tracks soft-dirty bits: clear them, write a page, look at bit 55.
+pub fn soft_dirty_supported() -> bool {
+    let probe = vec![1u8; 2 * PAGE as usize];
+    let addr = (probe.as_ptr() as u64).div_ceil(PAGE) * PAGE;
+    if fs::write("/proc/self/clear_refs", "4").is_err() {
+        return false;
+    }
+    // SAFETY: addr is inside `probe` (page-aligned within its 2 pages); a volatile write keeps
+    // the compiler from eliding the touch.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, 2) };
+    let Ok(mut pagemap) = fs::File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    let mut entry = [0u8; 8];
+    let ok = pagemap.seek(SeekFrom::Start(addr / PAGE * 8)).is_ok()
+        && pagemap.read_exact(&mut entry).is_ok();
+    drop(probe);
+    ok && u64::from_le_bytes(entry) & PM_SOFT_DIRTY != 0
+}
+
+/// The best tracker this kernel offers, or the one asked for.
+pub fn tracker(preference: Option<&str>) -> Result<Box<dyn DirtyTracker + Send>, TrackError> {
+    match preference {
+        Some("content-hash") => Ok(Box::new(HashTracker::default())),
+        Some("soft-dirty") => Ok(Box::new(SoftDirtyTracker::new()?)),
+        _ => match SoftDirtyTracker::new() {
+            Ok(t) => Ok(Box::new(t)),
+            Err(_) => Ok(Box::new(HashTracker::default())),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_parsing_keeps_private_anonymous_unlocked_mappings() {
+        let smaps = "\
+55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]
+VmFlags: rd wr mr mw me ac
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0 
+VmFlags: rd wr mr mw me ac
+7f0000100000-7f0000200000 rw-p 00000000 00:00 0 
+VmFlags: rd wr mr mw me lo ac
+7f0000200000-7f0000300000 rw-s 00000000 00:01 1234                       /dev/zero (deleted)
+VmFlags: rd wr sh mr mw me ms
+7f0000300000-7f0000301000 r--p 00000000 08:01 99                         /usr/lib/libc.so.6
+VmFlags: rd mr mw me
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
+VmFlags: rd wr mr mw me gd ac
+7ffc00100000-7ffc00102000 r-xp 00000000 00:00 0                          [vdso]
+VmFlags: rd ex mr mw me de
+";
+        let vmas = parse_lazy_vmas(smaps);
+        assert_eq!(
+            vmas.iter().map(|v| v.start).collect::<Vec<_>>(),
+            vec![0x55d0c0000000, 0x7f0000000000, 0x7ffc00000000]
+        );
+    }
+
+    /// A page-aligned anonymous mapping of our own, as a tracked task's memory.
+    struct Region {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    impl Region {
+        fn new(pages: usize) -> Self {
+            let len = pages * PAGE as usize;
+            // SAFETY: a fresh private anonymous mapping.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            Region {
+                ptr: ptr.cast(),
+                len,
+            }
+        }
+        fn addr(&self, page: usize) -> u64 {
+            self.ptr as u64 + page as u64 * PAGE
+        }
+        fn write(&self, page: usize, value: u8) {
+            // SAFETY: within our mapping.
+            unsafe {
+                std::ptr::write_bytes(self.ptr.add(page * PAGE as usize), value, PAGE as usize)
+            };
+        }
+        fn in_region(&self, addr: u64) -> bool {
+            addr >= self.ptr as u64 && addr < self.ptr as u64 + self.len as u64
+        }
+    }
+
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: unmaps our own mapping.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    fn ours(delta: &Delta, region: &Region) -> (Vec<u64>, Vec<u64>) {
+        let mut data = Vec::new();
+        for (start, bytes) in &delta.runs {
+            for k in 0..bytes.len() as u64 / PAGE {
+                let addr = start + k * PAGE;
+                if region.in_region(addr) {
+                    data.push(addr);
+                }
+            }
+        }
+        let zero = delta
+            .zero
+            .iter()
+            .copied()
+            .filter(|a| region.in_region(*a))
+            .collect();
+        (data, zero)
+    }
+
+    fn exercise(tracker: &mut dyn DirtyTracker) {
+        let region = Region::new(64);
+        for page in 0..64 {
+            region.write(page, page as u8 + 1);
+        }
+        let me = std::process::id();
+        let (first, _) = ours(&tracker.round(me).unwrap(), &region);
+        assert_eq!(first.len(), 64, "the first round sends every present page");
+
+        region.write(3, 0xaa);
+        region.write(10, 0xbb);
+        region.write(20, 0);
+        // SAFETY: discards one page of our own mapping.
+        unsafe {
+            libc::madvise(
+                region.ptr.add(30 * PAGE as usize).cast(),
+                PAGE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        let delta = tracker.round(me).unwrap();
+        let (data, zero) = ours(&delta, &region);
+        assert_eq!(
+            data,
+            vec![region.addr(3), region.addr(10)],
+            "{}",
+            tracker.name()
+        );
+        assert!(
+            zero.contains(&region.addr(20)),
+            "a zeroed page is a zero marker"
+        );
+        assert!(
+            zero.contains(&region.addr(30)),
+            "a discarded page is a zero marker"
+        );
+        let content = delta
+            .runs
+            .iter()
+            .find(|(start, _)| *start == region.addr(3))
+            .map(|(_, bytes)| bytes[0]);
+        assert_eq!(content, Some(0xaa));
+
+        let (quiet, _) = ours(&tracker.round(me).unwrap(), &region);
+        assert!(quiet.is_empty(), "nothing changed: {quiet:x?}");
+    }
+
+    #[test]
+    fn hash_tracker_reports_exactly_the_changed_pages_of_our_own_process() {
+        exercise(&mut HashTracker::default());
+    }
+
+    #[test]
+    fn soft_dirty_tracker_reports_exactly_the_changed_pages_where_the_kernel_has_it() {
+        match SoftDirtyTracker::new() {
+            Ok(mut tracker) => exercise(&mut tracker),
+            Err(e) => eprintln!(
+                "SKIPPED soft_dirty_tracker test: {e} (this kernel lacks CONFIG_MEM_SOFT_DIRTY)"
+            ),
+        }
+    }
+}
