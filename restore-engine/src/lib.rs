@@ -11,3 +11,4 @@ pub mod memory;
 pub mod staging;
 pub mod uffd;
 pub mod versions;
+pub mod wire;
