@@ -8,6 +8,7 @@ pub mod host;
 pub mod images;
 pub mod lazy;
 pub mod memory;
+pub mod precopy;
 pub mod staging;
 pub mod uffd;
 pub mod versions;

@@ -1,0 +1,498 @@
+//! Iterative pre-copy: rounds of dirty pages from the source's running tasks into the
+//! destination's staging store, a convergence policy that decides when to stop, and the final
+//! round while the source is frozen.
+//!
+//! Tasks are named on the wire by their pid in the container's pid namespace (as CRIU's images
+//! name them); the source reads memory through host pids.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::memory::{Delta, DirtyTracker, TrackError, PAGE};
+use crate::staging::StagingStore;
+use crate::wire::{Credit, Kind, PageRun, Pages, RoundEnd, Session, WireError};
+
+/// Pages of one frame (8 MiB, under the frame limit).
+const BATCH_BYTES: usize = 8 << 20;
+/// Bytes the receiver lets the sender have in flight: bounds the memory a slow link can make
+/// either side buffer.
+pub const CREDIT_WINDOW: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrecopyError {
+    #[error(transparent)]
+    Track(#[from] TrackError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("staging: {0}")]
+    Staging(#[from] crate::staging::StagingError),
+    #[error("freezing the source failed: {0}")]
+    Freeze(String),
+}
+
+/// When to stop iterating and do the final (frozen) round.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvergencePolicy {
+    /// Stop when the next round's data would cross the link within this time.
+    pub target_downtime: Duration,
+    /// Stop after this many rounds whatever happens.
+    pub max_rounds: u32,
+    /// Stop when a round is not at least this much smaller than the previous one (the dirty
+    /// rate matches the link: more rounds would not converge).
+    pub min_shrink: f64,
+}
+
+impl Default for ConvergencePolicy {
+    fn default() -> Self {
+        ConvergencePolicy {
+            target_downtime: Duration::from_millis(300),
+            max_rounds: 10,
+            min_shrink: 0.8,
+        }
+    }
+}
+
+/// Why pre-copy stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopReason {
+    /// The remaining dirty memory fits the downtime target.
+    Converged,
+    /// Rounds stopped shrinking.
+    NotShrinking,
+    /// The round limit.
+    RoundLimit,
+}
+
+impl ConvergencePolicy {
+    /// Decides after a round that sent `last_bytes` (the previous one `previous_bytes`) at
+    /// `bandwidth` bytes/s, with `rounds` done so far. `None`: do another round.
+    pub fn decide(
+        &self,
+        rounds: u32,
+        last_bytes: u64,
+        previous_bytes: Option<u64>,
+        bandwidth: f64,
+    ) -> Option<StopReason> {
+        // The next round carries roughly what the last one did (pages dirtied meanwhile).
+        let next_transfer = if bandwidth > 0.0 {
+            Duration::from_secs_f64(last_bytes as f64 / bandwidth)
+        } else {
+            Duration::MAX
+        };
+        if rounds > 1 && next_transfer <= self.target_downtime {
+            return Some(StopReason::Converged);
+        }
+        if rounds >= self.max_rounds {
+            return Some(StopReason::RoundLimit);
+        }
+        if let Some(previous) = previous_bytes {
+            if rounds > 2 && last_bytes as f64 > previous as f64 * self.min_shrink {
+                return Some(StopReason::NotShrinking);
+            }
+        }
+        None
+    }
+}
+
+/// Statistics of one round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundStats {
+    pub round: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub scan_seconds: f64,
+    pub seconds: f64,
+    /// Frozen (the final round) or not.
+    pub frozen: bool,
+}
+
+/// What a pre-copy did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceReport {
+    pub tracker: String,
+    pub rounds: Vec<RoundStats>,
+    pub stop: Option<StopReason>,
+    /// Time the source was frozen for its last round of memory (the images come after).
+    pub final_round_seconds: f64,
+}
+
+/// A task to migrate: its host pid (to read memory) and its pid in the container's namespace
+/// (the name in CRIU's images and on the wire).
+#[derive(Debug, Clone, Copy)]
+pub struct TaskIds {
+    pub host_pid: u32,
+    pub ns_pid: u32,
+}
+
+/// The sending end of pre-copy.
+pub struct Sender<'a, S: Read + Write> {
+    session: &'a mut Session<S>,
+    credit: u64,
+}
+
+impl<'a, S: Read + Write> Sender<'a, S> {
+    pub fn new(session: &'a mut Session<S>) -> Self {
+        Sender {
+            session,
+            credit: CREDIT_WINDOW,
+        }
+    }
+
+    fn wait_for_credit(&mut self, bytes: u64) -> Result<(), PrecopyError> {
+        while self.credit < bytes {
+            let credit: Credit = self.session.expect(Kind::Credit)?;
+            self.credit += credit.bytes;
+        }
+        self.credit -= bytes;
+        Ok(())
+    }
+
+    /// Sends one task's delta in frames of at most BATCH_BYTES.
+    fn send_delta(&mut self, ns_pid: u32, round: u32, delta: &Delta) -> Result<u64, PrecopyError> {
+        let mut sent = 0u64;
+        let mut frame = Pages {
+            pid: ns_pid,
+            round,
+            runs: Vec::new(),
+            zero_pages: delta.zero.clone(),
+        };
+        let mut frame_bytes = 0usize;
+        for (start, data) in &delta.runs {
+            for (k, chunk) in data.chunks(BATCH_BYTES).enumerate() {
+                if frame_bytes + chunk.len() > BATCH_BYTES && frame_bytes > 0 {
+                    self.wait_for_credit(frame_bytes as u64)?;
+                    self.session.send(Kind::Pages, &frame)?;
+                    sent += frame_bytes as u64;
+                    frame.runs.clear();
+                    frame.zero_pages.clear();
+                    frame_bytes = 0;
+                }
+                frame.runs.push(PageRun {
+                    vaddr: start + (k * BATCH_BYTES) as u64,
+                    data: chunk.to_vec(),
+                });
+                frame_bytes += chunk.len();
+            }
+        }
+        if frame_bytes > 0 || !frame.zero_pages.is_empty() {
+            self.wait_for_credit(frame_bytes as u64)?;
+            self.session.send(Kind::Pages, &frame)?;
+            sent += frame_bytes as u64;
+        }
+        Ok(sent)
+    }
+
+    fn round(
+        &mut self,
+        round: u32,
+        tasks: &[TaskIds],
+        tracker: &mut dyn DirtyTracker,
+        frozen: bool,
+    ) -> Result<RoundStats, PrecopyError> {
+        let started = Instant::now();
+        let mut stats = RoundStats {
+            round,
+            frozen,
+            ..Default::default()
+        };
+        let mut scan = Duration::ZERO;
+        for task in tasks {
+            let scan_start = Instant::now();
+            let delta = tracker.round(task.host_pid)?;
+            scan += scan_start.elapsed();
+            stats.pages += delta.data_pages();
+            stats.zero_pages += delta.zero.len() as u64;
+            stats.bytes += self.send_delta(task.ns_pid, round, &delta)?;
+        }
+        self.session.send(
+            Kind::RoundEnd,
+            &RoundEnd {
+                round,
+                pages: stats.pages,
+                bytes: stats.bytes,
+                last: frozen,
+            },
+        )?;
+        stats.scan_seconds = scan.as_secs_f64();
+        stats.seconds = started.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+
+    /// Runs rounds while the tasks run, then `freeze`s them and sends the last round.
+    /// `on_round` sees every round's statistics (progress).
+    pub fn run(
+        &mut self,
+        tasks: &[TaskIds],
+        tracker: &mut dyn DirtyTracker,
+        policy: &ConvergencePolicy,
+        freeze: impl FnOnce() -> Result<(), String>,
+        mut on_round: impl FnMut(&RoundStats),
+    ) -> Result<SourceReport, PrecopyError> {
+        let mut report = SourceReport {
+            tracker: tracker.name().into(),
+            ..Default::default()
+        };
+        let mut previous: Option<u64> = None;
+        let mut round = 1u32;
+        loop {
+            let stats = self.round(round, tasks, tracker, false)?;
+            on_round(&stats);
+            let bandwidth = if stats.seconds > 0.0 {
+                stats.bytes as f64 / stats.seconds
+            } else {
+                f64::INFINITY
+            };
+            let decision = policy.decide(round, stats.bytes, previous, bandwidth);
+            previous = Some(stats.bytes);
+            report.rounds.push(stats);
+            if let Some(reason) = decision {
+                report.stop = Some(reason);
+                break;
+            }
+            round += 1;
+        }
+        freeze().map_err(PrecopyError::Freeze)?;
+        let last = self.round(round + 1, tasks, tracker, true)?;
+        on_round(&last);
+        report.final_round_seconds = last.seconds;
+        report.rounds.push(last);
+        Ok(report)
+    }
+}
+
+/// What the receiving end staged.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReceiveReport {
+    pub rounds: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+}
+
+/// Receives rounds into `store` until the last (frozen) round has arrived.
+pub fn receive_rounds<S: Read + Write>(
+    session: &mut Session<S>,
+    store: &mut StagingStore,
+) -> Result<ReceiveReport, PrecopyError> {
+    let mut report = ReceiveReport::default();
+    let mut consumed = 0u64;
+    loop {
+        let frame = session.receive()?;
+        match frame.kind {
+            Kind::Pages => {
+                let pages: Pages = frame.decode()?;
+                let mut bytes = 0u64;
+                for run in &pages.runs {
+                    store.put(pages.pid, run.vaddr, &run.data)?;
+                    bytes += run.data.len() as u64;
+                }
+                for &addr in &pages.zero_pages {
+                    store.put_zero(pages.pid, addr, 1)?;
+                }
+                report.pages += bytes / PAGE;
+                report.zero_pages += pages.zero_pages.len() as u64;
+                report.bytes += bytes;
+                // Return the credit once half the window is used, so the sender never stalls
+                // on a link that keeps up.
+                consumed += bytes;
+                if consumed >= CREDIT_WINDOW / 2 {
+                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
+                    consumed = 0;
+                }
+            }
+            Kind::RoundEnd => {
+                let end: RoundEnd = frame.decode()?;
+                report.rounds = end.round;
+                if consumed > 0 {
+                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
+                    consumed = 0;
+                }
+                if end.last {
+                    return Ok(report);
+                }
+            }
+            other => {
+                return Err(WireError::Unexpected {
+                    expected: Kind::Pages,
+                    found: other,
+                }
+                .into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::HashTracker;
+    use crate::staging::PageRef;
+    use crate::wire::{accept, connect, Auth};
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    #[test]
+    fn policy_stops_on_convergence_stagnation_or_limit() {
+        let policy = ConvergencePolicy::default();
+        // 1 GB/s link, 100 MB left: 0.1 s < 0.3 s target.
+        assert_eq!(
+            policy.decide(3, 100_000_000, Some(400_000_000), 1e9),
+            Some(StopReason::Converged)
+        );
+        // The first round never counts as converged (it is the bulk copy).
+        assert_eq!(policy.decide(1, 1_000, None, 1e9), None);
+        // Not shrinking: 900 MB after 1 GB.
+        assert_eq!(
+            policy.decide(3, 900_000_000, Some(1_000_000_000), 1e9),
+            Some(StopReason::NotShrinking)
+        );
+        // Shrinking well but slow link: go on.
+        assert_eq!(
+            policy.decide(3, 500_000_000, Some(1_000_000_000), 1e9),
+            None
+        );
+        assert_eq!(
+            policy.decide(10, 500_000_000, Some(1_000_000_000), 1e9),
+            Some(StopReason::RoundLimit)
+        );
+    }
+
+    /// A child process that keeps rewriting pages of a 16 MiB region, as a running task.
+    struct Writer {
+        pid: libc::pid_t,
+        base: u64,
+        len: usize,
+    }
+
+    impl Writer {
+        fn start() -> Self {
+            let len = 16 << 20;
+            // SAFETY: a fresh private anonymous mapping, inherited by the child at fork.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            } as u64;
+            assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
+            // Populate every page before the fork: the child starts with 16 MiB resident.
+            // SAFETY: within the mapping we just made.
+            unsafe { std::ptr::write_bytes(base as *mut u8, 0x5a, len) };
+            // SAFETY: the child only writes its own memory and sleeps (async-signal-safe work)
+            // until it is killed; it never returns into the test harness.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let mut x = 0x9e37_79b9u64;
+                loop {
+                    for _ in 0..64 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let page = (x % (len as u64 / PAGE)) * PAGE;
+                        // SAFETY: within the child's copy of the region.
+                        unsafe { std::ptr::write_volatile((base + page + 8) as *mut u64, x) };
+                    }
+                    // SAFETY: plain syscall.
+                    unsafe { libc::usleep(1000) };
+                }
+            }
+            // SAFETY: unmapping our (the parent's) copy does not affect the child's.
+            unsafe { libc::munmap(base as *mut libc::c_void, len) };
+            Writer { pid, base, len }
+        }
+    }
+
+    impl Drop for Writer {
+        fn drop(&mut self) {
+            // SAFETY: our own child.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn rounds_converge_and_the_staged_memory_equals_the_frozen_source() {
+        let writer = Writer::start();
+        let (a, b) = UnixStream::pair().unwrap();
+        let key = Auth::Key(vec![5; 32]);
+        let server_key = key.clone();
+        let receiver = thread::spawn(move || {
+            let mut session = accept(b, &server_key).unwrap();
+            let mut store = StagingStore::default();
+            let report = receive_rounds(&mut session, &mut store).unwrap();
+            (store, report)
+        });
+        let mut session = connect(a, &key).unwrap();
+        let mut tracker = HashTracker::default();
+        let tasks = [TaskIds {
+            host_pid: writer.pid as u32,
+            ns_pid: 1,
+        }];
+        let policy = ConvergencePolicy {
+            max_rounds: 4,
+            ..Default::default()
+        };
+        let pid = writer.pid;
+        let report = Sender::new(&mut session)
+            .run(
+                &tasks,
+                &mut tracker,
+                &policy,
+                || {
+                    // SAFETY: stops our own child.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    thread::sleep(Duration::from_millis(50));
+                    Ok(())
+                },
+                |_| {},
+            )
+            .unwrap();
+        let (store, received) = receiver.join().unwrap();
+        assert!(report.rounds.len() >= 2, "{report:?}");
+        assert!(report.rounds.last().unwrap().frozen);
+        assert!(
+            report.rounds[0].pages >= 4096,
+            "the first round copies the region"
+        );
+        assert_eq!(
+            received.pages,
+            report.rounds.iter().map(|r| r.pages).sum::<u64>()
+        );
+
+        // Every page of the frozen writer's region is staged with its final content.
+        let mut page = vec![0u8; PAGE as usize];
+        for offset in (0..writer.len as u64).step_by(PAGE as usize) {
+            let addr = writer.base + offset;
+            let local = libc::iovec {
+                iov_base: page.as_mut_ptr().cast(),
+                iov_len: page.len(),
+            };
+            let remote = libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: page.len(),
+            };
+            // SAFETY: reads one page of our stopped child into `page`.
+            let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+            assert_eq!(n, PAGE as isize);
+            match store.get(1, addr) {
+                Some(PageRef::Data(staged)) => assert_eq!(staged, &page[..], "page {addr:#x}"),
+                Some(PageRef::Zero) => assert!(page.iter().all(|&b| b == 0), "page {addr:#x}"),
+                None => assert!(
+                    page.iter().all(|&b| b == 0),
+                    "page {addr:#x} was never staged but is not zero"
+                ),
+            }
+        }
+    }
+}
