@@ -194,7 +194,11 @@ pub trait DirtyTracker {
 
 /// Reads the present pages of `pid`'s lazy mappings in large batches and calls `visit` with each
 /// page's address and content.
-fn for_each_present_page(pid: u32, mut visit: impl FnMut(u64, &[u8])) -> Result<(), TrackError> {
+fn for_each_present_page(
+    pid: u32,
+    vmas: &[LazyVma],
+    mut visit: impl FnMut(usize, usize, &[u8]),
+) -> Result<(), TrackError> {
     let pagemap =
         fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| TrackError::Proc {
             pid,
@@ -202,7 +206,7 @@ fn for_each_present_page(pid: u32, mut visit: impl FnMut(u64, &[u8])) -> Result<
             source,
         })?;
     let mut buf = vec![0u8; READ_BATCH];
-    for vma in lazy_vmas(pid)? {
+    for (vma_index, vma) in vmas.iter().enumerate() {
         let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end)?;
         let mut i = 0usize;
         while i < entries.len() {
@@ -223,7 +227,7 @@ fn for_each_present_page(pid: u32, mut visit: impl FnMut(u64, &[u8])) -> Result<
             match read_remote(pid, addr, &mut buf[..len]) {
                 Ok(()) => {
                     for (k, page) in buf[..len].chunks_exact(PAGE as usize).enumerate() {
-                        visit(addr + k as u64 * PAGE, page);
+                        visit(vma_index, i + k, page);
                     }
                 }
                 // The mapping went away under us: the next round sees the new layout.
@@ -238,9 +242,32 @@ fn for_each_present_page(pid: u32, mut visit: impl FnMut(u64, &[u8])) -> Result<
 }
 
 /// Content-hash dirty tracking: works everywhere, costs a read of resident memory per round.
+///
+/// Hashes live in one vector per mapping (indexed by page), so a round costs an array access
+/// per page, not a hash-map operation. Mappings may merge, split, grow or move between rounds:
+/// each round carries the previous hashes over by address. A hash is stored with its low bit
+/// set; 0 means "not present".
 #[derive(Default)]
 pub struct HashTracker {
-    hashes: HashMap<u32, HashMap<u64, u64>>,
+    tasks: HashMap<u32, Vec<(LazyVma, Vec<u64>)>>,
+}
+
+/// The previous round's hashes for `vma`, by address, from whatever mappings covered it then.
+fn carry_over(previous: &[(LazyVma, Vec<u64>)], vma: LazyVma) -> Vec<u64> {
+    let mut old = vec![0u64; ((vma.end - vma.start) / PAGE) as usize];
+    let first = previous.partition_point(|(v, _)| v.end <= vma.start);
+    for (v, hashes) in &previous[first..] {
+        if v.start >= vma.end {
+            break;
+        }
+        let from = v.start.max(vma.start);
+        let to = v.end.min(vma.end);
+        let src = ((from - v.start) / PAGE) as usize;
+        let dst = ((from - vma.start) / PAGE) as usize;
+        let n = ((to - from) / PAGE) as usize;
+        old[dst..dst + n].copy_from_slice(&hashes[src..src + n]);
+    }
+    old
 }
 
 impl DirtyTracker for HashTracker {
@@ -249,24 +276,29 @@ impl DirtyTracker for HashTracker {
     }
 
     fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
-        let previous = self.hashes.remove(&pid).unwrap_or_default();
-        let mut current = HashMap::with_capacity(previous.len().max(1024));
+        let previous = self.tasks.remove(&pid).unwrap_or_default();
+        let vmas = lazy_vmas(pid)?;
+        let old: Vec<Vec<u64>> = vmas.iter().map(|v| carry_over(&previous, *v)).collect();
+        drop(previous);
+        let mut new: Vec<Vec<u64>> = old.iter().map(|o| vec![0u64; o.len()]).collect();
         let mut delta = Delta::default();
-        for_each_present_page(pid, |addr, page| {
-            let hash = xxh3_64(page);
-            if previous.get(&addr) != Some(&hash) {
-                delta.push_page(addr, page);
+        for_each_present_page(pid, &vmas, |vma, index, page| {
+            let hash = xxh3_64(page) | 1;
+            new[vma][index] = hash;
+            if old[vma][index] != hash {
+                delta.push_page(vmas[vma].start + index as u64 * PAGE, page);
             }
-            current.insert(addr, hash);
         })?;
-        // Pages present before and gone now (discarded): zero on the destination.
-        for addr in previous.keys() {
-            if !current.contains_key(addr) {
-                delta.zero.push(*addr);
+        // Present before, absent now (discarded with MADV_DONTNEED): zero on the destination.
+        for (v, (o, n)) in vmas.iter().zip(old.iter().zip(&new)) {
+            for (index, (before, now)) in o.iter().zip(n).enumerate() {
+                if *before != 0 && *now == 0 {
+                    delta.zero.push(v.start + index as u64 * PAGE);
+                }
             }
         }
         delta.zero.sort_unstable();
-        self.hashes.insert(pid, current);
+        self.tasks.insert(pid, vmas.into_iter().zip(new).collect());
         Ok(delta)
     }
 }
@@ -383,6 +415,28 @@ VmFlags: rd ex mr mw me de
             vmas.iter().map(|v| v.start).collect::<Vec<_>>(),
             vec![0x55d0c0000000, 0x7f0000000000, 0x7ffc00000000]
         );
+    }
+
+    #[test]
+    fn hashes_carry_over_when_mappings_merge_split_or_grow() {
+        let vma = |start: u64, pages: u64| LazyVma {
+            start,
+            end: start + pages * PAGE,
+        };
+        let previous = vec![
+            (vma(0x10000, 2), vec![11, 12]),
+            (vma(0x12000, 2), vec![21, 22]),
+            (vma(0x20000, 1), vec![31]),
+        ];
+        // Merged into one mapping that also grew by a page.
+        assert_eq!(
+            carry_over(&previous, vma(0x10000, 5)),
+            vec![11, 12, 21, 22, 0]
+        );
+        // Split: the second half of the first mapping alone.
+        assert_eq!(carry_over(&previous, vma(0x11000, 1)), vec![12]);
+        // A new mapping elsewhere starts empty.
+        assert_eq!(carry_over(&previous, vma(0x40000, 2)), vec![0, 0]);
     }
 
     /// A page-aligned anonymous mapping of our own, as a tracked task's memory.
