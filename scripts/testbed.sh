@@ -87,6 +87,8 @@ up() {
 }
 
 down() {
+  # Best effort to the end: every step runs even if an earlier one found nothing to do.
+  set +e
   for host in src dst; do
     local dir=$state/$host
     if [ -f "$dir/containerd.pid" ]; then
@@ -97,7 +99,9 @@ down() {
           for _ in $(seq 50); do ctr --address "$sock" -n "$ns" task rm -f "$id" >/dev/null 2>&1 && break; sleep 0.1; done
           ctr --address "$sock" -n "$ns" container rm "$id" >/dev/null 2>&1 || true
         done
-        for c in /sys/fs/cgroup/*/"$ns"; do [ -d "$c" ] && rmdir "$c"/* "$c" 2>/dev/null; done
+        for c in /sys/fs/cgroup/*/"$ns"; do
+          if [ -d "$c" ]; then rmdir "$c"/* "$c" 2>/dev/null || true; fi
+        done
       done
       local pid; pid=$(cat "$dir/containerd.pid")
       # Only the daemon this script started (checked by its command line).
@@ -112,6 +116,7 @@ down() {
     grep " $state" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
     rm -rf "$state"
   fi
+  set -e
 }
 
 env_info() {
