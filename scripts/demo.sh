@@ -26,43 +26,21 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
+. scripts/lib/containerd.sh
 work=$(mktemp -d /tmp/pclive-demo.XXXXXX)
 ns=pclive-demo
 addr=$work/containerd.sock
 ctr() { command ctr --address "$addr" --namespace "$ns" "$@"; }
-containerd_pid=""
 cleanup() {
   set +e
-  if [ -n "$containerd_pid" ]; then
-    for id in $(ctr container ls -q 2>/dev/null); do
-      ctr task kill -s SIGKILL "$id" >/dev/null 2>&1
-      for _ in $(seq 50); do ctr task rm -f "$id" >/dev/null 2>&1 && break; sleep 0.1; done
-      ctr container rm "$id" >/dev/null 2>&1
-    done
-    kill "$containerd_pid" 2>/dev/null; wait "$containerd_pid" 2>/dev/null
-  fi
-  for c in /sys/fs/cgroup/*/"$ns"; do [ -d "$c" ] && rmdir "$c"/* "$c" 2>/dev/null; done
+  containerd_remove_all "$addr"
+  containerd_stop "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 say "starting a private containerd ($addr)"
-mkdir -p "$work/bin"
-ln -s /usr/local/bin/containerd-shim-pclive-v2 "$work/bin/"
-cat > "$work/config.toml" <<EOF
-version = 3
-root = "$work/root"
-state = "$work/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri", "io.containerd.podsandbox.controller.v1.podsandbox"]
-[grpc]
-  address = "$addr"
-[ttrpc]
-  address = "$addr.ttrpc"
-EOF
-PATH="$work/bin:$PATH" containerd --config "$work/config.toml" > "$work/containerd.log" 2>&1 &
-containerd_pid=$!
-for _ in $(seq 100); do ctr version >/dev/null 2>&1 && break; sleep 0.1; done
-ctr version >/dev/null
+containerd_start "$work"
 
 say "building a rootfs (busybox + memcheck) and running it with --runtime io.containerd.pclive.v2"
 rootfs=$work/rootfs

@@ -12,6 +12,7 @@
 # namespaces, links and addresses created here are touched; `down` removes all of it, containers
 # included, and stops only the containerd daemons `up` started.
 set -euo pipefail
+. "$(dirname "$0")/lib/containerd.sh"
 
 cmd=${1:-}
 [ -n "$cmd" ] && shift
@@ -36,29 +37,8 @@ ns_of() { echo "$name-$1"; }
 sock_of() { echo "$state/$1/containerd.sock"; }
 
 start_containerd() {
-  local host=$1 dir=$state/$1
-  mkdir -p "$dir/bin"
-  ln -sf "$(command -v containerd-shim-pclive-v2)" "$dir/bin/containerd-shim-pclive-v2"
-  cat > "$dir/config.toml" <<EOF
-version = 3
-root = "$dir/root"
-state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri", "io.containerd.podsandbox.controller.v1.podsandbox"]
-[grpc]
-  address = "$dir/containerd.sock"
-[ttrpc]
-  address = "$dir/containerd.sock.ttrpc"
-EOF
   # nsenter --net, not `ip netns exec`: the latter remounts /sys and hides the cgroups runc needs.
-  PATH="$dir/bin:$PATH" nsenter --net="/run/netns/$(ns_of "$host")" \
-    containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 &
-  echo $! > "$dir/containerd.pid"
-  for _ in $(seq 100); do
-    ctr --address "$dir/containerd.sock" version >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "testbed: containerd of $host did not start; see $dir/containerd.log" >&2
-  return 1
+  containerd_start "$state/$1" nsenter --net="/run/netns/$(ns_of "$1")"
 }
 
 up() {
@@ -90,25 +70,9 @@ down() {
   # Best effort to the end: every step runs even if an earlier one found nothing to do.
   set +e
   for host in src dst; do
-    local dir=$state/$host
-    if [ -f "$dir/containerd.pid" ]; then
-      local sock; sock=$(sock_of $host)
-      for ns in $(ctr --address "$sock" namespace ls -q 2>/dev/null); do
-        for id in $(ctr --address "$sock" -n "$ns" container ls -q 2>/dev/null); do
-          ctr --address "$sock" -n "$ns" task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-          for _ in $(seq 50); do ctr --address "$sock" -n "$ns" task rm -f "$id" >/dev/null 2>&1 && break; sleep 0.1; done
-          ctr --address "$sock" -n "$ns" container rm "$id" >/dev/null 2>&1 || true
-        done
-        for c in /sys/fs/cgroup/*/"$ns"; do
-          if [ -d "$c" ]; then rmdir "$c"/* "$c" 2>/dev/null || true; fi
-        done
-      done
-      local pid; pid=$(cat "$dir/containerd.pid")
-      # Only the daemon this script started (checked by its command line).
-      if grep -q "$dir/config.toml" "/proc/$pid/cmdline" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      fi
+    if [ -f "$state/$host/containerd.pid" ]; then
+      containerd_remove_all "$(sock_of $host)"
+      containerd_stop "$state/$host"
     fi
     ip netns del "$(ns_of $host)" 2>/dev/null || true
   done

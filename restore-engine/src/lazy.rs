@@ -419,9 +419,10 @@ fn read_exact_or_eof(stream: &mut UnixStream, buf: &mut [u8]) -> io::Result<bool
     Ok(true)
 }
 
-fn receive_fd(stream: &UnixStream) -> Result<OwnedFd, LazyError> {
-    let mut byte = [0u8; 1];
-    let mut iov = [io::IoSliceMut::new(&mut byte)];
+/// Receives one message of `data.len()` bytes and the first descriptor it carries (any further
+/// descriptors are closed). Returns the bytes received and the descriptor.
+fn receive_with_fd(stream: &UnixStream, data: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut iov = [io::IoSliceMut::new(data)];
     let mut space = nix::cmsg_space!([RawFd; 1]);
     let msg = recvmsg::<()>(
         stream.as_raw_fd(),
@@ -429,23 +430,25 @@ fn receive_fd(stream: &UnixStream) -> Result<OwnedFd, LazyError> {
         Some(&mut space),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
-    .map_err(|e| LazyError::Protocol(format!("receiving a userfaultfd: {e}")))?;
-    let mut received = None;
-    for cmsg in msg
-        .cmsgs()
-        .map_err(|e| LazyError::Protocol(format!("control message: {e}")))?
-    {
+    .map_err(io::Error::from)?;
+    let mut fd = None;
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            for fd in fds {
+            for raw in fds {
                 // SAFETY: the kernel installed this descriptor for us; nobody else owns it.
-                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                if received.is_none() {
-                    received = Some(owned);
-                }
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                fd.get_or_insert(owned);
             }
         }
     }
-    received.ok_or_else(|| LazyError::Protocol("a task record carried no userfaultfd".into()))
+    Ok((msg.bytes, fd))
+}
+
+fn receive_fd(stream: &UnixStream) -> Result<OwnedFd, LazyError> {
+    let mut byte = [0u8; 1];
+    let (_, fd) = receive_with_fd(stream, &mut byte)
+        .map_err(|e| LazyError::Protocol(format!("receiving a userfaultfd: {e}")))?;
+    fd.ok_or_else(|| LazyError::Protocol("a task record carried no userfaultfd".into()))
 }
 
 /// Sends `pid` and a descriptor to the supervisor, which keeps a copy so that the memory of the
@@ -463,27 +466,9 @@ pub fn send_to_supervisor(supervisor: &UnixStream, pid: u32, fd: RawFd) -> Resul
 /// Receives what [`send_to_supervisor`] sent: `None` at end of stream.
 pub fn receive_from_server(stream: &UnixStream) -> io::Result<Option<(u32, OwnedFd)>> {
     let mut data = [0u8; 4];
-    let mut iov = [io::IoSliceMut::new(&mut data)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        stream.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    if msg.bytes == 0 {
+    let (bytes, fd) = receive_with_fd(stream, &mut data)?;
+    if bytes == 0 {
         return Ok(None);
-    }
-    let mut fd = None;
-    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            for raw in fds {
-                // SAFETY: freshly received descriptor, owned by nobody else.
-                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                fd.get_or_insert(owned);
-            }
-        }
     }
     let pid = u32::from_le_bytes(data);
     fd.map(|f| Some((pid, f)))

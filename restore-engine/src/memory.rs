@@ -102,6 +102,14 @@ pub fn lazy_vmas(pid: u32) -> Result<Vec<LazyVma>, TrackError> {
     Ok(parse_lazy_vmas(&smaps))
 }
 
+fn open_pagemap(pid: u32) -> Result<fs::File, TrackError> {
+    fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| TrackError::Proc {
+        pid,
+        what: "pagemap",
+        source,
+    })
+}
+
 /// Pagemap entries of `[start, end)`.
 fn pagemap_entries(
     pid: u32,
@@ -199,12 +207,7 @@ fn for_each_present_page(
     vmas: &[LazyVma],
     mut visit: impl FnMut(usize, usize, &[u8]),
 ) -> Result<(), TrackError> {
-    let pagemap =
-        fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| TrackError::Proc {
-            pid,
-            what: "pagemap",
-            source,
-        })?;
+    let pagemap = open_pagemap(pid)?;
     let mut buf = vec![0u8; READ_BATCH];
     for (vma_index, vma) in vmas.iter().enumerate() {
         let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end)?;
@@ -327,12 +330,7 @@ impl DirtyTracker for SoftDirtyTracker {
 
     fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
         let first = self.first_round_done.insert(pid, ()).is_none();
-        let pagemap =
-            fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| TrackError::Proc {
-                pid,
-                what: "pagemap",
-                source,
-            })?;
+        let pagemap = open_pagemap(pid)?;
         let mut delta = Delta::default();
         let mut page = vec![0u8; PAGE as usize];
         for vma in lazy_vmas(pid)? {

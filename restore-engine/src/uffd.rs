@@ -147,9 +147,7 @@ impl Uffd {
     /// Installs `data` at `dst` (page aligned, whole pages) with UFFDIO_COPY, waking threads
     /// that wait on those pages. Pages present already are skipped.
     pub fn copy(&self, dst: u64, data: &[u8]) -> io::Result<Installed> {
-        let page = crate::staging::PAGE_SIZE as u64;
-        let mut done = 0u64;
-        while done < data.len() as u64 {
+        install_loop(data.len() as u64, |done| {
             let mut arg = UffdioCopy {
                 dst: dst + done,
                 src: data[done as usize..].as_ptr() as u64,
@@ -160,38 +158,13 @@ impl Uffd {
             // SAFETY: the fd is a userfaultfd; `arg` is a valid uffdio_copy whose src points to
             // `len` readable bytes of `data`, alive for the call.
             let result = unsafe { uffdio_copy(self.as_raw(), &mut arg) };
-            match result {
-                Ok(_) => done += arg.len,
-                Err(errno) => {
-                    if arg.copy > 0 {
-                        done += arg.copy as u64;
-                        continue;
-                    }
-                    match classify(errno) {
-                        Some(stop) => {
-                            return Ok(Installed {
-                                bytes: done,
-                                stop: Some(stop),
-                            })
-                        }
-                        // EEXIST: the first page is present already.
-                        None if errno == nix::errno::Errno::EEXIST => done += page,
-                        None => return Err(io::Error::from(errno)),
-                    }
-                }
-            }
-        }
-        Ok(Installed {
-            bytes: done,
-            stop: None,
+            (result.map(|_| arg.len), arg.copy)
         })
     }
 
     /// Installs zero pages over `[start, start + len)`, waking waiting threads.
     pub fn zero(&self, start: u64, len: u64) -> io::Result<Installed> {
-        let page = crate::staging::PAGE_SIZE as u64;
-        let mut done = 0u64;
-        while done < len {
+        install_loop(len, |done| {
             let mut arg = UffdioZeropage {
                 range: UffdioRange {
                     start: start + done,
@@ -202,29 +175,7 @@ impl Uffd {
             };
             // SAFETY: the fd is a userfaultfd; `arg` is a valid uffdio_zeropage for the call.
             let result = unsafe { uffdio_zeropage(self.as_raw(), &mut arg) };
-            match result {
-                Ok(_) => done += arg.range.len,
-                Err(errno) => {
-                    if arg.zeropage > 0 {
-                        done += arg.zeropage as u64;
-                        continue;
-                    }
-                    match classify(errno) {
-                        Some(stop) => {
-                            return Ok(Installed {
-                                bytes: done,
-                                stop: Some(stop),
-                            })
-                        }
-                        None if errno == nix::errno::Errno::EEXIST => done += page,
-                        None => return Err(io::Error::from(errno)),
-                    }
-                }
-            }
-        }
-        Ok(Installed {
-            bytes: done,
-            stop: None,
+            (result.map(|_| arg.range.len), arg.zeropage)
         })
     }
 
@@ -254,6 +205,39 @@ impl Uffd {
             .map(|chunk| decode_msg(chunk.try_into().expect("32-byte chunk")))
             .collect())
     }
+}
+
+/// The retry logic UFFDIO_COPY and UFFDIO_ZEROPAGE share. `attempt(done)` tries to install the
+/// rest from offset `done` and returns the ioctl's result (bytes on success) and the partial
+/// count the kernel reported on failure.
+fn install_loop(
+    len: u64,
+    mut attempt: impl FnMut(u64) -> (nix::Result<u64>, i64),
+) -> io::Result<Installed> {
+    let page = crate::staging::PAGE_SIZE as u64;
+    let mut done = 0u64;
+    while done < len {
+        match attempt(done) {
+            (Ok(bytes), _) => done += bytes,
+            // Part of it went in before the error: continue after it.
+            (Err(_), partial) if partial > 0 => done += partial as u64,
+            (Err(errno), _) => match classify(errno) {
+                Some(stop) => {
+                    return Ok(Installed {
+                        bytes: done,
+                        stop: Some(stop),
+                    })
+                }
+                // EEXIST: the first page is present already.
+                None if errno == nix::errno::Errno::EEXIST => done += page,
+                None => return Err(io::Error::from(errno)),
+            },
+        }
+    }
+    Ok(Installed {
+        bytes: done,
+        stop: None,
+    })
 }
 
 /// Errors after which the caller decides what to do (the others are failures or EEXIST).

@@ -16,24 +16,6 @@ const COUNTER: &[&str] = &[
     "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done",
 ];
 
-fn checkpoint_and_remove(ctd: &Containerd, id: &str, images: &Path) {
-    let images = images.display().to_string();
-    let work = format!("{images}-work");
-    ctd.ctr_ok(&[
-        "task",
-        "checkpoint",
-        "--exit",
-        "--image-path",
-        &images,
-        "--work-path",
-        &work,
-        id,
-    ]);
-    ctd.wait_status(id, "STOPPED");
-    ctd.ctr_ok(&["task", "rm", id]);
-    ctd.ctr_ok(&["container", "rm", id]);
-}
-
 fn restore(ctd: &Containerd, id: &str, rootfs: &Path, images: &Path) {
     let annotation = format!("{RESTORE_ANNOTATION}={}", images.display());
     // The command is ignored: the process tree comes from the images.
@@ -52,7 +34,7 @@ fn a_counter_continues_after_checkpoint_and_restore() {
     });
 
     let images = ctd.dir.join("counter-images");
-    checkpoint_and_remove(&ctd, "counter", &images);
+    ctd.checkpoint_and_remove("counter", &images);
     assert!(images.join("inventory.img").is_file());
     let at_checkpoint = read_number(&count).unwrap();
     sleep(Duration::from_millis(300));
@@ -255,7 +237,7 @@ fn checksummed_memory_of_256_mib_survives_checkpoint_and_restore() {
     });
 
     let images = ctd.dir.join("mem-images");
-    checkpoint_and_remove(&ctd, "mem", &images);
+    ctd.checkpoint_and_remove("mem", &images);
     let before = memcheck_status(&status).unwrap();
     assert_eq!(before.pages, 256 * 256);
     let pages_size: u64 = fs::read_dir(&images)

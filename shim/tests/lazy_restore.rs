@@ -13,24 +13,6 @@ use restore_engine::images::{self, Header, Pagemap, MM_MAGIC, PSTREE_MAGIC};
 
 const LAZY: &str = "io.containerd.pclive.restore.lazy-pages=true";
 
-fn checkpoint(ctd: &Containerd, id: &str, images: &Path) {
-    let images = images.display().to_string();
-    let work = format!("{images}-work");
-    ctd.ctr_ok(&[
-        "task",
-        "checkpoint",
-        "--exit",
-        "--image-path",
-        &images,
-        "--work-path",
-        &work,
-        id,
-    ]);
-    ctd.wait_status(id, "STOPPED");
-    ctd.ctr_ok(&["task", "rm", id]);
-    ctd.ctr_ok(&["container", "rm", id]);
-}
-
 fn lazy_restore(ctd: &Containerd, id: &str, rootfs: &Path, images: &Path, extra: &[&str]) {
     let annotation = format!("{RESTORE_ANNOTATION}={}", images.display());
     let mut args = vec!["--annotation", &annotation, "--annotation", LAZY];
@@ -61,7 +43,7 @@ fn one_gib_of_checksummed_memory_restores_lazily_and_verifies() {
         memcheck_status(&status).is_some_and(|s| s.pass >= 1)
     });
     let images = ctd.dir.join("big-images");
-    checkpoint(&ctd, "big", &images);
+    ctd.checkpoint_and_remove("big", &images);
     let before = memcheck_status(&status).unwrap();
     check_image_codec_on_a_real_dump(&images);
 
@@ -167,7 +149,7 @@ fn killing_the_lazy_pages_server_during_the_fill_kills_the_container() {
     });
     sleep(Duration::from_secs(1));
     let images = ctd.dir.join("victim-images");
-    checkpoint(&ctd, "victim", &images);
+    ctd.checkpoint_and_remove("victim", &images);
 
     // A slow background fill (8 MiB/s: ~30 s for 256 MiB) leaves time to kill the server.
     lazy_restore(
@@ -266,7 +248,7 @@ fn redis_restores_lazily_with_the_same_dataset() {
     assert_eq!(cli("redis", &["DBSIZE"]), "250000");
 
     let images = ctd.dir.join("redis-images");
-    checkpoint(&ctd, "redis", &images);
+    ctd.checkpoint_and_remove("redis", &images);
     // Through the staging store, the path migrated pages take.
     lazy_restore(
         &ctd,
@@ -314,7 +296,7 @@ fn a_forking_multi_process_container_restores_lazily() {
             && memcheck_status(&s2).is_some_and(|s| s.pass >= 1)
     });
     let images = ctd.dir.join("family-images");
-    checkpoint(&ctd, "family", &images);
+    ctd.checkpoint_and_remove("family", &images);
     assert!(images::read_pstree(&images).unwrap().len() >= 3);
     let (b1, b2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
 

@@ -266,6 +266,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
             .join(id)
     }
 
+    /// `ctr task checkpoint --exit` into `images` (work files beside it), then removes the
+    /// stopped task and its container so that the images can be restored under any id.
+    pub fn checkpoint_and_remove(&self, id: &str, images: &Path) {
+        let images = images.display().to_string();
+        let work = format!("{images}-work");
+        self.ctr_ok(&[
+            "task",
+            "checkpoint",
+            "--exit",
+            "--image-path",
+            &images,
+            "--work-path",
+            &work,
+            id,
+        ]);
+        self.wait_status(id, "STOPPED");
+        self.ctr_ok(&["task", "rm", id]);
+        self.ctr_ok(&["container", "rm", id]);
+    }
+
     /// The task's (pid, status) from `ctr task ls`.
     pub fn task(&self, id: &str) -> Option<(u32, String)> {
         let out = self.ctr_ok(&["task", "ls"]);
