@@ -1016,6 +1016,150 @@ mod tests {
         assert_eq!(p.find(0x13000), None);
     }
 
+    /// Plays CRIU's restorer against the real server: a region of this test process is
+    /// registered with a userfaultfd and handed over as task 7; a thread faults on it before the
+    /// end marker (as CRIU's restorer does), the background fills the rest from the staging store.
+    #[test]
+    fn serves_faults_and_fills_a_registered_region_from_the_staging_store() {
+        use crate::images::{
+            encode_entries, Header, MmEntry, PageRange, Pagemap, PstreeEntry, VmaEntry, MM_MAGIC,
+            PSTREE_MAGIC,
+        };
+        use std::sync::mpsc;
+
+        const PAGES: usize = 256;
+        let page = images::page_size() as usize;
+        // SAFETY: a fresh private anonymous mapping of our own.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGES * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as u64;
+        assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
+        let uffd = crate::uffd::open_like_criu().expect("userfaultfd");
+        uffd.register_missing(base, (PAGES * page) as u64).unwrap();
+
+        // Images: task 7 with one lazy VMA over the region, no data (as a lazy dump writes).
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        fs::create_dir(&images).unwrap();
+        fs::write(
+            images.join("pstree.img"),
+            encode_entries(
+                Header::Common(PSTREE_MAGIC),
+                &[PstreeEntry {
+                    pid: 7,
+                    ppid: 0,
+                    pgid: 7,
+                    sid: 7,
+                    threads: vec![7],
+                }],
+            ),
+        )
+        .unwrap();
+        let mm = MmEntry {
+            vmas: vec![VmaEntry {
+                start: base,
+                end: base + (PAGES * page) as u64,
+                pgoff: 0,
+                shmid: 0,
+                prot: 3,
+                flags: 0x22,
+                status: 0x201,
+                fd: -1,
+                madv: None,
+                fdflags: None,
+            }],
+            ..Default::default()
+        };
+        fs::write(
+            images.join("mm-7.img"),
+            encode_entries(Header::Common(MM_MAGIC), &[mm]),
+        )
+        .unwrap();
+        fs::write(
+            images.join("pagemap-7.img"),
+            Pagemap {
+                pages_id: 1,
+                ranges: vec![PageRange {
+                    vaddr: base,
+                    nr_pages: PAGES as u64,
+                    flags: PE_LAZY,
+                    file_offset: 0,
+                }],
+            }
+            .encode(),
+        )
+        .unwrap();
+
+        // The staged memory: page i is filled with (i % 251) + 1; page 5 is a zero page.
+        let mut store = StagingStore::default();
+        for i in 0..PAGES {
+            let addr = base + (i * page) as u64;
+            if i == 5 {
+                store.put_zero(7, addr, 1).unwrap();
+            } else {
+                store
+                    .put(7, addr, &vec![(i % 251) as u8 + 1; page])
+                    .unwrap();
+            }
+        }
+
+        let work = dir.path().join("work");
+        fs::create_dir(&work).unwrap();
+        let config = ServerConfig::new(images.clone(), work.clone());
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            serve(&config, &mut store, None, |event| {
+                if matches!(event, LazyEvent::Ready { .. }) {
+                    let _ = ready_tx.send(());
+                }
+            })
+        });
+        ready_rx.recv().unwrap();
+
+        // The restorer: pid, then the userfaultfd, then (after a fault) the end marker.
+        let restorer = UnixStream::connect(work.join(SOCKET_NAME)).unwrap();
+        let mut writer = &restorer;
+        std::io::Write::write_all(&mut writer, &7i32.to_le_bytes()).unwrap();
+        let byte = [0u8; 1];
+        let iov = [io::IoSlice::new(&byte)];
+        let fds = [uffd.as_raw()];
+        sendmsg::<()>(
+            restorer.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(uffd);
+        // A fault before the marker must be served (CRIU's restorer touches lazy memory).
+        // SAFETY: reads a page of our own registered region; the server installs it.
+        let early = unsafe { std::ptr::read_volatile((base + 100 * page as u64) as *const u8) };
+        assert_eq!(early, 101);
+        std::io::Write::write_all(&mut writer, &RESTORE_FINISHED.to_le_bytes()).unwrap();
+
+        let stats = server.join().unwrap().expect("the fill completes");
+        assert_eq!(stats.bytes, (PAGES * page) as u64);
+        assert!(stats.pages_by_fault >= 1);
+        assert!(stats.zero_pages >= 1);
+        for i in 0..PAGES {
+            let want = if i == 5 { 0 } else { (i % 251) as u8 + 1 };
+            // SAFETY: every page of the region is installed now.
+            let got =
+                unsafe { std::ptr::read_volatile((base + (i * page) as u64 + 17) as *const u8) };
+            assert_eq!(got, want, "page {i}");
+        }
+        // SAFETY: unmaps our own region.
+        unsafe { libc::munmap(base as *mut libc::c_void, PAGES * page) };
+    }
+
     #[test]
     fn lazy_ranges_are_cut_to_lazy_vmas() {
         use crate::images::{MmEntry, PageRange, Pagemap, VmaEntry};

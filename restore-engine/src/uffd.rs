@@ -52,7 +52,18 @@ pub struct UffdioZeropage {
     pub zeropage: i64,
 }
 
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioRegister {
+    pub range: UffdioRange,
+    pub mode: u64,
+    pub ioctls: u64,
+}
+
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
 nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
+nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
 nix::ioctl_readwrite!(uffdio_copy, 0xAA, 0x03, UffdioCopy);
 nix::ioctl_readwrite!(uffdio_zeropage, 0xAA, 0x04, UffdioZeropage);
 nix::ioctl_read!(uffdio_wake, 0xAA, 0x02, UffdioRange);
@@ -292,6 +303,50 @@ pub fn probe() -> io::Result<UffdFeatures> {
         available: true,
         features: api.features,
     })
+}
+
+/// A userfaultfd of this process with the events CRIU's restorer asks for (fork, remap,
+/// remove, unmap), the way a restored task hands one to the lazy-pages server. For tests and
+/// tools that play the restorer.
+pub fn open_like_criu() -> io::Result<Uffd> {
+    // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC as libc::c_long | libc::O_NONBLOCK as libc::c_long,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let uffd = Uffd(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: UFFD_FEATURE_EVENT_FORK
+            | UFFD_FEATURE_EVENT_REMAP
+            | UFFD_FEATURE_EVENT_REMOVE
+            | UFFD_FEATURE_EVENT_UNMAP,
+        ioctls: 0,
+    };
+    // SAFETY: a userfaultfd and a valid uffdio_api for the call.
+    unsafe { uffdio_api(uffd.as_raw(), &mut api) }.map_err(io::Error::from)?;
+    Ok(uffd)
+}
+
+impl Uffd {
+    /// Registers `[start, start + len)` for missing-page faults.
+    pub fn register_missing(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut arg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: a userfaultfd and a valid uffdio_register for the call.
+        unsafe { uffdio_register(self.as_raw(), &mut arg) }
+            .map(drop)
+            .map_err(io::Error::from)
+    }
 }
 
 /// Whether the PAGEMAP_SCAN ioctl on /proc/PID/pagemap exists (Linux 6.7+).
