@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use crate::memory::{Delta, DirtyTracker, TrackError, PAGE};
 use crate::staging::StagingStore;
-use crate::wire::{Credit, Kind, PageRun, Pages, RoundEnd, Session, WireError};
+use crate::wire::{
+    Control, ControlCode, Credit, ImageFile, Kind, PageRun, Pages, RoundEnd, Session, WireError,
+};
 
 /// Pages of one frame (8 MiB, under the frame limit).
 const BATCH_BYTES: usize = 8 << 20;
@@ -30,6 +32,16 @@ pub enum PrecopyError {
     Staging(#[from] crate::staging::StagingError),
     #[error("freezing the source failed: {0}")]
     Freeze(String),
+    #[error("image file {name}: {source}")]
+    ImageFile {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image file name {0:?} is not a plain file name: refusing it")]
+    ImageName(String),
+    #[error("the peer aborted the migration: {0}")]
+    Aborted(String),
 }
 
 /// When to stop iterating and do the final (frozen) round.
@@ -264,6 +276,120 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     }
 }
 
+/// Image file chunks (1 MiB: CRIU's images besides memory are small).
+const IMAGE_CHUNK: usize = 1 << 20;
+
+/// Sends every regular file of a CRIU image directory, then `ImagesDone`.
+pub fn send_images<S: Read + Write>(
+    session: &mut Session<S>,
+    dir: &std::path::Path,
+) -> Result<u64, PrecopyError> {
+    let mut total = 0u64;
+    let io_err = |name: &str| {
+        let name = name.to_string();
+        move |source| PrecopyError::ImageFile { name, source }
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io_err("(image directory)"))?
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let data = std::fs::read(entry.path()).map_err(io_err(&name))?;
+        let chunks: Vec<&[u8]> = if data.is_empty() {
+            vec![&[]]
+        } else {
+            data.chunks(IMAGE_CHUNK).collect()
+        };
+        let count = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            session.send(
+                Kind::ImageFile,
+                &ImageFile {
+                    name: name.clone(),
+                    offset: (i * IMAGE_CHUNK) as u64,
+                    data: chunk.to_vec(),
+                    last_chunk: i + 1 == count,
+                },
+            )?;
+        }
+        total += data.len() as u64;
+    }
+    session.send(
+        Kind::Control,
+        &Control {
+            code: ControlCode::ImagesDone as i32,
+            message: String::new(),
+        },
+    )?;
+    Ok(total)
+}
+
+/// Receives image files into `dir` until `ImagesDone`. File names must be plain names (no
+/// directories, no `..`): a hostile peer cannot write outside `dir`.
+pub fn receive_images<S: Read + Write>(
+    session: &mut Session<S>,
+    dir: &std::path::Path,
+) -> Result<u64, PrecopyError> {
+    use std::os::unix::fs::FileExt;
+    let mut total = 0u64;
+    loop {
+        let frame = session.receive()?;
+        match frame.kind {
+            Kind::ImageFile => {
+                let file: ImageFile = frame.decode()?;
+                let plain = !file.name.is_empty()
+                    && file.name != "."
+                    && file.name != ".."
+                    && !file.name.contains('/')
+                    && !file.name.contains('\0');
+                if !plain {
+                    return Err(PrecopyError::ImageName(file.name));
+                }
+                let path = dir.join(&file.name);
+                let out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(file.offset == 0)
+                    .open(&path)
+                    .map_err(|source| PrecopyError::ImageFile {
+                        name: file.name.clone(),
+                        source,
+                    })?;
+                out.write_all_at(&file.data, file.offset)
+                    .map_err(|source| PrecopyError::ImageFile {
+                        name: file.name.clone(),
+                        source,
+                    })?;
+                total += file.data.len() as u64;
+            }
+            Kind::Control => {
+                let control: Control = frame.decode()?;
+                match ControlCode::try_from(control.code) {
+                    Ok(ControlCode::ImagesDone) => return Ok(total),
+                    Ok(ControlCode::Abort) => return Err(PrecopyError::Aborted(control.message)),
+                    _ => {
+                        return Err(WireError::Unexpected {
+                            expected: Kind::ImageFile,
+                            found: Kind::Control,
+                        }
+                        .into())
+                    }
+                }
+            }
+            other => {
+                return Err(WireError::Unexpected {
+                    expected: Kind::ImageFile,
+                    found: other,
+                }
+                .into())
+            }
+        }
+    }
+}
+
 /// What the receiving end staged.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReceiveReport {
@@ -334,6 +460,55 @@ mod tests {
     use crate::wire::{accept, connect, Auth};
     use std::os::unix::net::UnixStream;
     use std::thread;
+
+    #[test]
+    fn image_files_travel_and_hostile_names_are_refused() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("core-1.img"), vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(src.path().join("empty.img"), b"").unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let key = Auth::Key(vec![9; 32]);
+        let k2 = key.clone();
+        let dst_path = dst.path().to_owned();
+        let receiver = thread::spawn(move || {
+            let mut session = accept(b, &k2).unwrap();
+            receive_images(&mut session, &dst_path)
+        });
+        let mut session = connect(a, &key).unwrap();
+        let sent = send_images(&mut session, src.path()).unwrap();
+        assert_eq!(receiver.join().unwrap().unwrap(), sent);
+        assert_eq!(
+            std::fs::read(dst.path().join("core-1.img")).unwrap(),
+            vec![7u8; 3 << 20]
+        );
+        assert!(dst.path().join("empty.img").exists());
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let k2 = key.clone();
+        let dst_path = dst.path().to_owned();
+        let receiver = thread::spawn(move || {
+            let mut session = accept(b, &k2).unwrap();
+            receive_images(&mut session, &dst_path)
+        });
+        let mut session = connect(a, &key).unwrap();
+        session
+            .send(
+                Kind::ImageFile,
+                &ImageFile {
+                    name: "../escape".into(),
+                    offset: 0,
+                    data: vec![1],
+                    last_chunk: true,
+                },
+            )
+            .unwrap();
+        assert!(matches!(
+            receiver.join().unwrap(),
+            Err(PrecopyError::ImageName(_))
+        ));
+        assert!(!dst.path().parent().unwrap().join("escape").exists());
+    }
 
     #[test]
     fn policy_stops_on_convergence_stagnation_or_limit() {
