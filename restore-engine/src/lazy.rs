@@ -1021,10 +1021,6 @@ mod tests {
     /// end marker (as CRIU's restorer does), the background fills the rest from the staging store.
     #[test]
     fn serves_faults_and_fills_a_registered_region_from_the_staging_store() {
-        use crate::images::{
-            encode_entries, Header, MmEntry, PageRange, Pagemap, PstreeEntry, VmaEntry, MM_MAGIC,
-            PSTREE_MAGIC,
-        };
         use std::sync::mpsc;
 
         const PAGES: usize = 256;
@@ -1048,54 +1044,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let images = dir.path().join("images");
         fs::create_dir(&images).unwrap();
-        fs::write(
-            images.join("pstree.img"),
-            encode_entries(
-                Header::Common(PSTREE_MAGIC),
-                &[PstreeEntry {
-                    pid: 7,
-                    ppid: 0,
-                    pgid: 7,
-                    sid: 7,
-                    threads: vec![7],
-                }],
-            ),
-        )
-        .unwrap();
-        let mm = MmEntry {
-            vmas: vec![VmaEntry {
-                start: base,
-                end: base + (PAGES * page) as u64,
-                pgoff: 0,
-                shmid: 0,
-                prot: 3,
-                flags: 0x22,
-                status: 0x201,
-                fd: -1,
-                madv: None,
-                fdflags: None,
-            }],
-            ..Default::default()
-        };
-        fs::write(
-            images.join("mm-7.img"),
-            encode_entries(Header::Common(MM_MAGIC), &[mm]),
-        )
-        .unwrap();
-        fs::write(
-            images.join("pagemap-7.img"),
-            Pagemap {
-                pages_id: 1,
-                ranges: vec![PageRange {
-                    vaddr: base,
-                    nr_pages: PAGES as u64,
-                    flags: PE_LAZY,
-                    file_offset: 0,
-                }],
-            }
-            .encode(),
-        )
-        .unwrap();
+        crate::testsupport::write_lazy_images(&images, 7, base, PAGES as u64);
 
         // The staged memory: page i is filled with (i % 251) + 1; page 5 is a zero page.
         let mut store = StagingStore::default();

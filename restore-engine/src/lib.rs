@@ -13,3 +13,8 @@ pub mod staging;
 pub mod uffd;
 pub mod versions;
 pub mod wire;
+
+#[cfg(test)]
+mod pipeline_tests;
+#[cfg(test)]
+mod testsupport;

@@ -18,9 +18,8 @@ use crate::wire::{
 
 /// Pages of one frame (8 MiB, under the frame limit).
 const BATCH_BYTES: usize = 8 << 20;
-/// Bytes the receiver lets the sender have in flight: bounds the memory a slow link can make
-/// either side buffer.
-pub const CREDIT_WINDOW: u64 = 64 << 20;
+/// The flow-control window (see [`crate::wire::INITIAL_CREDIT`]).
+pub const CREDIT_WINDOW: u64 = crate::wire::INITIAL_CREDIT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrecopyError {
@@ -143,24 +142,15 @@ pub struct TaskIds {
 /// The sending end of pre-copy.
 pub struct Sender<'a, S: Read + Write> {
     session: &'a mut Session<S>,
-    credit: u64,
 }
 
 impl<'a, S: Read + Write> Sender<'a, S> {
     pub fn new(session: &'a mut Session<S>) -> Self {
-        Sender {
-            session,
-            credit: CREDIT_WINDOW,
-        }
+        Sender { session }
     }
 
     fn wait_for_credit(&mut self, bytes: u64) -> Result<(), PrecopyError> {
-        while self.credit < bytes {
-            let credit: Credit = self.session.expect(Kind::Credit)?;
-            self.credit += credit.bytes;
-        }
-        self.credit -= bytes;
-        Ok(())
+        Ok(self.session.spend(bytes)?)
     }
 
     /// Sends one task's delta in frames of at most BATCH_BYTES.
@@ -457,6 +447,7 @@ mod tests {
     use super::*;
     use crate::memory::HashTracker;
     use crate::staging::PageRef;
+    use crate::testsupport::Writer;
     use crate::wire::{accept, connect, Auth};
     use std::os::unix::net::UnixStream;
     use std::thread;
@@ -534,66 +525,6 @@ mod tests {
             policy.decide(10, 500_000_000, Some(1_000_000_000), 1e9),
             Some(StopReason::RoundLimit)
         );
-    }
-
-    /// A child process that keeps rewriting pages of a 16 MiB region, as a running task.
-    struct Writer {
-        pid: libc::pid_t,
-        base: u64,
-        len: usize,
-    }
-
-    impl Writer {
-        fn start() -> Self {
-            let len = 16 << 20;
-            // SAFETY: a fresh private anonymous mapping, inherited by the child at fork.
-            let base = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            } as u64;
-            assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
-            // Populate every page before the fork: the child starts with 16 MiB resident.
-            // SAFETY: within the mapping we just made.
-            unsafe { std::ptr::write_bytes(base as *mut u8, 0x5a, len) };
-            // SAFETY: the child only writes its own memory and sleeps (async-signal-safe work)
-            // until it is killed; it never returns into the test harness.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0);
-            if pid == 0 {
-                let mut x = 0x9e37_79b9u64;
-                loop {
-                    for _ in 0..64 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let page = (x % (len as u64 / PAGE)) * PAGE;
-                        // SAFETY: within the child's copy of the region.
-                        unsafe { std::ptr::write_volatile((base + page + 8) as *mut u64, x) };
-                    }
-                    // SAFETY: plain syscall.
-                    unsafe { libc::usleep(1000) };
-                }
-            }
-            // SAFETY: unmapping our (the parent's) copy does not affect the child's.
-            unsafe { libc::munmap(base as *mut libc::c_void, len) };
-            Writer { pid, base, len }
-        }
-    }
-
-    impl Drop for Writer {
-        fn drop(&mut self) {
-            // SAFETY: our own child.
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
-            }
-        }
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub const MAC_LEN: usize = 32;
 /// before it is read, so a hostile length cannot exhaust memory.
 pub const MAX_PAYLOAD: u32 = 9 << 20;
 const NONCE_LEN: usize = 32;
+/// Payload bytes a sender may have in flight before the receiver grants more: bounds what a
+/// slow link makes either side buffer.
+pub const INITIAL_CREDIT: u64 = 64 << 20;
 const INSECURE_KEY: &[u8] = b"pclive unauthenticated session: integrity only";
 
 type HmacSha256 = Hmac<Sha256>;
@@ -333,6 +336,8 @@ pub struct Session<S: Read + Write> {
     recv_key: Vec<u8>,
     send_seq: u64,
     recv_seq: u64,
+    /// Flow-control credit the peer granted and we have not used yet.
+    credit: u64,
 }
 
 impl<S: Read + Write> Session<S> {
@@ -348,10 +353,52 @@ impl<S: Read + Write> Session<S> {
         Ok(())
     }
 
-    pub fn receive(&mut self) -> Result<Frame, WireError> {
+    fn receive_any(&mut self) -> Result<Frame, WireError> {
         let frame = read_frame(&mut self.stream, &self.recv_key, self.recv_seq)?;
         self.recv_seq += 1;
         Ok(frame)
+    }
+
+    /// The next frame that is not flow-control credit (credit is banked for [`Self::spend`]).
+    pub fn receive(&mut self) -> Result<Frame, WireError> {
+        loop {
+            let frame = self.receive_any()?;
+            if frame.kind == Kind::Credit {
+                self.credit += frame.decode::<Credit>()?.bytes;
+                continue;
+            }
+            return Ok(frame);
+        }
+    }
+
+    /// Takes `bytes` of credit, waiting for the peer to grant more when the window is used up.
+    pub fn spend(&mut self, bytes: u64) -> Result<(), WireError> {
+        while self.credit < bytes {
+            let frame = self.receive_any()?;
+            match frame.kind {
+                Kind::Credit => self.credit += frame.decode::<Credit>()?.bytes,
+                Kind::Reject => return Err(WireError::Refused(frame.decode::<Reject>()?.reason)),
+                Kind::Control => {
+                    let control: Control = frame.decode()?;
+                    return Err(WireError::Refused(format!(
+                        "the peer stopped the transfer: {}",
+                        if control.message.is_empty() {
+                            "abort"
+                        } else {
+                            control.message.as_str()
+                        }
+                    )));
+                }
+                other => {
+                    return Err(WireError::Unexpected {
+                        expected: Kind::Credit,
+                        found: other,
+                    })
+                }
+            }
+        }
+        self.credit -= bytes;
+        Ok(())
     }
 
     /// Receives a frame that must be of `kind`.
@@ -448,6 +495,7 @@ pub fn connect<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>
         recv_key: derive(&key, b"pclive s2c", &client_nonce, &challenge.nonce).to_vec(),
         send_seq: 0,
         recv_seq: 0,
+        credit: INITIAL_CREDIT,
     })
 }
 
@@ -537,6 +585,7 @@ pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>,
         recv_key: derive(&key, b"pclive c2s", &hello.nonce, &server_nonce).to_vec(),
         send_seq: 0,
         recv_seq: 0,
+        credit: INITIAL_CREDIT,
     })
 }
 

@@ -1,0 +1,152 @@
+//! The engine's migration pipeline end to end, without containerd, runc or CRIU: a running
+//! writer process is pre-copied round by round over an authenticated session into the
+//! receiver's staging store, frozen for the last round, its (stand-in) lazy-dump images follow,
+//! and the receiver's lazy-pages server installs every page into a stand-in restored task (a
+//! region of this test process at the writer's addresses). The result must equal the frozen
+//! writer's memory byte for byte, and the receiver commits.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
+use crate::lazy::{serve, LazyEvent, ServerConfig, RESTORE_FINISHED, SOCKET_NAME};
+use crate::memory::{HashTracker, PAGE};
+use crate::precopy::{
+    receive_images, receive_rounds, send_images, ConvergencePolicy, Sender, TaskIds,
+};
+use crate::staging::StagingStore;
+use crate::testsupport::{write_lazy_images, Writer};
+use crate::wire::{accept, connect, Auth, Control, ControlCode, Kind};
+
+#[test]
+fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
+    let writer = Writer::start();
+    let (base, len, pid) = (writer.base, writer.len, writer.pid);
+    let dir = tempfile::tempdir().unwrap();
+    let (src_images, dst_images, work) = (
+        dir.path().join("src-images"),
+        dir.path().join("dst-images"),
+        dir.path().join("work"),
+    );
+    for d in [&src_images, &dst_images, &work] {
+        fs::create_dir(d).unwrap();
+    }
+
+    // Destination: rounds into the staging store, then the images, then the lazy server.
+    let (a, b) = UnixStream::pair().unwrap();
+    let key = Auth::Key(b"a pre-shared key of 32 bytes....".to_vec());
+    let dst_key = key.clone();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (dst_images2, work2) = (dst_images.clone(), work.clone());
+    let destination = thread::spawn(move || {
+        let mut session = accept(b, &dst_key).unwrap();
+        let mut store = StagingStore::default();
+        let received = receive_rounds(&mut session, &mut store).unwrap();
+        receive_images(&mut session, &dst_images2).unwrap();
+        let config = ServerConfig::new(dst_images2, work2);
+        let stats = serve(&config, &mut store, None, |event| {
+            if matches!(event, LazyEvent::Ready { .. }) {
+                let _ = ready_tx.send(());
+            }
+        })
+        .unwrap();
+        session
+            .send(
+                Kind::Control,
+                &Control {
+                    code: ControlCode::Committed as i32,
+                    message: String::new(),
+                },
+            )
+            .unwrap();
+        (received, stats)
+    });
+
+    // Source: rounds while the writer runs, freeze, last round, images.
+    let mut session = connect(a, &key).unwrap();
+    let mut tracker = HashTracker::default();
+    let report = Sender::new(&mut session)
+        .run(
+            &[TaskIds {
+                host_pid: pid as u32,
+                ns_pid: 1,
+            }],
+            &mut tracker,
+            &ConvergencePolicy {
+                max_rounds: 3,
+                ..Default::default()
+            },
+            || {
+                // SAFETY: stops our own child.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                thread::sleep(Duration::from_millis(50));
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+    write_lazy_images(&src_images, 1, base, len as u64 / PAGE);
+    send_images(&mut session, &src_images).unwrap();
+
+    // The "restored task": the writer's addresses in this process, registered for lazy faults.
+    writer.map_stand_in();
+    let uffd = crate::uffd::open_like_criu().unwrap();
+    uffd.register_missing(base, len as u64).unwrap();
+    ready_rx.recv().unwrap();
+    let restorer = UnixStream::connect(work.join(SOCKET_NAME)).unwrap();
+    let mut writer_end = &restorer;
+    io::Write::write_all(&mut writer_end, &1i32.to_le_bytes()).unwrap();
+    let byte = [0u8; 1];
+    let fds = [uffd.as_raw()];
+    sendmsg::<()>(
+        restorer.as_raw_fd(),
+        &[io::IoSlice::new(&byte)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    drop(uffd);
+    io::Write::write_all(&mut writer_end, &RESTORE_FINISHED.to_le_bytes()).unwrap();
+
+    let committed: Control = session.expect(Kind::Control).unwrap();
+    assert_eq!(committed.code, ControlCode::Committed as i32);
+    let (received, stats) = destination.join().unwrap();
+    assert!(report.rounds.len() >= 2 && report.rounds.last().unwrap().frozen);
+    assert_eq!(
+        received.pages,
+        report.rounds.iter().map(|r| r.pages).sum::<u64>()
+    );
+    assert_eq!(
+        stats.bytes, len as u64,
+        "every page of the region was installed"
+    );
+
+    // Byte for byte: the installed region equals the frozen writer's memory.
+    let mut frozen = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: frozen.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: base as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: reads the stopped child's region into `frozen`, which holds `len` bytes.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    assert_eq!(n, len as isize);
+    // SAFETY: the region is mapped (above) and every page is installed.
+    let installed = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
+    let first_difference = installed.iter().zip(&frozen).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "installed memory differs from the source"
+    );
+    drop(writer);
+}
