@@ -189,8 +189,8 @@ fn exec_output_pids_stats_update_and_events() {
     // Update: a new memory limit lands in the container's cgroup. ctr 2.1 has no `task update`;
     // send containerd's UpdateTaskRequest to the shim's own ttrpc socket.
     update_memory_limit(&ctd, "svc", 67_108_864);
-    let limit = fs::read_to_string(ctd.memory_cgroup("svc").join("memory.limit_in_bytes"))
-        .expect("the container's memory cgroup");
+    let limit =
+        fs::read_to_string(ctd.memory_limit_file("svc")).expect("the container's memory cgroup");
     assert_eq!(limit.trim(), "67108864");
 
     // Pause / resume, then kill and delete.

@@ -17,7 +17,8 @@ USAGE:
 
 Containers run with `ctr run --runtime io.containerd.pclive.v2 ...`. Checkpoint with
 `ctr task checkpoint --image-path DIR [--exit] ID`; restore by creating a container with the
-annotation io.containerd.pclive.restore.image-path=DIR.
+annotation io.containerd.pclive.restore.image-path=DIR, lazily (tasks resume at once, memory is
+installed with userfaultfd) with io.containerd.pclive.restore.lazy-pages=true as well.
 
 EXIT CODES:
     0  success    1  the host lacks something pclive needs    2  usage error";

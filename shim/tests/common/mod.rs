@@ -311,11 +311,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
         }
     }
 
-    /// The memory cgroup directory ctr gives a container (cgroup v1 here).
-    pub fn memory_cgroup(&self, id: &str) -> PathBuf {
-        PathBuf::from("/sys/fs/cgroup/memory")
-            .join(&self.namespace)
-            .join(id)
+    /// The memory limit file of the cgroup ctr gives a container (`/<namespace>/<id>`), for
+    /// cgroup v1 or v2.
+    pub fn memory_limit_file(&self, id: &str) -> PathBuf {
+        let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let base = if unified {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/memory")
+        };
+        base.join(&self.namespace).join(id).join(if unified {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        })
     }
 
     /// Shim processes this daemon started that are still alive.
