@@ -337,6 +337,15 @@ pub enum LazyEvent {
     Done(FillStats),
     /// The server failed; the container must be stopped.
     Error { message: String },
+    /// Migration: listening for the source on this address.
+    Listening { address: String },
+    /// Migration: every round and image file arrived; restore now (the lazy-pages socket
+    /// follows with `Ready`).
+    ImagesReady {
+        rounds: u32,
+        staged_bytes: u64,
+        image_bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -892,7 +901,12 @@ impl<S: PageSource> Filler<'_, S> {
 /// ```text
 /// lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N]
 ///                   [--chunk-kib N] [--page-source images|staging]
+///                   [--receive ADDR (--key-file FILE | --insecure)]
 /// ```
+///
+/// With `--receive` it first receives a migration on ADDR (rounds into the staging store, the
+/// image files into `--images`), then serves the restore from the staging store and tells the
+/// source to commit.
 ///
 /// `images` (default) installs pages straight from the mapped image files; `staging` first
 /// copies them into the staging store (RAM), as a migration's pages arrive.
@@ -900,20 +914,29 @@ impl<S: PageSource> Filler<'_, S> {
 /// Progress goes to stdout as JSON lines ([`LazyEvent`]). Exit code 0 once every page is
 /// installed, 1 on failure, 2 on a usage error.
 pub fn server_main(args: &[String]) -> i32 {
-    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N] [--page-source images|staging]";
+    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N] [--page-source images|staging] [--receive ADDR (--key-file FILE | --insecure)]";
     let mut images = None;
     let mut work_dir = None;
     let mut supervisor_fd = None;
     let mut fill_rate_mib = None;
     let mut chunk_kib = None;
     let mut staging = false;
+    let mut receive: Option<String> = None;
+    let mut key_file: Option<PathBuf> = None;
+    let mut insecure = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--insecure" {
+            insecure = true;
+            continue;
+        }
         let Some(value) = it.next() else {
             eprintln!("{usage}");
             return 2;
         };
         match flag.as_str() {
+            "--receive" => receive = Some(value.clone()),
+            "--key-file" => key_file = Some(PathBuf::from(value)),
             "--images" => images = Some(PathBuf::from(value)),
             "--work-dir" => work_dir = Some(PathBuf::from(value)),
             "--supervisor-fd" => supervisor_fd = value.parse::<RawFd>().ok(),
@@ -946,6 +969,53 @@ pub fn server_main(args: &[String]) -> i32 {
             let _ = out.flush();
         }
     };
+    if let Some(address) = receive {
+        let auth = match (key_file, insecure) {
+            (Some(path), false) => match crate::wire::read_key_file(&path) {
+                Ok(key) => crate::wire::Auth::Key(key),
+                Err(message) => {
+                    emit(LazyEvent::Error { message });
+                    return 1;
+                }
+            },
+            (None, true) => crate::wire::Auth::Insecure,
+            _ => {
+                eprintln!("--receive needs exactly one of --key-file FILE and --insecure");
+                return 2;
+            }
+        };
+        let received = std::net::TcpListener::bind(&address)
+            .map_err(|e| format!("cannot listen on {address}: {e}"))
+            .and_then(|listener| {
+                emit(LazyEvent::Listening {
+                    address: listener
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or(address.clone()),
+                });
+                let (stream, _) = listener
+                    .accept()
+                    .map_err(|e| format!("accepting the source: {e}"))?;
+                let _ = stream.set_nodelay(true);
+                crate::wire::accept(stream, &auth).map_err(|e| e.to_string())
+            })
+            .and_then(|mut session| {
+                crate::destination::receive_and_serve(
+                    &mut session,
+                    &config,
+                    supervisor.as_ref(),
+                    emit,
+                )
+                .map_err(|e| e.to_string())
+            });
+        return match received {
+            Ok(_) => 0,
+            Err(message) => {
+                emit(LazyEvent::Error { message });
+                1
+            }
+        };
+    }
     let result = if staging {
         let mut store = StagingStore::default();
         stage_images(&images, &mut store)

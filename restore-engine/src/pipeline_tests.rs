@@ -15,12 +15,10 @@ use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
-use crate::lazy::{serve, LazyEvent, ServerConfig, RESTORE_FINISHED, SOCKET_NAME};
+use crate::destination::receive_and_serve;
+use crate::lazy::{LazyEvent, ServerConfig, RESTORE_FINISHED, SOCKET_NAME};
 use crate::memory::{HashTracker, PAGE};
-use crate::precopy::{
-    receive_images, receive_rounds, send_images, ConvergencePolicy, Sender, TaskIds,
-};
-use crate::staging::StagingStore;
+use crate::precopy::{send_images, ConvergencePolicy, Sender, TaskIds};
 use crate::testsupport::{write_lazy_images, Writer};
 use crate::wire::{accept, connect, Auth, Control, ControlCode, Kind};
 
@@ -46,26 +44,13 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     let (dst_images2, work2) = (dst_images.clone(), work.clone());
     let destination = thread::spawn(move || {
         let mut session = accept(b, &dst_key).unwrap();
-        let mut store = StagingStore::default();
-        let received = receive_rounds(&mut session, &mut store).unwrap();
-        receive_images(&mut session, &dst_images2).unwrap();
         let config = ServerConfig::new(dst_images2, work2);
-        let stats = serve(&config, &mut store, None, |event| {
+        receive_and_serve(&mut session, &config, None, |event| {
             if matches!(event, LazyEvent::Ready { .. }) {
                 let _ = ready_tx.send(());
             }
         })
-        .unwrap();
-        session
-            .send(
-                Kind::Control,
-                &Control {
-                    code: ControlCode::Committed as i32,
-                    message: String::new(),
-                },
-            )
-            .unwrap();
-        (received, stats)
+        .unwrap()
     });
 
     // Source: rounds while the writer runs, freeze, last round, images.
@@ -117,12 +102,8 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
 
     let committed: Control = session.expect(Kind::Control).unwrap();
     assert_eq!(committed.code, ControlCode::Committed as i32);
-    let (received, stats) = destination.join().unwrap();
+    let stats = destination.join().unwrap();
     assert!(report.rounds.len() >= 2 && report.rounds.last().unwrap().frozen);
-    assert_eq!(
-        received.pages,
-        report.rounds.iter().map(|r| r.pages).sum::<u64>()
-    );
     assert_eq!(
         stats.bytes, len as u64,
         "every page of the region was installed"
@@ -149,4 +130,45 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
         "installed memory differs from the source"
     );
     drop(writer);
+}
+
+#[test]
+fn a_failing_destination_tells_the_source_to_abort_and_why() {
+    use crate::wire::RoundEnd;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (empty_images, dst_images, work) = (
+        dir.path().join("src"),
+        dir.path().join("dst"),
+        dir.path().join("work"),
+    );
+    for d in [&empty_images, &dst_images, &work] {
+        fs::create_dir(d).unwrap();
+    }
+    let (a, b) = UnixStream::pair().unwrap();
+    let key = Auth::Key(vec![3; 32]);
+    let dst_key = key.clone();
+    let destination = thread::spawn(move || {
+        let mut session = accept(b, &dst_key).unwrap();
+        let config = ServerConfig::new(dst_images, work);
+        receive_and_serve(&mut session, &config, None, |_| {})
+    });
+    let mut session = connect(a, &key).unwrap();
+    session
+        .send(
+            Kind::RoundEnd,
+            &RoundEnd {
+                round: 1,
+                pages: 0,
+                bytes: 0,
+                last: true,
+            },
+        )
+        .unwrap();
+    // A final dump without pstree.img: the destination cannot restore it.
+    send_images(&mut session, &empty_images).unwrap();
+    let answer: Control = session.expect(Kind::Control).unwrap();
+    assert_eq!(answer.code, ControlCode::Abort as i32);
+    assert!(answer.message.contains("pstree.img"), "{}", answer.message);
+    assert!(destination.join().unwrap().is_err());
 }

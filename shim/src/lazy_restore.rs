@@ -304,7 +304,9 @@ impl Watch {
                 ),
                 Ok(LazyEvent::Done(stats)) => outcome = Ok(stats),
                 Ok(LazyEvent::Error { message }) => outcome = Err(message),
-                Ok(LazyEvent::Ready { .. }) => {}
+                Ok(LazyEvent::Ready { .. })
+                | Ok(LazyEvent::Listening { .. })
+                | Ok(LazyEvent::ImagesReady { .. }) => {}
                 Err(RecvTimeoutError::Timeout) => continue,
                 // stdout closed: the server is exiting.
                 Err(RecvTimeoutError::Disconnected) => break,
