@@ -43,6 +43,42 @@ pub enum PrecopyError {
     Aborted(String),
 }
 
+/// What a source shim needs to migrate a container (sent by `pclive migrate` inside containerd's
+/// CheckpointOptions, which containerd passes through unchanged).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MigrateRequest {
+    /// The receiving shim's address, host:port.
+    #[prost(string, tag = "1")]
+    pub destination: String,
+    /// Pre-shared key file on the source host (at least 16 bytes).
+    #[prost(string, tag = "2")]
+    pub key_file: String,
+    /// Unauthenticated session: only if the user asked for it (and the receiver allows it).
+    #[prost(bool, tag = "3")]
+    pub insecure: bool,
+    #[prost(uint32, tag = "4")]
+    pub max_rounds: u32,
+    #[prost(uint32, tag = "5")]
+    pub target_downtime_ms: u32,
+    /// content-hash or soft-dirty; empty: the best the kernel offers.
+    #[prost(string, tag = "6")]
+    pub tracker: String,
+}
+
+impl MigrateRequest {
+    /// The convergence policy it asks for (defaults where it says nothing).
+    pub fn policy(&self) -> ConvergencePolicy {
+        let mut policy = ConvergencePolicy::default();
+        if self.max_rounds > 0 {
+            policy.max_rounds = self.max_rounds;
+        }
+        if self.target_downtime_ms > 0 {
+            policy.target_downtime = Duration::from_millis(self.target_downtime_ms as u64);
+        }
+        policy
+    }
+}
+
 /// When to stop iterating and do the final (frozen) round.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConvergencePolicy {

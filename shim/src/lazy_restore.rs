@@ -31,6 +31,8 @@ pub const SERVER_SUBCOMMAND: &str = "lazy-pages-server";
 /// Name of the report the shim writes into the CRIU work directory when the fill ends.
 pub const REPORT_FILE: &str = "pclive-lazy-restore.json";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// A receiving server waits for the source's whole pre-copy.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LazyRestoreError {
@@ -48,6 +50,17 @@ pub struct LazyOptions {
     /// Copy the pages into the engine's staging store before the restore, instead of installing
     /// them from the mapped image files.
     pub stage_in_memory: bool,
+    /// Receive a migration first (rounds into the staging store, the images into the image
+    /// directory), then restore from it.
+    pub receive: Option<ReceiveSpec>,
+}
+
+/// Where a receiving container listens for its source, and how it authenticates it.
+#[derive(Debug, Clone)]
+pub struct ReceiveSpec {
+    pub listen: String,
+    /// None: an unauthenticated session, which the user asked for explicitly.
+    pub key_file: Option<PathBuf>,
 }
 
 /// What the shim records about a lazy restore (written as JSON next to CRIU's logs).
@@ -117,6 +130,17 @@ impl LazyServer {
         if options.stage_in_memory {
             command.args(["--page-source", "staging"]);
         }
+        if let Some(receive) = &options.receive {
+            command.args(["--receive", &receive.listen]);
+            match &receive.key_file {
+                Some(key) => {
+                    command.arg("--key-file").arg(key);
+                }
+                None => {
+                    command.arg("--insecure");
+                }
+            }
+        }
         let theirs_fd = theirs.as_raw_fd();
         // SAFETY: dup2 and close_range are async-signal-safe; they only rearrange the child's
         // descriptors (fd 3 becomes the supervisor socket, nothing else of the shim leaks).
@@ -161,26 +185,50 @@ impl LazyServer {
             })
             .map_err(|e| LazyRestoreError::Spawn(e.to_string()))?;
 
-        let ready = events.recv_timeout(READY_TIMEOUT);
+        // A receiving server is ready only once the whole pre-copy and the images arrived.
+        let ready_timeout = if options.receive.is_some() {
+            RECEIVE_TIMEOUT
+        } else {
+            READY_TIMEOUT
+        };
+        let deadline = Instant::now() + ready_timeout;
         let not_ready = |reason: String| {
             kill(pid);
             let _ = wait_exit(&exit, pid, Duration::from_secs(10));
             LazyRestoreError::NotReady(reason)
         };
-        match ready {
-            Ok(LazyEvent::Ready { lazy_bytes, .. }) => info!(
-                "lazy-pages server {pid} ready: {:.1} MiB to install lazily",
-                lazy_bytes as f64 / (1 << 20) as f64
-            ),
-            Ok(LazyEvent::Error { message }) => return Err(not_ready(message)),
-            Ok(other) => return Err(not_ready(format!("unexpected {other:?}"))),
-            Err(_) => {
-                let log =
-                    fs::read_to_string(work_dir.join("lazy-pages-server.log")).unwrap_or_default();
-                return Err(not_ready(format!(
-                    "no ready message within {READY_TIMEOUT:?}. {}",
-                    log.trim()
-                )));
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(LazyEvent::Ready { lazy_bytes, .. }) => {
+                    info!(
+                        "lazy-pages server {pid} ready: {:.1} MiB to install lazily",
+                        lazy_bytes as f64 / (1 << 20) as f64
+                    );
+                    break;
+                }
+                Ok(LazyEvent::Listening { address }) => {
+                    info!("receiving a migration on {address}")
+                }
+                Ok(LazyEvent::ImagesReady {
+                    rounds,
+                    staged_bytes,
+                    image_bytes,
+                }) => info!(
+                    "migration received: {rounds} rounds, {:.1} MiB staged, {:.1} KiB of images; restoring",
+                    staged_bytes as f64 / (1 << 20) as f64,
+                    image_bytes as f64 / 1024.0
+                ),
+                Ok(LazyEvent::Error { message }) => return Err(not_ready(message)),
+                Ok(other) => return Err(not_ready(format!("unexpected {other:?}"))),
+                Err(_) => {
+                    let log = fs::read_to_string(work_dir.join("lazy-pages-server.log"))
+                        .unwrap_or_default();
+                    return Err(not_ready(format!(
+                        "not ready within {ready_timeout:?}. {}",
+                        log.trim()
+                    )));
+                }
             }
         }
 

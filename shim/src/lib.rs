@@ -6,6 +6,7 @@
 pub mod cgroups;
 pub mod io;
 pub mod lazy_restore;
+pub mod migrate;
 pub mod netns;
 pub mod reaper;
 pub mod runc;

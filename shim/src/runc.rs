@@ -142,6 +142,8 @@ pub struct CheckpointOpts {
     pub parent_path: Option<PathBuf>,
     /// `--status-fd`: runc writes a byte to it once the lazy dump is ready to serve pages.
     pub status_fd: Option<i32>,
+    /// `--page-server ADDRESS:PORT`: with lazy pages, the port the dump serves pages on.
+    pub page_server: Option<String>,
 }
 
 impl CheckpointOpts {
@@ -149,7 +151,8 @@ impl CheckpointOpts {
         self.criu.push_args(args);
         args.flag("--leave-running", self.leave_running)
             .maybe("--parent-path", self.parent_path.as_ref())
-            .maybe("--status-fd", self.status_fd.map(|fd| fd.to_string()));
+            .maybe("--status-fd", self.status_fd.map(|fd| fd.to_string()))
+            .maybe("--page-server", self.page_server.as_ref());
     }
 }
 
@@ -464,6 +467,7 @@ mod tests {
             leave_running: true,
             parent_path: None,
             status_fd: Some(5),
+            page_server: None,
         };
         let mut args = Args::default();
         opts.push_args(&mut args);

@@ -38,6 +38,11 @@ pub const RESTORE_WORK_ANNOTATION: &str = "io.containerd.pclive.restore.work-pat
 pub const RESTORE_LAZY_ANNOTATION: &str = "io.containerd.pclive.restore.lazy-pages";
 /// Background fill limit of a lazy restore, in MiB/s (faults are never limited).
 pub const RESTORE_FILL_RATE_ANNOTATION: &str = "io.containerd.pclive.restore.fill-rate-mib";
+/// Receive a migration: listen on this host:port for the source (the container is restored
+/// from what arrives). Needs RECEIVE_KEY_FILE_ANNOTATION or RECEIVE_INSECURE_ANNOTATION=true.
+pub const RECEIVE_LISTEN_ANNOTATION: &str = "io.containerd.pclive.receive.listen";
+pub const RECEIVE_KEY_FILE_ANNOTATION: &str = "io.containerd.pclive.receive.key-file";
+pub const RECEIVE_INSECURE_ANNOTATION: &str = "io.containerd.pclive.receive.insecure";
 /// Where a lazy restore takes pages from: `images` (the mapped image files, default) or
 /// `staging` (copied into memory first).
 pub const RESTORE_PAGE_SOURCE_ANNOTATION: &str = "io.containerd.pclive.restore.page-source";
@@ -77,6 +82,8 @@ pub enum TaskError {
     Version(#[from] VersionError),
     #[error(transparent)]
     Lazy(#[from] LazyRestoreError),
+    #[error("migration: {0}")]
+    Migrate(#[from] crate::migrate::MigrateError),
     #[error("{what}: {source}")]
     Os {
         what: String,
@@ -234,6 +241,8 @@ pub struct CheckpointParams {
     pub file_locks: bool,
     pub empty_namespaces: Vec<String>,
     pub cgroups_mode: Option<String>,
+    /// Migrate to another host instead of writing a checkpoint.
+    pub migrate: Option<restore_engine::precopy::MigrateRequest>,
 }
 
 struct ProcessInner {
@@ -353,6 +362,30 @@ fn read_pid_file(path: &Path) -> Result<u32, TaskError> {
     })
 }
 
+/// A receiving container's listen address and authentication, from its annotations.
+fn receive_spec(
+    annotations: &HashMap<String, String>,
+) -> Result<Option<crate::lazy_restore::ReceiveSpec>, TaskError> {
+    let Some(listen) = annotations.get(RECEIVE_LISTEN_ANNOTATION) else {
+        return Ok(None);
+    };
+    let key_file = annotations
+        .get(RECEIVE_KEY_FILE_ANNOTATION)
+        .map(PathBuf::from);
+    let insecure = annotations
+        .get(RECEIVE_INSECURE_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    if key_file.is_some() == insecure {
+        return Err(TaskError::Invalid(format!(
+            "a receiving container needs exactly one of {RECEIVE_KEY_FILE_ANNOTATION}=FILE and {RECEIVE_INSECURE_ANNOTATION}=true"
+        )));
+    }
+    Ok(Some(crate::lazy_restore::ReceiveSpec {
+        listen: listen.clone(),
+        key_file,
+    }))
+}
+
 /// Lazy-restore options from the container's annotations.
 fn lazy_options(annotations: &HashMap<String, String>) -> Result<Option<LazyOptions>, TaskError> {
     match annotations.get(RESTORE_LAZY_ANNOTATION).map(String::as_str) {
@@ -387,6 +420,7 @@ fn lazy_options(annotations: &HashMap<String, String>) -> Result<Option<LazyOpti
     Ok(Some(LazyOptions {
         fill_rate_mib,
         stage_in_memory,
+        receive: None,
     }))
 }
 
@@ -593,7 +627,25 @@ impl Tasks {
                         lazy: lazy.clone(),
                     })
             });
-        if let Some(source) = &restore {
+        let restore = match receive_spec(&annotations)? {
+            Some(spec) => {
+                let image_path = bundle.join("migration-images");
+                fs::create_dir_all(&image_path)
+                    .map_err(os_err(format!("cannot create {}", image_path.display())))?;
+                let mut lazy = lazy.clone().unwrap_or_default();
+                lazy.receive = Some(spec);
+                Some(RestoreSource {
+                    image_path,
+                    work_path: None,
+                    lazy: Some(lazy),
+                })
+            }
+            None => restore,
+        };
+        if let Some(source) = restore
+            .as_ref()
+            .filter(|s| s.lazy.as_ref().is_none_or(|l| l.receive.is_none()))
+        {
             if !source.image_path.join("inventory.img").is_file() {
                 return Err(TaskError::Invalid(format!(
                     "restore image directory {} holds no CRIU image set (inventory.img missing): \
@@ -1192,6 +1244,9 @@ impl Tasks {
             .work_path
             .clone()
             .unwrap_or_else(|| container.bundle.join("criu-work"));
+        if let Some(request) = &params.migrate {
+            return self.migrate_out(&container, request, &work_path);
+        }
         for dir in [&params.image_path, &work_path] {
             fs::create_dir_all(dir).map_err(os_err(format!(
                 "cannot create checkpoint directory {}",
@@ -1213,6 +1268,7 @@ impl Tasks {
             leave_running: !params.exit,
             parent_path: None,
             status_fd: None,
+            page_server: None,
         };
         let started = Instant::now();
         container.runc.checkpoint(&container.id, &opts)?;
@@ -1224,6 +1280,47 @@ impl Tasks {
         );
         self.events
             .publish(TaskEvent::Checkpointed { id: id.into() });
+        Ok(())
+    }
+
+    fn migrate_out(
+        &self,
+        container: &Container,
+        request: &restore_engine::precopy::MigrateRequest,
+        work_path: &Path,
+    ) -> Result<(), TaskError> {
+        let id = &container.id;
+        let status = container.init.lock().status;
+        if status != ProcessStatus::Running {
+            return Err(TaskError::WrongState {
+                what: format!("migrate {id}"),
+                status,
+                expected: "running",
+            });
+        }
+        fs::create_dir_all(work_path)
+            .map_err(os_err(format!("cannot create {}", work_path.display())))?;
+        let pids = container.runc.ps(id)?;
+        let report = crate::migrate::migrate_out(&container.runc, id, &pids, request, work_path)?;
+        info!(
+            "{id}: migrated to {}: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, images {:.3}s, destination restore and fill {:.3}s), {} rounds",
+            report.destination,
+            report.downtime_seconds,
+            report.last_round_seconds,
+            report.final_dump_seconds,
+            report.images_seconds,
+            report.commit_wait_seconds,
+            report.precopy.rounds.len()
+        );
+        if let Ok(json) = serde_json::to_vec_pretty(&report) {
+            let _ = fs::write(crate::migrate::report_path(work_path), json);
+        }
+        // The destination runs the container now: the paused source goes. Frozen tasks die
+        // only once thawed, hence the resume after the kill.
+        container.runc.kill(id, libc::SIGKILL as u32, true)?;
+        let _ = container.runc.resume(id);
+        self.events
+            .publish(TaskEvent::Checkpointed { id: id.clone() });
         Ok(())
     }
 

@@ -1,0 +1,196 @@
+//! Live migration between two containerd daemons: iterative pre-copy while the container runs,
+//! pause, last round, a final dump without the lazy memory, restore on the destination with the
+//! memory installed from its staging store, commit, and the source goes.
+
+mod common;
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use containerd_shim::api::CheckpointTaskRequest;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::shim::oci::CheckpointOptions;
+use containerd_shim::protos::shim::shim_ttrpc::TaskClient;
+use containerd_shim::protos::ttrpc::{context, Client};
+use restore_engine::precopy::MigrateRequest;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends the source shim the Checkpoint containerd would forward for `pclive migrate`:
+/// runc-compatible CheckpointOptions carrying a MigrateRequest in field 1000.
+fn migrate(src: &Containerd, id: &str, request: &MigrateRequest) -> Result<(), String> {
+    let mut options = CheckpointOptions::default();
+    options
+        .special_fields
+        .mut_unknown_fields()
+        .add_length_delimited(1000, prost::Message::encode_to_vec(request));
+    let address = fs::read_to_string(src.bundle(id).join("address")).unwrap();
+    let client = TaskClient::new(Client::connect(address.trim()).unwrap());
+    let request = CheckpointTaskRequest {
+        id: id.into(),
+        path: src.dir.join("unused-checkpoint").display().to_string(),
+        options: MessageField::some(Any {
+            type_url: "containerd.runc.v1.CheckpointOptions".into(),
+            value: options.write_to_bytes().unwrap(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    client
+        .checkpoint(context::with_timeout(300_000_000_000), &request)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn key_file(dir: &Path) -> String {
+    let path = dir.join("migration.key");
+    fs::write(&path, b"0123456789abcdef0123456789abcdef").unwrap();
+    path.display().to_string()
+}
+
+/// Starts the receiving container on `dst` (ctr blocks until it runs: in the background).
+fn receive(dst: &Containerd, id: &str, rootfs: &Path, port: u16, key: Option<&str>) -> Guarded {
+    let listen = format!("io.containerd.pclive.receive.listen=127.0.0.1:{port}");
+    let auth = match key {
+        Some(k) => format!("io.containerd.pclive.receive.key-file={k}"),
+        None => "io.containerd.pclive.receive.insecure=true".into(),
+    };
+    let rootfs = rootfs.display().to_string();
+    let child = dst
+        .ctr_command(&[
+            "run",
+            "-d",
+            "--null-io",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            &listen,
+            "--annotation",
+            &auth,
+            "--rootfs",
+            &rootfs,
+            id,
+            "/bin/true",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the receiver to listen", Duration::from_secs(30), || {
+        dst.log().contains("receiving a migration on")
+    });
+    Guarded(Some(child))
+}
+
+#[test]
+fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
+    let src = Containerd::start();
+    let dst = Containerd::start();
+    let rootfs = src.rootfs("app");
+    let status = rootfs.join("status");
+    src.run_detached(
+        "app",
+        &rootfs,
+        &[],
+        &["/usr/local/bin/memcheck", "256", "--status", "/status"],
+    );
+    wait_for("memcheck to verify", Duration::from_secs(60), || {
+        memcheck_status(&status).is_some_and(|s| s.pass >= 1)
+    });
+    let key = key_file(&src.dir);
+    let port = free_port();
+    let receiver = receive(&dst, "app", &rootfs, port, Some(&key));
+
+    let started = Instant::now();
+    let before = memcheck_status(&status).unwrap();
+    migrate(
+        &src,
+        "app",
+        &MigrateRequest {
+            destination: format!("127.0.0.1:{port}"),
+            key_file: key.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
+            tail(&src.log(), 30),
+            tail(&dst.log(), 30)
+        )
+    });
+    eprintln!("migration took {:?}", started.elapsed());
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    dst.wait_status("app", "RUNNING");
+    src.wait_status("app", "STOPPED");
+    wait_for(
+        "two verified passes on the destination",
+        Duration::from_secs(60),
+        || memcheck_status(&status).is_some_and(|s| s.pass >= before.pass + 2),
+    );
+    let report: serde_json::Value = serde_json::from_slice(
+        &fs::read(src.bundle("app").join("criu-work/pclive-migration.json")).unwrap(),
+    )
+    .unwrap();
+    eprintln!("{report:#}");
+    assert!(report["downtime_seconds"].as_f64().unwrap() > 0.0);
+    // The destination task is an ordinary task.
+    dst.ctr_ok(&["task", "pause", "app"]);
+    dst.ctr_ok(&["task", "resume", "app"]);
+    let out = dst.ctr_ok(&["task", "exec", "--exec-id", "x", "app", "/bin/echo", "here"]);
+    assert_eq!(out.trim(), "here");
+}
+
+#[test]
+fn a_wrong_key_is_refused_and_the_source_keeps_running() {
+    let src = Containerd::start();
+    let dst = Containerd::start();
+    let rootfs = src.rootfs("app");
+    let count = rootfs.join("tmp/count");
+    src.run_detached(
+        "app",
+        &rootfs,
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done",
+        ],
+    );
+    src.wait_status("app", "RUNNING");
+    let right = key_file(&dst.dir);
+    let wrong = src.dir.join("wrong.key");
+    fs::write(&wrong, b"fedcba9876543210fedcba9876543210").unwrap();
+    let port = free_port();
+    let receiver = receive(&dst, "app", &rootfs, port, Some(&right));
+    let err = migrate(
+        &src,
+        "app",
+        &MigrateRequest {
+            destination: format!("127.0.0.1:{port}"),
+            key_file: wrong.display().to_string(),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.contains("authentication failed"), "{err}");
+    assert_eq!(src.task("app").unwrap().1, "RUNNING");
+    let now = read_number(&count).unwrap();
+    wait_for(
+        "the source to keep counting",
+        Duration::from_secs(10),
+        || read_number(&count).is_some_and(|n| n > now + 3),
+    );
+    assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+}
