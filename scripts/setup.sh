@@ -77,7 +77,8 @@ if [ ${#runtime_pkgs[@]} -gt 0 ]; then
   fi
 fi
 
-base_pkgs=(iptables iproute2 busybox-static redis-server redis-tools jq psmisc procps util-linux)
+# protobuf-compiler: the containerd API client (containerd-client) compiles containerd's protos.
+base_pkgs=(iptables iproute2 busybox-static redis-server redis-tools jq psmisc procps util-linux protobuf-compiler)
 missing=()
 for pkg in "${base_pkgs[@]}"; do
   [ -n "$(installed_version "$pkg")" ] || missing+=("$pkg")

@@ -11,13 +11,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-use containerd_shim::api::CheckpointTaskRequest;
-use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::{Message, MessageField};
-use containerd_shim::protos::shim::oci::CheckpointOptions;
-use containerd_shim::protos::shim::shim_ttrpc::TaskClient;
-use containerd_shim::protos::ttrpc::{context, Client};
-use restore_engine::precopy::MigrateRequest;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -27,30 +20,23 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Sends the source shim the Checkpoint containerd would forward for `pclive migrate`:
-/// runc-compatible CheckpointOptions carrying a MigrateRequest in field 1000.
-fn migrate(src: &Containerd, id: &str, request: &MigrateRequest) -> Result<(), String> {
-    let mut options = CheckpointOptions::default();
-    options
-        .special_fields
-        .mut_unknown_fields()
-        .add_length_delimited(1000, prost::Message::encode_to_vec(request));
-    let address = fs::read_to_string(src.bundle(id).join("address")).unwrap();
-    let client = TaskClient::new(Client::connect(address.trim()).unwrap());
-    let request = CheckpointTaskRequest {
-        id: id.into(),
-        path: src.dir.join("unused-checkpoint").display().to_string(),
-        options: MessageField::some(Any {
-            type_url: "containerd.runc.v1.CheckpointOptions".into(),
-            value: options.write_to_bytes().unwrap(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    client
-        .checkpoint(context::with_timeout(300_000_000_000), &request)
-        .map(drop)
-        .map_err(|e| e.to_string())
+/// `pclive migrate` through the source containerd's API; the JSON report on success.
+fn migrate(
+    src: &Containerd,
+    id: &str,
+    destination: &str,
+    key: &str,
+) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
+        .args(["migrate", id, destination, "--key-file", key, "--json"])
+        .args(["--address", &src.address, "--namespace", &src.namespace])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 fn key_file(dir: &Path) -> String {
@@ -114,16 +100,7 @@ fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
 
     let started = Instant::now();
     let before = memcheck_status(&status).unwrap();
-    migrate(
-        &src,
-        "app",
-        &MigrateRequest {
-            destination: format!("127.0.0.1:{port}"),
-            key_file: key.clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| {
+    let report = migrate(&src, "app", &format!("127.0.0.1:{port}"), &key).unwrap_or_else(|e| {
         panic!(
             "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
             tail(&src.log(), 30),
@@ -139,10 +116,6 @@ fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
         Duration::from_secs(60),
         || memcheck_status(&status).is_some_and(|s| s.pass >= before.pass + 2),
     );
-    let report: serde_json::Value = serde_json::from_slice(
-        &fs::read(src.bundle("app").join("criu-work/pclive-migration.json")).unwrap(),
-    )
-    .unwrap();
     eprintln!("{report:#}");
     assert!(report["downtime_seconds"].as_f64().unwrap() > 0.0);
     // The destination task is an ordinary task.
@@ -177,11 +150,8 @@ fn a_wrong_key_is_refused_and_the_source_keeps_running() {
     let err = migrate(
         &src,
         "app",
-        &MigrateRequest {
-            destination: format!("127.0.0.1:{port}"),
-            key_file: wrong.display().to_string(),
-            ..Default::default()
-        },
+        &format!("127.0.0.1:{port}"),
+        &wrong.display().to_string(),
     )
     .unwrap_err();
     assert!(err.contains("authentication failed"), "{err}");

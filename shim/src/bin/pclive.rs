@@ -1,0 +1,445 @@
+//! `pclive`: the command-line side of pclive.
+
+use std::process::ExitCode;
+
+use restore_engine::host;
+
+const HELP: &str = "\
+pclive — live migration of containers between containerd hosts
+
+USAGE:
+    pclive migrate CONTAINER HOST:PORT (--key-file FILE | --insecure) [OPTIONS]
+                              move a running container to the host listening on HOST:PORT
+                              (see `pclive receive` there): pre-copy while it runs, a short
+                              pause, restore there; on any failure it keeps running here
+        --address SOCKET          containerd socket (default /run/containerd/containerd.sock)
+        --namespace NS            containerd namespace (default default)
+        --max-rounds N            pre-copy rounds at most (default 10)
+        --target-downtime-ms MS   stop pre-copy when the rest fits this (default 300)
+        --tracker content-hash|soft-dirty   dirty tracking (default: the best available)
+        --json                    print the migration report as JSON
+    pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure)
+                   (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]
+                              create the receiving container; returns once the migrated
+                              container runs here
+    pclive check [--json]     what this host offers pclive (tool versions, kernel features)
+    pclive dirty-rate PID [--rounds N] [--interval-ms MS] [--tracker content-hash|soft-dirty] [--json]
+                              how fast a process dirties its memory, measured with the tracker
+                              pre-copy uses: tells whether a migration will converge
+    pclive version            print the version
+    pclive help               this text
+
+Containers run with `ctr run --runtime io.containerd.pclive.v2 ...`. Checkpoint with
+`ctr task checkpoint --image-path DIR [--exit] ID`; restore by creating a container with the
+annotation io.containerd.pclive.restore.image-path=DIR, lazily (tasks resume at once, memory is
+installed with userfaultfd) with io.containerd.pclive.restore.lazy-pages=true as well.
+
+EXIT CODES:
+    0  success    1  failure (the message says what; a failed migration leaves the container
+                     running on the source)    2  usage error";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None | Some("help" | "--help" | "-h") => {
+            println!("{HELP}");
+            ExitCode::SUCCESS
+        }
+        Some("version" | "--version" | "-V") => {
+            println!("pclive {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some("check") => check(&args[1..]),
+        Some("migrate") => migrate(&args[1..]),
+        Some("receive") => receive(&args[1..]),
+        Some("dirty-rate") => dirty_rate(&args[1..]),
+        Some(other) => {
+            eprintln!("pclive: unknown command '{other}'\n\n{HELP}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(args: &[String]) -> ExitCode {
+    let json = match args {
+        [] => false,
+        [flag] if flag == "--json" => true,
+        _ => {
+            eprintln!("usage: pclive check [--json]");
+            return ExitCode::from(2);
+        }
+    };
+    let report = host::inspect();
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("pclive: cannot encode the report: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        println!("kernel {}", report.kernel);
+        for f in &report.findings {
+            let mark = if f.ok { "ok  " } else { "FAIL" };
+            println!("{mark} {:<12} {:<40} {}", f.name, f.detail, f.meaning);
+        }
+    }
+    if report.ready() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn dirty_rate(args: &[String]) -> ExitCode {
+    use restore_engine::memory;
+    use std::time::{Duration, Instant};
+
+    let usage = "usage: pclive dirty-rate PID [--rounds N] [--interval-ms MS] [--tracker content-hash|soft-dirty] [--json]";
+    let Some(pid) = args.first().and_then(|p| p.parse::<u32>().ok()) else {
+        eprintln!("{usage}");
+        return ExitCode::from(2);
+    };
+    let mut rounds = 5u32;
+    let mut interval = Duration::from_millis(1000);
+    let mut tracker_name: Option<String> = None;
+    let mut json = false;
+    let mut it = args[1..].iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--json" => json = true,
+            "--rounds" | "--interval-ms" | "--tracker" => {
+                let Some(value) = it.next() else {
+                    eprintln!("{usage}");
+                    return ExitCode::from(2);
+                };
+                match flag.as_str() {
+                    "--rounds" => rounds = value.parse().unwrap_or(0),
+                    "--interval-ms" => {
+                        interval = Duration::from_millis(value.parse().unwrap_or(1000))
+                    }
+                    _ => tracker_name = Some(value.clone()),
+                }
+            }
+            _ => {
+                eprintln!("{usage}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if rounds == 0 {
+        eprintln!("{usage}");
+        return ExitCode::from(2);
+    }
+    let mut tracker = match memory::tracker(tracker_name.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("pclive: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !json {
+        println!(
+            "tracker {}; round 0 is the full copy, later rounds what changed in between",
+            tracker.name()
+        );
+        println!("round  dirty MiB  zero pages  scan s   scanned GB/s");
+    }
+    let mut scanned_before = 0u64;
+    for round in 0..=rounds {
+        let started = Instant::now();
+        let delta = match tracker.round(pid) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("pclive: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let dirty = delta.data_pages() * memory::PAGE;
+        if round == 0 {
+            scanned_before = dirty;
+        }
+        let gbps = scanned_before as f64 / seconds.max(1e-9) / 1e9;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "round": round, "dirty_bytes": dirty, "zero_pages": delta.zero.len(),
+                    "scan_seconds": seconds, "scanned_gb_per_s": gbps,
+                    "interval_seconds": interval.as_secs_f64(), "tracker": tracker.name(),
+                })
+            );
+        } else {
+            println!(
+                "{round:>5}  {:>9.1}  {:>10}  {seconds:>6.3}  {gbps:>12.2}",
+                dirty as f64 / (1 << 20) as f64,
+                delta.zero.len()
+            );
+        }
+        if round < rounds {
+            std::thread::sleep(interval);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Options shared by migrate and receive.
+struct Common {
+    address: String,
+    namespace: String,
+}
+
+/// Splits `args` into positional arguments and `--flag value` / `--switch` options.
+fn parse_options(
+    args: &[String],
+    switches: &[&str],
+) -> Result<(Vec<String>, std::collections::HashMap<String, String>), String> {
+    let mut positional = Vec::new();
+    let mut options = std::collections::HashMap::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if let Some(name) = arg.strip_prefix("--") {
+            if switches.contains(&name) {
+                options.insert(name.to_string(), "true".to_string());
+            } else {
+                let value = it.next().ok_or(format!("--{name} needs a value"))?;
+                options.insert(name.to_string(), value.clone());
+            }
+        } else {
+            positional.push(arg.clone());
+        }
+    }
+    Ok((positional, options))
+}
+
+fn common(options: &std::collections::HashMap<String, String>) -> Common {
+    Common {
+        address: options
+            .get("address")
+            .cloned()
+            .unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
+        namespace: options
+            .get("namespace")
+            .cloned()
+            .unwrap_or_else(|| "default".into()),
+    }
+}
+
+fn migrate(args: &[String]) -> ExitCode {
+    use containerd_client::services::v1::{tasks_client::TasksClient, CheckpointTaskRequest};
+    use containerd_client::tonic::Request;
+    use containerd_shim::protos::protobuf::Message as _;
+    use containerd_shim::protos::shim::oci::CheckpointOptions;
+    use restore_engine::precopy::MigrateRequest;
+
+    let usage = "usage: pclive migrate CONTAINER HOST:PORT (--key-file FILE | --insecure) [--address SOCKET] [--namespace NS] [--max-rounds N] [--target-downtime-ms MS] [--tracker NAME] [--json]";
+    let (positional, options) = match parse_options(args, &["insecure", "json"]) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("pclive migrate: {e}\n{usage}");
+            return ExitCode::from(2);
+        }
+    };
+    let [container, destination] = positional.as_slice() else {
+        eprintln!("{usage}");
+        return ExitCode::from(2);
+    };
+    let number = |name: &str| -> Result<u32, String> {
+        options
+            .get(name)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("--{name} takes a number, not {v}"))
+            })
+            .unwrap_or(Ok(0))
+    };
+    let request = match (number("max-rounds"), number("target-downtime-ms")) {
+        (Ok(max_rounds), Ok(target_downtime_ms)) => MigrateRequest {
+            destination: destination.clone(),
+            key_file: options.get("key-file").cloned().unwrap_or_default(),
+            insecure: options.contains_key("insecure"),
+            max_rounds,
+            target_downtime_ms,
+            tracker: options.get("tracker").cloned().unwrap_or_default(),
+        },
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("pclive migrate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if request.key_file.is_empty() == !request.insecure {
+        eprintln!("pclive migrate: give exactly one of --key-file FILE and --insecure");
+        return ExitCode::from(2);
+    }
+    let common = common(&options);
+    // containerd writes no checkpoint image when CheckpointOptions names an image path; the
+    // shim writes the final dump's logs and the migration report into the work path.
+    let work = std::env::temp_dir().join(format!("pclive-migrate-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(work.join("images")) {
+        eprintln!("pclive migrate: cannot create {}: {e}", work.display());
+        return ExitCode::FAILURE;
+    }
+    let mut checkpoint = CheckpointOptions {
+        image_path: work.join("images").display().to_string(),
+        work_path: work.display().to_string(),
+        ..Default::default()
+    };
+    checkpoint
+        .special_fields
+        .mut_unknown_fields()
+        .add_length_delimited(
+            containerd_shim_pclive::service::MIGRATE_FIELD,
+            prost::Message::encode_to_vec(&request),
+        );
+    let value = match checkpoint.write_to_bytes() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pclive migrate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("pclive: migrating {container} to {destination} (progress in containerd's log)");
+    let started = std::time::Instant::now();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pclive migrate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<(), String> = runtime.block_on(async {
+        let channel = containerd_client::connect(&common.address)
+            .await
+            .map_err(|e| format!("cannot reach containerd at {}: {e}", common.address))?;
+        let mut tasks = TasksClient::new(channel);
+        let mut req = Request::new(CheckpointTaskRequest {
+            container_id: container.clone(),
+            parent_checkpoint: String::new(),
+            options: Some(prost_types::Any {
+                type_url: "containerd.runc.v1.CheckpointOptions".into(),
+                value,
+            }),
+        });
+        req.metadata_mut().insert(
+            "containerd-namespace",
+            common
+                .namespace
+                .parse()
+                .map_err(|_| format!("bad namespace {}", common.namespace))?,
+        );
+        tasks
+            .checkpoint(req)
+            .await
+            .map(drop)
+            .map_err(|status| status.message().to_string())
+    });
+    let report = std::fs::read(work.join("pclive-migration.json"));
+    let _ = std::fs::remove_dir_all(&work);
+    match result {
+        Ok(()) => {
+            let report: serde_json::Value = report
+                .ok()
+                .and_then(|r| serde_json::from_slice(&r).ok())
+                .unwrap_or_default();
+            if options.contains_key("json") {
+                println!("{report:#}");
+            } else {
+                println!(
+                    "migrated {container} to {destination} in {:.1}s: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, restore and fill {:.3}s), {} rounds",
+                    started.elapsed().as_secs_f64(),
+                    report["downtime_seconds"].as_f64().unwrap_or(0.0),
+                    report["last_round_seconds"].as_f64().unwrap_or(0.0),
+                    report["final_dump_seconds"].as_f64().unwrap_or(0.0),
+                    report["commit_wait_seconds"].as_f64().unwrap_or(0.0),
+                    report["precopy"]["rounds"].as_array().map(Vec::len).unwrap_or(0)
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("pclive migrate: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn receive(args: &[String]) -> ExitCode {
+    let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]";
+    let (positional, options) = match parse_options(args, &["insecure"]) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("pclive receive: {e}\n{usage}");
+            return ExitCode::from(2);
+        }
+    };
+    let ([container], Some(listen)) = (positional.as_slice(), options.get("listen")) else {
+        eprintln!("{usage}");
+        return ExitCode::from(2);
+    };
+    let auth = match (options.get("key-file"), options.contains_key("insecure")) {
+        (Some(key), false) => format!("io.containerd.pclive.receive.key-file={key}"),
+        (None, true) => "io.containerd.pclive.receive.insecure=true".to_string(),
+        _ => {
+            eprintln!("pclive receive: give exactly one of --key-file FILE and --insecure");
+            return ExitCode::from(2);
+        }
+    };
+    let common = common(&options);
+    // The receiving container is an ordinary containerd container with pclive's annotations;
+    // ctr builds its spec exactly as `ctr run` would for the source.
+    let mut command = std::process::Command::new("ctr");
+    command
+        .args([
+            "--address",
+            &common.address,
+            "--namespace",
+            &common.namespace,
+        ])
+        .args([
+            "run",
+            "-d",
+            "--null-io",
+            "--runtime",
+            "io.containerd.pclive.v2",
+        ])
+        .args([
+            "--annotation",
+            &format!("io.containerd.pclive.receive.listen={listen}"),
+        ])
+        .args(["--annotation", &auth]);
+    match (options.get("rootfs"), options.get("image")) {
+        (Some(rootfs), None) => {
+            command.args(["--rootfs", rootfs, container]);
+        }
+        (None, Some(image)) => {
+            command.args([image, container]);
+        }
+        _ => {
+            eprintln!("pclive receive: give exactly one of --rootfs DIR and --image REF");
+            return ExitCode::from(2);
+        }
+    }
+    command.arg("/bin/true");
+    eprintln!("pclive: {container} listens on {listen} for its source; waiting for the migration");
+    match command.status() {
+        Ok(status) if status.success() => {
+            println!("received {container}: it runs here now");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!(
+                "pclive receive: the receiving container failed ({status}); see containerd's log"
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("pclive receive: cannot run ctr: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
