@@ -269,7 +269,7 @@ fn migrate(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if request.key_file.is_empty() == !request.insecure {
+    if request.key_file.is_empty() != request.insecure {
         eprintln!("pclive migrate: give exactly one of --key-file FILE and --insecure");
         return ExitCode::from(2);
     }
