@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# pclive demo, as root on Debian 12/13: installs what it needs (scripts/setup.sh), starts a
-# private containerd, runs a container with the pclive runtime that holds checksummed memory,
-# checkpoints it, restores it lazily (the tasks resume at once; pclive's lazy-pages server
-# installs their memory with userfaultfd), and shows that it continued where it stopped.
+# pclive's main demo, as root on Debian 12/13: installs what it needs (scripts/setup.sh), makes
+# two emulated hosts (network namespaces joined by a 1 Gbit/s link, a containerd on each), runs a
+# container holding checksummed memory that keeps changing on the source host, and live-migrates
+# it to the destination host with `pclive receive` / `pclive migrate`. Then it shows the report
+# (rounds, downtime breakdown) and that the container runs on, its memory intact.
 #
-#   scripts/demo.sh [--mib N]     memory of the workload (default 256)
+#   scripts/demo.sh [--mib N] [--rate 1gbit|10gbit|none]
 #
-# Everything it creates (containerd, container, files, cgroups) is removed on exit, also on failure.
+# Everything it creates is removed on exit, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-mib=256
+mib=512
+rate=1gbit
 while [ $# -gt 0 ]; do
   case "$1" in
     --mib) mib=${2:?--mib needs a number}; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --rate) rate=${2:?--rate needs a value}; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -23,53 +26,53 @@ bash scripts/setup.sh
 cargo build --release --locked -q -p pclive-workloads
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-
-. scripts/lib/containerd.sh
+bed=pclivedemo
 work=$(mktemp -d /tmp/pclive-demo.XXXXXX)
-ns=pclive-demo
-addr=$work/containerd.sock
-ctr() { command ctr --address "$addr" --namespace "$ns" "$@"; }
 cleanup() {
   set +e
-  containerd_remove_all "$addr"
-  containerd_stop "$work"
+  [ -n "${receiver:-}" ] && kill "$receiver" 2>/dev/null
+  bash scripts/testbed.sh down --name "$bed"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-say "starting a private containerd ($addr)"
-containerd_start "$work"
+# The two "hosts" share this machine's cgroup tree: distinct containerd namespaces keep the
+# containers' cgroups (/<namespace>/<id>) apart, as separate machines would.
+say "two hosts: network namespaces $bed-src and $bed-dst, a $rate link, a containerd on each"
+bash scripts/testbed.sh up --name "$bed" --rate "$rate"
+src_sock=/run/pclive-testbed/$bed/src/containerd.sock
+dst_sock=/run/pclive-testbed/$bed/dst/containerd.sock
+dst_addr=$(bash scripts/testbed.sh env --name "$bed" | awk '/^dst/ { sub(",", "", $5); print $5 }')
 
-say "building a rootfs (busybox + memcheck) and running it with --runtime io.containerd.pclive.v2"
+say "source host: a container with $mib MiB of checksummed memory that keeps changing"
 rootfs=$work/rootfs
 bash testdata/build-rootfs.sh "$rootfs" target/release/memcheck
-ctr run -d --null-io --runtime io.containerd.pclive.v2 --rootfs "$rootfs" memdemo \
-  /usr/local/bin/memcheck "$mib" --status /status
-for _ in $(seq 600); do grep -q 'pass=2 ' "$rootfs/status" 2>/dev/null && break; sleep 0.1; done
-ctr task ls
+ctr --address "$src_sock" -n demo-src run -d --null-io --runtime io.containerd.pclive.v2 \
+  --rootfs "$rootfs" app /usr/local/bin/memcheck "$mib" --status /status
+for _ in $(seq 600); do grep -q 'pass=1 ' "$rootfs/status" 2>/dev/null && break; sleep 0.1; done
 echo "memcheck: $(cat "$rootfs/status")"
+head -c 32 /dev/urandom > "$work/key"
 
-say "checkpoint (ctr task checkpoint --exit --image-path …)"
-t0=$(now)
-ctr task checkpoint --exit --image-path "$work/images" --work-path "$work/criu-work" memdemo
-t1=$(now)
+say "destination host: pclive receive (listening on $dst_addr:7411)"
+pclive receive app --listen "$dst_addr:7411" --key-file "$work/key" --rootfs "$rootfs" \
+  --address "$dst_sock" --namespace demo-dst &
+receiver=$!
+for _ in $(seq 100); do grep -q "receiving a migration" "/run/pclive-testbed/$bed/dst/containerd.log" && break; sleep 0.1; done
+
+say "pclive migrate app $dst_addr:7411"
 before=$(cat "$rootfs/status")
-echo "checkpointed in $(elapsed "$t0" "$t1") s; image: $(du -sh "$work/images" | cut -f1)"
-echo "memcheck at checkpoint: $before"
-ctr task rm memdemo >/dev/null
-ctr container rm memdemo
+pclive migrate app "$dst_addr:7411" --key-file "$work/key" --address "$src_sock" --namespace demo-src --json > "$work/report.json"
+wait "$receiver"; receiver=""
+jq '{downtime_seconds, last_round_seconds, final_dump_seconds, images_seconds, commit_wait_seconds,
+     rounds: [.precopy.rounds[] | {round, pages, bytes, seconds, frozen}]}' "$work/report.json"
 
-say "lazy restore (annotations io.containerd.pclive.restore.image-path, …lazy-pages=true)"
-t0=$(now)
-ctr run -d --null-io --runtime io.containerd.pclive.v2 \
-  --annotation "io.containerd.pclive.restore.image-path=$work/images" \
-  --annotation io.containerd.pclive.restore.lazy-pages=true \
-  --rootfs "$rootfs" memdemo-restored /bin/true
-t1=$(now)
-echo "restored and running in $(elapsed "$t0" "$t1") s (memory is installed while it runs)"
-ctr task ls
+say "after the migration"
+for _ in $(seq 100); do
+  ctr --address "$src_sock" -n demo-src task ls | grep -q RUNNING || break
+  sleep 0.1
+done
+echo "source host:";      ctr --address "$src_sock" -n demo-src task ls
+echo "destination host:"; ctr --address "$dst_sock" -n demo-dst task ls
 pass_before=$(sed -n 's/.*pass=\([0-9]*\).*/\1/p' <<<"$before")
 want=$((pass_before + 2))
 for _ in $(seq 600); do
@@ -78,22 +81,14 @@ for _ in $(seq 600); do
   grep -q CORRUPT "$rootfs/status" && break
   sleep 0.1
 done
-after=$(cat "$rootfs/status")
-echo "memcheck after restore: $after"
-if grep -q CORRUPT <<<"$after" || [ "${pass:-0}" -lt "$want" ]; then
-  echo "FAILED: the restored container did not verify its memory" >&2
+echo "memcheck: $(cat "$rootfs/status")"
+if grep -q CORRUPT "$rootfs/status" || [ "${pass:-0}" -lt "$want" ]; then
+  echo "FAILED: the migrated container did not verify its memory" >&2
   exit 1
 fi
+cat <<END
 
-report=$work/state/io.containerd.runtime.v2.task/$ns/memdemo-restored/criu-work/pclive-lazy-restore.json
-for _ in $(seq 300); do [ -s "$report" ] && break; sleep 0.1; done
-echo "lazy-pages server report:"
-jq . "$report"
-
-say "result"
-cat <<EOF
-The container was checkpointed with CRIU and restored by the pclive shim; the restored process
-continued (verification pass ${pass_before} -> ${pass}) and found all $((mib * 256)) pages of its
-${mib} MiB intact, installed by pclive's lazy-pages server ($(jq -r .fill.pages_by_fault "$report") pages on
-demand, $(jq -r .fill.pages_in_background "$report") in the background). Next: live migration between two hosts.
-EOF
+The container moved from $bed-src to $bed-dst over a $rate link while it ran: $(jq '.precopy.rounds | length' "$work/report.json") rounds of
+pre-copy, then a pause of $(jq -r '.downtime_seconds | . * 1000 | floor' "$work/report.json") ms. On the destination it verified all $((mib * 256)) pages of its
+$mib MiB (pass $pass_before -> $pass) and runs on; the source container is gone.
+END

@@ -45,7 +45,7 @@ pub enum MigrateError {
     Dump(#[from] RuncError),
     #[error("final dump: {0}")]
     DumpServer(String),
-    #[error("the destination aborted: {0}")]
+    #[error("the destination aborted: {0}. The container keeps running here")]
     Aborted(String),
     #[error("{what}: {source}")]
     Io {
@@ -264,7 +264,14 @@ pub fn migrate_out(
         let image_bytes = precopy::send_images(&mut session, &image_dir)?;
         let images_seconds = images_start.elapsed().as_secs_f64();
         let commit_start = Instant::now();
-        let answer: Control = session.expect(Kind::Control)?;
+        let answer: Control = session.expect(Kind::Control).map_err(|e| match e {
+            WireError::Closed | WireError::Truncated => MigrateError::Aborted(
+                "the destination closed the connection before committing: its restore failed \
+                 (see the destination's containerd log)"
+                    .into(),
+            ),
+            other => other.into(),
+        })?;
         match ControlCode::try_from(answer.code) {
             Ok(ControlCode::Committed) => Ok(MigrationReport {
                 container: id.into(),

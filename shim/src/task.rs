@@ -1319,6 +1319,21 @@ impl Tasks {
         // only once thawed, hence the resume after the kill.
         container.runc.kill(id, libc::SIGKILL as u32, true)?;
         let _ = container.runc.resume(id);
+        // Return only once the source is really gone: `pclive migrate` reports it so.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut inner = container.init.lock();
+        while inner.exit.is_none() && Instant::now() < deadline {
+            inner = container
+                .init
+                .exited
+                .wait_timeout(inner, Duration::from_millis(100))
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        if inner.exit.is_none() {
+            warn!("{id}: migrated, but the source's init has not exited 10s after SIGKILL");
+        }
+        drop(inner);
         self.events
             .publish(TaskEvent::Checkpointed { id: id.clone() });
         Ok(())
