@@ -10,6 +10,9 @@ use crate::precopy::{self, PrecopyError};
 use crate::staging::StagingStore;
 use crate::wire::{Control, ControlCode, Kind, Session};
 
+/// Progress message the destination sends when the restored tasks run.
+pub const RESTORED: &str = "restored";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
     #[error("receiving the migration: {0}")]
@@ -39,7 +42,23 @@ pub fn receive_and_serve<S: Read + Write>(
             staged_bytes: received.bytes,
             image_bytes,
         });
-        Ok(lazy::serve(config, &mut store, supervisor, &mut events)?)
+        // Tell the source when the tasks run here: the end of the service's downtime (the
+        // commit comes later, once the background fill is complete).
+        let mut restored_sent = false;
+        let mut forward = |event: LazyEvent| {
+            if matches!(event, LazyEvent::RestoreFinished { .. }) && !restored_sent {
+                restored_sent = true;
+                let _ = session.send(
+                    Kind::Control,
+                    &Control {
+                        code: ControlCode::Progress as i32,
+                        message: RESTORED.into(),
+                    },
+                );
+            }
+            events(event);
+        };
+        Ok(lazy::serve(config, &mut store, supervisor, &mut forward)?)
     })();
     match &result {
         Ok(_) => session

@@ -100,6 +100,12 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     drop(uffd);
     io::Write::write_all(&mut writer_end, &RESTORE_FINISHED.to_le_bytes()).unwrap();
 
+    // First the destination says the tasks run, then (fill complete) it commits.
+    let restored: Control = session.expect(Kind::Control).unwrap();
+    assert_eq!(
+        (restored.code, restored.message.as_str()),
+        (ControlCode::Progress as i32, crate::destination::RESTORED)
+    );
     let committed: Control = session.expect(Kind::Control).unwrap();
     assert_eq!(committed.code, ControlCode::Committed as i32);
     let stats = destination.join().unwrap();

@@ -68,8 +68,11 @@ pub struct MigrationReport {
     pub images_seconds: f64,
     /// Images sent → the destination committed (restore and every page installed).
     pub commit_wait_seconds: f64,
-    /// Pause → commit: how long the service was down.
+    /// Pause → the tasks run on the destination (reported by it): the service's downtime.
     pub downtime_seconds: f64,
+    /// Pause → commit: how long the source stayed frozen, ready to resume if anything failed
+    /// (includes the destination's background fill, while the service already runs there).
+    pub frozen_until_commit_seconds: f64,
 }
 
 /// Host pid → pid in the container's namespace (the last NSpid field).
@@ -264,14 +267,24 @@ pub fn migrate_out(
         let image_bytes = precopy::send_images(&mut session, &image_dir)?;
         let images_seconds = images_start.elapsed().as_secs_f64();
         let commit_start = Instant::now();
-        let answer: Control = session.expect(Kind::Control).map_err(|e| match e {
-            WireError::Closed | WireError::Truncated => MigrateError::Aborted(
-                "the destination closed the connection before committing: its restore failed \
-                 (see the destination's containerd log)"
-                    .into(),
-            ),
-            other => other.into(),
-        })?;
+        let mut resumed_after = None;
+        let answer: Control = loop {
+            let answer: Control = session.expect(Kind::Control).map_err(|e| match e {
+                WireError::Closed | WireError::Truncated => MigrateError::Aborted(
+                    "the destination closed the connection before committing: its restore failed \
+                     (see the destination's containerd log)"
+                        .into(),
+                ),
+                other => other.into(),
+            })?;
+            if answer.code == ControlCode::Progress as i32
+                && answer.message == restore_engine::destination::RESTORED
+            {
+                resumed_after = Some(paused.elapsed().as_secs_f64());
+                continue;
+            }
+            break answer;
+        };
         match ControlCode::try_from(answer.code) {
             Ok(ControlCode::Committed) => Ok(MigrationReport {
                 container: id.into(),
@@ -282,7 +295,9 @@ pub fn migrate_out(
                 image_bytes,
                 images_seconds,
                 commit_wait_seconds: commit_start.elapsed().as_secs_f64(),
-                downtime_seconds: paused.elapsed().as_secs_f64(),
+                // Until the tasks ran on the destination (as seen from here: an upper bound).
+                downtime_seconds: resumed_after.unwrap_or_else(|| paused.elapsed().as_secs_f64()),
+                frozen_until_commit_seconds: paused.elapsed().as_secs_f64(),
             }),
             _ => Err(MigrateError::Aborted(answer.message)),
         }

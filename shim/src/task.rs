@@ -1303,13 +1303,13 @@ impl Tasks {
         let pids = container.runc.ps(id)?;
         let report = crate::migrate::migrate_out(&container.runc, id, &pids, request, work_path)?;
         info!(
-            "{id}: migrated to {}: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, images {:.3}s, destination restore and fill {:.3}s), {} rounds",
+            "{id}: migrated to {}: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, images {:.3}s), frozen until commit {:.3}s, {} rounds",
             report.destination,
             report.downtime_seconds,
             report.last_round_seconds,
             report.final_dump_seconds,
             report.images_seconds,
-            report.commit_wait_seconds,
+            report.frozen_until_commit_seconds,
             report.precopy.rounds.len()
         );
         if let Ok(json) = serde_json::to_vec_pretty(&report) {

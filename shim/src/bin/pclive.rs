@@ -350,12 +350,13 @@ fn migrate(args: &[String]) -> ExitCode {
                 println!("{report:#}");
             } else {
                 println!(
-                    "migrated {container} to {destination} in {:.1}s: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, restore and fill {:.3}s), {} rounds",
+                    "migrated {container} to {destination} in {:.1}s: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, images {:.3}s, then restore), source frozen until commit {:.3}s, {} rounds",
                     started.elapsed().as_secs_f64(),
                     report["downtime_seconds"].as_f64().unwrap_or(0.0),
                     report["last_round_seconds"].as_f64().unwrap_or(0.0),
                     report["final_dump_seconds"].as_f64().unwrap_or(0.0),
-                    report["commit_wait_seconds"].as_f64().unwrap_or(0.0),
+                    report["images_seconds"].as_f64().unwrap_or(0.0),
+                    report["frozen_until_commit_seconds"].as_f64().unwrap_or(0.0),
                     report["precopy"]["rounds"].as_array().map(Vec::len).unwrap_or(0)
                 );
             }
