@@ -43,6 +43,19 @@ pub enum TrackError {
     NoSoftDirty,
 }
 
+impl TrackError {
+    /// The task exited (its /proc entry or its address space is gone).
+    pub fn task_vanished(&self) -> bool {
+        match self {
+            TrackError::Proc { source, .. } | TrackError::Read { source, .. } => {
+                source.kind() == io::ErrorKind::NotFound
+                    || source.raw_os_error() == Some(libc::ESRCH)
+            }
+            TrackError::NoSoftDirty => false,
+        }
+    }
+}
+
 /// A mapping CRIU restores lazily: private, anonymous, not locked, not hugetlb, not
 /// vdso/vvar/vsyscall (CRIU's `vma_entry_can_be_lazy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -58,10 +58,12 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     let mut tracker = HashTracker::default();
     let report = Sender::new(&mut session)
         .run(
-            &[TaskIds {
-                host_pid: pid as u32,
-                ns_pid: 1,
-            }],
+            || {
+                Ok(vec![TaskIds {
+                    host_pid: pid as u32,
+                    ns_pid: 1,
+                }])
+            },
             &mut tracker,
             &ConvergencePolicy {
                 max_rounds: 3,

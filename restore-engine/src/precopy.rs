@@ -227,7 +227,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     fn round(
         &mut self,
         round: u32,
-        tasks: &[TaskIds],
+        tasks: &mut dyn FnMut() -> Result<Vec<TaskIds>, PrecopyError>,
         tracker: &mut dyn DirtyTracker,
         frozen: bool,
     ) -> Result<RoundStats, PrecopyError> {
@@ -238,9 +238,16 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             ..Default::default()
         };
         let mut scan = Duration::ZERO;
-        for task in tasks {
+        // The task list is taken anew each round: processes come and go while the container
+        // runs (once frozen, the list is the one CRIU dumps).
+        for task in tasks()? {
             let scan_start = Instant::now();
-            let delta = tracker.round(task.host_pid)?;
+            let delta = match tracker.round(task.host_pid) {
+                Ok(delta) => delta,
+                // It exited since the list was taken: nothing of it will be restored.
+                Err(e) if e.task_vanished() && !frozen => continue,
+                Err(e) => return Err(e.into()),
+            };
             scan += scan_start.elapsed();
             stats.pages += delta.data_pages();
             stats.zero_pages += delta.zero.len() as u64;
@@ -264,7 +271,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     /// `on_round` sees every round's statistics (progress).
     pub fn run(
         &mut self,
-        tasks: &[TaskIds],
+        mut tasks: impl FnMut() -> Result<Vec<TaskIds>, PrecopyError>,
         tracker: &mut dyn DirtyTracker,
         policy: &ConvergencePolicy,
         freeze: impl FnOnce() -> Result<(), String>,
@@ -277,7 +284,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         let mut previous: Option<u64> = None;
         let mut round = 1u32;
         loop {
-            let stats = self.round(round, tasks, tracker, false)?;
+            let stats = self.round(round, &mut tasks, tracker, false)?;
             on_round(&stats);
             let bandwidth = if stats.seconds > 0.0 {
                 stats.bytes as f64 / stats.seconds
@@ -294,7 +301,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             round += 1;
         }
         freeze().map_err(PrecopyError::Freeze)?;
-        let last = self.round(round + 1, tasks, tracker, true)?;
+        let last = self.round(round + 1, &mut tasks, tracker, true)?;
         on_round(&last);
         report.final_round_seconds = last.seconds;
         report.rounds.push(last);
@@ -588,7 +595,7 @@ mod tests {
         let pid = writer.pid;
         let report = Sender::new(&mut session)
             .run(
-                &tasks,
+                || Ok(tasks.to_vec()),
                 &mut tracker,
                 &policy,
                 || {

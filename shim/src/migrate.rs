@@ -212,23 +212,29 @@ pub fn migrate_out(
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(COMMIT_TIMEOUT));
     let mut session = wire::connect(stream, &auth)?;
-    let tasks = host_pids
-        .iter()
-        .map(|&pid| {
-            Ok(TaskIds {
-                host_pid: pid as u32,
-                ns_pid: namespace_pid(pid)?,
-            })
-        })
-        .collect::<Result<Vec<_>, MigrateError>>()?;
     let mut tracker =
         memory::tracker((!request.tracker.is_empty()).then_some(request.tracker.as_str()))?;
     info!(
-        "{id}: migrating {} task(s) to {} with the {} tracker",
-        tasks.len(),
+        "{id}: migrating {} process(es) to {} with the {} tracker",
+        host_pids.len(),
         request.destination,
         tracker.name()
     );
+    // The container's processes, taken anew each round; one that exits meanwhile is skipped.
+    let list_tasks = || -> Result<Vec<TaskIds>, PrecopyError> {
+        let pids = runc
+            .ps(id)
+            .map_err(|e| PrecopyError::Freeze(format!("listing the container's processes: {e}")))?;
+        Ok(pids
+            .into_iter()
+            .filter_map(|pid| {
+                namespace_pid(pid).ok().map(|ns_pid| TaskIds {
+                    host_pid: pid as u32,
+                    ns_pid,
+                })
+            })
+            .collect())
+    };
 
     let paused_at = Cell::new(None::<Instant>);
     let image_dir = work_dir.join("images");
@@ -238,7 +244,7 @@ pub fn migrate_out(
             source,
         })?;
         let precopy = precopy::Sender::new(&mut session).run(
-            &tasks,
+            list_tasks,
             tracker.as_mut(),
             &request.policy(),
             || {

@@ -164,3 +164,100 @@ fn a_wrong_key_is_refused_and_the_source_keeps_running() {
     );
     assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
 }
+
+/// A counting container on `src` whose count file is in its rootfs.
+fn counter(src: &Containerd) -> std::path::PathBuf {
+    let rootfs = src.rootfs("app");
+    src.run_detached(
+        "app",
+        &rootfs,
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            "/usr/local/bin/memcheck 256 --status /status & \
+             i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done",
+        ],
+    );
+    src.wait_status("app", "RUNNING");
+    wait_for(
+        "memcheck to fill its memory",
+        Duration::from_secs(60),
+        || memcheck_status(&rootfs.join("status")).is_some(),
+    );
+    rootfs
+}
+
+fn assert_keeps_counting(src: &Containerd, rootfs: &Path) {
+    assert_eq!(src.task("app").unwrap().1, "RUNNING");
+    let count = rootfs.join("tmp/count");
+    let now = read_number(&count).unwrap();
+    wait_for(
+        "the source to keep counting",
+        Duration::from_secs(10),
+        || read_number(&count).is_some_and(|n| n > now + 3),
+    );
+    let status = memcheck_status(&rootfs.join("status")).unwrap();
+    assert_eq!(status.errors, 0);
+}
+
+#[test]
+fn a_destination_killed_during_precopy_leaves_the_source_running() {
+    let src = Containerd::start();
+    let dst = Containerd::start();
+    let rootfs = counter(&src);
+    let key = key_file(&src.dir);
+    let port = free_port();
+    let receiver = receive(&dst, "app", &rootfs, port, Some(&key));
+    let destination = format!("127.0.0.1:{port}");
+    let migration = std::thread::spawn({
+        let (address, namespace, key) = (src.address.clone(), src.namespace.clone(), key.clone());
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
+                .args(["migrate", "app", &destination, "--key-file", &key])
+                .args(["--address", &address, "--namespace", &namespace])
+                .output()
+                .unwrap()
+        }
+    });
+    // Kill the receiving side while the first (256 MiB) round is on its way.
+    wait_for("pre-copy to start", Duration::from_secs(30), || {
+        src.log().contains("process(es) to 127.0.0.1")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let listen = format!("127.0.0.1:{port}");
+    let servers = processes_with_args(&["--receive", &listen]);
+    assert_eq!(servers.len(), 1, "one receiving server");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(servers[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = migration.join().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pclive migrate:"), "{err}");
+    assert_keeps_counting(&src, &rootfs);
+    assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+}
+
+#[test]
+fn a_failed_restore_on_the_destination_resumes_the_source() {
+    let src = Containerd::start();
+    let dst = Containerd::start();
+    let rootfs = counter(&src);
+    let key = key_file(&src.dir);
+    let port = free_port();
+    // The destination restores into a root filesystem that lacks the container's files: CRIU
+    // cannot reopen them and the restore fails after the source was frozen and dumped.
+    let wrong_rootfs = dst.rootfs("empty-root");
+    fs::remove_dir_all(wrong_rootfs.join("usr/local/bin")).unwrap();
+    let receiver = receive(&dst, "app", &wrong_rootfs, port, Some(&key));
+    let err = migrate(&src, "app", &format!("127.0.0.1:{port}"), &key).unwrap_err();
+    assert!(
+        err.contains("keeps running here"),
+        "the error does not say the source resumed: {err}"
+    );
+    assert_keeps_counting(&src, &rootfs);
+    assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+}
