@@ -46,8 +46,8 @@ fn key_file(dir: &Path) -> String {
 }
 
 /// Starts the receiving container on `dst` (ctr blocks until it runs: in the background).
-fn receive(dst: &Containerd, id: &str, rootfs: &Path, port: u16, key: Option<&str>) -> Guarded {
-    let listen = format!("io.containerd.pclive.receive.listen=127.0.0.1:{port}");
+fn receive(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: Option<&str>) -> Guarded {
+    let listen = format!("io.containerd.pclive.receive.listen={listen}");
     let auth = match key {
         Some(k) => format!("io.containerd.pclive.receive.key-file={k}"),
         None => "io.containerd.pclive.receive.insecure=true".into(),
@@ -81,8 +81,8 @@ fn receive(dst: &Containerd, id: &str, rootfs: &Path, port: u16, key: Option<&st
 
 #[test]
 fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
-    let src = Containerd::start();
-    let dst = Containerd::start();
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
     let rootfs = src.rootfs("app");
     let status = rootfs.join("status");
     src.run_detached(
@@ -95,12 +95,12 @@ fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
         memcheck_status(&status).is_some_and(|s| s.pass >= 1)
     });
     let key = key_file(&src.dir);
-    let port = free_port();
-    let receiver = receive(&dst, "app", &rootfs, port, Some(&key));
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive(dst, "app", &rootfs, &listen, Some(&key));
 
     let started = Instant::now();
     let before = memcheck_status(&status).unwrap();
-    let report = migrate(&src, "app", &format!("127.0.0.1:{port}"), &key).unwrap_or_else(|e| {
+    let report = migrate(src, "app", &listen, &key).unwrap_or_else(|e| {
         panic!(
             "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
             tail(&src.log(), 30),
@@ -127,8 +127,8 @@ fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
 
 #[test]
 fn a_wrong_key_is_refused_and_the_source_keeps_running() {
-    let src = Containerd::start();
-    let dst = Containerd::start();
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
     let rootfs = src.rootfs("app");
     let count = rootfs.join("tmp/count");
     src.run_detached(
@@ -145,15 +145,9 @@ fn a_wrong_key_is_refused_and_the_source_keeps_running() {
     let right = key_file(&dst.dir);
     let wrong = src.dir.join("wrong.key");
     fs::write(&wrong, b"fedcba9876543210fedcba9876543210").unwrap();
-    let port = free_port();
-    let receiver = receive(&dst, "app", &rootfs, port, Some(&right));
-    let err = migrate(
-        &src,
-        "app",
-        &format!("127.0.0.1:{port}"),
-        &wrong.display().to_string(),
-    )
-    .unwrap_err();
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive(dst, "app", &rootfs, &listen, Some(&right));
+    let err = migrate(src, "app", &listen, &wrong.display().to_string()).unwrap_err();
     assert!(err.contains("authentication failed"), "{err}");
     assert_eq!(src.task("app").unwrap().1, "RUNNING");
     let now = read_number(&count).unwrap();
@@ -203,15 +197,15 @@ fn assert_keeps_counting(src: &Containerd, rootfs: &Path) {
 
 #[test]
 fn a_destination_killed_during_precopy_leaves_the_source_running() {
-    let src = Containerd::start();
-    let dst = Containerd::start();
-    let rootfs = counter(&src);
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let rootfs = counter(src);
     let key = key_file(&src.dir);
-    let port = free_port();
-    let receiver = receive(&dst, "app", &rootfs, port, Some(&key));
-    let destination = format!("127.0.0.1:{port}");
+    let destination = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive(dst, "app", &rootfs, &destination, Some(&key));
     let migration = std::thread::spawn({
         let (address, namespace, key) = (src.address.clone(), src.namespace.clone(), key.clone());
+        let destination = destination.clone();
         move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
                 .args(["migrate", "app", &destination, "--key-file", &key])
@@ -222,11 +216,10 @@ fn a_destination_killed_during_precopy_leaves_the_source_running() {
     });
     // Kill the receiving side while the first (256 MiB) round is on its way.
     wait_for("pre-copy to start", Duration::from_secs(30), || {
-        src.log().contains("process(es) to 127.0.0.1")
+        src.log().contains("process(es) to")
     });
     std::thread::sleep(Duration::from_millis(200));
-    let listen = format!("127.0.0.1:{port}");
-    let servers = processes_with_args(&["--receive", &listen]);
+    let servers = processes_with_args(&["--receive", &destination]);
     assert_eq!(servers.len(), 1, "one receiving server");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(servers[0]),
@@ -237,27 +230,27 @@ fn a_destination_killed_during_precopy_leaves_the_source_running() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pclive migrate:"), "{err}");
-    assert_keeps_counting(&src, &rootfs);
+    assert_keeps_counting(src, &rootfs);
     assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
 }
 
 #[test]
 fn a_failed_restore_on_the_destination_resumes_the_source() {
-    let src = Containerd::start();
-    let dst = Containerd::start();
-    let rootfs = counter(&src);
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let rootfs = counter(src);
     let key = key_file(&src.dir);
-    let port = free_port();
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
     // The destination restores into a root filesystem that lacks the container's files: CRIU
     // cannot reopen them and the restore fails after the source was frozen and dumped.
     let wrong_rootfs = dst.rootfs("empty-root");
     fs::remove_dir_all(wrong_rootfs.join("usr/local/bin")).unwrap();
-    let receiver = receive(&dst, "app", &wrong_rootfs, port, Some(&key));
-    let err = migrate(&src, "app", &format!("127.0.0.1:{port}"), &key).unwrap_err();
+    let receiver = receive(dst, "app", &wrong_rootfs, &listen, Some(&key));
+    let err = migrate(src, "app", &listen, &key).unwrap_err();
     assert!(
         err.contains("keeps running here"),
         "the error does not say the source resumed: {err}"
     );
-    assert_keeps_counting(&src, &rootfs);
+    assert_keeps_counting(src, &rootfs);
     assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
 }

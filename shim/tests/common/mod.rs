@@ -397,6 +397,88 @@ impl Drop for Containerd {
     }
 }
 
+impl Containerd {
+    /// A handle on a containerd somebody else runs (the test bed's hosts).
+    fn external(dir: PathBuf, namespace: String) -> Self {
+        Containerd {
+            address: dir.join("containerd.sock").display().to_string(),
+            config: dir.join("config.toml"),
+            dir,
+            namespace,
+            path_env: String::new(),
+            daemon: None,
+        }
+    }
+}
+
+/// Two emulated hosts (scripts/testbed.sh): network namespaces joined by a tc-limited veth
+/// link, a containerd in each running this build's shim. Torn down on drop.
+pub struct TwoHosts {
+    name: String,
+    bin: PathBuf,
+    pub src: Containerd,
+    pub dst: Containerd,
+    /// The destination host's address on the link.
+    pub dst_ip: String,
+}
+
+impl TwoHosts {
+    pub fn up(rate: &str) -> Self {
+        require_root();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let name = format!("t{}x{n}", std::process::id() % 100_000);
+        let bin = PathBuf::from(format!("/tmp/pclive-tb-bin-{name}"));
+        let _ = fs::remove_dir_all(&bin);
+        fs::create_dir_all(&bin).unwrap();
+        symlink(shim_binary(), bin.join("containerd-shim-pclive-v2")).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed.sh");
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["up", "--name", &name, "--rate", rate])
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        let state = PathBuf::from("/run/pclive-testbed").join(&name);
+        let hosts = TwoHosts {
+            src: Containerd::external(state.join("src"), format!("pclive-{name}-src")),
+            dst: Containerd::external(state.join("dst"), format!("pclive-{name}-dst")),
+            dst_ip: String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|l| l.starts_with("dst:"))
+                .and_then(|l| l.split_whitespace().nth(4))
+                .map(|a| a.trim_end_matches(',').to_string())
+                .unwrap_or_default(),
+            name,
+            bin,
+        };
+        assert!(
+            out.status.success() && !hosts.dst_ip.is_empty(),
+            "testbed up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        hosts
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        self.src.remove_everything();
+        self.dst.remove_everything();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed.sh");
+        let _ = Command::new("bash")
+            .arg(script)
+            .args(["down", "--name", &self.name])
+            .output();
+        let _ = fs::remove_dir_all(&self.bin);
+    }
+}
+
 /// pids of processes whose argv contains `needle` as consecutive arguments.
 pub fn processes_with_args(needle: &[&str]) -> Vec<i32> {
     let mut found = Vec::new();
