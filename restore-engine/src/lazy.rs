@@ -581,6 +581,7 @@ pub fn serve<S: PageSource>(
         page_size: page_size as usize,
         stats: &mut stats,
         supervisor,
+        shared: Default::default(),
     };
     let mut next_task = 0usize;
     let mut background_bytes = 0u64;
@@ -726,6 +727,10 @@ struct Filler<'a, S: PageSource> {
     page_size: usize,
     stats: &'a mut FillStats,
     supervisor: Option<&'a UnixStream>,
+    /// Image pids whose pages more than one address space reads (a restored task forked while
+    /// the fill ran): their pages stay in the source until the end, since installing a page in
+    /// one address space does not install it in the other.
+    shared: std::collections::HashSet<u32>,
 }
 
 impl<S: PageSource> Filler<'_, S> {
@@ -768,7 +773,9 @@ impl<S: PageSource> Filler<'_, S> {
             if is_zero {
                 self.stats.zero_pages += done_pages as u64;
             }
-            self.source.installed(task.source_pid, img_addr, done_pages);
+            if !self.shared.contains(&task.source_pid) {
+                self.source.installed(task.source_pid, img_addr, done_pages);
+            }
         }
         match stop {
             None => Ok((done_pages, false)),
@@ -856,6 +863,7 @@ impl<S: PageSource> Filler<'_, S> {
                     send_to_supervisor(supervisor, task.source_pid, uffd.as_raw())?;
                 }
                 self.stats.forks += 1;
+                self.shared.insert(task.source_pid);
                 Ok(Some(Task {
                     source_pid: task.source_pid,
                     uffd,

@@ -22,6 +22,14 @@ const READ_BATCH: usize = 4 << 20;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_SOFT_DIRTY: u64 = 1 << 55;
+/// A guard region marker (MADV_GUARD_INSTALL, used by glibc ≥ 2.41 for thread stack guards):
+/// reported with the swap bit set, but there is no page to read.
+const PM_GUARD_REGION: u64 = 1 << 58;
+
+/// Whether a pagemap entry is a page with content (in RAM or swapped out).
+fn has_page(entry: u64) -> bool {
+    entry & (PM_PRESENT | PM_SWAPPED) != 0 && entry & PM_GUARD_REGION == 0
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackError {
@@ -91,8 +99,9 @@ pub fn parse_lazy_vmas(smaps: &str) -> Vec<LazyVma> {
             current = Some((LazyVma { start, end }, private && anonymous));
         } else if first == "VmFlags:" {
             let flags: Vec<&str> = fields.collect();
-            // lo: locked, ht: hugetlb, dd: do not dump.
-            if flags.iter().any(|f| matches!(*f, "lo" | "ht" | "dd")) {
+            // lo: locked, ht: hugetlb (CRIU dumps those eagerly). MADV_DONTDUMP (dd) does
+            // not stop CRIU from dumping a mapping, so it does not stop us either.
+            if flags.iter().any(|f| matches!(*f, "lo" | "ht")) {
                 if let Some((_, eligible)) = current.as_mut() {
                     *eligible = false;
                 }
@@ -226,14 +235,14 @@ fn for_each_present_page(
         let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end)?;
         let mut i = 0usize;
         while i < entries.len() {
-            if entries[i] & (PM_PRESENT | PM_SWAPPED) == 0 {
+            if !has_page(entries[i]) {
                 i += 1;
                 continue;
             }
-            // A run of present pages, at most one batch long.
+            // A run of pages, at most one batch long.
             let mut j = i;
             while j < entries.len()
-                && entries[j] & (PM_PRESENT | PM_SWAPPED) != 0
+                && has_page(entries[j])
                 && (j - i + 1) * PAGE as usize <= READ_BATCH
             {
                 j += 1;
@@ -246,9 +255,19 @@ fn for_each_present_page(
                         visit(vma_index, i + k, page);
                     }
                 }
-                // The mapping went away under us: the next round sees the new layout.
+                // Part of the run is unreadable (the mapping changed under us): read page by
+                // page and keep every page that can be read; a page missed here is caught by
+                // the next round, and the frozen round cannot race.
                 Err(TrackError::Read { source, .. })
-                    if source.raw_os_error() == Some(libc::EFAULT) => {}
+                    if source.raw_os_error() == Some(libc::EFAULT) =>
+                {
+                    for k in 0..j - i {
+                        let page = &mut buf[..PAGE as usize];
+                        if read_remote(pid, addr + k as u64 * PAGE, page).is_ok() {
+                            visit(vma_index, i + k, page);
+                        }
+                    }
+                }
                 Err(e) => return Err(e),
             }
             i = j;
@@ -349,7 +368,7 @@ impl DirtyTracker for SoftDirtyTracker {
         for vma in lazy_vmas(pid)? {
             let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end)?;
             for (i, entry) in entries.iter().enumerate() {
-                let present = entry & (PM_PRESENT | PM_SWAPPED) != 0;
+                let present = has_page(*entry);
                 if present && (first || entry & PM_SOFT_DIRTY != 0) {
                     let addr = vma.start + i as u64 * PAGE;
                     if read_remote(pid, addr, &mut page).is_ok() {

@@ -80,7 +80,7 @@ fn receive(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: Option<
 }
 
 #[test]
-fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
+fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
     let hosts = TwoHosts::up("10gbit");
     let (src, dst) = (&hosts.src, &hosts.dst);
     let rootfs = src.rootfs("app");
@@ -89,9 +89,9 @@ fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
         "app",
         &rootfs,
         &[],
-        &["/usr/local/bin/memcheck", "256", "--status", "/status"],
+        &["/usr/local/bin/memcheck", "1024", "--status", "/status"],
     );
-    wait_for("memcheck to verify", Duration::from_secs(60), || {
+    wait_for("memcheck to verify", Duration::from_secs(120), || {
         memcheck_status(&status).is_some_and(|s| s.pass >= 1)
     });
     let key = key_file(&src.dir);
@@ -113,7 +113,7 @@ fn a_container_with_checksummed_memory_migrates_live_and_keeps_running() {
     src.wait_status("app", "STOPPED");
     wait_for(
         "two verified passes on the destination",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || memcheck_status(&status).is_some_and(|s| s.pass >= before.pass + 2),
     );
     eprintln!("{report:#}");
@@ -253,4 +253,159 @@ fn a_failed_restore_on_the_destination_resumes_the_source() {
     );
     assert_keeps_counting(src, &rootfs);
     assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+}
+
+#[test]
+fn forking_processes_and_changing_mappings_migrate_correctly() {
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let rootfs = src.rootfs("family");
+    // A shell with two memcheck children: one forks short-lived children all the time, the
+    // other maps, moves, discards and unmaps regions between (and during) rounds.
+    src.run_detached(
+        "family",
+        &rootfs,
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            "/usr/local/bin/memcheck 128 --status /s1 --fork-every 4 & \\
+             /usr/local/bin/memcheck 128 --status /s2 --churn & \\
+             while true; do sleep 0.05; done",
+        ],
+    );
+    let (s1, s2) = (rootfs.join("s1"), rootfs.join("s2"));
+    wait_for("both children to verify", Duration::from_secs(60), || {
+        memcheck_status(&s1).is_some_and(|s| s.pass >= 1)
+            && memcheck_status(&s2).is_some_and(|s| s.pass >= 1)
+    });
+    let key = key_file(&src.dir);
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive(dst, "family", &rootfs, &listen, Some(&key));
+    let (b1, b2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
+    migrate(src, "family", &listen, &key).unwrap_or_else(|e| {
+        panic!(
+            "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
+            tail(&src.log(), 30),
+            tail(&dst.log(), 30)
+        )
+    });
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    wait_for(
+        "both children to verify on the destination",
+        Duration::from_secs(60),
+        || {
+            memcheck_status(&s1).is_some_and(|s| s.pass >= b1.pass + 2)
+                && memcheck_status(&s2).is_some_and(|s| s.pass >= b2.pass + 2)
+        },
+    );
+    assert_eq!(dst.task("family").unwrap().1, "RUNNING");
+    let ps = dst.ctr_ok(&["task", "ps", "family"]);
+    assert!(
+        ps.lines().count() >= 4,
+        "the process tree arrived whole: {ps}"
+    );
+}
+
+#[test]
+fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination() {
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let (server, cli) = (find_on_path("redis-server"), find_on_path("redis-cli"));
+    let rootfs = src.rootfs_with("redis", &[&server, &cli]);
+    // The write load is part of the container (a child of its init), so it migrates with it:
+    // processes started with `ctr task exec` are not in the init's tree and CRIU leaves them
+    // behind, as `runc checkpoint` always has.
+    src.run_detached(
+        "redis",
+        &rootfs,
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            "/usr/local/bin/redis-server --save '' --appendonly no --bind 127.0.0.1 \\
+               --enable-debug-command yes >/dev/null & \\
+             while [ ! -e /tmp/load ]; do sleep 0.1; done; \\
+             while true; do /usr/local/bin/redis-cli -n 1 INCR writes >/dev/null; done",
+        ],
+    );
+    let redis = |host: &Containerd, exec: &str, args: &[&str]| -> String {
+        let mut all = vec![
+            "task",
+            "exec",
+            "--exec-id",
+            exec,
+            "redis",
+            "/usr/local/bin/redis-cli",
+        ];
+        all.extend_from_slice(args);
+        host.ctr_ok(&all).trim().to_string()
+    };
+    wait_for("redis to answer", Duration::from_secs(30), || {
+        src.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "p",
+            "redis",
+            "/usr/local/bin/redis-cli",
+            "PING",
+        ])
+        .stdout
+        .starts_with(b"PONG")
+    });
+    assert_eq!(
+        redis(src, "pop", &["DEBUG", "POPULATE", "1000000", "key", "1024"]),
+        "OK"
+    );
+    let sample: Vec<String> = (0..1_000_000)
+        .step_by(9973)
+        .map(|i| format!("key:{i}"))
+        .collect();
+    let mut digest_args = vec!["DEBUG", "DIGEST-VALUE"];
+    digest_args.extend(sample.iter().map(String::as_str));
+    let digests = redis(src, "d1", &digest_args);
+    // Start the write load (the container's shell waits for this file).
+    fs::write(rootfs.join("tmp/load"), b"go").unwrap();
+    wait_for("the load to write", Duration::from_secs(30), || {
+        redis(src, "w0", &["-n", "1", "GET", "writes"])
+            .parse::<u64>()
+            .is_ok_and(|n| n > 10)
+    });
+    let key = key_file(&src.dir);
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive(dst, "redis", &rootfs, &listen, Some(&key));
+    let writes_before = redis(src, "w1", &["-n", "1", "GET", "writes"])
+        .parse::<u64>()
+        .unwrap();
+    let report = migrate(src, "redis", &listen, &key).unwrap_or_else(|e| {
+        panic!(
+            "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
+            tail(&src.log(), 30),
+            tail(&dst.log(), 30)
+        )
+    });
+    eprintln!("redis migration: {report:#}");
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    // The dataset arrived (a million keys, sampled values identical), and the load goes on
+    // against the destination.
+    assert_eq!(redis(dst, "n", &["DBSIZE"]), "1000000");
+    assert_eq!(redis(dst, "d2", &digest_args), digests);
+    let writes_after = redis(dst, "w2", &["-n", "1", "GET", "writes"])
+        .parse::<u64>()
+        .unwrap();
+    assert!(
+        writes_after > writes_before,
+        "{writes_before} -> {writes_after}"
+    );
+    wait_for(
+        "the load to go on at the destination",
+        Duration::from_secs(30),
+        || {
+            redis(dst, "w3", &["-n", "1", "GET", "writes"])
+                .parse::<u64>()
+                .is_ok_and(|n| n > writes_after + 10)
+        },
+    );
+    assert_eq!(redis(dst, "set", &["SET", "after", "migration"]), "OK");
 }
