@@ -1004,7 +1004,8 @@ pub fn server_main(args: &[String]) -> i32 {
                 let (stream, _) = listener
                     .accept()
                     .map_err(|e| format!("accepting the source: {e}"))?;
-                let _ = stream.set_nodelay(true);
+                crate::wire::harden_tcp(&stream)
+                    .map_err(|e| format!("setting up the connection: {e}"))?;
                 crate::wire::accept(stream, &auth).map_err(|e| e.to_string())
             })
             .and_then(|mut session| {

@@ -589,6 +589,37 @@ pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>,
     })
 }
 
+/// Makes a migration connection notice a dead peer or a cut link within ~15 s, idle or not:
+/// keepalive probes while waiting (e.g. for the commit during a long fill) and a bound on how
+/// long sent data may stay unacknowledged. Without this a silent link would keep the source
+/// frozen for many minutes.
+pub fn harden_tcp(stream: &std::net::TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
+        // SAFETY: setsockopt reads one c_int that lives across the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000)?;
+    stream.set_nodelay(true)
+}
+
 /// Reads a pre-shared key file: at least 16 bytes (e.g. `head -c 32 /dev/urandom > key`).
 pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
     let key =

@@ -209,7 +209,10 @@ pub fn migrate_out(
                 source,
             }
         })?;
-    let _ = stream.set_nodelay(true);
+    wire::harden_tcp(&stream).map_err(|source| MigrateError::Io {
+        what: "setting up the connection to the destination".into(),
+        source,
+    })?;
     let _ = stream.set_read_timeout(Some(COMMIT_TIMEOUT));
     let mut session = wire::connect(stream, &auth)?;
     let mut tracker =

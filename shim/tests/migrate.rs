@@ -409,3 +409,41 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     );
     assert_eq!(redis(dst, "set", &["SET", "after", "migration"]), "OK");
 }
+
+#[test]
+fn a_link_cut_during_the_final_transfer_resumes_the_source() {
+    let hosts = TwoHosts::up("1gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let rootfs = counter(src);
+    let key = key_file(&src.dir);
+    let destination = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive(dst, "app", &rootfs, &destination, Some(&key));
+    let migration = std::thread::spawn({
+        let (address, namespace, key) = (src.address.clone(), src.namespace.clone(), key.clone());
+        let destination = destination.clone();
+        move || {
+            let started = Instant::now();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
+                .args(["migrate", "app", &destination, "--key-file", &key])
+                .args(["--address", &address, "--namespace", &namespace])
+                .output()
+                .unwrap();
+            (out, started.elapsed())
+        }
+    });
+    // The moment the source is frozen for its last round, the link goes dead.
+    wait_for("the frozen round", Duration::from_secs(120), || {
+        src.log().contains("(frozen)")
+    });
+    hosts.cut_link();
+    let (out, took) = migration.join().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pclive migrate:"), "{err}");
+    assert!(
+        took < Duration::from_secs(90),
+        "a dead link kept the source frozen for {took:?}"
+    );
+    assert_keeps_counting(src, &rootfs);
+    drop(receiver);
+}

@@ -466,6 +466,24 @@ impl TwoHosts {
     }
 }
 
+impl TwoHosts {
+    /// Cuts the link between the hosts (the source side of the veth pair goes down).
+    pub fn cut_link(&self) {
+        let status = Command::new("ip")
+            .args([
+                "-n",
+                &format!("{}-src", self.name),
+                "link",
+                "set",
+                &format!("{}s", self.name),
+                "down",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot cut the link");
+    }
+}
+
 impl Drop for TwoHosts {
     fn drop(&mut self) {
         self.src.remove_everything();
