@@ -256,6 +256,17 @@ pub fn migrate_out(
                 Ok(())
             },
             |round| {
+                // Progress for `pclive migrate`, which follows this file while it waits.
+                if let Ok(line) = serde_json::to_string(round) {
+                    use std::io::Write as _;
+                    if let Ok(mut f) = fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(progress_path(work_dir))
+                    {
+                        let _ = writeln!(f, "{line}");
+                    }
+                }
                 info!(
                     "{id}: round {}: {} pages ({:.1} MiB), {} zero, {:.3}s{}",
                     round.round,
@@ -320,6 +331,11 @@ pub fn migrate_out(
         }
     }
     result
+}
+
+/// Where the rounds of a running migration are appended (JSON lines).
+pub fn progress_path(work_dir: &Path) -> PathBuf {
+    work_dir.join("pclive-migration.progress")
 }
 
 /// Where the report of a migration goes.

@@ -35,8 +35,11 @@ annotation io.containerd.pclive.restore.image-path=DIR, lazily (tasks resume at 
 installed with userfaultfd) with io.containerd.pclive.restore.lazy-pages=true as well.
 
 EXIT CODES:
-    0  success    1  failure (the message says what; a failed migration leaves the container
-                     running on the source)    2  usage error";
+    0  success
+    1  failure; the message says what. A failed migration leaves the container running on the
+       source (it resumes whatever went wrong before the destination committed)
+    2  usage error
+    3  containerd could not be reached: nothing was done";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -300,8 +303,49 @@ fn migrate(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("pclive: migrating {container} to {destination} (progress in containerd's log)");
+    eprintln!("pclive: migrating {container} to {destination}");
     let started = std::time::Instant::now();
+    // Follow the rounds as the source shim reports them.
+    let progress_file = containerd_shim_pclive::migrate::progress_path(&work);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower =
+        {
+            let done = std::sync::Arc::clone(&done);
+            std::thread::spawn(move || {
+                let mut shown = 0usize;
+                loop {
+                    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                    let text = std::fs::read_to_string(&progress_file).unwrap_or_default();
+                    for line in text.lines().skip(shown) {
+                        shown += 1;
+                        let Ok(round) = serde_json::from_str::<serde_json::Value>(line) else {
+                            continue;
+                        };
+                        let bytes = round["bytes"].as_f64().unwrap_or(0.0);
+                        let seconds = round["seconds"].as_f64().unwrap_or(0.0);
+                        eprintln!(
+                        "  round {:>2}{}: {:>8.1} MiB in {:>6.3}s ({:>7.1} MB/s), {} zero pages",
+                        round["round"].as_u64().unwrap_or(0),
+                        if round["frozen"].as_bool().unwrap_or(false) { " (paused)" } else { "" },
+                        bytes / (1 << 20) as f64,
+                        seconds,
+                        if seconds > 0.0 { bytes / seconds / 1e6 } else { 0.0 },
+                        round["zero_pages"].as_u64().unwrap_or(0)
+                    );
+                        if round["frozen"].as_bool().unwrap_or(false) {
+                            eprintln!(
+                                "  final dump, image files, restore on {}...",
+                                "the destination"
+                            );
+                        }
+                    }
+                    if finished {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            })
+        };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -315,7 +359,12 @@ fn migrate(args: &[String]) -> ExitCode {
     let result: Result<(), String> = runtime.block_on(async {
         let channel = containerd_client::connect(&common.address)
             .await
-            .map_err(|e| format!("cannot reach containerd at {}: {e}", common.address))?;
+            .map_err(|e| {
+                format!(
+                    "{UNREACHABLE}cannot reach containerd at {}: {e}",
+                    common.address
+                )
+            })?;
         let mut tasks = TasksClient::new(channel);
         let mut req = Request::new(CheckpointTaskRequest {
             container_id: container.clone(),
@@ -338,6 +387,8 @@ fn migrate(args: &[String]) -> ExitCode {
             .map(drop)
             .map_err(|status| status.message().to_string())
     });
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = follower.join();
     let report = std::fs::read(work.join("pclive-migration.json"));
     let _ = std::fs::remove_dir_all(&work);
     match result {
@@ -362,12 +413,21 @@ fn migrate(args: &[String]) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(message) => {
-            eprintln!("pclive migrate: {message}");
-            ExitCode::FAILURE
-        }
+        Err(message) => match message.strip_prefix(UNREACHABLE) {
+            Some(message) => {
+                eprintln!("pclive migrate: {message}");
+                ExitCode::from(3)
+            }
+            None => {
+                eprintln!("pclive migrate: {message}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
+
+/// Marks errors that happened before anything was asked of the source (exit code 3).
+const UNREACHABLE: &str = "\u{0}unreachable:";
 
 fn receive(args: &[String]) -> ExitCode {
     let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]";
