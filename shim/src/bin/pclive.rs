@@ -333,10 +333,7 @@ fn migrate(args: &[String]) -> ExitCode {
                         round["zero_pages"].as_u64().unwrap_or(0)
                     );
                         if round["frozen"].as_bool().unwrap_or(false) {
-                            eprintln!(
-                                "  final dump, image files, restore on {}...",
-                                "the destination"
-                            );
+                            eprintln!("  final dump, image files, restore on the destination...");
                         }
                     }
                     if finished {
