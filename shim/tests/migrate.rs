@@ -39,6 +39,25 @@ fn migrate(
     }
 }
 
+/// `pclive migrate` on a thread of its own: its output and how long it took.
+fn migrate_in_background(
+    src: &Containerd,
+    destination: &str,
+    key: &str,
+) -> std::thread::JoinHandle<(std::process::Output, Duration)> {
+    let (address, namespace) = (src.address.clone(), src.namespace.clone());
+    let (destination, key) = (destination.to_string(), key.to_string());
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
+            .args(["migrate", "app", &destination, "--key-file", &key])
+            .args(["--address", &address, "--namespace", &namespace])
+            .output()
+            .unwrap();
+        (out, started.elapsed())
+    })
+}
+
 fn key_file(dir: &Path) -> String {
     let path = dir.join("migration.key");
     fs::write(&path, b"0123456789abcdef0123456789abcdef").unwrap();
@@ -203,17 +222,7 @@ fn a_destination_killed_during_precopy_leaves_the_source_running() {
     let key = key_file(&src.dir);
     let destination = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive(dst, "app", &rootfs, &destination, Some(&key));
-    let migration = std::thread::spawn({
-        let (address, namespace, key) = (src.address.clone(), src.namespace.clone(), key.clone());
-        let destination = destination.clone();
-        move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
-                .args(["migrate", "app", &destination, "--key-file", &key])
-                .args(["--address", &address, "--namespace", &namespace])
-                .output()
-                .unwrap()
-        }
-    });
+    let migration = migrate_in_background(src, &destination, &key);
     // Kill the receiving side while the first (256 MiB) round is on its way.
     wait_for("pre-copy to start", Duration::from_secs(30), || {
         src.log().contains("process(es) to")
@@ -226,7 +235,7 @@ fn a_destination_killed_during_precopy_leaves_the_source_running() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let out = migration.join().unwrap();
+    let (out, _) = migration.join().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pclive migrate:"), "{err}");
@@ -418,19 +427,7 @@ fn a_link_cut_during_the_final_transfer_resumes_the_source() {
     let key = key_file(&src.dir);
     let destination = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive(dst, "app", &rootfs, &destination, Some(&key));
-    let migration = std::thread::spawn({
-        let (address, namespace, key) = (src.address.clone(), src.namespace.clone(), key.clone());
-        let destination = destination.clone();
-        move || {
-            let started = Instant::now();
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
-                .args(["migrate", "app", &destination, "--key-file", &key])
-                .args(["--address", &address, "--namespace", &namespace])
-                .output()
-                .unwrap();
-            (out, started.elapsed())
-        }
-    });
+    let migration = migrate_in_background(src, &destination, &key);
     // The moment the source is frozen for its last round, the link goes dead.
     wait_for("the frozen round", Duration::from_secs(120), || {
         src.log().contains("(frozen)")
