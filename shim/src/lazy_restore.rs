@@ -428,7 +428,7 @@ impl Watch {
 }
 
 /// Detaches every mount below `dir` (CRIU's cgroup yard, left behind when CRIU is killed).
-fn unmount_below(dir: &Path) {
+pub fn unmount_below(dir: &Path) {
     let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
         return;
     };

@@ -1100,6 +1100,9 @@ impl Tasks {
                         expected: "created or stopped",
                     });
                 }
+                // A restore killed half-way (its lazy-pages server died) leaves CRIU's root
+                // mount in runc's state directory, which runc delete cannot remove.
+                crate::lazy_restore::unmount_below(&container.runc.root.join(&container.id));
                 // A created (never started) container still has a runc init waiting: force.
                 if let Err(e) = container.runc.delete(&container.id, true) {
                     warn!("{id}: runc delete: {e}");
