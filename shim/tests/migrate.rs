@@ -214,33 +214,62 @@ fn assert_keeps_counting(src: &Containerd, rootfs: &Path) {
     assert_eq!(status.errors, 0);
 }
 
+/// A counting container on the source host of a fresh test bed, a receiver on the destination,
+/// and `pclive migrate` under way: for tests that break the migration half-way.
+struct InterruptedMigration {
+    migration: Option<std::thread::JoinHandle<(std::process::Output, Duration)>>,
+    receiver: Guarded,
+    destination: String,
+    rootfs: std::path::PathBuf,
+    hosts: TwoHosts,
+}
+
+impl InterruptedMigration {
+    fn start(rate: &str) -> Self {
+        let hosts = TwoHosts::up(rate);
+        let rootfs = counter(&hosts.src);
+        let key = key_file(&hosts.src.dir);
+        let destination = format!("{}:{}", hosts.dst_ip, free_port());
+        let receiver = receive(&hosts.dst, "app", &rootfs, &destination, Some(&key));
+        let migration = Some(migrate_in_background(&hosts.src, &destination, &key));
+        InterruptedMigration {
+            migration,
+            receiver,
+            destination,
+            rootfs,
+            hosts,
+        }
+    }
+
+    /// The failed migration's output and how long it took; then the source must run on.
+    fn finish_failed(mut self) -> (String, Duration) {
+        let (out, took) = self.migration.take().unwrap().join().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("pclive migrate:"), "{err}");
+        assert_keeps_counting(&self.hosts.src, &self.rootfs);
+        let receiver = std::mem::replace(&mut self.receiver, Guarded(None));
+        assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+        (err, took)
+    }
+}
+
 #[test]
 fn a_destination_killed_during_precopy_leaves_the_source_running() {
-    let hosts = TwoHosts::up("10gbit");
-    let (src, dst) = (&hosts.src, &hosts.dst);
-    let rootfs = counter(src);
-    let key = key_file(&src.dir);
-    let destination = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive(dst, "app", &rootfs, &destination, Some(&key));
-    let migration = migrate_in_background(src, &destination, &key);
+    let run = InterruptedMigration::start("10gbit");
     // Kill the receiving side while the first (256 MiB) round is on its way.
     wait_for("pre-copy to start", Duration::from_secs(30), || {
-        src.log().contains("process(es) to")
+        run.hosts.src.log().contains("process(es) to")
     });
     std::thread::sleep(Duration::from_millis(200));
-    let servers = processes_with_args(&["--receive", &destination]);
+    let servers = processes_with_args(&["--receive", &run.destination]);
     assert_eq!(servers.len(), 1, "one receiving server");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(servers[0]),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let (out, _) = migration.join().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("pclive migrate:"), "{err}");
-    assert_keeps_counting(src, &rootfs);
-    assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+    run.finish_failed();
 }
 
 #[test]
@@ -421,26 +450,15 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
 
 #[test]
 fn a_link_cut_during_the_final_transfer_resumes_the_source() {
-    let hosts = TwoHosts::up("1gbit");
-    let (src, dst) = (&hosts.src, &hosts.dst);
-    let rootfs = counter(src);
-    let key = key_file(&src.dir);
-    let destination = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive(dst, "app", &rootfs, &destination, Some(&key));
-    let migration = migrate_in_background(src, &destination, &key);
+    let run = InterruptedMigration::start("1gbit");
     // The moment the source is frozen for its last round, the link goes dead.
     wait_for("the frozen round", Duration::from_secs(120), || {
-        src.log().contains("(frozen)")
+        run.hosts.src.log().contains("(frozen)")
     });
-    hosts.cut_link();
-    let (out, took) = migration.join().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("pclive migrate:"), "{err}");
+    run.hosts.cut_link();
+    let (_, took) = run.finish_failed();
     assert!(
         took < Duration::from_secs(90),
         "a dead link kept the source frozen for {took:?}"
     );
-    assert_keeps_counting(src, &rootfs);
-    drop(receiver);
 }
