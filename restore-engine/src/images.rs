@@ -401,15 +401,6 @@ pub fn read_image<M: Message + Default>(path: &Path, header: Header) -> Result<V
     decode_entries(path, &read_file(path)?, header)
 }
 
-/// Writes an image file.
-pub fn write_image<M: Message>(
-    path: &Path,
-    header: Header,
-    entries: &[M],
-) -> Result<(), ImageError> {
-    fs::write(path, encode_entries(header, entries)).map_err(io_err(path))
-}
-
 /// Reads the one entry an image holds.
 pub fn read_single<M: Message + Default>(path: &Path, header: Header) -> Result<M, ImageError> {
     let mut entries = read_image::<M>(path, header)?;

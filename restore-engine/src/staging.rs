@@ -246,64 +246,6 @@ impl StagingStore {
             }
         }
     }
-
-    /// Drops every page of a task (it exited, or was unmapped).
-    pub fn release_task(&mut self, pid: TaskPid) {
-        let keys: Vec<(TaskPid, u64)> = self
-            .index
-            .keys()
-            .filter(|(p, _)| *p == pid)
-            .copied()
-            .collect();
-        for key in keys {
-            if let Some(slot) = self.index.remove(&key) {
-                self.release_slot(slot);
-            }
-        }
-    }
-
-    /// Staged page addresses of a task in `[start, end)`, sorted.
-    pub fn pages_in(&self, pid: TaskPid, start: u64, end: u64) -> Vec<u64> {
-        let mut pages: Vec<u64> = self
-            .index
-            .keys()
-            .filter(|(p, a)| *p == pid && *a >= start && *a < end)
-            .map(|(_, a)| *a)
-            .collect();
-        pages.sort_unstable();
-        pages
-    }
-
-    /// Moves a task's pages from `[old, old + len)` to `[new, new + len)` (a remap in the task).
-    pub fn remap(&mut self, pid: TaskPid, old: u64, new: u64, len: u64) {
-        let moved: Vec<(u64, Slot)> = self
-            .pages_in(pid, old, old + len)
-            .into_iter()
-            .filter_map(|a| self.index.remove(&(pid, a)).map(|s| (a, s)))
-            .collect();
-        for (addr, slot) in moved {
-            if let Some(old_slot) = self.index.insert((pid, addr - old + new), slot) {
-                self.release_slot(old_slot);
-            }
-        }
-    }
-
-    /// Copies a task's pages to a new pid (a fork in the restored task: the child starts with
-    /// the parent's memory).
-    pub fn fork(&mut self, parent: TaskPid, child: TaskPid) -> Result<(), StagingError> {
-        let pages = self.pages_in(parent, 0, u64::MAX);
-        for addr in pages {
-            match self.index.get(&(parent, addr)).copied() {
-                Some(Slot::Zero) => self.put_zero(child, addr, 1)?,
-                Some(Slot::Data(slot)) => {
-                    let copy = self.page_bytes(slot).to_vec();
-                    self.put(child, addr, &copy)?;
-                }
-                None => {}
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -398,21 +340,5 @@ mod tests {
         store.put(1, 0x1000, &page(1)).unwrap();
         store.put(1, 0x2000, &page(1)).unwrap();
         assert_eq!(store.put(1, 0x3000, &page(1)), Err(StagingError::Full(2)));
-    }
-
-    #[test]
-    fn remap_fork_and_release_task() {
-        let mut store = StagingStore::default();
-        store.put(1, 0x10000, &[page(1), page(2)].concat()).unwrap();
-        store.put_zero(1, 0x12000, 1).unwrap();
-        store.fork(1, 2).unwrap();
-        assert_eq!(store.get(2, 0x11000), Some(PageRef::Data(&page(2)[..])));
-        store.remap(1, 0x10000, 0x80000, 0x3000);
-        assert_eq!(store.get(1, 0x10000), None);
-        assert_eq!(store.get(1, 0x81000), Some(PageRef::Data(&page(2)[..])));
-        assert_eq!(store.get(1, 0x82000), Some(PageRef::Zero));
-        store.release_task(1);
-        assert_eq!(store.pages_in(1, 0, u64::MAX), Vec::<u64>::new());
-        assert_eq!(store.pages_in(2, 0, u64::MAX).len(), 3);
     }
 }
