@@ -71,13 +71,7 @@ fn a_counter_continues_after_checkpoint_and_restore() {
 #[test]
 fn an_image_based_container_checkpoints_to_the_content_store_and_restores_live() {
     let ctd = Containerd::start();
-    let events_file = ctd.dir.join("events.txt");
-    let _events = Guarded(Some(
-        ctd.ctr_command(&["events"])
-            .stdout(fs::File::create(&events_file).unwrap())
-            .spawn()
-            .unwrap(),
-    ));
+    let events = ctd.record_events();
     let image = "pclive.test/busybox:1";
     ctd.import_image(&ctd.rootfs("image"), image);
 
@@ -182,15 +176,7 @@ fn an_image_based_container_checkpoints_to_the_content_store_and_restores_live()
         (60..after_checkpoint + 200).contains(&restored),
         "restored counter {restored} does not continue from the checkpoint (<= {after_checkpoint})"
     );
-    wait_for(
-        "a /tasks/checkpointed event",
-        Duration::from_secs(10),
-        || {
-            fs::read_to_string(&events_file)
-                .unwrap_or_default()
-                .contains("/tasks/checkpointed")
-        },
-    );
+    events.wait_for_topics(&["/tasks/checkpointed"]);
 }
 
 #[test]

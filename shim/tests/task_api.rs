@@ -125,14 +125,7 @@ fn kill_reports_128_plus_signal_for_init_and_exec() {
 #[test]
 fn exec_output_pids_stats_update_and_events() {
     let ctd = Containerd::start();
-    let events_file = ctd.dir.join("events.txt");
-    let _events = Guarded(Some(
-        ctd.ctr_command(&["events"])
-            .stdout(fs::File::create(&events_file).unwrap())
-            .spawn()
-            .unwrap(),
-    ));
-    sleep(Duration::from_millis(300));
+    let events = ctd.record_events();
 
     let rootfs = ctd.rootfs("svc");
     ctd.run_detached("svc", &rootfs, &[], COUNTER);
@@ -211,10 +204,7 @@ fn exec_output_pids_stats_update_and_events() {
         "/tasks/exit",
         "/tasks/delete",
     ];
-    wait_for("all task events", Duration::from_secs(10), || {
-        let seen = fs::read_to_string(&events_file).unwrap_or_default();
-        topics.iter().all(|t| seen.contains(t))
-    });
+    events.wait_for_topics(&topics);
 }
 
 fn update_memory_limit(ctd: &Containerd, id: &str, limit: u64) {
@@ -298,14 +288,7 @@ fn exec_with_a_terminal() {
 #[test]
 fn out_of_memory_is_reported() {
     let ctd = Containerd::start();
-    let events_file = ctd.dir.join("events.txt");
-    let _events = Guarded(Some(
-        ctd.ctr_command(&["events"])
-            .stdout(fs::File::create(&events_file).unwrap())
-            .spawn()
-            .unwrap(),
-    ));
-    sleep(Duration::from_millis(300));
+    let events = ctd.record_events();
     let rootfs = ctd.rootfs("oom");
     ctd.run_detached(
         "oom",
@@ -314,11 +297,7 @@ fn out_of_memory_is_reported() {
         &["/usr/local/bin/memcheck", "128"],
     );
     ctd.wait_status("oom", "STOPPED");
-    wait_for("a /tasks/oom event", Duration::from_secs(10), || {
-        fs::read_to_string(&events_file)
-            .unwrap_or_default()
-            .contains("/tasks/oom")
-    });
+    events.wait_for_topics(&["/tasks/oom"]);
 }
 
 #[test]

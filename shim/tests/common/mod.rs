@@ -258,6 +258,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
         self.ctr_ok(&args);
     }
 
+    /// Starts recording containerd's events (`ctr events`) for the rest of the test.
+    pub fn record_events(&self) -> EventLog {
+        let path = self.dir.join("events.txt");
+        let child = self
+            .ctr_command(&["events"])
+            .stdout(fs::File::create(&path).unwrap())
+            .spawn()
+            .unwrap();
+        // Give the subscription a moment, so the first events are not missed.
+        sleep(Duration::from_millis(300));
+        EventLog {
+            path,
+            _recorder: Guarded(Some(child)),
+        }
+    }
+
     /// The bundle directory containerd made for a task.
     pub fn bundle(&self, id: &str) -> PathBuf {
         self.dir
@@ -494,6 +510,26 @@ impl Drop for TwoHosts {
             .args(["down", "--name", &self.name])
             .output();
         let _ = fs::remove_dir_all(&self.bin);
+    }
+}
+
+/// containerd's events, recorded while the test runs.
+pub struct EventLog {
+    path: PathBuf,
+    _recorder: Guarded,
+}
+
+impl EventLog {
+    /// Waits until every topic (e.g. `/tasks/oom`) has been published.
+    pub fn wait_for_topics(&self, topics: &[&str]) {
+        wait_for(
+            &format!("the events {topics:?}"),
+            Duration::from_secs(10),
+            || {
+                let seen = fs::read_to_string(&self.path).unwrap_or_default();
+                topics.iter().all(|t| seen.contains(t))
+            },
+        );
     }
 }
 
