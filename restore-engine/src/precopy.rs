@@ -142,6 +142,38 @@ impl ConvergencePolicy {
         }
         None
     }
+
+    /// Seconds until the pause if the workload keeps dirtying `dirty_rate` bytes/s and the
+    /// link carries `bandwidth` bytes/s: the rounds this policy would still run, simulated
+    /// (each round carries what was dirtied while the previous one was sent). `None` when
+    /// either rate is unknown.
+    pub fn projected_seconds_to_pause(
+        &self,
+        rounds_done: u32,
+        last_bytes: u64,
+        last_seconds: f64,
+        dirty_rate: f64,
+        bandwidth: f64,
+    ) -> Option<f64> {
+        if !(bandwidth.is_finite() && bandwidth > 0.0 && dirty_rate.is_finite()) {
+            return None;
+        }
+        let (mut rounds, mut previous, mut bytes, mut seconds) =
+            (rounds_done, last_bytes, last_bytes, last_seconds);
+        let mut total = 0.0;
+        // A decision was already taken on the round just done: project the ones after it.
+        while self
+            .decide(rounds, bytes, Some(previous), bandwidth)
+            .is_none()
+        {
+            previous = bytes;
+            bytes = (dirty_rate * seconds) as u64;
+            seconds = bytes as f64 / bandwidth;
+            total += seconds;
+            rounds += 1;
+        }
+        Some(total)
+    }
 }
 
 /// Statistics of one round.
@@ -153,8 +185,38 @@ pub struct RoundStats {
     pub bytes: u64,
     pub scan_seconds: f64,
     pub seconds: f64,
+    /// CPU time the source spent on this round (reading, hashing, sending).
+    pub cpu_seconds: f64,
     /// Frozen (the final round) or not.
     pub frozen: bool,
+    /// Bytes/s the link carried during this round.
+    pub link_bytes_per_second: f64,
+    /// Bytes/s the workload dirtied: this round's data over the time since the previous
+    /// round started (pages dirtied while that one was read and sent). None for round 1.
+    pub dirty_bytes_per_second: Option<f64>,
+    /// Projected seconds until the pause at these rates (None once decided or unknown).
+    pub eta_seconds: Option<f64>,
+    /// Unix time the round ended (to line rounds up with a client's view of the service).
+    pub end_unix: f64,
+}
+
+/// CPU time (user + system) of the calling thread.
+fn thread_cpu_seconds() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_THREAD)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// What a pre-copy did.
@@ -232,6 +294,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         frozen: bool,
     ) -> Result<RoundStats, PrecopyError> {
         let started = Instant::now();
+        let cpu_start = thread_cpu_seconds();
         let mut stats = RoundStats {
             round,
             frozen,
@@ -264,6 +327,13 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         )?;
         stats.scan_seconds = scan.as_secs_f64();
         stats.seconds = started.elapsed().as_secs_f64();
+        stats.cpu_seconds = thread_cpu_seconds() - cpu_start;
+        stats.link_bytes_per_second = if stats.seconds > 0.0 {
+            stats.bytes as f64 / stats.seconds
+        } else {
+            0.0
+        };
+        stats.end_unix = unix_now();
         Ok(stats)
     }
 
@@ -282,17 +352,34 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             ..Default::default()
         };
         let mut previous: Option<u64> = None;
+        let mut previous_seconds: Option<f64> = None;
         let mut round = 1u32;
         loop {
-            let stats = self.round(round, &mut tasks, tracker, false)?;
-            on_round(&stats);
+            let mut stats = self.round(round, &mut tasks, tracker, false)?;
             let bandwidth = if stats.seconds > 0.0 {
                 stats.bytes as f64 / stats.seconds
             } else {
                 f64::INFINITY
             };
+            // A page read in this round was last read in the previous one: on average half a
+            // round of each earlier, so the time it had to get dirty is the mean of the two.
+            stats.dirty_bytes_per_second = previous_seconds
+                .map(|s| stats.bytes as f64 / ((s + stats.seconds) / 2.0).max(1e-3));
             let decision = policy.decide(round, stats.bytes, previous, bandwidth);
+            if decision.is_none() {
+                stats.eta_seconds = stats.dirty_bytes_per_second.and_then(|dirty_rate| {
+                    policy.projected_seconds_to_pause(
+                        round,
+                        stats.bytes,
+                        stats.seconds,
+                        dirty_rate,
+                        bandwidth,
+                    )
+                });
+            }
+            on_round(&stats);
             previous = Some(stats.bytes);
+            previous_seconds = Some(stats.seconds);
             report.rounds.push(stats);
             if let Some(reason) = decision {
                 report.stop = Some(reason);
@@ -567,6 +654,32 @@ mod tests {
         assert_eq!(
             policy.decide(10, 500_000_000, Some(1_000_000_000), 1e9),
             Some(StopReason::RoundLimit)
+        );
+    }
+
+    #[test]
+    fn the_projection_runs_the_policy_forward() {
+        let policy = ConvergencePolicy::default();
+        // 1 GB/s link, 100 MB/s dirtied, 1 s round of 1 GB just done: 100 MB (0.1 s) next,
+        // which converges.
+        let eta = policy
+            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 1e8, 1e9)
+            .unwrap();
+        assert!((eta - 0.1).abs() < 1e-6, "{eta}");
+        // Dirtying as fast as the link: the rounds stop shrinking after the third.
+        let eta = policy
+            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 1e9, 1e9)
+            .unwrap();
+        assert!((eta - 2.0).abs() < 1e-6, "{eta}");
+        // A round limit bounds it even when nothing converges.
+        let eta = policy
+            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 2e9, 1e9)
+            .unwrap();
+        assert!(eta.is_finite());
+        assert_eq!(
+            policy.projected_seconds_to_pause(1, 1, 1.0, 1e6, 0.0),
+            None,
+            "no bandwidth, no projection"
         );
     }
 

@@ -73,6 +73,14 @@ pub struct MigrationReport {
     /// Pause → commit: how long the source stayed frozen, ready to resume if anything failed
     /// (includes the destination's background fill, while the service already runs there).
     pub frozen_until_commit_seconds: f64,
+    /// Unix times of the steps, to line them up with what clients of the service saw.
+    pub started_unix: f64,
+    pub paused_unix: f64,
+    /// The image files were on the destination: its restore could start.
+    pub images_sent_unix: f64,
+    /// The destination reported its tasks running (None if it never did before committing).
+    pub restored_unix: Option<f64>,
+    pub committed_unix: f64,
 }
 
 /// Host pid → pid in the container's namespace (the last NSpid field).
@@ -239,7 +247,9 @@ pub fn migrate_out(
             .collect())
     };
 
+    let started_unix = precopy::unix_now();
     let paused_at = Cell::new(None::<Instant>);
+    let paused_unix = Cell::new(0.0f64);
     let image_dir = work_dir.join("images");
     let result = (|| -> Result<MigrationReport, MigrateError> {
         fs::create_dir_all(&image_dir).map_err(|source| MigrateError::Io {
@@ -253,6 +263,7 @@ pub fn migrate_out(
             || {
                 runc.pause(id).map_err(|e| e.to_string())?;
                 paused_at.set(Some(Instant::now()));
+                paused_unix.set(precopy::unix_now());
                 Ok(())
             },
             |round| {
@@ -286,8 +297,10 @@ pub fn migrate_out(
         let images_start = Instant::now();
         let image_bytes = precopy::send_images(&mut session, &image_dir)?;
         let images_seconds = images_start.elapsed().as_secs_f64();
+        let images_sent_unix = precopy::unix_now();
         let commit_start = Instant::now();
         let mut resumed_after = None;
+        let mut restored_unix = None;
         let answer: Control = loop {
             let answer: Control = session.expect(Kind::Control).map_err(|e| match e {
                 WireError::Closed | WireError::Truncated => MigrateError::Aborted(
@@ -301,6 +314,7 @@ pub fn migrate_out(
                 && answer.message == restore_engine::destination::RESTORED
             {
                 resumed_after = Some(paused.elapsed().as_secs_f64());
+                restored_unix = Some(precopy::unix_now());
                 continue;
             }
             break answer;
@@ -318,6 +332,11 @@ pub fn migrate_out(
                 // Until the tasks ran on the destination (as seen from here: an upper bound).
                 downtime_seconds: resumed_after.unwrap_or_else(|| paused.elapsed().as_secs_f64()),
                 frozen_until_commit_seconds: paused.elapsed().as_secs_f64(),
+                started_unix,
+                paused_unix: paused_unix.get(),
+                images_sent_unix,
+                restored_unix,
+                committed_unix: precopy::unix_now(),
             }),
             _ => Err(MigrateError::Aborted(answer.message)),
         }

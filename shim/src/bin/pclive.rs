@@ -41,6 +41,35 @@ EXIT CODES:
     2  usage error
     3  containerd could not be reached: nothing was done";
 
+/// One progress line for a round the source shim reported: size, link rate, how fast the
+/// workload dirties memory and the projected time until the pause.
+fn describe_round(round: &serde_json::Value) -> String {
+    let mb = |v: &serde_json::Value| v.as_f64().map(|b| b / 1e6);
+    let bytes = round["bytes"].as_f64().unwrap_or(0.0);
+    let seconds = round["seconds"].as_f64().unwrap_or(0.0);
+    let mut line = format!(
+        "round {:>2}{}: {:>8.1} MiB in {:>6.3}s ({:>7.1} MB/s), {} zero pages, cpu {:.2}s",
+        round["round"].as_u64().unwrap_or(0),
+        if round["frozen"].as_bool().unwrap_or(false) {
+            " (paused)"
+        } else {
+            ""
+        },
+        bytes / (1 << 20) as f64,
+        seconds,
+        mb(&round["link_bytes_per_second"]).unwrap_or(0.0),
+        round["zero_pages"].as_u64().unwrap_or(0),
+        round["cpu_seconds"].as_f64().unwrap_or(0.0),
+    );
+    if let Some(dirty) = mb(&round["dirty_bytes_per_second"]) {
+        line += &format!(", dirtied {dirty:.1} MB/s");
+    }
+    if let Some(eta) = round["eta_seconds"].as_f64() {
+        line += &format!(", pause in ~{eta:.1}s");
+    }
+    line
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -308,41 +337,30 @@ fn migrate(args: &[String]) -> ExitCode {
     // Follow the rounds as the source shim reports them.
     let progress_file = containerd_shim_pclive::migrate::progress_path(&work);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let follower =
-        {
-            let done = std::sync::Arc::clone(&done);
-            std::thread::spawn(move || {
-                let mut shown = 0usize;
-                loop {
-                    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
-                    let text = std::fs::read_to_string(&progress_file).unwrap_or_default();
-                    for line in text.lines().skip(shown) {
-                        shown += 1;
-                        let Ok(round) = serde_json::from_str::<serde_json::Value>(line) else {
-                            continue;
-                        };
-                        let bytes = round["bytes"].as_f64().unwrap_or(0.0);
-                        let seconds = round["seconds"].as_f64().unwrap_or(0.0);
-                        eprintln!(
-                        "  round {:>2}{}: {:>8.1} MiB in {:>6.3}s ({:>7.1} MB/s), {} zero pages",
-                        round["round"].as_u64().unwrap_or(0),
-                        if round["frozen"].as_bool().unwrap_or(false) { " (paused)" } else { "" },
-                        bytes / (1 << 20) as f64,
-                        seconds,
-                        if seconds > 0.0 { bytes / seconds / 1e6 } else { 0.0 },
-                        round["zero_pages"].as_u64().unwrap_or(0)
-                    );
-                        if round["frozen"].as_bool().unwrap_or(false) {
-                            eprintln!("  final dump, image files, restore on the destination...");
-                        }
+    let follower = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut shown = 0usize;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                let text = std::fs::read_to_string(&progress_file).unwrap_or_default();
+                for line in text.lines().skip(shown) {
+                    shown += 1;
+                    let Ok(round) = serde_json::from_str::<serde_json::Value>(line) else {
+                        continue;
+                    };
+                    eprintln!("  {}", describe_round(&round));
+                    if round["frozen"].as_bool().unwrap_or(false) {
+                        eprintln!("  final dump, image files, restore on the destination...");
                     }
-                    if finished {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(200));
                 }
-            })
-        };
+                if finished {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
