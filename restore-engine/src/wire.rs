@@ -21,7 +21,8 @@ use prost::Message;
 use sha2::Sha256;
 
 pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
-pub const VERSION: u16 = 1;
+/// 2: page runs may be LZ4-compressed (`PageRun::lz4`).
+pub const VERSION: u16 = 2;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 20;
 pub const MAC_LEN: usize = 32;
@@ -138,13 +139,25 @@ pub struct Reject {
     pub reason: String,
 }
 
-/// A run of consecutive pages of one task.
+/// A run of consecutive pages of one task: either `data`, or `lz4` (an LZ4 block) that
+/// decompresses to `lz4_len` bytes.
 #[derive(Clone, PartialEq, Message)]
 pub struct PageRun {
     #[prost(uint64, tag = "1")]
     pub vaddr: u64,
     #[prost(bytes = "vec", tag = "2")]
     pub data: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub lz4: Vec<u8>,
+    #[prost(uint32, tag = "4")]
+    pub lz4_len: u32,
+}
+
+impl PageRun {
+    /// Bytes this run takes on the wire (what flow control counts).
+    pub fn wire_len(&self) -> usize {
+        self.data.len() + self.lz4.len()
+    }
 }
 
 /// Pages of one task (pid in the container's namespace) from one pre-copy round.
@@ -669,6 +682,7 @@ mod tests {
             runs: vec![PageRun {
                 vaddr: 0x1000,
                 data: vec![9; 4096],
+                ..Default::default()
             }],
             zero_pages: vec![0x5000],
         };

@@ -256,39 +256,41 @@ pub fn migrate_out(
             what: format!("creating {}", image_dir.display()),
             source,
         })?;
-        let precopy = precopy::Sender::new(&mut session).run(
-            list_tasks,
-            tracker.as_mut(),
-            &request.policy(),
-            || {
-                runc.pause(id).map_err(|e| e.to_string())?;
-                paused_at.set(Some(Instant::now()));
-                paused_unix.set(precopy::unix_now());
-                Ok(())
-            },
-            |round| {
-                // Progress for `pclive migrate`, which follows this file while it waits.
-                if let Ok(line) = serde_json::to_string(round) {
-                    use std::io::Write as _;
-                    if let Ok(mut f) = fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(progress_path(work_dir))
-                    {
-                        let _ = writeln!(f, "{line}");
+        let precopy = precopy::Sender::new(&mut session)
+            .compress(request.compress)
+            .run(
+                list_tasks,
+                tracker.as_mut(),
+                &request.policy(),
+                || {
+                    runc.pause(id).map_err(|e| e.to_string())?;
+                    paused_at.set(Some(Instant::now()));
+                    paused_unix.set(precopy::unix_now());
+                    Ok(())
+                },
+                |round| {
+                    // Progress for `pclive migrate`, which follows this file while it waits.
+                    if let Ok(line) = serde_json::to_string(round) {
+                        use std::io::Write as _;
+                        if let Ok(mut f) = fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(progress_path(work_dir))
+                        {
+                            let _ = writeln!(f, "{line}");
+                        }
                     }
-                }
-                info!(
-                    "{id}: round {}: {} pages ({:.1} MiB), {} zero, {:.3}s{}",
-                    round.round,
-                    round.pages,
-                    round.bytes as f64 / (1 << 20) as f64,
-                    round.zero_pages,
-                    round.seconds,
-                    if round.frozen { " (frozen)" } else { "" }
-                )
-            },
-        )?;
+                    info!(
+                        "{id}: round {}: {} pages ({:.1} MiB), {} zero, {:.3}s{}",
+                        round.round,
+                        round.pages,
+                        round.bytes as f64 / (1 << 20) as f64,
+                        round.zero_pages,
+                        round.seconds,
+                        if round.frozen { " (frozen)" } else { "" }
+                    )
+                },
+            )?;
         let paused = paused_at.get().expect("the last round follows the pause");
         let last_round_seconds = paused.elapsed().as_secs_f64();
         let dump_start = Instant::now();

@@ -27,9 +27,21 @@ fn migrate(
     destination: &str,
     key: &str,
 ) -> Result<serde_json::Value, String> {
+    migrate_with(src, id, destination, key, &[])
+}
+
+/// `pclive migrate` with more options.
+fn migrate_with(
+    src: &Containerd,
+    id: &str,
+    destination: &str,
+    key: &str,
+    options: &[&str],
+) -> Result<serde_json::Value, String> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
         .args(["migrate", id, destination, "--key-file", key, "--json"])
         .args(["--address", &src.address, "--namespace", &src.namespace])
+        .args(options)
         .output()
         .unwrap();
     if out.status.success() {
@@ -345,6 +357,17 @@ fn forking_processes_and_changing_mappings_migrate_correctly() {
     );
 }
 
+/// One write of the Redis load: bumps `writes` to n and sets one of the million keys to a value
+/// derived from n. Deterministic, so replaying n = 1..=N on a fresh copy of the dataset yields the
+/// exact state after N writes; atomic (a script), so every state Redis is ever in (the one at
+/// the freeze included) is such a state.
+const REDIS_WRITE: &str = "local n = redis.call('INCR', 'writes') \
+     redis.call('SET', 'key:' .. ((n * 7919) % 1000000), 'w' .. n) return n";
+/// The same writes, 1..=ARGV[1] in one go, for the reference copy.
+const REDIS_REPLAY: &str = "for n = 1, tonumber(ARGV[1]) do \
+     redis.call('SET', 'key:' .. ((n * 7919) % 1000000), 'w' .. n) end \
+     redis.call('SET', 'writes', ARGV[1]) return 1";
+
 #[test]
 fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination() {
     let hosts = TwoHosts::up("10gbit");
@@ -353,20 +376,16 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     let rootfs = src.rootfs_with("redis", &[&server, &cli]);
     // The write load is part of the container (a child of its init), so it migrates with it:
     // processes started with `ctr task exec` are not in the init's tree and CRIU leaves them
-    // behind, as `runc checkpoint` always has.
-    src.run_detached(
-        "redis",
-        &rootfs,
-        &[],
-        &[
-            "/bin/sh",
-            "-c",
-            "/usr/local/bin/redis-server --save '' --appendonly no --bind 127.0.0.1 \\
-               --enable-debug-command yes >/dev/null & \\
-             while [ ! -e /tmp/load ]; do sleep 0.1; done; \\
-             while true; do /usr/local/bin/redis-cli -n 1 INCR writes >/dev/null; done",
-        ],
+    // behind, as `runc checkpoint` always has. It stops when told to (a file in the rootfs,
+    // which both hosts' containers share here).
+    let load = format!(
+        "/usr/local/bin/redis-server --save '' --appendonly no --bind 127.0.0.1 \
+           --enable-debug-command yes >/dev/null & \
+         while [ ! -e /tmp/load ]; do sleep 0.1; done; \
+         while [ ! -e /tmp/stop ]; do /usr/local/bin/redis-cli EVAL \"{REDIS_WRITE}\" 0 >/dev/null; done; \
+         touch /tmp/stopped; wait"
     );
+    src.run_detached("redis", &rootfs, &[], &["/bin/sh", "-c", &load]);
     let redis = |host: &Containerd, exec: &str, args: &[&str]| -> String {
         let mut all = vec![
             "task",
@@ -378,6 +397,9 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
         ];
         all.extend_from_slice(args);
         host.ctr_ok(&all).trim().to_string()
+    };
+    let writes = |host: &Containerd, exec: &str| -> u64 {
+        redis(host, exec, &["GET", "writes"]).parse().unwrap_or(0)
     };
     wait_for("redis to answer", Duration::from_secs(30), || {
         src.ctr(&[
@@ -396,27 +418,18 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
         redis(src, "pop", &["DEBUG", "POPULATE", "1000000", "key", "1024"]),
         "OK"
     );
-    let sample: Vec<String> = (0..1_000_000)
-        .step_by(9973)
-        .map(|i| format!("key:{i}"))
-        .collect();
-    let mut digest_args = vec!["DEBUG", "DIGEST-VALUE"];
-    digest_args.extend(sample.iter().map(String::as_str));
-    let digests = redis(src, "d1", &digest_args);
     // Start the write load (the container's shell waits for this file).
     fs::write(rootfs.join("tmp/load"), b"go").unwrap();
     wait_for("the load to write", Duration::from_secs(30), || {
-        redis(src, "w0", &["-n", "1", "GET", "writes"])
-            .parse::<u64>()
-            .is_ok_and(|n| n > 10)
+        writes(src, "w0") > 10
     });
     let key = key_file(&src.dir);
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive(dst, "redis", &rootfs, &listen, Some(&key));
-    let writes_before = redis(src, "w1", &["-n", "1", "GET", "writes"])
-        .parse::<u64>()
-        .unwrap();
-    let report = migrate(src, "redis", &listen, &key).unwrap_or_else(|e| {
+    let writes_before = writes(src, "w1");
+    // Compressed: DEBUG POPULATE's values are mostly padding, so this also proves LZ4 runs
+    // arrive intact.
+    let report = migrate_with(src, "redis", &listen, &key, &["--compress"]).unwrap_or_else(|e| {
         panic!(
             "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
             tail(&src.log(), 30),
@@ -425,27 +438,63 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     });
     eprintln!("redis migration: {report:#}");
     assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
-    // The dataset arrived (a million keys, sampled values identical), and the load goes on
-    // against the destination.
-    assert_eq!(redis(dst, "n", &["DBSIZE"]), "1000000");
-    assert_eq!(redis(dst, "d2", &digest_args), digests);
-    let writes_after = redis(dst, "w2", &["-n", "1", "GET", "writes"])
-        .parse::<u64>()
-        .unwrap();
+    let first = &report["precopy"]["rounds"][0];
     assert!(
-        writes_after > writes_before,
-        "{writes_before} -> {writes_after}"
+        first["wire_bytes"].as_u64().unwrap() < first["bytes"].as_u64().unwrap() / 2,
+        "compression paid on padded values: {first}"
     );
+    // The load went on across the migration and goes on at the destination.
     wait_for(
         "the load to go on at the destination",
         Duration::from_secs(30),
-        || {
-            redis(dst, "w3", &["-n", "1", "GET", "writes"])
-                .parse::<u64>()
-                .is_ok_and(|n| n > writes_after + 10)
-        },
+        || writes(dst, "w2") > writes_before + 10,
+    );
+    // Stop it and compare the whole dataset with a reference Redis that replays the same
+    // writes onto the same populated dataset: the destination holds exactly the state at the
+    // freeze plus the writes after it, nothing lost, nothing torn.
+    fs::write(rootfs.join("tmp/stop"), b"stop").unwrap();
+    wait_for("the load to stop", Duration::from_secs(30), || {
+        rootfs.join("tmp/stopped").exists()
+    });
+    let total_writes = writes(dst, "w3");
+    assert_eq!(redis(dst, "n", &["DBSIZE"]), "1000001");
+    let migrated_digest = redis(dst, "d", &["DEBUG", "DIGEST"]);
+    let reference_digest = reference_redis_digest(&server, &cli, &src.dir, total_writes);
+    assert_eq!(
+        migrated_digest, reference_digest,
+        "DEBUG DIGEST after {total_writes} writes differs from the reference replay"
     );
     assert_eq!(redis(dst, "set", &["SET", "after", "migration"]), "OK");
+}
+
+/// DEBUG DIGEST of a fresh Redis (on a unix socket in `dir`, stopped on return) holding the
+/// populated million keys with writes 1..=`writes` applied.
+fn reference_redis_digest(server: &Path, cli: &Path, dir: &Path, writes: u64) -> String {
+    let socket = dir.join("reference-redis.sock");
+    let socket_arg = socket.display().to_string();
+    let _server = Guarded(Some(
+        std::process::Command::new(server)
+            .args(["--port", "0", "--unixsocket", &socket_arg, "--save", ""])
+            .args(["--appendonly", "no", "--enable-debug-command", "yes"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new(cli)
+            .args(["-s", &socket_arg])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    wait_for("the reference redis", Duration::from_secs(30), || {
+        cli(&["PING"]) == "PONG"
+    });
+    assert_eq!(cli(&["DEBUG", "POPULATE", "1000000", "key", "1024"]), "OK");
+    let writes = writes.to_string();
+    assert_eq!(cli(&["EVAL", REDIS_REPLAY, "0", &writes]), "1");
+    cli(&["DEBUG", "DIGEST"])
 }
 
 #[test]

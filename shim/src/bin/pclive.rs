@@ -17,6 +17,8 @@ USAGE:
         --max-rounds N            pre-copy rounds at most (default 10)
         --target-downtime-ms MS   stop pre-copy when the rest fits this (default 300)
         --tracker content-hash|soft-dirty   dirty tracking (default: the best available)
+        --compress                LZ4-compress pre-copy pages (pays on slow links with
+                                  compressible memory; each run goes raw if it saves < 1/8)
         --json                    print the migration report as JSON
     pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure)
                    (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]
@@ -266,8 +268,8 @@ fn migrate(args: &[String]) -> ExitCode {
     use containerd_shim::protos::shim::oci::CheckpointOptions;
     use restore_engine::precopy::MigrateRequest;
 
-    let usage = "usage: pclive migrate CONTAINER HOST:PORT (--key-file FILE | --insecure) [--address SOCKET] [--namespace NS] [--max-rounds N] [--target-downtime-ms MS] [--tracker NAME] [--json]";
-    let (positional, options) = match parse_options(args, &["insecure", "json"]) {
+    let usage = "usage: pclive migrate CONTAINER HOST:PORT (--key-file FILE | --insecure) [--address SOCKET] [--namespace NS] [--max-rounds N] [--target-downtime-ms MS] [--tracker NAME] [--compress] [--json]";
+    let (positional, options) = match parse_options(args, &["insecure", "json", "compress"]) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("pclive migrate: {e}\n{usage}");
@@ -295,6 +297,7 @@ fn migrate(args: &[String]) -> ExitCode {
             max_rounds,
             target_downtime_ms,
             tracker: options.get("tracker").cloned().unwrap_or_default(),
+            compress: options.contains_key("compress"),
         },
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("pclive migrate: {e}");
