@@ -6,11 +6,18 @@
 #   scripts/testbed.sh up [--name NAME] [--rate 1gbit|10gbit|none]
 #   scripts/testbed.sh down [--name NAME]
 #   scripts/testbed.sh ctr src|dst [--name NAME] CTR-ARGS...
+#   scripts/testbed.sh exec src|dst|cli [--name NAME] COMMAND...   run on a host (its network
+#                                                  namespace and, for src/dst, its cgroups)
 #   scripts/testbed.sh env [--name NAME]          print the hosts' addresses and sockets
 #
-# Hosts: NAME-src (10.213.N.1) and NAME-dst (10.213.N.2); NAME defaults to pclive. Only the
-# namespaces, links and addresses created here are touched; `down` removes all of it, containers
-# included, and stops only the containerd daemons `up` started.
+# Hosts: NAME-src (10.213.N.1) and NAME-dst (10.213.N.2); NAME defaults to pclive. A third
+# namespace, NAME-cli, stands for the service's clients: it reaches src at 10.214.N.1 and dst at
+# 10.215.N.1 over links of their own (not rate-limited: migration traffic and client traffic do
+# not share a NIC). Each host's containerd (with its shims, runc and CRIU) runs in cgroups
+# pclive-testbed-NAME-src|dst under cpuacct and memory, so benchmarks can read each host's CPU
+# time and memory. Only the namespaces, links, addresses and cgroups created here are touched;
+# `down` removes all of it, containers included, and stops only the containerd daemons `up`
+# started.
 set -euo pipefail
 . "$(dirname "$0")/lib/containerd.sh"
 
@@ -33,12 +40,28 @@ state=/run/pclive-testbed/$name
 # A /24 per testbed name, so several test beds can coexist.
 net=$(( $(printf '%s' "$name" | cksum | cut -d' ' -f1) % 200 + 20 ))
 addr_of() { [ "$1" = src ] && echo "10.213.$net.1" || echo "10.213.$net.2"; }
+# The address clients use for a host, and the client's own address on that link.
+client_addr_of() { [ "$1" = src ] && echo "10.214.$net.1" || echo "10.215.$net.1"; }
+client_side_of() { [ "$1" = src ] && echo "10.214.$net.2" || echo "10.215.$net.2"; }
 ns_of() { echo "$name-$1"; }
 sock_of() { echo "$state/$1/containerd.sock"; }
+cgroup_of() { echo "/sys/fs/cgroup/$1/pclive-testbed-$name-$2"; }
+
+# Runs COMMAND in host $1's network namespace and (src/dst) cgroups. nsenter --net, not
+# `ip netns exec`: the latter remounts /sys and hides the cgroups runc needs.
+on_host() {
+  local host=$1; shift
+  if [ "$host" != cli ]; then
+    local controller
+    for controller in cpuacct memory; do
+      echo "$BASHPID" > "$(cgroup_of $controller "$host")/cgroup.procs"
+    done
+  fi
+  exec nsenter --net="/run/netns/$(ns_of "$host")" "$@"
+}
 
 start_containerd() {
-  # nsenter --net, not `ip netns exec`: the latter remounts /sys and hides the cgroups runc needs.
-  containerd_start "$state/$1" nsenter --net="/run/netns/$(ns_of "$1")"
+  containerd_start "$state/$1" on_host "$1"
 }
 
 up() {
@@ -47,7 +70,11 @@ up() {
   if [ -d "$state" ]; then echo "testbed $name is already up (scripts/testbed.sh down --name $name)" >&2; exit 1; fi
   mkdir -p "$state"
   trap 'down >/dev/null 2>&1' ERR
-  for host in src dst; do ip netns add "$(ns_of $host)"; done
+  for host in src dst cli; do ip netns add "$(ns_of $host)"; done
+  for host in src dst; do
+    local controller
+    for controller in cpuacct memory; do mkdir -p "$(cgroup_of $controller $host)"; done
+  done
   ip link add "${name}s" type veth peer name "${name}d"
   for host in src dst; do
     local dev ns
@@ -60,6 +87,19 @@ up() {
     if [ "$rate" != none ]; then
       ip netns exec "$ns" tc qdisc add dev "$dev" root tbf rate "$rate" burst 4mb latency 50ms
     fi
+  done
+  ip -n "$(ns_of cli)" link set lo up
+  for host in src dst; do
+    local hdev cdev
+    hdev=$name$([ $host = src ] && echo cs || echo cd)
+    cdev=$name$([ $host = src ] && echo sc || echo dc)
+    ip link add "$hdev" type veth peer name "$cdev"
+    ip link set "$hdev" netns "$(ns_of $host)"
+    ip link set "$cdev" netns "$(ns_of cli)"
+    ip -n "$(ns_of $host)" addr add "$(client_addr_of $host)/24" dev "$hdev"
+    ip -n "$(ns_of cli)" addr add "$(client_side_of $host)/24" dev "$cdev"
+    ip -n "$(ns_of $host)" link set "$hdev" up
+    ip -n "$(ns_of cli)" link set "$cdev" up
   done
   for host in src dst; do start_containerd "$host"; done
   trap - ERR
@@ -76,6 +116,13 @@ down() {
     fi
     ip netns del "$(ns_of $host)" 2>/dev/null || true
   done
+  ip netns del "$(ns_of cli)" 2>/dev/null || true
+  for host in src dst; do
+    local controller
+    for controller in cpuacct memory; do
+      [ -d "$(cgroup_of $controller $host)" ] && rmdir "$(cgroup_of $controller $host)" 2>/dev/null
+    done
+  done
   if [ -d "$state" ]; then
     grep " $state" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
     rm -rf "$state"
@@ -85,8 +132,9 @@ down() {
 
 env_info() {
   for host in src dst; do
-    printf '%s: netns %s, address %s, containerd %s\n' "$host" "$(ns_of $host)" "$(addr_of $host)" "$(sock_of $host)"
+    printf '%s: netns %s, address %s, containerd %s, clients reach it at %s, cgroups %s\n' "$host" "$(ns_of $host)" "$(addr_of $host)" "$(sock_of $host)" "$(client_addr_of $host)" "pclive-testbed-$name-$host"
   done
+  printf 'cli: netns %s\n' "$(ns_of cli)"
   printf 'link: %s\n' "$rate"
 }
 
@@ -98,6 +146,11 @@ case "$cmd" in
     host=${args[0]:-}
     case "$host" in src|dst) ;; *) echo "testbed: ctr src|dst ARGS..." >&2; exit 2 ;; esac
     exec ctr --address "$(sock_of "$host")" "${args[@]:1}" ;;
-  -h|--help|"") sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' ;;
+  exec)
+    host=${args[0]:-}
+    case "$host" in src|dst|cli) ;; *) echo "testbed: exec src|dst|cli COMMAND..." >&2; exit 2 ;; esac
+    [ -d "$state" ] || { echo "testbed $name is not up (scripts/testbed.sh up --name $name)" >&2; exit 1; }
+    on_host "$host" "${args[@]:1}" ;;
+  -h|--help|"") sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "testbed: unknown command '$cmd' (try --help)" >&2; exit 2 ;;
 esac
