@@ -43,6 +43,10 @@ pub const RESTORE_FILL_RATE_ANNOTATION: &str = "io.containerd.pclive.restore.fil
 pub const RECEIVE_LISTEN_ANNOTATION: &str = "io.containerd.pclive.receive.listen";
 pub const RECEIVE_KEY_FILE_ANNOTATION: &str = "io.containerd.pclive.receive.key-file";
 pub const RECEIVE_INSECURE_ANNOTATION: &str = "io.containerd.pclive.receive.insecure";
+/// `true`: established TCP connections are restored closed (CRIU's tcp-close), for containers
+/// whose address does not move with them: their peers reconnect instead of the restore failing
+/// to bind the old address.
+pub const RESTORE_TCP_CLOSE_ANNOTATION: &str = "io.containerd.pclive.restore.tcp-close";
 /// Where a lazy restore takes pages from: `images` (the mapped image files, default) or
 /// `staging` (copied into memory first).
 pub const RESTORE_PAGE_SOURCE_ANNOTATION: &str = "io.containerd.pclive.restore.page-source";
@@ -1371,7 +1375,25 @@ fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
             spec_path.display()
         )));
     };
+    let tcp_close = match annotations
+        .get(RESTORE_TCP_CLOSE_ANNOTATION)
+        .map(|v| v.as_str())
+    {
+        None | Some(Some("false")) => false,
+        Some(Some("true")) => true,
+        Some(other) => {
+            return Err(TaskError::Invalid(format!(
+                "{RESTORE_TCP_CLOSE_ANNOTATION} is {other:?}: use true or false"
+            )))
+        }
+    };
     if annotations.contains_key(CRIU_CONFIG_ANNOTATION) {
+        if tcp_close {
+            return Err(TaskError::Invalid(format!(
+                "{RESTORE_TCP_CLOSE_ANNOTATION}=true with a CRIU config of your own \
+                 ({CRIU_CONFIG_ANNOTATION}): put tcp-close in that config instead"
+            )));
+        }
         return Ok(());
     }
     let mut config = fs::read_to_string("/etc/criu/runc.conf").unwrap_or_default();
@@ -1379,6 +1401,9 @@ fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
         config.push('\n');
     }
     config.push_str(RESTORE_ONLY_CRIU_OPTIONS);
+    if tcp_close {
+        config.push_str("tcp-close\n");
+    }
     let config_path = bundle.join("criu-restore.conf");
     fs::write(&config_path, config)
         .map_err(os_err(format!("cannot write {}", config_path.display())))?;

@@ -22,8 +22,13 @@ USAGE:
         --json                    print the migration report as JSON
     pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure)
                    (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]
+                   [--net-host] [--tcp-close]
                               create the receiving container; returns once the migrated
-                              container runs here
+                              container runs here. --net-host: the source container shares
+                              its host's network namespace (ctr run --net-host), so this one
+                              must too. --tcp-close: restore established TCP connections
+                              closed (needed when the container's address does not move with
+                              it, e.g. host networking: its clients reconnect)
     pclive check [--json]     what this host offers pclive (tool versions, kernel features)
     pclive dirty-rate PID [--rounds N] [--interval-ms MS] [--tracker content-hash|soft-dirty] [--json]
                               how fast a process dirties its memory, measured with the tracker
@@ -448,8 +453,8 @@ fn migrate(args: &[String]) -> ExitCode {
 const UNREACHABLE: &str = "\u{0}unreachable:";
 
 fn receive(args: &[String]) -> ExitCode {
-    let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]";
-    let (positional, options) = match parse_options(args, &["insecure"]) {
+    let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS] [--net-host] [--tcp-close]";
+    let (positional, options) = match parse_options(args, &["insecure", "net-host", "tcp-close"]) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("pclive receive: {e}\n{usage}");
@@ -491,6 +496,17 @@ fn receive(args: &[String]) -> ExitCode {
             &format!("io.containerd.pclive.receive.listen={listen}"),
         ])
         .args(["--annotation", &auth]);
+    // CRIU restores the source's namespaces as they were: a container that shared its host's
+    // network must find its sockets' host network here too.
+    if options.contains_key("net-host") {
+        command.arg("--net-host");
+    }
+    if options.contains_key("tcp-close") {
+        command.args([
+            "--annotation",
+            "io.containerd.pclive.restore.tcp-close=true",
+        ]);
+    }
     match (options.get("rootfs"), options.get("image")) {
         (Some(rootfs), None) => {
             command.args(["--rootfs", rootfs, container]);
@@ -504,21 +520,46 @@ fn receive(args: &[String]) -> ExitCode {
         }
     }
     command.arg("/bin/true");
+    let ctr = |args: &[&str]| {
+        std::process::Command::new("ctr")
+            .args([
+                "--address",
+                &common.address,
+                "--namespace",
+                &common.namespace,
+            ])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // What a failed receive leaves must be removable without touching a container of the same
+    // name that was there before.
+    if ctr(&["container", "info", container]) {
+        eprintln!(
+            "pclive receive: a container named {container} already exists in namespace {}: \
+             remove it (ctr container rm) or receive under another name",
+            common.namespace
+        );
+        return ExitCode::from(2);
+    }
     eprintln!("pclive: {container} listens on {listen} for its source; waiting for the migration");
+    let failed = |why: String| {
+        eprintln!("pclive receive: {why}");
+        // The task never ran here (the source resumed): remove what ctr created.
+        ctr(&["task", "delete", "--force", container]);
+        ctr(&["container", "delete", container]);
+        ExitCode::FAILURE
+    };
     match command.status() {
         Ok(status) if status.success() => {
             println!("received {container}: it runs here now");
             ExitCode::SUCCESS
         }
-        Ok(status) => {
-            eprintln!(
-                "pclive receive: the receiving container failed ({status}); see containerd's log"
-            );
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("pclive receive: cannot run ctr: {e}");
-            ExitCode::FAILURE
-        }
+        Ok(status) => failed(format!(
+            "the receiving container failed ({status}); see containerd's log. It was removed."
+        )),
+        Err(e) => failed(format!("cannot run ctr: {e}")),
     }
 }
