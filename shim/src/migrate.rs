@@ -144,6 +144,10 @@ fn lazy_final_dump(
         parent_path: None,
         status_fd: None,
         page_server: Some(format!("127.0.0.1:{port}")),
+        // A server under load has clients connecting while it is paused: their connections
+        // wait in the listen queue, and CRIU would refuse to dump them. They are dropped (the
+        // clients see a reset and reconnect to the destination) instead of failing the move.
+        tcp_skip_in_flight: true,
     };
     let runc = runc.clone();
     let id = id.to_owned();

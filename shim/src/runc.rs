@@ -144,6 +144,9 @@ pub struct CheckpointOpts {
     pub status_fd: Option<i32>,
     /// `--page-server ADDRESS:PORT`: with lazy pages, the port the dump serves pages on.
     pub page_server: Option<String>,
+    /// `--tcp-skip-in-flight`: connections still in a listener's queue (not accepted yet) are
+    /// left out rather than failing the dump; their clients see a reset and reconnect.
+    pub tcp_skip_in_flight: bool,
 }
 
 impl CheckpointOpts {
@@ -152,7 +155,8 @@ impl CheckpointOpts {
         args.flag("--leave-running", self.leave_running)
             .maybe("--parent-path", self.parent_path.as_ref())
             .maybe("--status-fd", self.status_fd.map(|fd| fd.to_string()))
-            .maybe("--page-server", self.page_server.as_ref());
+            .maybe("--page-server", self.page_server.as_ref())
+            .flag("--tcp-skip-in-flight", self.tcp_skip_in_flight);
     }
 }
 
@@ -468,6 +472,7 @@ mod tests {
             parent_path: None,
             status_fd: Some(5),
             page_server: None,
+            tcp_skip_in_flight: false,
         };
         let mut args = Args::default();
         opts.push_args(&mut args);

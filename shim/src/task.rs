@@ -1276,6 +1276,7 @@ impl Tasks {
             parent_path: None,
             status_fd: None,
             page_server: None,
+            tcp_skip_in_flight: false,
         };
         let started = Instant::now();
         container.runc.checkpoint(&container.id, &opts)?;
