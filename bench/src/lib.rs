@@ -5,6 +5,7 @@ pub mod args;
 pub mod client;
 pub mod conn;
 pub mod follow;
+pub mod report;
 pub mod resp;
 pub mod state;
 pub mod stats;
