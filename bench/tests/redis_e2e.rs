@@ -19,6 +19,8 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_pclive-bench-client");
 struct Redis {
     child: Child,
     addr: SocketAddr,
+    /// Its working directory: a replica's full sync writes an RDB file there.
+    _dir: tempfile::TempDir,
 }
 
 impl Redis {
@@ -38,8 +40,10 @@ impl Redis {
             .local_addr()
             .unwrap()
             .port();
+        let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--dir", dir.path().to_str().unwrap()])
             .args(["--save", "", "--appendonly", "no"])
             .args(extra)
             .stdout(Stdio::null())
@@ -49,6 +53,7 @@ impl Redis {
         let redis = Redis {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis.try_command(&["PING"]).is_none() {
