@@ -80,6 +80,8 @@ struct Progress {
 /// Runs until `stop_file` exists or `external_stop` is set, then writes the timeline and the
 /// state file and returns the summary.
 pub fn run(config: &RunConfig, external_stop: &AtomicBool) -> Result<RunSummary, ClientError> {
+    check_writable(&config.timeline)?;
+    check_writable(&config.state)?;
     let clock = Clock::start();
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(Progress::default());
@@ -167,6 +169,19 @@ fn summarize(
         start_unix: stats::us_to_unix_seconds(start_us),
         end_unix: stats::us_to_unix_seconds(end_us),
     }
+}
+
+/// Fails before the run, not after minutes of measuring, when an output cannot be written.
+fn check_writable(path: &Path) -> Result<(), ClientError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(drop)
+        .map_err(|source| ClientError::Output {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 fn write_timeline(path: &Path, buckets: &[stats::Bucket]) -> Result<(), ClientError> {
