@@ -17,6 +17,8 @@ USAGE:
         --max-rounds N            pre-copy rounds at most (default 10)
         --target-downtime-ms MS   stop pre-copy when the rest fits this (default 300)
         --tracker content-hash|soft-dirty   dirty tracking (default: the best available)
+        --work-dir DIR            keep the final dump's CRIU logs, images and report in DIR
+                                  (default: a temporary directory, removed at the end)
         --compress                LZ4-compress pre-copy pages (pays on slow links with
                                   compressible memory; each run goes raw if it saves < 1/8)
         --json                    print the migration report as JSON
@@ -273,7 +275,7 @@ fn migrate(args: &[String]) -> ExitCode {
     use containerd_shim::protos::shim::oci::CheckpointOptions;
     use restore_engine::precopy::MigrateRequest;
 
-    let usage = "usage: pclive migrate CONTAINER HOST:PORT (--key-file FILE | --insecure) [--address SOCKET] [--namespace NS] [--max-rounds N] [--target-downtime-ms MS] [--tracker NAME] [--compress] [--json]";
+    let usage = "usage: pclive migrate CONTAINER HOST:PORT (--key-file FILE | --insecure) [--address SOCKET] [--namespace NS] [--max-rounds N] [--target-downtime-ms MS] [--tracker NAME] [--compress] [--work-dir DIR] [--json]";
     let (positional, options) = match parse_options(args, &["insecure", "json", "compress"]) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -316,7 +318,17 @@ fn migrate(args: &[String]) -> ExitCode {
     let common = common(&options);
     // containerd writes no checkpoint image when CheckpointOptions names an image path; the
     // shim writes the final dump's logs and the migration report into the work path.
-    let work = std::env::temp_dir().join(format!("pclive-migrate-{}", std::process::id()));
+    // The shim runs elsewhere (containerd's working directory): it needs an absolute path.
+    let keep_work = match options.get("work-dir").map(std::path::absolute).transpose() {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("pclive migrate: --work-dir: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let work = keep_work.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("pclive-migrate-{}", std::process::id()))
+    });
     if let Err(e) = std::fs::create_dir_all(work.join("images")) {
         eprintln!("pclive migrate: cannot create {}: {e}", work.display());
         return ExitCode::FAILURE;
@@ -413,7 +425,9 @@ fn migrate(args: &[String]) -> ExitCode {
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = follower.join();
     let report = std::fs::read(work.join("pclive-migration.json"));
-    let _ = std::fs::remove_dir_all(&work);
+    if keep_work.is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     match result {
         Ok(()) => {
             let report: serde_json::Value = report
