@@ -354,7 +354,9 @@ impl Watch {
                 Ok(LazyEvent::Error { message }) => outcome = Err(message),
                 Ok(LazyEvent::Ready { .. })
                 | Ok(LazyEvent::Listening { .. })
-                | Ok(LazyEvent::ImagesReady { .. }) => {}
+                | Ok(LazyEvent::ImagesReady { .. })
+                | Ok(LazyEvent::Assembled(_))
+                | Ok(LazyEvent::Committed) => {}
                 Err(RecvTimeoutError::Timeout) => continue,
                 // stdout closed: the server is exiting.
                 Err(RecvTimeoutError::Disconnected) => break,
