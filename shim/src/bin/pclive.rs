@@ -19,9 +19,13 @@ USAGE:
         --tracker content-hash|soft-dirty   dirty tracking (default: the best available)
         --json                    print the migration report as JSON
     pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure)
-                   (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]
+                   (--rootfs DIR | --image REF) [--eager] [--address SOCKET] [--namespace NS]
                               create the receiving container; returns once the migrated
                               container runs here
+        --eager                   restore eagerly: complete the final dump's images with the
+                                  pre-copied memory, then a plain restore (every page in place
+                                  before the tasks resume, no lazy-pages server). Default: lazy
+                                  (the tasks resume at once, memory installed with userfaultfd)
     pclive check [--json]     what this host offers pclive (tool versions, kernel features)
     pclive dirty-rate PID [--rounds N] [--interval-ms MS] [--tracker content-hash|soft-dirty] [--json]
                               how fast a process dirties its memory, measured with the tracker
@@ -427,8 +431,8 @@ fn migrate(args: &[String]) -> ExitCode {
 const UNREACHABLE: &str = "\u{0}unreachable:";
 
 fn receive(args: &[String]) -> ExitCode {
-    let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]";
-    let (positional, options) = match parse_options(args, &["insecure"]) {
+    let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--eager] [--address SOCKET] [--namespace NS]";
+    let (positional, options) = match parse_options(args, &["insecure", "eager"]) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("pclive receive: {e}\n{usage}");
@@ -470,6 +474,16 @@ fn receive(args: &[String]) -> ExitCode {
             &format!("io.containerd.pclive.receive.listen={listen}"),
         ])
         .args(["--annotation", &auth]);
+    if options.contains_key("eager") {
+        // The receiving container restores lazily unless told otherwise.
+        command.args([
+            "--annotation",
+            &format!(
+                "{}=false",
+                containerd_shim_pclive::task::RESTORE_LAZY_ANNOTATION
+            ),
+        ]);
+    }
     match (options.get("rootfs"), options.get("image")) {
         (Some(rootfs), None) => {
             command.args(["--rootfs", rootfs, container]);
