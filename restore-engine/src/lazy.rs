@@ -346,6 +346,11 @@ pub enum LazyEvent {
         staged_bytes: u64,
         image_bytes: u64,
     },
+    /// Eager migration: the images are complete (every page in them); restore them now, then
+    /// write the [`crate::destination::RestoreOutcome`] to the server's stdin.
+    Assembled(crate::assemble::AssembleReport),
+    /// Eager migration: the source was told that the tasks run here and to commit.
+    Committed,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -909,12 +914,15 @@ impl<S: PageSource> Filler<'_, S> {
 /// ```text
 /// lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N]
 ///                   [--chunk-kib N] [--page-source images|staging]
-///                   [--receive ADDR (--key-file FILE | --insecure)]
+///                   [--receive ADDR (--key-file FILE | --insecure) [--eager]]
 /// ```
 ///
 /// With `--receive` it first receives a migration on ADDR (rounds into the staging store, the
 /// image files into `--images`), then serves the restore from the staging store and tells the
-/// source to commit.
+/// source to commit. With `--eager` as well it serves no pages: it completes the images from the
+/// staging store (event `assembled`), frees the store, and waits for one JSON line on stdin
+/// ([`crate::destination::RestoreOutcome`]) saying how the restore went; then it tells the source
+/// to commit (event `committed`) or to abort. End of stdin counts as a failed restore.
 ///
 /// `images` (default) installs pages straight from the mapped image files; `staging` first
 /// copies them into the staging store (RAM), as a migration's pages arrive.
@@ -922,7 +930,7 @@ impl<S: PageSource> Filler<'_, S> {
 /// Progress goes to stdout as JSON lines ([`LazyEvent`]). Exit code 0 once every page is
 /// installed, 1 on failure, 2 on a usage error.
 pub fn server_main(args: &[String]) -> i32 {
-    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N] [--page-source images|staging] [--receive ADDR (--key-file FILE | --insecure)]";
+    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N] [--page-source images|staging] [--receive ADDR (--key-file FILE | --insecure) [--eager]]";
     let mut images = None;
     let mut work_dir = None;
     let mut supervisor_fd = None;
@@ -932,10 +940,15 @@ pub fn server_main(args: &[String]) -> i32 {
     let mut receive: Option<String> = None;
     let mut key_file: Option<PathBuf> = None;
     let mut insecure = false;
+    let mut eager = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         if flag == "--insecure" {
             insecure = true;
+            continue;
+        }
+        if flag == "--eager" {
+            eager = true;
             continue;
         }
         let Some(value) = it.next() else {
@@ -962,6 +975,10 @@ pub fn server_main(args: &[String]) -> i32 {
         eprintln!("{usage}");
         return 2;
     };
+    if eager && receive.is_none() {
+        eprintln!("--eager restores a received migration: it needs --receive\n{usage}");
+        return 2;
+    }
     let mut config = ServerConfig::new(images.clone(), work_dir);
     config.fill_rate = fill_rate_mib.map(|m| m << 20);
     if let Some(kib) = chunk_kib {
@@ -1009,13 +1026,24 @@ pub fn server_main(args: &[String]) -> i32 {
                 crate::wire::accept(stream, &auth).map_err(|e| e.to_string())
             })
             .and_then(|mut session| {
-                crate::destination::receive_and_serve(
-                    &mut session,
-                    &config,
-                    supervisor.as_ref(),
-                    emit,
-                )
-                .map_err(|e| e.to_string())
+                let received = if eager {
+                    crate::destination::receive_and_restore_eagerly(
+                        &mut session,
+                        &images,
+                        emit,
+                        read_restore_outcome,
+                    )
+                    .map(|_| emit(LazyEvent::Committed))
+                } else {
+                    crate::destination::receive_and_serve(
+                        &mut session,
+                        &config,
+                        supervisor.as_ref(),
+                        emit,
+                    )
+                    .map(drop)
+                };
+                received.map_err(|e| e.to_string())
             });
         return match received {
             Ok(_) => 0,
@@ -1041,6 +1069,26 @@ pub fn server_main(args: &[String]) -> i32 {
             });
             1
         }
+    }
+}
+
+/// Reads how the shim's eager restore went: one JSON line on stdin.
+fn read_restore_outcome() -> crate::destination::RestoreOutcome {
+    use crate::destination::RestoreOutcome;
+    let mut line = String::new();
+    match io::stdin().read_line(&mut line) {
+        Ok(0) => RestoreOutcome::Failed {
+            reason: "the shim went away before the restore ended".into(),
+        },
+        Ok(_) => serde_json::from_str(&line).unwrap_or_else(|e| RestoreOutcome::Failed {
+            reason: format!(
+                "the shim's restore outcome {:?} is not understood: {e}",
+                line.trim()
+            ),
+        }),
+        Err(e) => RestoreOutcome::Failed {
+            reason: format!("reading the restore outcome from the shim: {e}"),
+        },
     }
 }
 

@@ -4,6 +4,7 @@
 //! CRIU image codec, the staging page store, the lazy-pages (userfaultfd) server and the migration
 //! protocol. For now it offers the host capability report behind `pclive check`.
 
+pub mod assemble;
 pub mod destination;
 pub mod host;
 pub mod images;

@@ -180,3 +180,121 @@ fn a_failing_destination_tells_the_source_to_abort_and_why() {
     assert!(answer.message.contains("pstree.img"), "{}", answer.message);
     assert!(destination.join().unwrap().is_err());
 }
+
+/// The eager variant: the same pre-copy, then the receiver completes the lazy dump's images from
+/// its staging store; the assembled pages file must equal the frozen writer byte for byte. The
+/// restore's outcome decides between "restored" + commit and abort.
+#[test]
+fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
+    use crate::destination::{receive_and_restore_eagerly, RestoreOutcome};
+    use crate::images::{read_pagemap, PE_PRESENT};
+
+    for outcome in [
+        RestoreOutcome::Restored,
+        RestoreOutcome::Failed {
+            reason: "runc restore: no such file".into(),
+        },
+    ] {
+        let writer = Writer::start();
+        let (base, len, pid) = (writer.base, writer.len, writer.pid);
+        let dir = tempfile::tempdir().unwrap();
+        let (src_images, dst_images) = (dir.path().join("src"), dir.path().join("dst"));
+        for d in [&src_images, &dst_images] {
+            fs::create_dir(d).unwrap();
+        }
+        let (a, b) = UnixStream::pair().unwrap();
+        let key = Auth::Key(vec![7; 32]);
+        let dst_key = key.clone();
+        let (dst_images2, outcome2) = (dst_images.clone(), outcome.clone());
+        let destination = thread::spawn(move || {
+            let mut session = accept(b, &dst_key).unwrap();
+            let mut assembled = false;
+            let result = receive_and_restore_eagerly(
+                &mut session,
+                &dst_images2,
+                |event| assembled |= matches!(event, LazyEvent::Assembled(_)),
+                || {
+                    // What the shim's restore would read: every page is in the images now.
+                    let map = read_pagemap(&dst_images2, 1, PAGE).unwrap();
+                    assert!(map.ranges.iter().all(|r| r.flags == PE_PRESENT), "{map:?}");
+                    outcome2
+                },
+            );
+            assert!(assembled);
+            result
+        });
+
+        let mut session = connect(a, &key).unwrap();
+        Sender::new(&mut session)
+            .run(
+                || {
+                    Ok(vec![TaskIds {
+                        host_pid: pid as u32,
+                        ns_pid: 1,
+                    }])
+                },
+                &mut HashTracker::default(),
+                &ConvergencePolicy {
+                    max_rounds: 3,
+                    ..Default::default()
+                },
+                || {
+                    // SAFETY: stops our own child.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    thread::sleep(Duration::from_millis(50));
+                    Ok(())
+                },
+                |_| {},
+            )
+            .unwrap();
+        write_lazy_images(&src_images, 1, base, len as u64 / PAGE);
+        send_images(&mut session, &src_images).unwrap();
+
+        let answer: Control = session.expect(Kind::Control).unwrap();
+        let result = destination.join().unwrap();
+        if let RestoreOutcome::Failed { reason } = &outcome {
+            assert_eq!(answer.code, ControlCode::Abort as i32);
+            assert!(answer.message.contains(reason.as_str()), "{answer:?}");
+            assert!(result.is_err());
+            continue;
+        }
+        assert_eq!(
+            (answer.code, answer.message.as_str()),
+            (ControlCode::Progress as i32, crate::destination::RESTORED)
+        );
+        let committed: Control = session.expect(Kind::Control).unwrap();
+        assert_eq!(committed.code, ControlCode::Committed as i32);
+        let report = result.unwrap();
+        assert_eq!(report.tasks, 1);
+
+        // The assembled pages, laid out at their addresses (holes are zero), equal the frozen
+        // writer's memory.
+        let map = read_pagemap(&dst_images, 1, PAGE).unwrap();
+        let pages = fs::read(dst_images.join(format!("pages-{}.img", map.pages_id))).unwrap();
+        let mut assembled = vec![0u8; len];
+        for r in &map.ranges {
+            let at = (r.vaddr - base) as usize;
+            let n = (r.nr_pages * PAGE) as usize;
+            let from = r.file_offset as usize;
+            assembled[at..at + n].copy_from_slice(&pages[from..from + n]);
+        }
+        let mut frozen = vec![0u8; len];
+        let local = libc::iovec {
+            iov_base: frozen.as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        let remote = libc::iovec {
+            iov_base: base as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: reads the stopped child's region into `frozen`, which holds `len` bytes.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        assert_eq!(n, len as isize);
+        let first_difference = assembled.iter().zip(&frozen).position(|(a, b)| a != b);
+        assert_eq!(
+            first_difference, None,
+            "assembled memory differs from the source"
+        );
+        drop(writer);
+    }
+}

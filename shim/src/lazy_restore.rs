@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -30,9 +30,11 @@ use crate::runc::Runc;
 pub const SERVER_SUBCOMMAND: &str = "lazy-pages-server";
 /// Name of the report the shim writes into the CRIU work directory when the fill ends.
 pub const REPORT_FILE: &str = "pclive-lazy-restore.json";
+/// The server's stderr, in the CRIU work directory.
+pub(crate) const SERVER_LOG: &str = "lazy-pages-server.log";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// A receiving server waits for the source's whole pre-copy.
-const RECEIVE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const RECEIVE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LazyRestoreError {
@@ -107,23 +109,10 @@ impl LazyServer {
         work_dir: &Path,
         options: &LazyOptions,
     ) -> Result<Self, LazyRestoreError> {
-        let exe = std::env::current_exe()
-            .map_err(|e| LazyRestoreError::Spawn(format!("cannot find the shim binary: {e}")))?;
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| LazyRestoreError::Spawn(format!("socketpair: {e}")))?;
-        let log = fs::File::create(work_dir.join("lazy-pages-server.log"))
-            .map_err(|e| LazyRestoreError::Spawn(format!("server log: {e}")))?;
-        let mut command = Command::new(exe);
-        command
-            .arg(SERVER_SUBCOMMAND)
-            .arg("--images")
-            .arg(images)
-            .arg("--work-dir")
-            .arg(work_dir)
-            .args(["--supervisor-fd", "3"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
+        let mut command = server_command(images, work_dir).map_err(LazyRestoreError::Spawn)?;
+        command.args(["--supervisor-fd", "3"]).stdin(Stdio::null());
         if let Some(rate) = options.fill_rate_mib {
             command.args(["--fill-rate-mib", &rate.to_string()]);
         }
@@ -131,15 +120,7 @@ impl LazyServer {
             command.args(["--page-source", "staging"]);
         }
         if let Some(receive) = &options.receive {
-            command.args(["--receive", &receive.listen]);
-            match &receive.key_file {
-                Some(key) => {
-                    command.arg("--key-file").arg(key);
-                }
-                None => {
-                    command.arg("--insecure");
-                }
-            }
+            add_receive_args(&mut command, receive);
         }
         let theirs_fd = theirs.as_raw_fd();
         // SAFETY: dup2 and close_range are async-signal-safe; they only rearrange the child's
@@ -164,26 +145,7 @@ impl LazyServer {
         let stdout = child.stdout.take().expect("stdout is piped");
         // The reaper collects the exit; the Child handle is not waited on.
         drop(child);
-
-        let (tx, events) = mpsc::channel();
-        thread::Builder::new()
-            .name("lazy-events".into())
-            .spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    match serde_json::from_str::<LazyEvent>(&line) {
-                        Ok(event) => {
-                            if tx.send(event).is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            warn!("lazy-pages server said something unexpected ({e}): {line}")
-                        }
-                    }
-                }
-            })
-            .map_err(|e| LazyRestoreError::Spawn(e.to_string()))?;
+        let events = forward_events(stdout).map_err(|e| LazyRestoreError::Spawn(e.to_string()))?;
 
         // A receiving server is ready only once the whole pre-copy and the images arrived.
         let ready_timeout = if options.receive.is_some() {
@@ -222,7 +184,7 @@ impl LazyServer {
                 Ok(LazyEvent::Error { message }) => return Err(not_ready(message)),
                 Ok(other) => return Err(not_ready(format!("unexpected {other:?}"))),
                 Err(_) => {
-                    let log = fs::read_to_string(work_dir.join("lazy-pages-server.log"))
+                    let log = fs::read_to_string(work_dir.join(SERVER_LOG))
                         .unwrap_or_default();
                     return Err(not_ready(format!(
                         "not ready within {ready_timeout:?}. {}",
@@ -267,7 +229,60 @@ impl LazyServer {
     }
 }
 
-fn kill(pid: i32) {
+/// The engine's server as a child process of the shim (`<shim> lazy-pages-server --images DIR
+/// --work-dir DIR`), its stdout piped for events and its stderr logged in the work directory.
+pub(crate) fn server_command(images: &Path, work_dir: &Path) -> Result<Command, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the shim binary: {e}"))?;
+    let log = fs::File::create(work_dir.join(SERVER_LOG))
+        .map_err(|e| format!("server log {}: {e}", work_dir.join(SERVER_LOG).display()))?;
+    let mut command = Command::new(exe);
+    command
+        .arg(SERVER_SUBCOMMAND)
+        .arg("--images")
+        .arg(images)
+        .arg("--work-dir")
+        .arg(work_dir)
+        .stdout(Stdio::piped())
+        .stderr(log);
+    Ok(command)
+}
+
+/// Makes the server receive a migration first, as `receive` says.
+pub(crate) fn add_receive_args(command: &mut Command, receive: &ReceiveSpec) {
+    command.args(["--receive", &receive.listen]);
+    match &receive.key_file {
+        Some(key) => {
+            command.arg("--key-file").arg(key);
+        }
+        None => {
+            command.arg("--insecure");
+        }
+    }
+}
+
+/// Parses the server's stdout (JSON lines) into events on a thread of its own; the channel
+/// closes when the server's stdout does.
+pub(crate) fn forward_events(stdout: ChildStdout) -> std::io::Result<Receiver<LazyEvent>> {
+    let (tx, events) = mpsc::channel();
+    thread::Builder::new()
+        .name("server-events".into())
+        .spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<LazyEvent>(&line) {
+                    Ok(event) => {
+                        if tx.send(event).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => warn!("lazy-pages server said something unexpected ({e}): {line}"),
+                }
+            }
+        })?;
+    Ok(events)
+}
+
+pub(crate) fn kill(pid: i32) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -354,7 +369,9 @@ impl Watch {
                 Ok(LazyEvent::Error { message }) => outcome = Err(message),
                 Ok(LazyEvent::Ready { .. })
                 | Ok(LazyEvent::Listening { .. })
-                | Ok(LazyEvent::ImagesReady { .. }) => {}
+                | Ok(LazyEvent::ImagesReady { .. })
+                | Ok(LazyEvent::Assembled(_))
+                | Ok(LazyEvent::Committed) => {}
                 Err(RecvTimeoutError::Timeout) => continue,
                 // stdout closed: the server is exiting.
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -446,7 +463,7 @@ pub fn unmount_below(dir: &Path) {
 }
 
 /// Waits for `pid`'s exit code from the reaper's monitor.
-fn wait_exit(subscription: &Subscription, pid: i32, timeout: Duration) -> Option<i32> {
+pub(crate) fn wait_exit(subscription: &Subscription, pid: i32, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -4,6 +4,7 @@
 //! `io` the container stdio; `cgroups` statistics and OOM events.
 
 pub mod cgroups;
+pub mod eager_restore;
 pub mod io;
 pub mod lazy_restore;
 pub mod migrate;

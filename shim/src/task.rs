@@ -15,8 +15,9 @@ use containerd_shim::monitor::{monitor_subscribe, Subject, Topic};
 use log::{debug, info, warn};
 
 use crate::cgroups::{self, CgroupError, ContainerStats, OomWatch};
+use crate::eager_restore::{EagerReceiver, EagerRestoreError};
 use crate::io::{self as pio, IoError, PreparedIo, ProcessIo, StdioConfig};
-use crate::lazy_restore::{LazyOptions, LazyRestoreError, LazyServer};
+use crate::lazy_restore::{LazyOptions, LazyRestoreError, LazyServer, ReceiveSpec};
 use crate::runc::{CheckpointOpts, CreateOpts, CriuOpts, ExecOpts, RestoreOpts, Runc, RuncError};
 use crate::tools;
 use restore_engine::versions::VersionError;
@@ -34,7 +35,9 @@ pub const RESTORE_IMAGE_ANNOTATION: &str = "io.containerd.pclive.restore.image-p
 /// Optional CRIU work directory (logs) for such a restore.
 pub const RESTORE_WORK_ANNOTATION: &str = "io.containerd.pclive.restore.work-path";
 /// `true`: restore lazily: the tasks resume at once and pclive's lazy-pages server installs
-/// their memory with userfaultfd (faults first, the rest in the background).
+/// their memory with userfaultfd (faults first, the rest in the background). A receiving
+/// container restores lazily unless this says `false`: then its images are completed from the
+/// staging store and restored eagerly (same pre-copy, no lazy-pages server).
 pub const RESTORE_LAZY_ANNOTATION: &str = "io.containerd.pclive.restore.lazy-pages";
 /// Background fill limit of a lazy restore, in MiB/s (faults are never limited).
 pub const RESTORE_FILL_RATE_ANNOTATION: &str = "io.containerd.pclive.restore.fill-rate-mib";
@@ -86,6 +89,8 @@ pub enum TaskError {
     Version(#[from] VersionError),
     #[error(transparent)]
     Lazy(#[from] LazyRestoreError),
+    #[error(transparent)]
+    Eager(#[from] EagerRestoreError),
     #[error("migration: {0}")]
     Migrate(#[from] crate::migrate::MigrateError),
     #[error("{what}: {source}")]
@@ -207,6 +212,16 @@ pub struct RestoreSource {
     pub work_path: Option<PathBuf>,
     /// Lazy restore (userfaultfd) instead of CRIU filling memory before the tasks resume.
     pub lazy: Option<LazyOptions>,
+    /// Receive a migration first and restore it eagerly (its images completed from the staging
+    /// store). A lazily restored migration says so in `lazy` instead.
+    pub receive_eagerly: Option<ReceiveSpec>,
+}
+
+impl RestoreSource {
+    /// The images arrive with a migration (they are not there yet at create).
+    fn receives(&self) -> bool {
+        self.receive_eagerly.is_some() || self.lazy.as_ref().is_some_and(|l| l.receive.is_some())
+    }
 }
 
 /// Runtime options (containerd's runc `Options`, as far as they apply).
@@ -367,9 +382,7 @@ fn read_pid_file(path: &Path) -> Result<u32, TaskError> {
 }
 
 /// A receiving container's listen address and authentication, from its annotations.
-fn receive_spec(
-    annotations: &HashMap<String, String>,
-) -> Result<Option<crate::lazy_restore::ReceiveSpec>, TaskError> {
+fn receive_spec(annotations: &HashMap<String, String>) -> Result<Option<ReceiveSpec>, TaskError> {
     let Some(listen) = annotations.get(RECEIVE_LISTEN_ANNOTATION) else {
         return Ok(None);
     };
@@ -384,7 +397,7 @@ fn receive_spec(
             "a receiving container needs exactly one of {RECEIVE_KEY_FILE_ANNOTATION}=FILE and {RECEIVE_INSECURE_ANNOTATION}=true"
         )));
     }
-    Ok(Some(crate::lazy_restore::ReceiveSpec {
+    Ok(Some(ReceiveSpec {
         listen: listen.clone(),
         key_file,
     }))
@@ -621,6 +634,7 @@ impl Tasks {
                 image_path,
                 work_path: criu_work_path.clone(),
                 lazy: lazy.clone(),
+                receive_eagerly: None,
             })
             .or_else(|| {
                 annotations
@@ -629,6 +643,7 @@ impl Tasks {
                         image_path: PathBuf::from(p),
                         work_path: annotations.get(RESTORE_WORK_ANNOTATION).map(PathBuf::from),
                         lazy: lazy.clone(),
+                        receive_eagerly: None,
                     })
             });
         let restore = match receive_spec(&annotations)? {
@@ -636,20 +651,32 @@ impl Tasks {
                 let image_path = bundle.join("migration-images");
                 fs::create_dir_all(&image_path)
                     .map_err(os_err(format!("cannot create {}", image_path.display())))?;
-                let mut lazy = lazy.clone().unwrap_or_default();
-                lazy.receive = Some(spec);
-                Some(RestoreSource {
-                    image_path,
-                    work_path: None,
-                    lazy: Some(lazy),
+                // Lazy unless the annotation says false explicitly (lazy_options checked its
+                // value): migration has always restored lazily.
+                let eager = annotations
+                    .get(RESTORE_LAZY_ANNOTATION)
+                    .is_some_and(|v| v == "false");
+                Some(if eager {
+                    RestoreSource {
+                        image_path,
+                        work_path: None,
+                        lazy: None,
+                        receive_eagerly: Some(spec),
+                    }
+                } else {
+                    let mut lazy = lazy.clone().unwrap_or_default();
+                    lazy.receive = Some(spec);
+                    RestoreSource {
+                        image_path,
+                        work_path: None,
+                        lazy: Some(lazy),
+                        receive_eagerly: None,
+                    }
                 })
             }
             None => restore,
         };
-        if let Some(source) = restore
-            .as_ref()
-            .filter(|s| s.lazy.as_ref().is_none_or(|l| l.receive.is_none()))
-        {
+        if let Some(source) = restore.as_ref().filter(|s| !s.receives()) {
             if !source.image_path.join("inventory.img").is_file() {
                 return Err(TaskError::Invalid(format!(
                     "restore image directory {} holds no CRIU image set (inventory.img missing): \
@@ -832,6 +859,15 @@ impl Tasks {
                     "cannot create CRIU work directory {}",
                     work_path.display()
                 )))?;
+                let eager_receiver = match &source.receive_eagerly {
+                    Some(spec) => Some(EagerReceiver::receive(
+                        &container.id,
+                        &source.image_path,
+                        &work_path,
+                        spec,
+                    )?),
+                    None => None,
+                };
                 let lazy_server = match &source.lazy {
                     Some(options) => {
                         Some(LazyServer::start(&source.image_path, &work_path, options)?)
@@ -841,7 +877,7 @@ impl Tasks {
                 let opts = RestoreOpts {
                     criu: CriuOpts {
                         image_path: source.image_path.clone(),
-                        work_path: Some(work_path),
+                        work_path: Some(work_path.clone()),
                         // A checkpoint of established connections is only restorable with it.
                         tcp_established: true,
                         ext_unix_sk: true,
@@ -855,11 +891,33 @@ impl Tasks {
                     no_pivot: container.no_pivot,
                 };
                 let (runc_stdio, rest) = io.split();
+                let restore_started = Instant::now();
                 if let Err(e) = container.runc.restore(&container.id, &opts, runc_stdio) {
                     if let Some(server) = lazy_server {
                         server.abort();
                     }
+                    if let Some(receiver) = eager_receiver {
+                        receiver.restore_failed(restore_started, &e.to_string());
+                        // What a failed CRIU may have left mounted in its work directory.
+                        crate::lazy_restore::unmount_below(&work_path);
+                    }
                     return Err(e.into());
+                }
+                if let Some(receiver) = eager_receiver {
+                    if let Err(e) = receiver.restored(restore_started) {
+                        // The source resumes: this copy must not run as well.
+                        if let Err(kill) =
+                            container
+                                .runc
+                                .kill(&container.id, libc::SIGKILL as u32, true)
+                        {
+                            warn!(
+                                "{}: runc kill after the failed commit: {kill}",
+                                container.id
+                            );
+                        }
+                        return Err(e.into());
+                    }
                 }
                 if let Some(server) = lazy_server {
                     server.restored(container.id.clone(), container.runc.clone());
@@ -889,6 +947,8 @@ impl Tasks {
                     started.elapsed().as_secs_f64(),
                     if source.lazy.is_some() {
                         "lazy: memory is being installed"
+                    } else if source.receive_eagerly.is_some() {
+                        "eager, migration committed"
                     } else {
                         "eager"
                     }

@@ -110,6 +110,107 @@ fn receive(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: Option<
     Guarded(Some(child))
 }
 
+/// Starts the receiving container on `dst` in eager mode with `pclive receive --eager` (it
+/// blocks until the migrated container runs: in the background).
+fn receive_eagerly(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: &str) -> Guarded {
+    let rootfs = rootfs.display().to_string();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
+        .args(["receive", id, "--listen", listen, "--key-file", key])
+        .args(["--rootfs", &rootfs, "--eager"])
+        .args(["--address", &dst.address, "--namespace", &dst.namespace])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the receiver to listen", Duration::from_secs(30), || {
+        dst.log().contains("receiving a migration on")
+    });
+    Guarded(Some(child))
+}
+
+/// The same pre-copy, then an eager restore on the destination: the final dump's images are
+/// completed from the staging store and restored without a lazy-pages server. A forking child
+/// makes the dump hold address spaces that share their parent's mappings.
+#[test]
+fn checksummed_memory_migrates_with_an_eager_restore() {
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let rootfs = src.rootfs("app");
+    src.run_detached(
+        "app",
+        &rootfs,
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            "/usr/local/bin/memcheck 512 --status /s1 & \\
+             /usr/local/bin/memcheck 64 --status /s2 --fork-every 4 & \\
+             while true; do sleep 0.05; done",
+        ],
+    );
+    let (s1, s2) = (rootfs.join("s1"), rootfs.join("s2"));
+    wait_for("both memchecks to verify", Duration::from_secs(120), || {
+        memcheck_status(&s1).is_some_and(|s| s.pass >= 1)
+            && memcheck_status(&s2).is_some_and(|s| s.pass >= 1)
+    });
+    let key = key_file(&src.dir);
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive_eagerly(dst, "app", &rootfs, &listen, &key);
+
+    let started = Instant::now();
+    let (b1, b2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
+    let report = migrate(src, "app", &listen, &key).unwrap_or_else(|e| {
+        panic!(
+            "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
+            tail(&src.log(), 30),
+            tail(&dst.log(), 30)
+        )
+    });
+    eprintln!("eager migration took {:?}", started.elapsed());
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    dst.wait_status("app", "RUNNING");
+    src.wait_status("app", "STOPPED");
+    // Every page verified on the destination, twice over (memcheck stops with CORRUPT, which
+    // memcheck_status refuses, at the first wrong checksum).
+    wait_for(
+        "two verified passes of both memchecks on the destination",
+        Duration::from_secs(120),
+        || {
+            memcheck_status(&s1).is_some_and(|s| s.pass >= b1.pass + 2)
+                && memcheck_status(&s2).is_some_and(|s| s.pass >= b2.pass + 2)
+        },
+    );
+    let (a1, a2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
+    assert_eq!((a1.errors, a2.errors), (0, 0));
+    eprintln!("source report: {report:#}");
+    assert!(report["downtime_seconds"].as_f64().unwrap() > 0.0);
+
+    // The destination restored eagerly (no lazy-pages server) and says how long each part took.
+    let work = dst.bundle("app").join("criu-work");
+    assert!(
+        !work.join("pclive-lazy-restore.json").exists(),
+        "a lazy-pages server ran"
+    );
+    let eager: serde_json::Value =
+        serde_json::from_slice(&fs::read(work.join("pclive-eager-restore.json")).unwrap()).unwrap();
+    eprintln!("destination report: {eager:#}");
+    assert_eq!(eager["status"], "done", "{eager:#}");
+    for field in [
+        "images_to_restore_start_seconds",
+        "assemble_seconds",
+        "restore_seconds",
+    ] {
+        assert!(eager[field].as_f64().unwrap() > 0.0, "{field}: {eager:#}");
+    }
+    assert!(
+        eager["assemble"]["pages_from_staging"].as_u64().unwrap() >= 512 * 256,
+        "the 512 MiB came from the staging store: {eager:#}"
+    );
+    let ps = dst.ctr_ok(&["task", "ps", "app"]);
+    assert!(ps.lines().count() >= 4, "the process tree arrived: {ps}");
+}
+
 #[test]
 fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
     let hosts = TwoHosts::up("10gbit");
@@ -303,6 +404,57 @@ fn a_failed_restore_on_the_destination_resumes_the_source() {
     );
     assert_keeps_counting(src, &rootfs);
     assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+}
+
+#[test]
+fn a_failed_eager_restore_resumes_the_source_and_leaves_nothing_behind() {
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let rootfs = counter(src);
+    let key = key_file(&src.dir);
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    // As in the lazy case: the destination's root filesystem lacks the container's files, so
+    // CRIU fails after the images were completed, with the source frozen.
+    let wrong_rootfs = dst.rootfs("empty-root");
+    fs::remove_dir_all(wrong_rootfs.join("usr/local/bin")).unwrap();
+    let receiver = receive_eagerly(dst, "app", &wrong_rootfs, &listen, &key);
+    let err = migrate(src, "app", &listen, &key).unwrap_err();
+    assert!(
+        err.contains("keeps running here") && err.contains("restore"),
+        "the error does not say the restore failed and the source resumed: {err}"
+    );
+    assert_keeps_counting(src, &rootfs);
+    assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+
+    // The receiving server (and its staging store) is gone, CRIU left nothing mounted, the
+    // images hold no half-written files, and the report says why it failed.
+    assert_eq!(
+        processes_with_args(&["--receive", &listen]),
+        Vec::<i32>::new()
+    );
+    let bundle = dst.bundle("app");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| Path::new(m).starts_with(bundle.join("criu-work")))
+        .collect();
+    assert!(left.is_empty(), "mounts left behind: {left:?}");
+    let images = fs::read_dir(bundle.join("migration-images")).unwrap();
+    let half_written: Vec<String> = images
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".assembling"))
+        .collect();
+    assert!(half_written.is_empty(), "{half_written:?}");
+    let report: serde_json::Value = serde_json::from_slice(
+        &fs::read(bundle.join("criu-work/pclive-eager-restore.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["status"], "failed", "{report:#}");
+    assert!(
+        report["reason"].as_str().unwrap().contains("restore"),
+        "{report:#}"
+    );
 }
 
 #[test]

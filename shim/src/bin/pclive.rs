@@ -23,14 +23,19 @@ USAGE:
                                   compressible memory; each run goes raw if it saves < 1/8)
         --json                    print the migration report as JSON
     pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure)
-                   (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS]
+                   (--rootfs DIR | --image REF) [--eager] [--address SOCKET] [--namespace NS]
                    [--net-host] [--tcp-close]
                               create the receiving container; returns once the migrated
-                              container runs here. --net-host: the source container shares
-                              its host's network namespace (ctr run --net-host), so this one
-                              must too. --tcp-close: restore established TCP connections
-                              closed (needed when the container's address does not move with
-                              it, e.g. host networking: its clients reconnect)
+                              container runs here
+        --eager                   restore eagerly: complete the final dump's images with the
+                                  pre-copied memory, then a plain restore (every page in place
+                                  before the tasks resume, no lazy-pages server). Default: lazy
+                                  (the tasks resume at once, memory installed with userfaultfd)
+        --net-host                the source container shares its host's network namespace
+                                  (ctr run --net-host), so this one must too
+        --tcp-close               restore established TCP connections closed (needed when the
+                                  container's address does not move with it, e.g. host
+                                  networking: its clients reconnect)
     pclive check [--json]     what this host offers pclive (tool versions, kernel features)
     pclive dirty-rate PID [--rounds N] [--interval-ms MS] [--tracker content-hash|soft-dirty] [--json]
                               how fast a process dirties its memory, measured with the tracker
@@ -467,14 +472,15 @@ fn migrate(args: &[String]) -> ExitCode {
 const UNREACHABLE: &str = "\u{0}unreachable:";
 
 fn receive(args: &[String]) -> ExitCode {
-    let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--address SOCKET] [--namespace NS] [--net-host] [--tcp-close]";
-    let (positional, options) = match parse_options(args, &["insecure", "net-host", "tcp-close"]) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            eprintln!("pclive receive: {e}\n{usage}");
-            return ExitCode::from(2);
-        }
-    };
+    let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--eager] [--address SOCKET] [--namespace NS] [--net-host] [--tcp-close]";
+    let (positional, options) =
+        match parse_options(args, &["insecure", "eager", "net-host", "tcp-close"]) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                eprintln!("pclive receive: {e}\n{usage}");
+                return ExitCode::from(2);
+            }
+        };
     let ([container], Some(listen)) = (positional.as_slice(), options.get("listen")) else {
         eprintln!("{usage}");
         return ExitCode::from(2);
@@ -519,6 +525,16 @@ fn receive(args: &[String]) -> ExitCode {
         command.args([
             "--annotation",
             "io.containerd.pclive.restore.tcp-close=true",
+        ]);
+    }
+    if options.contains_key("eager") {
+        // The receiving container restores lazily unless told otherwise.
+        command.args([
+            "--annotation",
+            &format!(
+                "{}=false",
+                containerd_shim_pclive::task::RESTORE_LAZY_ANNOTATION
+            ),
         ]);
     }
     match (options.get("rootfs"), options.get("image")) {

@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# Live migration of Redis under load, pclive against stop-and-copy CRIU, in one run, on the
+# two-host test bed (scripts/testbed.sh). As root on Debian 12/13; installs what it needs.
+#
+#   scripts/bench-migration.sh [--records N] [--sweep N,N] [--links 1gbit,10gbit]
+#                              [--mixes 90:10,10:90] [--modes baseline,pclive-eager,pclive]
+#                              [--rate OPS] [--out DIR] [--quick] [--no-setup]
+#
+# For every link rate, read:write mix and mode: a Redis container on the source host holding
+# N records of 1 KiB random (incompressible) values, a YCSB-like client load at --rate ops/s
+# from a client namespace outside both hosts, and a probe that measures the service's downtime
+# as the longest gap between successful replies, following the service to the destination.
+# Modes:
+#   baseline      runc checkpoint streaming memory to a CRIU page server on the destination,
+#                 the image files copied over, then runc restore (what users do today)
+#   pclive-eager  pclive pre-copy, then a normal restore from the assembled images
+#   pclive        pclive pre-copy, then a lazy restore from the destination's staging store
+# --sweep adds runs at other record counts (10gbit, first mix) for restore time vs size.
+# Every run checks the data (every record, against what the client acknowledged).
+#
+# Output in --out (default bench-results/DATE): results.jsonl (one line per run), results.md
+# (tables, ratios against the baseline of the same run, targets met or missed), PNG plots,
+# and runs/<run>/ with each run's raw files. --quick: 100k records, 10gbit, one mix.
+# --no-setup: skip scripts/setup.sh and the build (the tests run it this way); the client and
+# report programs then come from $PCLIVE_BENCH_CLIENT / $PCLIVE_BENCH_REPORT or target/release.
+#
+# Redis runs on its host's network (the container keeps no address of its own), so established
+# client connections are restored closed (--tcp-close) and clients reconnect to the destination.
+# Everything created is removed on exit, also on failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+records=1000000
+sweep=100000,2000000
+links=1gbit,10gbit
+mixes=90:10,10:90
+modes=baseline,pclive-eager,pclive
+rate=5000
+out=""
+setup=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --records) records=${2:?--records needs a number}; shift 2 ;;
+    --sweep) sweep=${2?--sweep needs a list (or "")}; shift 2 ;;
+    --links) links=${2:?--links needs a list}; shift 2 ;;
+    --mixes) mixes=${2:?--mixes needs a list}; shift 2 ;;
+    --modes) modes=${2:?--modes needs a list}; shift 2 ;;
+    --rate) rate=${2:?--rate needs a number}; shift 2 ;;
+    --out) out=${2:?--out needs a directory}; shift 2 ;;
+    --quick) records=100000; sweep=""; links=10gbit; mixes=90:10; shift ;;
+    --no-setup) setup=0; shift ;;
+    -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench-migration: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+  esac
+done
+for mode in ${modes//,/ }; do
+  case "$mode" in baseline|pclive-eager|pclive) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
+done
+for mix in ${mixes//,/ }; do
+  [[ "$mix" =~ ^[0-9]+:[0-9]+$ ]] || { echo "bench-migration: a mix is READ:WRITE, e.g. 90:10 (got '$mix')" >&2; exit 2; }
+done
+out=${out:-bench-results/$(date +%Y%m%d-%H%M%S)}
+
+if [ "$setup" = 1 ]; then
+  bash scripts/setup.sh
+  cargo build --release --locked -q -p pclive-bench
+fi
+client=${PCLIVE_BENCH_CLIENT:-$PWD/target/release/pclive-bench-client}
+reporter=${PCLIVE_BENCH_REPORT:-$PWD/target/release/pclive-bench-report}
+for program in "$client" "$reporter" "$(command -v pclive || echo pclive)"; do
+  [ -x "$program" ] || { echo "bench-migration: $program is missing: run without --no-setup (or scripts/setup.sh)" >&2; exit 1; }
+done
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+now() { date +%s.%N; }
+bed=pcbench
+tb() { bash scripts/testbed.sh "$@"; }
+on() { local host=$1; shift; tb exec "$host" --name "$bed" "$@"; }
+src_ns=bench-src
+dst_ns=bench-dst
+port=6379
+seed=7
+work=$(mktemp -d /tmp/pclive-bench.XXXXXX)
+mkdir -p "$out/runs"
+out=$(cd "$out" && pwd)
+background=()
+cleanup() {
+  set +e
+  local pid
+  for pid in "${background[@]}"; do kill "$pid" 2>/dev/null; done
+  wait 2>/dev/null
+  tb down --name "$bed" >/dev/null 2>&1
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+rootfs=$work/rootfs
+bash testdata/build-rootfs.sh "$rootfs" "$(command -v redis-server)" >/dev/null
+head -c 32 /dev/urandom > "$work/key"
+
+ctr_src() { tb ctr src --name "$bed" -n "$src_ns" "$@"; }
+ctr_dst() { tb ctr dst --name "$bed" -n "$dst_ns" "$@"; }
+cgroup() { echo "/sys/fs/cgroup/$1/pclive-testbed-$bed-$2"; }
+cpu_ns() { cat "$(cgroup cpuacct "$1")/cpuacct.usage"; }
+# Resident memory of a host's own processes (containerd, shims, CRIU, staging), without the
+# container (which runc puts in cgroups of its own).
+host_rss() { awk '$1 == "total_rss" { print $2 }' "$(cgroup memory "$1")/memory.stat"; }
+# Resident memory of a container's processes.
+container_rss() {
+  local host=$1 id=$2 total=0 pid kb
+  for pid in $(tb ctr "$host" --name "$bed" -n "bench-$host" task ps "$id" 2>/dev/null | awk 'NR > 1 { print $1 }'); do
+    kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+    total=$((total + ${kb:-0}))
+  done
+  echo $((total * 1024))
+}
+wait_listening() { # host port
+  local _
+  for _ in $(seq 200); do
+    on "$1" ss -ltnH "sport = :$2" | grep -q . && return 0
+    sleep 0.05
+  done
+  echo "bench-migration: nothing listens on port $2 on $1" >&2
+  return 1
+}
+remove_container() { # host id
+  tb ctr "$1" --name "$bed" -n "bench-$1" task rm -f "$2" >/dev/null 2>&1 || true
+  tb ctr "$1" --name "$bed" -n "bench-$1" container rm "$2" >/dev/null 2>&1 || true
+}
+redis_cmd=(/usr/local/bin/redis-server --bind 0.0.0.0 --port "$port" --protected-mode no
+  --save "" --appendonly no)
+
+# One migration of a loaded Redis; appends its result line to results.jsonl.
+run_one() {
+  local link=$1 records=$2 mix=$3 mode=$4
+  local read_pct=${mix%%:*} write_pct=${mix##*:}
+  local read_ratio
+  read_ratio=$(awk -v r="$read_pct" -v w="$write_pct" 'BEGIN { printf "%.3f", r / (r + w) }')
+  local tag=$link-$records-r$read_pct-$mode
+  local dir=$out/runs/$tag id=redis
+  rm -rf "$dir"; mkdir -p "$dir"
+  say "$tag: $records records, $mix reads:writes at $rate ops/s, $link, $mode"
+
+  ctr_src run -d --null-io --net-host --runtime io.containerd.pclive.v2 --rootfs "$rootfs" \
+    "$id" "${redis_cmd[@]}"
+  local src_ep=$src_client_addr:$port dst_ep=$dst_client_addr:$port
+  local _
+  for _ in $(seq 100); do on cli redis-cli -h "$src_client_addr" -p "$port" PING 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+  on cli "$client" load --endpoint "$src_ep" --records "$records" --value-size 1024 --seed "$seed" > "$dir/load.json"
+  local rss
+  rss=$(container_rss src "$id")
+
+  on cli "$client" run --endpoints "$src_ep,$dst_ep" --records "$records" --value-size 1024 \
+    --seed "$seed" --read-ratio "$read_ratio" --rate "$rate" --stop-file "$dir/stop" \
+    --timeline "$dir/timeline.jsonl" --state "$dir/client.state" > "$dir/client.json" 2> "$dir/client.log" &
+  local client_pid=$!
+  background+=("$client_pid")
+  sleep 3
+
+  local cpu_src0 cpu_dst0 start restored images_unix dump_s=0 freeze_s=0 transfer_s=0 rounds='[]' precopy_bytes=0
+  for host in src dst; do echo 0 > "$(cgroup memory $host)/memory.max_usage_in_bytes"; done
+  cpu_src0=$(cpu_ns src); cpu_dst0=$(cpu_ns dst)
+  start=$(now)
+  case "$mode" in
+    baseline)
+      local simg=$work/$tag-src dimg=$work/$tag-dst ps_port=7412 img_port=7413 t0 t1
+      mkdir -p "$simg" "$dimg"
+      on dst criu page-server --images-dir "$dimg" --address "$dst_addr" --port "$ps_port" \
+        -o "$dimg/page-server.log" -v2 &
+      local page_server=$!
+      background+=("$page_server")
+      on dst sh -c "nc -l -p $img_port | tar -C '$dimg' -xf -" &
+      local receiver=$!
+      background+=("$receiver")
+      wait_listening dst "$ps_port"; wait_listening dst "$img_port"
+      local runc_root
+      runc_root=$(dirname "$(ls -d /run/pclive/runc/*/"$src_ns"/"$id")")
+      t0=$(now)
+      on src runc --root "$runc_root" checkpoint --image-path "$simg" --work-path "$simg" \
+        --page-server "$dst_addr:$ps_port" --tcp-established --tcp-skip-in-flight --ext-unix-sk \
+        --file-locks "$id"
+      t1=$(now)
+      dump_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+      wait "$page_server" || { echo "bench-migration: CRIU's page server failed: $(tail -3 "$dimg/page-server.log")" >&2; return 1; }
+      on src sh -c "tar -C '$simg' -cf - --exclude page-server.log . | nc -N $dst_addr $img_port"
+      wait "$receiver"
+      images_unix=$(now)
+      transfer_s=$(awk -v a="$t1" -v b="$images_unix" 'BEGIN { print b - a }')
+      ctr_dst run -d --null-io --net-host --runtime io.containerd.pclive.v2 \
+        --annotation "io.containerd.pclive.restore.image-path=$dimg" \
+        --annotation "io.containerd.pclive.restore.work-path=$dimg" \
+        --annotation io.containerd.pclive.restore.tcp-close=true \
+        --rootfs "$rootfs" "$id" "${redis_cmd[@]}"
+      restored=$(now)
+      remove_container src "$id"
+      ;;
+    pclive|pclive-eager)
+      local listen=$dst_addr:7411 extra=()
+      [ "$mode" = pclive-eager ] && extra=(--eager)
+      pclive receive "$id" --listen "$listen" --key-file "$work/key" --rootfs "$rootfs" \
+        --address "/run/pclive-testbed/$bed/dst/containerd.sock" --namespace "$dst_ns" \
+        --net-host --tcp-close "${extra[@]}" > "$dir/receive.log" 2>&1 &
+      local receiver=$!
+      background+=("$receiver")
+      wait_listening dst 7411
+      pclive migrate "$id" "$listen" --key-file "$work/key" \
+        --address "/run/pclive-testbed/$bed/src/containerd.sock" --namespace "$src_ns" \
+        --work-dir "$dir/source-work" --json > "$dir/migration.json" 2> "$dir/migrate.log"
+      wait "$receiver"
+      restored=$(now)
+      images_unix=$(jq -r .images_sent_unix "$dir/migration.json")
+      freeze_s=$(jq -r .last_round_seconds "$dir/migration.json")
+      dump_s=$(jq -r .final_dump_seconds "$dir/migration.json")
+      transfer_s=$(jq -r .images_seconds "$dir/migration.json")
+      rounds=$(jq -c '[.precopy.rounds[] | {round, bytes, wire_bytes, seconds, cpu_seconds, frozen}]' "$dir/migration.json")
+      precopy_bytes=$(jq '[.precopy.rounds[].wire_bytes] | add' "$dir/migration.json")
+      ;;
+  esac
+  local cpu_src1 cpu_dst1 peak_src peak_dst
+  cpu_src1=$(cpu_ns src); cpu_dst1=$(cpu_ns dst)
+  peak_src=$(cat "$(cgroup memory src)/memory.max_usage_in_bytes")
+  peak_dst=$(cat "$(cgroup memory dst)/memory.max_usage_in_bytes")
+  # Let the load run on the destination (the latency after resume), then stop and check it.
+  sleep 3
+  local dst_mem
+  dst_mem=$(( $(container_rss dst "$id") + $(host_rss dst) ))
+  touch "$dir/stop"
+  wait "$client_pid" || true
+  on cli "$client" verify --endpoint "$dst_ep" --records "$records" --value-size 1024 \
+    --seed "$seed" --state "$dir/client.state" > "$dir/verify.json" || true
+  remove_container dst "$id"
+  remove_container src "$id"
+
+  jq -nc \
+    --arg mode "$mode" --arg link "$link" --argjson records "$records" --argjson read_ratio "$read_ratio" \
+    --argjson rate "$rate" --argjson start "$start" --argjson images "$images_unix" \
+    --argjson restored "$restored" --argjson freeze "$freeze_s" --argjson dump "$dump_s" \
+    --argjson transfer "$transfer_s" --argjson rounds "$rounds" --argjson precopy "$precopy_bytes" \
+    --argjson cpu_src "$(( cpu_src1 - cpu_src0 ))" --argjson cpu_dst "$(( cpu_dst1 - cpu_dst0 ))" \
+    --argjson peak_src "$peak_src" --argjson peak_dst "$peak_dst" --argjson dst_mem "$dst_mem" \
+    --argjson rss "$rss" --slurpfile client "$dir/client.json" --slurpfile verify "$dir/verify.json" \
+    --arg timeline "runs/$tag/timeline.jsonl" --slurpfile migration <(cat "$dir/migration.json" 2>/dev/null || echo '{}') '
+    ($client[0]) as $c | ($verify[0]) as $v | ($migration[0]) as $m |
+    {mode: $mode, link: $link, records: $records, value_size: 1024, read_ratio: $read_ratio,
+     rate_ops: $rate,
+     downtime_s: $c.longest_gap_s,
+     phases: {freeze_s: $freeze, final_dump_s: $dump, transfer_s: $transfer,
+              restore_s: ($c.gap_end_unix - $images)},
+     restore_s: ($c.gap_end_unix - $images),
+     migration_s: (($m.committed_unix // $restored) - $start),
+     rounds: $rounds, precopy_bytes: $precopy,
+     cpu_s: {src: ($cpu_src / 1e9), dst: ($cpu_dst / 1e9)},
+     peak_mem_bytes: {src: $peak_src, dst: $peak_dst},
+     dst_mem_after_commit_bytes: $dst_mem, container_rss_bytes: $rss,
+     integrity: {ok: ($v.mismatches == 0 and $v.missing == 0 and $c.read_mismatches == 0),
+                 checked: $v.checked, mismatches: $v.mismatches, missing: $v.missing,
+                 read_mismatches: $c.read_mismatches},
+     after_resume_latency_us: $c.after_resume_latency_us,
+     endpoint_after_gap: $c.endpoint_after_gap,
+     timeline: $timeline, start_unix: $start, pause_unix: ($m.paused_unix // $start),
+     resume_unix: $c.gap_end_unix}' >> "$out/results.jsonl"
+  tail -1 "$out/results.jsonl" | jq -c '{mode, downtime_s, restore_s, integrity: .integrity.ok}' >&2
+  if [ "$(tail -1 "$out/results.jsonl" | jq .integrity.ok)" != true ]; then
+    echo "bench-migration: DATA INTEGRITY FAILED in $tag (see $dir)" >&2
+    return 1
+  fi
+  if [ "$(tail -1 "$out/results.jsonl" | jq .endpoint_after_gap)" != 1 ]; then
+    echo "bench-migration: the longest gap in $tag was not the migration (see $dir/client.json)" >&2
+    return 1
+  fi
+}
+
+: > "$out/results.jsonl"
+first_mix=${mixes%%,*}
+for link in ${links//,/ }; do
+  say "test bed: two hosts and a client namespace, a $link link"
+  tb up --name "$bed" --rate "$link" >&2
+  # The migration goes over the hosts' link; clients reach each host over links of their own.
+  dst_addr=$(tb env --name "$bed" | awk '/^dst/ { sub(",", "", $5); print $5 }')
+  src_client_addr=$(tb env --name "$bed" | awk '/^src/ { sub(",", "", $12); print $12 }')
+  dst_client_addr=$(tb env --name "$bed" | awk '/^dst/ { sub(",", "", $12); print $12 }')
+  for mix in ${mixes//,/ }; do
+    for mode in ${modes//,/ }; do
+      run_one "$link" "$records" "$mix" "$mode"
+    done
+  done
+  if [ "$link" = 10gbit ] && [ -n "$sweep" ]; then
+    for n in ${sweep//,/ }; do
+      for mode in ${modes//,/ }; do run_one "$link" "$n" "$first_mix" "$mode"; done
+    done
+  fi
+  tb down --name "$bed" >&2
+done
+"$reporter" --input "$out/results.jsonl" --out-dir "$out"
+say "results: $out/results.md"
+cat "$out/results.md"

@@ -1,0 +1,336 @@
+//! Eager restore of a migration, from the shim's side: the engine's server receives the migration
+//! (pre-copy rounds into its staging store, then the final dump's images) and completes the images
+//! from the store; the shim then runs a plain `runc restore` (no lazy-pages server) and tells the
+//! server how it went, and the server tells the source to commit (it goes) or to abort (it
+//! resumes).
+//!
+//! The server is a child process as in the lazy path: the staging store, the container's whole
+//! memory, lives and dies with it (it is freed before the restore), never in the shim; and if the
+//! shim or the server dies, the connection to the source closes and the source resumes.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use containerd_shim::monitor::{monitor_subscribe, Subscription, Topic};
+use log::{error, info, warn};
+use restore_engine::assemble::AssembleReport;
+use restore_engine::destination::RestoreOutcome;
+use restore_engine::lazy::LazyEvent;
+use serde::Serialize;
+
+use crate::lazy_restore::{
+    add_receive_args, forward_events, kill, server_command, wait_exit, ReceiveSpec,
+    RECEIVE_TIMEOUT, SERVER_LOG,
+};
+
+/// Name of the report the shim writes into the CRIU work directory when an eager restore of a
+/// migration ends (the lazy path writes `pclive-lazy-restore.json`).
+pub const REPORT_FILE: &str = "pclive-eager-restore.json";
+/// How long the server may take to tell the source that the tasks run and to commit (two
+/// messages on an open connection).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the server may take to exit once it has nothing left to do.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EagerRestoreError {
+    #[error("cannot start the receiving server: {0}")]
+    Spawn(String),
+    #[error("receiving the migration for an eager restore failed: {0}. The source keeps running")]
+    Receive(String),
+    #[error("the restore succeeded but the source was not told to commit ({0}); the restored container was stopped here and the source resumes")]
+    Commit(String),
+}
+
+/// What the shim records about the eager restore of a migration (JSON next to CRIU's logs).
+#[derive(Debug, Clone, Serialize)]
+pub struct EagerReport {
+    pub container: String,
+    /// `done` (restored and committed) or `failed`.
+    pub status: &'static str,
+    pub reason: Option<String>,
+    pub rounds: Option<u32>,
+    pub staged_bytes: Option<u64>,
+    pub image_bytes: Option<u64>,
+    /// Images received → `runc restore` started: mostly the assembly of the images.
+    pub images_to_restore_start_seconds: Option<f64>,
+    /// Completing the images from the staging store (part of the above).
+    pub assemble_seconds: Option<f64>,
+    /// `runc restore` alone: CRIU writes every page before the tasks resume.
+    pub restore_seconds: Option<f64>,
+    /// Images received → the tasks run; a lazy restore's report measures the same span as its
+    /// `restore_seconds`.
+    pub images_to_running_seconds: Option<f64>,
+    pub assemble: Option<AssembleReport>,
+}
+
+impl EagerReport {
+    fn failed(mut self, reason: &str) -> Self {
+        self.status = "failed";
+        self.reason = Some(reason.to_string());
+        self
+    }
+}
+
+/// A receiving server whose images are complete, waiting to hear how the restore went.
+pub struct EagerReceiver {
+    pid: i32,
+    events: Receiver<LazyEvent>,
+    exit: Subscription,
+    stdin: Option<ChildStdin>,
+    work_dir: PathBuf,
+    images_ready_at: Instant,
+    report: EagerReport,
+    /// The server was told the outcome (or is gone): nothing for Drop to do.
+    finished: bool,
+}
+
+impl EagerReceiver {
+    /// Starts the server receiving a migration for container `id` as `spec` says, the image files
+    /// into `images`, its logs into `work_dir`; returns once the images are complete. On error
+    /// the server is gone (and has told the source to abort, or closed the connection).
+    pub fn receive(
+        id: &str,
+        images: &Path,
+        work_dir: &Path,
+        spec: &ReceiveSpec,
+    ) -> Result<Self, EagerRestoreError> {
+        let mut command = server_command(images, work_dir).map_err(EagerRestoreError::Spawn)?;
+        add_receive_args(&mut command, spec);
+        command.arg("--eager").stdin(Stdio::piped());
+        // SAFETY: close_range is async-signal-safe; it only closes the child's copies of the
+        // shim's descriptors above stdio, so none of them leaks into the server.
+        unsafe {
+            command.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+        // Subscribe before spawning so the exit cannot be missed.
+        let exit = monitor_subscribe(Topic::Pid)
+            .map_err(|e| EagerRestoreError::Spawn(format!("exit monitor: {e}")))?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| EagerRestoreError::Spawn(e.to_string()))?;
+        let pid = child.id() as i32;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        // The reaper collects the exit; the Child handle is not waited on.
+        drop(child);
+        let events = forward_events(stdout).map_err(|e| {
+            kill(pid);
+            EagerRestoreError::Spawn(e.to_string())
+        })?;
+        let mut receiver = EagerReceiver {
+            pid,
+            events,
+            exit,
+            stdin,
+            work_dir: work_dir.to_owned(),
+            images_ready_at: Instant::now(),
+            report: EagerReport {
+                container: id.to_string(),
+                status: "failed",
+                reason: None,
+                rounds: None,
+                staged_bytes: None,
+                image_bytes: None,
+                images_to_restore_start_seconds: None,
+                assemble_seconds: None,
+                restore_seconds: None,
+                images_to_running_seconds: None,
+                assemble: None,
+            },
+            finished: false,
+        };
+        match receiver.wait_until_assembled() {
+            Ok(()) => Ok(receiver),
+            Err(reason) => {
+                receiver.stop_server();
+                receiver.write_report(receiver.report.clone().failed(&reason));
+                Err(EagerRestoreError::Receive(reason))
+            }
+        }
+    }
+
+    fn wait_until_assembled(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + RECEIVE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(LazyEvent::Listening { address }) => {
+                    info!("receiving a migration on {address} (eager restore)")
+                }
+                Ok(LazyEvent::ImagesReady {
+                    rounds,
+                    staged_bytes,
+                    image_bytes,
+                }) => {
+                    self.images_ready_at = Instant::now();
+                    self.report.rounds = Some(rounds);
+                    self.report.staged_bytes = Some(staged_bytes);
+                    self.report.image_bytes = Some(image_bytes);
+                    info!(
+                        "{}: migration received: {rounds} rounds, {:.1} MiB staged, {:.1} KiB of images; completing the images",
+                        self.report.container,
+                        staged_bytes as f64 / (1 << 20) as f64,
+                        image_bytes as f64 / 1024.0
+                    );
+                }
+                Ok(LazyEvent::Assembled(assembled)) => {
+                    info!(
+                        "{}: images complete in {:.3}s: {} pages from the staging store, {} zero, {} from the dump; restoring",
+                        self.report.container,
+                        assembled.seconds,
+                        assembled.pages_from_staging,
+                        assembled.zero_pages,
+                        assembled.pages_from_images
+                    );
+                    self.report.assemble_seconds = Some(assembled.seconds);
+                    self.report.assemble = Some(assembled);
+                    return Ok(());
+                }
+                Ok(LazyEvent::Error { message }) => return Err(message),
+                Ok(other) => return Err(format!("the server reported {other:?} unexpectedly")),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("no migration arrived within {RECEIVE_TIMEOUT:?}"))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let log =
+                        fs::read_to_string(self.work_dir.join(SERVER_LOG)).unwrap_or_default();
+                    return Err(format!(
+                        "the receiving server exited without a word. {}",
+                        log.trim()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// `runc restore` (started at `restore_started`) succeeded and the tasks run: the server
+    /// tells the source so and to commit. Err: the source was not told to commit; it resumes,
+    /// and the caller must stop the restored container.
+    pub fn restored(mut self, restore_started: Instant) -> Result<(), EagerRestoreError> {
+        self.record_restore(restore_started);
+        let committed = self
+            .tell(&RestoreOutcome::Restored)
+            .and_then(|()| self.wait_for_commit());
+        self.stop_server();
+        match committed {
+            Ok(()) => {
+                let report = &self.report;
+                info!(
+                    "{}: eager restore committed: images → restore start {:.3}s (assembly {:.3}s), runc restore {:.3}s",
+                    report.container,
+                    report.images_to_restore_start_seconds.unwrap_or_default(),
+                    report.assemble_seconds.unwrap_or_default(),
+                    report.restore_seconds.unwrap_or_default()
+                );
+                let mut done = self.report.clone();
+                done.status = "done";
+                self.write_report(done);
+                Ok(())
+            }
+            Err(reason) => {
+                error!("{}: {reason}", self.report.container);
+                self.write_report(self.report.clone().failed(&reason));
+                Err(EagerRestoreError::Commit(reason))
+            }
+        }
+    }
+
+    /// `runc restore` (started at `restore_started`) failed with `reason`: the server tells the
+    /// source to abort (it resumes) and exits.
+    pub fn restore_failed(mut self, restore_started: Instant, reason: &str) {
+        self.record_restore(restore_started);
+        if let Err(e) = self.tell(&RestoreOutcome::Failed {
+            reason: reason.to_string(),
+        }) {
+            warn!("{}: {e}", self.report.container);
+        }
+        self.stop_server();
+        self.write_report(self.report.clone().failed(reason));
+    }
+
+    fn record_restore(&mut self, restore_started: Instant) {
+        let now = Instant::now();
+        let since_images = |at: Instant| at.duration_since(self.images_ready_at).as_secs_f64();
+        self.report.images_to_restore_start_seconds = Some(since_images(restore_started));
+        self.report.restore_seconds = Some(now.duration_since(restore_started).as_secs_f64());
+        self.report.images_to_running_seconds = Some(since_images(now));
+    }
+
+    /// Writes the outcome on the server's stdin (one JSON line) and closes it.
+    fn tell(&mut self, outcome: &RestoreOutcome) -> Result<(), String> {
+        let mut line = serde_json::to_string(outcome)
+            .map_err(|e| format!("encoding the restore outcome: {e}"))?;
+        line.push('\n');
+        let mut stdin = self
+            .stdin
+            .take()
+            .ok_or("the server's stdin is already closed")?;
+        stdin
+            .write_all(line.as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(|e| format!("telling the receiving server the restore outcome: {e}"))
+    }
+
+    fn wait_for_commit(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + COMMIT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(LazyEvent::Committed) => return Ok(()),
+                Ok(LazyEvent::Error { message }) => return Err(message),
+                Ok(other) => warn!("receiving server: unexpected {other:?}"),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("no commit within {COMMIT_TIMEOUT:?}"))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err("the receiving server exited before committing".into())
+                }
+            }
+        }
+    }
+
+    /// Lets the server exit (killing it if it does not), which frees its staging store and
+    /// closes the connection to the source.
+    fn stop_server(&mut self) {
+        self.stdin = None;
+        if wait_exit(&self.exit, self.pid, EXIT_TIMEOUT).is_none() {
+            kill(self.pid);
+            let _ = wait_exit(&self.exit, self.pid, EXIT_TIMEOUT);
+        }
+        self.finished = true;
+    }
+
+    fn write_report(&self, report: EagerReport) {
+        if let Ok(json) = serde_json::to_vec_pretty(&report) {
+            let path = self.work_dir.join(REPORT_FILE);
+            if let Err(e) = fs::write(&path, json) {
+                warn!("cannot write {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+impl Drop for EagerReceiver {
+    /// Never told the outcome (the shim failed in between): the source must not wait for a
+    /// commit that will not come; killing the server closes the connection and it resumes.
+    fn drop(&mut self) {
+        if !self.finished {
+            kill(self.pid);
+            let _ = wait_exit(&self.exit, self.pid, EXIT_TIMEOUT);
+            self.write_report(
+                self.report
+                    .clone()
+                    .failed("the shim gave up before the restore"),
+            );
+        }
+    }
+}
