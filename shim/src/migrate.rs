@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -177,10 +177,11 @@ fn lazy_final_dump(
     // struct page_server_iov { u32 cmd; (pad); u64 nr_pages; u64 vaddr; u64 dst_id; }
     let mut close = [0u8; 32];
     close[..4].copy_from_slice(&PS_IOV_CLOSE.to_le_bytes());
-    let mut reply = [0u8; 4];
+    // No waiting for CRIU's 4-byte acknowledgement: its page server corks the socket, so the
+    // reply sits up to 200 ms in the kernel (measured: 0.2 s of every migration's downtime).
+    // Whether the dump ended well is what runc's exit status says.
     stream
         .write_all(&close)
-        .and_then(|_| stream.read_exact(&mut reply))
         .map_err(|source| MigrateError::Io {
             what: "closing CRIU's page server".into(),
             source,
