@@ -220,19 +220,62 @@ pub trait DirtyTracker {
     /// One round over the task `pid`: every page that changed since the last round (all present
     /// pages in the first round).
     fn round(&mut self, pid: u32) -> Result<Delta, TrackError>;
+    /// How many threads a round may use (a hint; trackers that cannot use more ignore it).
+    fn set_threads(&mut self, _threads: usize) {}
 }
 
-/// Reads the present pages of `pid`'s lazy mappings in large batches and calls `visit` with each
-/// page's address and content.
+/// Pages `from..to` of mapping number `vma` (indices into the mapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slice {
+    vma: usize,
+    from: usize,
+    to: usize,
+}
+
+/// Cuts the pages of `vmas` into `parts` runs of consecutive slices with about as many pages
+/// each (a large mapping is split), in address order.
+fn partition(vmas: &[LazyVma], parts: usize) -> Vec<Vec<Slice>> {
+    let total: usize = vmas
+        .iter()
+        .map(|v| ((v.end - v.start) / PAGE) as usize)
+        .sum();
+    let share = total.div_ceil(parts.max(1)).max(1);
+    let mut groups = vec![Vec::new()];
+    let mut room = share;
+    for (vma, v) in vmas.iter().enumerate() {
+        let pages = ((v.end - v.start) / PAGE) as usize;
+        let mut from = 0;
+        while from < pages {
+            if room == 0 {
+                groups.push(Vec::new());
+                room = share;
+            }
+            let to = pages.min(from + room);
+            groups
+                .last_mut()
+                .expect("never empty")
+                .push(Slice { vma, from, to });
+            room -= to - from;
+            from = to;
+        }
+    }
+    groups
+}
+
+/// Reads the present pages of `slices` of `pid`'s lazy mappings in large batches and calls
+/// `visit` with each page's slice number, index in its mapping, and content.
 fn for_each_present_page(
     pid: u32,
     vmas: &[LazyVma],
+    slices: &[Slice],
     mut visit: impl FnMut(usize, usize, &[u8]),
 ) -> Result<(), TrackError> {
     let pagemap = open_pagemap(pid)?;
     let mut buf = vec![0u8; READ_BATCH];
-    for (vma_index, vma) in vmas.iter().enumerate() {
-        let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end)?;
+    for (slice_index, slice) in slices.iter().enumerate() {
+        let vma = vmas[slice.vma];
+        let base = vma.start + slice.from as u64 * PAGE;
+        let entries = pagemap_entries(pid, &pagemap, base, vma.start + slice.to as u64 * PAGE)?;
         let mut i = 0usize;
         while i < entries.len() {
             if !has_page(entries[i]) {
@@ -247,12 +290,12 @@ fn for_each_present_page(
             {
                 j += 1;
             }
-            let addr = vma.start + i as u64 * PAGE;
+            let addr = base + i as u64 * PAGE;
             let len = (j - i) * PAGE as usize;
             match read_remote(pid, addr, &mut buf[..len]) {
                 Ok(()) => {
                     for (k, page) in buf[..len].chunks_exact(PAGE as usize).enumerate() {
-                        visit(vma_index, i + k, page);
+                        visit(slice_index, slice.from + i + k, page);
                     }
                 }
                 // Part of the run is unreadable (the mapping changed under us): read page by
@@ -264,7 +307,7 @@ fn for_each_present_page(
                     for k in 0..j - i {
                         let page = &mut buf[..PAGE as usize];
                         if read_remote(pid, addr + k as u64 * PAGE, page).is_ok() {
-                            visit(vma_index, i + k, page);
+                            visit(slice_index, slice.from + i + k, page);
                         }
                     }
                 }
@@ -285,6 +328,42 @@ fn for_each_present_page(
 #[derive(Default)]
 pub struct HashTracker {
     tasks: HashMap<u32, Vec<(LazyVma, Vec<u64>)>>,
+    /// Threads that read and hash (0 or 1: the calling thread alone).
+    threads: usize,
+}
+
+/// One thread's share of a round: new hashes of its slices (one vector per slice), and what
+/// changed there.
+type Share = (Vec<Vec<u64>>, Delta);
+
+fn hash_slices(
+    pid: u32,
+    vmas: &[LazyVma],
+    old: &[Vec<u64>],
+    slices: &[Slice],
+) -> Result<Share, TrackError> {
+    let mut new: Vec<Vec<u64>> = slices.iter().map(|s| vec![0u64; s.to - s.from]).collect();
+    let mut delta = Delta::default();
+    for_each_present_page(pid, vmas, slices, |slice, index, page| {
+        let hash = xxh3_64(page) | 1;
+        let s = slices[slice];
+        new[slice][index - s.from] = hash;
+        if old[s.vma][index] != hash {
+            delta.push_page(vmas[s.vma].start + index as u64 * PAGE, page);
+        }
+    })?;
+    Ok((new, delta))
+}
+
+impl HashTracker {
+    /// Reads and hashes with this many threads (while the tasks are frozen their cores are
+    /// free; while they run, one thread keeps pre-copy from taking more than a core from them).
+    pub fn with_threads(threads: usize) -> Self {
+        HashTracker {
+            threads,
+            ..Default::default()
+        }
+    }
 }
 
 /// The previous round's hashes for `vma`, by address, from whatever mappings covered it then.
@@ -310,20 +389,42 @@ impl DirtyTracker for HashTracker {
         "content-hash"
     }
 
+    fn set_threads(&mut self, threads: usize) {
+        self.threads = threads;
+    }
+
     fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
         let previous = self.tasks.remove(&pid).unwrap_or_default();
         let vmas = lazy_vmas(pid)?;
         let old: Vec<Vec<u64>> = vmas.iter().map(|v| carry_over(&previous, *v)).collect();
         drop(previous);
+        let groups = partition(&vmas, self.threads.max(1));
+        // Each thread reads its own consecutive share; shares are in address order, so their
+        // deltas concatenate into one sorted delta.
+        let shares: Vec<Result<Share, TrackError>> = if groups.len() == 1 {
+            vec![hash_slices(pid, &vmas, &old, &groups[0])]
+        } else {
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = groups
+                    .iter()
+                    .map(|slices| scope.spawn(|| hash_slices(pid, &vmas, &old, slices)))
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("a hashing thread panicked"))
+                    .collect()
+            })
+        };
         let mut new: Vec<Vec<u64>> = old.iter().map(|o| vec![0u64; o.len()]).collect();
         let mut delta = Delta::default();
-        for_each_present_page(pid, &vmas, |vma, index, page| {
-            let hash = xxh3_64(page) | 1;
-            new[vma][index] = hash;
-            if old[vma][index] != hash {
-                delta.push_page(vmas[vma].start + index as u64 * PAGE, page);
+        for (slices, share) in groups.iter().zip(shares) {
+            let (hashes, part) = share?;
+            for (slice, hashes) in slices.iter().zip(hashes) {
+                new[slice.vma][slice.from..slice.to].copy_from_slice(&hashes);
             }
-        })?;
+            delta.runs.extend(part.runs);
+            delta.zero.extend(part.zero);
+        }
         // Present before, absent now (discarded with MADV_DONTNEED): zero on the destination.
         for (v, (o, n)) in vmas.iter().zip(old.iter().zip(&new)) {
             for (index, (before, now)) in o.iter().zip(n).enumerate() {
@@ -585,6 +686,65 @@ VmFlags: rd ex mr mw me de
     #[test]
     fn hash_tracker_reports_exactly_the_changed_pages_of_our_own_process() {
         exercise(&mut HashTracker::default());
+    }
+
+    #[test]
+    fn hash_tracker_with_threads_reports_the_same() {
+        // Shares split mappings in the middle (our heap and the test region included).
+        exercise(&mut HashTracker::with_threads(3));
+    }
+
+    #[test]
+    fn partition_cuts_mappings_into_equal_ordered_shares() {
+        let vma = |start: u64, pages: u64| LazyVma {
+            start: start * PAGE,
+            end: (start + pages) * PAGE,
+        };
+        let vmas = [vma(0, 10), vma(100, 1), vma(200, 5)];
+        let groups = partition(&vmas, 2);
+        assert_eq!(
+            groups,
+            [
+                vec![Slice {
+                    vma: 0,
+                    from: 0,
+                    to: 8
+                }],
+                vec![
+                    Slice {
+                        vma: 0,
+                        from: 8,
+                        to: 10
+                    },
+                    Slice {
+                        vma: 1,
+                        from: 0,
+                        to: 1
+                    },
+                    Slice {
+                        vma: 2,
+                        from: 0,
+                        to: 5
+                    },
+                ],
+            ]
+        );
+        // Every page exactly once, whatever the number of parts.
+        for parts in 1..20 {
+            let groups = partition(&vmas, parts);
+            assert!(groups.len() <= parts, "{parts}: {groups:?}");
+            let covered: usize = groups.iter().flatten().map(|s| s.to - s.from).sum();
+            assert_eq!(covered, 16);
+            let flat: Vec<_> = groups.into_iter().flatten().collect();
+            for pair in flat.windows(2) {
+                let (a, b) = (pair[0], pair[1]);
+                assert!(
+                    a.vma < b.vma || (a.vma == b.vma && a.to == b.from),
+                    "{a:?} {b:?}"
+                );
+            }
+        }
+        assert_eq!(partition(&[], 4), [Vec::<Slice>::new()]);
     }
 
     #[test]

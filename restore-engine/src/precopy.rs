@@ -212,10 +212,11 @@ pub struct RoundStats {
     pub end_unix: f64,
 }
 
-/// CPU time (user + system) of the calling thread.
-fn thread_cpu_seconds() -> f64 {
+/// CPU time (user + system) of this process: the sending thread and the tracker's hashing
+/// threads (the shim's other threads are idle during a migration).
+fn process_cpu_seconds() -> f64 {
     use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_THREAD)
+    getrusage(UsageWho::RUSAGE_SELF)
         .map(|u| {
             let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
             t(u.user_time()) + t(u.system_time())
@@ -376,7 +377,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         frozen: bool,
     ) -> Result<RoundStats, PrecopyError> {
         let started = Instant::now();
-        let cpu_start = thread_cpu_seconds();
+        let cpu_start = process_cpu_seconds();
         let mut stats = RoundStats {
             round,
             frozen,
@@ -410,7 +411,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         )?;
         stats.scan_seconds = scan.as_secs_f64();
         stats.seconds = started.elapsed().as_secs_f64();
-        stats.cpu_seconds = thread_cpu_seconds() - cpu_start;
+        stats.cpu_seconds = process_cpu_seconds() - cpu_start;
         stats.link_bytes_per_second = if stats.seconds > 0.0 {
             stats.wire_bytes as f64 / stats.seconds
         } else {
@@ -471,6 +472,8 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             round += 1;
         }
         freeze().map_err(PrecopyError::Freeze)?;
+        // The frozen tasks leave every core to the last round, which is all downtime.
+        tracker.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
         let last = self.round(round + 1, &mut tasks, tracker, true)?;
         on_round(&last);
         report.final_round_seconds = last.seconds;
