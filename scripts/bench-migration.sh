@@ -5,6 +5,7 @@
 #   scripts/bench-migration.sh [--records N] [--sweep N,N] [--links 1gbit,10gbit]
 #                              [--mixes 90:10,10:90] [--modes baseline,pclive-eager,pclive]
 #                              [--rate OPS] [--out DIR] [--quick] [--no-setup]
+#                              [--testbed NAME]
 #
 # For every link rate, read:write mix and mode: a Redis container on the source host holding
 # N records of 1 KiB random (incompressible) values, a YCSB-like client load at --rate ops/s
@@ -15,12 +16,15 @@
 #                 the image files copied over, then runc restore (what users do today)
 #   pclive-eager  pclive pre-copy, then a normal restore from the assembled images
 #   pclive        pclive pre-copy, then a lazy restore from the destination's staging store
+#   pclive-lz4    pclive with --compress (not in the default set: random values do not compress,
+#                 so it measures what compression costs when it cannot pay)
 # --sweep adds runs at other record counts (10gbit, first mix) for restore time vs size.
 # Every run checks the data (every record, against what the client acknowledged).
 #
 # Output in --out (default bench-results/DATE): results.jsonl (one line per run), results.md
 # (tables, ratios against the baseline of the same run, targets met or missed), PNG plots,
 # and runs/<run>/ with each run's raw files. --quick: 100k records, 10gbit, one mix.
+# --testbed: the test bed's name (default pcbench), so several runs can coexist.
 # --no-setup: skip scripts/setup.sh and the build (the tests run it this way); the client and
 # report programs then come from $PCLIVE_BENCH_CLIENT / $PCLIVE_BENCH_REPORT or target/release.
 #
@@ -38,6 +42,7 @@ modes=baseline,pclive-eager,pclive
 rate=5000
 out=""
 setup=1
+bed=pcbench
 while [ $# -gt 0 ]; do
   case "$1" in
     --records) records=${2:?--records needs a number}; shift 2 ;;
@@ -49,12 +54,13 @@ while [ $# -gt 0 ]; do
     --out) out=${2:?--out needs a directory}; shift 2 ;;
     --quick) records=100000; sweep=""; links=10gbit; mixes=90:10; shift ;;
     --no-setup) setup=0; shift ;;
-    -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --testbed) bed=${2:?--testbed needs a name}; shift 2 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-migration: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
 for mode in ${modes//,/ }; do
-  case "$mode" in baseline|pclive-eager|pclive) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
+  case "$mode" in baseline|pclive-eager|pclive|pclive-lz4) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
 done
 for mix in ${mixes//,/ }; do
   [[ "$mix" =~ ^[0-9]+:[0-9]+$ ]] || { echo "bench-migration: a mix is READ:WRITE, e.g. 90:10 (got '$mix')" >&2; exit 2; }
@@ -73,11 +79,12 @@ done
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 now() { date +%s.%N; }
-bed=pcbench
 tb() { bash scripts/testbed.sh "$@"; }
 on() { local host=$1; shift; tb exec "$host" --name "$bed" "$@"; }
-src_ns=bench-src
-dst_ns=bench-dst
+# Containers' cgroups are /<namespace>/<id> on this one machine: per-test-bed namespaces keep
+# two benchmarks (or a benchmark and the tests) apart.
+src_ns=$bed-src
+dst_ns=$bed-dst
 port=6379
 seed=7
 work=$(mktemp -d /tmp/pclive-bench.XXXXXX)
@@ -108,7 +115,7 @@ host_rss() { awk '$1 == "total_rss" { print $2 }' "$(cgroup memory "$1")/memory.
 # Resident memory of a container's processes.
 container_rss() {
   local host=$1 id=$2 total=0 pid kb
-  for pid in $(tb ctr "$host" --name "$bed" -n "bench-$host" task ps "$id" 2>/dev/null | awk 'NR > 1 { print $1 }'); do
+  for pid in $(tb ctr "$host" --name "$bed" -n "$bed-$host" task ps "$id" 2>/dev/null | awk 'NR > 1 { print $1 }'); do
     kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
     total=$((total + ${kb:-0}))
   done
@@ -124,8 +131,8 @@ wait_listening() { # host port
   return 1
 }
 remove_container() { # host id
-  tb ctr "$1" --name "$bed" -n "bench-$1" task rm -f "$2" >/dev/null 2>&1 || true
-  tb ctr "$1" --name "$bed" -n "bench-$1" container rm "$2" >/dev/null 2>&1 || true
+  tb ctr "$1" --name "$bed" -n "$bed-$1" task rm -f "$2" >/dev/null 2>&1 || true
+  tb ctr "$1" --name "$bed" -n "$bed-$1" container rm "$2" >/dev/null 2>&1 || true
 }
 redis_cmd=(/usr/local/bin/redis-server --bind 0.0.0.0 --port "$port" --protected-mode no
   --save "" --appendonly no)
@@ -194,16 +201,17 @@ run_one() {
       restored=$(now)
       remove_container src "$id"
       ;;
-    pclive|pclive-eager)
-      local listen=$dst_addr:7411 extra=()
+    pclive|pclive-eager|pclive-lz4)
+      local listen=$dst_addr:7411 extra=() send=()
       [ "$mode" = pclive-eager ] && extra=(--eager)
+      [ "$mode" = pclive-lz4 ] && send=(--compress)
       pclive receive "$id" --listen "$listen" --key-file "$work/key" --rootfs "$rootfs" \
         --address "/run/pclive-testbed/$bed/dst/containerd.sock" --namespace "$dst_ns" \
         --net-host --tcp-close "${extra[@]}" > "$dir/receive.log" 2>&1 &
       local receiver=$!
       background+=("$receiver")
       wait_listening dst 7411
-      pclive migrate "$id" "$listen" --key-file "$work/key" \
+      pclive migrate "$id" "$listen" --key-file "$work/key" "${send[@]}" \
         --address "/run/pclive-testbed/$bed/src/containerd.sock" --namespace "$src_ns" \
         --work-dir "$dir/source-work" --json > "$dir/migration.json" 2> "$dir/migrate.log"
       wait "$receiver"

@@ -2,7 +2,7 @@
 //! failover from a frozen server to its replica in the middle of a run (a stand-in for a live
 //! migration: freeze, last writes synced, service resumes at another endpoint).
 //!
-//! Skipped (with a loud reason) when `redis-server` is not on PATH.
+//! Needs `redis-server` (scripts/setup.sh installs it); fails without it.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -24,14 +24,16 @@ struct Redis {
 }
 
 impl Redis {
-    fn start(extra: &[&str]) -> Option<Redis> {
+    fn start(extra: &[&str]) -> Redis {
         if Command::new("redis-server")
             .arg("--version")
             .output()
             .is_err()
         {
-            eprintln!("SKIPPED: redis-server is not on PATH (apt-get install redis-server)");
-            return None;
+            // setup.sh installs it: its absence is a broken set-up, not a reason to skip.
+            panic!(
+                "redis-server is not on PATH: run scripts/setup.sh (apt-get install redis-server)"
+            );
         }
         // The port is free now; another process could take it before redis binds it, but on a
         // test machine that is unlikely enough (and fails loudly below).
@@ -63,7 +65,7 @@ impl Redis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(redis)
+        redis
     }
 
     fn endpoint(&self) -> String {
@@ -162,9 +164,7 @@ fn stop_run(run: Child, dir: &Path) -> (Output, Json) {
 
 #[test]
 fn load_run_verify() {
-    let Some(redis) = Redis::start(&[]) else {
-        return;
-    };
+    let redis = Redis::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let endpoint = redis.endpoint();
 
@@ -232,22 +232,18 @@ fn load_run_verify() {
 
 #[test]
 fn follows_the_service_from_a_frozen_server_to_its_replica() {
-    let Some(source) = Redis::start(&[]) else {
-        return;
-    };
+    let source = Redis::start(&[]);
     let loaded = client(&with_workload(&["load", "--endpoint", &source.endpoint()]));
     assert!(loaded.status.success(), "{loaded:?}");
     let source_port = source.addr.port().to_string();
-    let Some(destination) = Redis::start(&[
+    let destination = Redis::start(&[
         "--replicaof",
         "127.0.0.1",
         &source_port,
         // Writes reach the replica once the client fails over (it is promoted just after).
         "--replica-read-only",
         "no",
-    ]) else {
-        return;
-    };
+    ]);
     wait_until("replica in sync", || {
         destination
             .replication_field("master_link_status")

@@ -1,0 +1,93 @@
+//! The migration benchmark script end to end, small: Redis with 20k records migrated once per
+//! mode (baseline, pclive-eager, pclive) across the two-host test bed with the client load
+//! running, every record checked afterwards, and the report written. This keeps
+//! `scripts/bench-migration.sh` working; the numbers themselves come from full runs
+//! (docs/benchmarks.md).
+//!
+//! Needs root and what scripts/setup.sh installs (containerd, runc, CRIU, redis-server and the
+//! pclive binaries on PATH); test.sh runs setup before the tests.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn every_mode_migrates_redis_with_its_data_intact_and_the_report_is_written() {
+    assert!(
+        nix_is_root(),
+        "the migration benchmark needs root (network namespaces, containerd): run as root"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-migration.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .args([
+            "--quick",
+            "--records",
+            "20000",
+            "--rate",
+            "2000",
+            "--no-setup",
+        ])
+        .args(["--testbed", "pcbtest"])
+        .arg("--out")
+        .arg(out.path())
+        .env(
+            "PCLIVE_BENCH_CLIENT",
+            env!("CARGO_BIN_EXE_pclive-bench-client"),
+        )
+        .env(
+            "PCLIVE_BENCH_REPORT",
+            env!("CARGO_BIN_EXE_pclive-bench-report"),
+        )
+        .status()
+        .unwrap();
+    assert!(status.success(), "bench-migration.sh failed: {status}");
+
+    let results = std::fs::read_to_string(out.path().join("results.jsonl")).unwrap();
+    let runs: Vec<serde_json::Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["baseline", "pclive-eager", "pclive"]);
+    for run in &runs {
+        let mode = &run["mode"];
+        assert_eq!(run["integrity"]["ok"], true, "{mode}: {run}");
+        assert_eq!(
+            run["integrity"]["checked"], 20000,
+            "{mode}: every record checked"
+        );
+        let downtime = run["downtime_s"].as_f64().unwrap();
+        assert!(
+            downtime > 0.0 && downtime < 30.0,
+            "{mode}: downtime {downtime}"
+        );
+        assert!(run["restore_s"].as_f64().unwrap() > 0.0, "{mode}: {run}");
+        assert!(run["cpu_s"]["src"].as_f64().unwrap() > 0.0, "{mode}: {run}");
+        assert!(
+            run["container_rss_bytes"].as_u64().unwrap() > 20000 * 1024,
+            "{mode}: the container held the records: {run}"
+        );
+        assert_eq!(run["endpoint_after_gap"], 1, "{mode}: the service moved");
+    }
+    for pclive in &runs[1..] {
+        assert!(
+            pclive["rounds"].as_array().unwrap().len() >= 2,
+            "pre-copy rounds reported: {pclive}"
+        );
+    }
+    let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(markdown.contains("## Targets"), "{markdown}");
+    for plot in ["downtime-split.png", "restore-vs-size.png"] {
+        let png = std::fs::read(out.path().join(plot)).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{plot} is a PNG");
+    }
+    // Nothing of the test bed is left.
+    assert!(!Path::new("/run/pclive-testbed/pcbtest").exists());
+    assert!(!Path::new("/run/netns/pcbtest-src").exists());
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
