@@ -75,6 +75,22 @@ fn every_mode_migrates_redis_with_its_data_intact_and_the_report_is_written() {
             pclive["rounds"].as_array().unwrap().len() >= 2,
             "pre-copy rounds reported: {pclive}"
         );
+        // Both ends showed their progress: the source per round (dirty rate, ETA after the
+        // second), the destination per round received.
+        let run_dir = out.path().join("runs").join(format!(
+            "10gbit-20000-r90-{}",
+            pclive["mode"].as_str().unwrap()
+        ));
+        let sent = std::fs::read_to_string(run_dir.join("migrate.log")).unwrap();
+        assert!(
+            sent.contains("round  2") && sent.contains("dirtied"),
+            "{sent}"
+        );
+        let received = std::fs::read_to_string(run_dir.join("receive.log")).unwrap();
+        assert!(
+            received.contains("round  1:") && received.contains("(source paused)"),
+            "{received}"
+        );
     }
     let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(markdown.contains("## Targets"), "{markdown}");

@@ -54,7 +54,9 @@ pub fn receive_and_serve<S: Read + Write>(
 ) -> Result<FillStats, DestinationError> {
     let result = (|| -> Result<FillStats, DestinationError> {
         let mut store = StagingStore::default();
-        let received = precopy::receive_rounds(session, &mut store)?;
+        let received = precopy::receive_rounds_reporting(session, &mut store, |end, so_far| {
+            events(round_received(end, so_far))
+        })?;
         let image_bytes = precopy::receive_images(session, &config.images)?;
         events(LazyEvent::ImagesReady {
             rounds: received.rounds,
@@ -89,7 +91,9 @@ pub fn receive_and_restore_eagerly<S: Read + Write>(
 ) -> Result<AssembleReport, DestinationError> {
     let result = (|| -> Result<AssembleReport, DestinationError> {
         let mut store = StagingStore::default();
-        let received = precopy::receive_rounds(session, &mut store)?;
+        let received = precopy::receive_rounds_reporting(session, &mut store, |end, so_far| {
+            events(round_received(end, so_far))
+        })?;
         let image_bytes = precopy::receive_images(session, images)?;
         events(LazyEvent::ImagesReady {
             rounds: received.rounds,
@@ -109,6 +113,16 @@ pub fn receive_and_restore_eagerly<S: Read + Write>(
         }
     })();
     commit_or_abort(session, result)
+}
+
+fn round_received(end: &crate::wire::RoundEnd, so_far: &precopy::ReceiveReport) -> LazyEvent {
+    LazyEvent::RoundReceived {
+        round: end.round,
+        pages: end.pages,
+        bytes: end.bytes,
+        staged_bytes: so_far.bytes,
+        last: end.last,
+    }
 }
 
 fn send_progress<S: Read + Write>(

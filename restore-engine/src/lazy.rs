@@ -339,6 +339,14 @@ pub enum LazyEvent {
     Error { message: String },
     /// Migration: listening for the source on this address.
     Listening { address: String },
+    /// Migration: a pre-copy round arrived (`last`: the source's frozen round).
+    RoundReceived {
+        round: u32,
+        pages: u64,
+        bytes: u64,
+        staged_bytes: u64,
+        last: bool,
+    },
     /// Migration: every round and image file arrived; restore now (the lazy-pages socket
     /// follows with `Ready`).
     ImagesReady {

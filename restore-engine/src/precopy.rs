@@ -610,6 +610,15 @@ pub fn receive_rounds<S: Read + Write>(
     session: &mut Session<S>,
     store: &mut StagingStore,
 ) -> Result<ReceiveReport, PrecopyError> {
+    receive_rounds_reporting(session, store, |_, _| {})
+}
+
+/// [`receive_rounds`], calling `on_round` with each round's end marker and the report so far.
+pub fn receive_rounds_reporting<S: Read + Write>(
+    session: &mut Session<S>,
+    store: &mut StagingStore,
+    mut on_round: impl FnMut(&RoundEnd, &ReceiveReport),
+) -> Result<ReceiveReport, PrecopyError> {
     let mut report = ReceiveReport::default();
     let mut consumed = 0u64;
     loop {
@@ -641,6 +650,7 @@ pub fn receive_rounds<S: Read + Write>(
             Kind::RoundEnd => {
                 let end: RoundEnd = frame.decode()?;
                 report.rounds = end.round;
+                on_round(&end, &report);
                 if consumed > 0 {
                     session.send(Kind::Credit, &Credit { bytes: consumed })?;
                     consumed = 0;

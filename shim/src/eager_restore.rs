@@ -122,7 +122,7 @@ impl EagerReceiver {
         let stdout = child.stdout.take().expect("stdout is piped");
         // The reaper collects the exit; the Child handle is not waited on.
         drop(child);
-        let events = forward_events(stdout).map_err(|e| {
+        let events = forward_events(stdout, spec.progress_file.clone()).map_err(|e| {
             kill(pid);
             EagerRestoreError::Spawn(e.to_string())
         })?;
@@ -166,6 +166,14 @@ impl EagerReceiver {
                 Ok(LazyEvent::Listening { address }) => {
                     info!("receiving a migration on {address} (eager restore)")
                 }
+                Ok(LazyEvent::RoundReceived {
+                    round, bytes, last, ..
+                }) => info!(
+                    "{}: round {round}{} received: {:.1} MiB",
+                    self.report.container,
+                    if last { " (the source is paused)" } else { "" },
+                    bytes as f64 / (1 << 20) as f64
+                ),
                 Ok(LazyEvent::ImagesReady {
                     rounds,
                     staged_bytes,

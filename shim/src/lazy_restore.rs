@@ -63,6 +63,9 @@ pub struct ReceiveSpec {
     pub listen: String,
     /// None: an unauthenticated session, which the user asked for explicitly.
     pub key_file: Option<PathBuf>,
+    /// Where to append the receiving server's events (JSON lines) for `pclive receive` to
+    /// follow: rounds as they arrive, images, restore, commit.
+    pub progress_file: Option<PathBuf>,
 }
 
 /// What the shim records about a lazy restore (written as JSON next to CRIU's logs).
@@ -145,7 +148,12 @@ impl LazyServer {
         let stdout = child.stdout.take().expect("stdout is piped");
         // The reaper collects the exit; the Child handle is not waited on.
         drop(child);
-        let events = forward_events(stdout).map_err(|e| LazyRestoreError::Spawn(e.to_string()))?;
+        let progress = options
+            .receive
+            .as_ref()
+            .and_then(|r| r.progress_file.clone());
+        let events =
+            forward_events(stdout, progress).map_err(|e| LazyRestoreError::Spawn(e.to_string()))?;
 
         // A receiving server is ready only once the whole pre-copy and the images arrived.
         let ready_timeout = if options.receive.is_some() {
@@ -172,6 +180,13 @@ impl LazyServer {
                 Ok(LazyEvent::Listening { address }) => {
                     info!("receiving a migration on {address}")
                 }
+                Ok(LazyEvent::RoundReceived {
+                    round, bytes, last, ..
+                }) => info!(
+                    "round {round}{} received: {:.1} MiB",
+                    if last { " (the source is paused)" } else { "" },
+                    bytes as f64 / (1 << 20) as f64
+                ),
                 Ok(LazyEvent::ImagesReady {
                     rounds,
                     staged_bytes,
@@ -261,14 +276,29 @@ pub(crate) fn add_receive_args(command: &mut Command, receive: &ReceiveSpec) {
 }
 
 /// Parses the server's stdout (JSON lines) into events on a thread of its own; the channel
-/// closes when the server's stdout does.
-pub(crate) fn forward_events(stdout: ChildStdout) -> std::io::Result<Receiver<LazyEvent>> {
+/// closes when the server's stdout does. Each line is also appended to `progress`, if given.
+pub(crate) fn forward_events(
+    stdout: ChildStdout,
+    progress: Option<PathBuf>,
+) -> std::io::Result<Receiver<LazyEvent>> {
     let (tx, events) = mpsc::channel();
+    let mut progress = progress.and_then(|path| {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| warn!("progress file {}: {e}; going on without it", path.display()))
+            .ok()
+    });
     thread::Builder::new()
         .name("server-events".into())
         .spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(file) = progress.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(file, "{line}");
+                }
                 match serde_json::from_str::<LazyEvent>(&line) {
                     Ok(event) => {
                         if tx.send(event).is_err() {
@@ -369,6 +399,7 @@ impl Watch {
                 Ok(LazyEvent::Error { message }) => outcome = Err(message),
                 Ok(LazyEvent::Ready { .. })
                 | Ok(LazyEvent::Listening { .. })
+                | Ok(LazyEvent::RoundReceived { .. })
                 | Ok(LazyEvent::ImagesReady { .. })
                 | Ok(LazyEvent::Assembled(_))
                 | Ok(LazyEvent::Committed) => {}

@@ -46,6 +46,9 @@ pub const RESTORE_FILL_RATE_ANNOTATION: &str = "io.containerd.pclive.restore.fil
 pub const RECEIVE_LISTEN_ANNOTATION: &str = "io.containerd.pclive.receive.listen";
 pub const RECEIVE_KEY_FILE_ANNOTATION: &str = "io.containerd.pclive.receive.key-file";
 pub const RECEIVE_INSECURE_ANNOTATION: &str = "io.containerd.pclive.receive.insecure";
+/// Optional: a file the receiving shim appends its progress to (JSON lines: rounds as they
+/// arrive, images, restore, commit), which `pclive receive` follows.
+pub const RECEIVE_PROGRESS_ANNOTATION: &str = "io.containerd.pclive.receive.progress-file";
 /// `true`: established TCP connections are restored closed (CRIU's tcp-close), for containers
 /// whose address does not move with them: their peers reconnect instead of the restore failing
 /// to bind the old address.
@@ -304,7 +307,7 @@ enum InitStart {
     Start,
     /// `runc restore`, stdio already prepared at create time.
     Restore {
-        source: RestoreSource,
+        source: Box<RestoreSource>,
         io: Box<PreparedIo>,
     },
 }
@@ -400,6 +403,9 @@ fn receive_spec(annotations: &HashMap<String, String>) -> Result<Option<ReceiveS
     Ok(Some(ReceiveSpec {
         listen: listen.clone(),
         key_file,
+        progress_file: annotations
+            .get(RECEIVE_PROGRESS_ANNOTATION)
+            .map(PathBuf::from),
     }))
 }
 
@@ -706,7 +712,7 @@ impl Tasks {
                     params.id, checkpoint_label
                 );
                 InitStart::Restore {
-                    source,
+                    source: Box::new(source),
                     io: Box::new(prepared),
                 }
             }

@@ -18,8 +18,8 @@ const COLUMNS: [&str; 16] = [
     "Pre-copy",
     "Src CPU (s)",
     "Dst CPU (s)",
-    "Src peak mem",
-    "Dst peak mem",
+    "Src peak mem growth",
+    "Dst peak mem growth",
     "Dst mem after commit / RSS",
     "Integrity",
 ];

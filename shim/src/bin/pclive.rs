@@ -471,6 +471,61 @@ fn migrate(args: &[String]) -> ExitCode {
 /// Marks errors that happened before anything was asked of the source (exit code 3).
 const UNREACHABLE: &str = "\u{0}unreachable:";
 
+/// Prints the receiving shim's events (JSON lines in `path`) as they come, until `done`.
+fn follow_receive_progress(path: &std::path::Path, done: &std::sync::atomic::AtomicBool) {
+    use restore_engine::lazy::LazyEvent;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let mut shown = 0usize;
+    loop {
+        let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines().skip(shown) {
+            shown += 1;
+            let Ok(event) = serde_json::from_str::<LazyEvent>(line) else {
+                continue;
+            };
+            match event {
+                LazyEvent::Listening { address } => eprintln!("  listening on {address}"),
+                LazyEvent::RoundReceived {
+                    round,
+                    bytes,
+                    staged_bytes,
+                    last,
+                    ..
+                } => eprintln!(
+                    "  round {round:>2}{}: {:>8.1} MiB received, {:.1} MiB staged",
+                    if last { " (source paused)" } else { "" },
+                    mib(bytes),
+                    mib(staged_bytes)
+                ),
+                LazyEvent::ImagesReady { image_bytes, .. } => eprintln!(
+                    "  image files received ({:.1} KiB): restoring",
+                    image_bytes as f64 / 1024.0
+                ),
+                LazyEvent::Assembled(report) => eprintln!(
+                    "  images completed from the staged memory in {:.3}s",
+                    report.seconds
+                ),
+                LazyEvent::RestoreFinished { after_seconds } => {
+                    eprintln!("  restored in {after_seconds:.3}s: the container runs here")
+                }
+                LazyEvent::Done(stats) => eprintln!(
+                    "  every page installed ({:.1} MiB: {} by fault, {} in the background)",
+                    mib(stats.bytes),
+                    stats.pages_by_fault,
+                    stats.pages_in_background
+                ),
+                LazyEvent::Error { message } => eprintln!("  failed: {message}"),
+                LazyEvent::Ready { .. } | LazyEvent::Task { .. } | LazyEvent::Committed => {}
+            }
+        }
+        if finished {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn receive(args: &[String]) -> ExitCode {
     let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--eager] [--address SOCKET] [--namespace NS] [--net-host] [--tcp-close]";
     let (positional, options) =
@@ -537,6 +592,17 @@ fn receive(args: &[String]) -> ExitCode {
             ),
         ]);
     }
+    // The receiving shim appends its progress here; we follow it while ctr waits.
+    let progress_dir = std::env::temp_dir().join(format!("pclive-receive-{}", std::process::id()));
+    let progress_file = progress_dir.join("progress");
+    command.args([
+        "--annotation",
+        &format!(
+            "{}={}",
+            containerd_shim_pclive::task::RECEIVE_PROGRESS_ANNOTATION,
+            progress_file.display()
+        ),
+    ]);
     match (options.get("rootfs"), options.get("image")) {
         (Some(rootfs), None) => {
             command.args(["--rootfs", rootfs, container]);
@@ -574,7 +640,24 @@ fn receive(args: &[String]) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if let Err(e) = std::fs::create_dir_all(&progress_dir) {
+        eprintln!(
+            "pclive receive: cannot create {}: {e}",
+            progress_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
     eprintln!("pclive: {container} listens on {listen} for its source; waiting for the migration");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = {
+        let done = std::sync::Arc::clone(&done);
+        let progress_file = progress_file.clone();
+        std::thread::spawn(move || follow_receive_progress(&progress_file, &done))
+    };
+    let status = command.status();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = follower.join();
+    let _ = std::fs::remove_dir_all(&progress_dir);
     let failed = |why: String| {
         eprintln!("pclive receive: {why}");
         // The task never ran here (the source resumed): remove what ctr created.
@@ -582,7 +665,7 @@ fn receive(args: &[String]) -> ExitCode {
         ctr(&["container", "delete", container]);
         ExitCode::FAILURE
     };
-    match command.status() {
+    match status {
         Ok(status) if status.success() => {
             println!("received {container}: it runs here now");
             ExitCode::SUCCESS
