@@ -165,7 +165,12 @@ run_one() {
   sleep 3
 
   local cpu_src0 cpu_dst0 start restored images_unix dump_s=0 freeze_s=0 transfer_s=0 rounds='[]' precopy_bytes=0
+  # Peak memory is reported as the growth over what each host held before (its page cache of
+  # earlier runs included): what the migration itself needed.
+  local mem_src0 mem_dst0
   for host in src dst; do echo 0 > "$(cgroup memory $host)/memory.max_usage_in_bytes"; done
+  mem_src0=$(cat "$(cgroup memory src)/memory.usage_in_bytes")
+  mem_dst0=$(cat "$(cgroup memory dst)/memory.usage_in_bytes")
   cpu_src0=$(cpu_ns src); cpu_dst0=$(cpu_ns dst)
   start=$(now)
   case "$mode" in
@@ -226,8 +231,8 @@ run_one() {
   esac
   local cpu_src1 cpu_dst1 peak_src peak_dst
   cpu_src1=$(cpu_ns src); cpu_dst1=$(cpu_ns dst)
-  peak_src=$(cat "$(cgroup memory src)/memory.max_usage_in_bytes")
-  peak_dst=$(cat "$(cgroup memory dst)/memory.max_usage_in_bytes")
+  peak_src=$(( $(cat "$(cgroup memory src)/memory.max_usage_in_bytes") - mem_src0 ))
+  peak_dst=$(( $(cat "$(cgroup memory dst)/memory.max_usage_in_bytes") - mem_dst0 ))
   # Let the load run on the destination (the latency after resume), then stop and check it.
   sleep 3
   local dst_mem
@@ -238,6 +243,7 @@ run_one() {
     --seed "$seed" --state "$dir/client.state" > "$dir/verify.json" || true
   remove_container dst "$id"
   remove_container src "$id"
+  rm -rf "$work/$tag-src" "$work/$tag-dst"
 
   jq -nc \
     --arg mode "$mode" --arg link "$link" --argjson records "$records" --argjson read_ratio "$read_ratio" \
