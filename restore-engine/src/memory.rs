@@ -49,6 +49,9 @@ pub enum TrackError {
     },
     #[error("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); use the content-hash tracker")]
     NoSoftDirty,
+    /// The consumer of a round's pages gave up (it keeps its own error).
+    #[error("the round was stopped by its consumer")]
+    Stopped,
 }
 
 impl TrackError {
@@ -59,7 +62,7 @@ impl TrackError {
                 source.kind() == io::ErrorKind::NotFound
                     || source.raw_os_error() == Some(libc::ESRCH)
             }
-            TrackError::NoSoftDirty => false,
+            TrackError::NoSoftDirty | TrackError::Stopped => false,
         }
     }
 }
@@ -214,12 +217,32 @@ impl Delta {
     }
 }
 
+/// Changed pages are handed on in pieces of about this much data, so a round never holds more
+/// than a piece of a large task's memory (the first round is all of it).
+pub const DELTA_PIECE_BYTES: usize = 16 << 20;
+
+/// Takes a round's changed pages piece by piece; an error stops the round
+/// ([`TrackError::Stopped`]).
+pub type DeltaSink<'a> = dyn FnMut(Delta) -> Result<(), ()> + 'a;
+
 /// Finds pages that changed since the previous round.
 pub trait DirtyTracker {
     fn name(&self) -> &'static str;
     /// One round over the task `pid`: every page that changed since the last round (all present
-    /// pages in the first round).
-    fn round(&mut self, pid: u32) -> Result<Delta, TrackError>;
+    /// pages in the first round), handed to `sink` in pieces of about [`DELTA_PIECE_BYTES`]
+    /// in address order.
+    fn round_into(&mut self, pid: u32, sink: &mut DeltaSink) -> Result<(), TrackError>;
+    /// [`Self::round_into`], collected into one delta.
+    fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
+        let mut all = Delta::default();
+        self.round_into(pid, &mut |piece: Delta| {
+            all.runs.extend(piece.runs);
+            all.zero.extend(piece.zero);
+            Ok(())
+        })?;
+        all.zero.sort_unstable();
+        Ok(all)
+    }
     /// How many threads a round may use (a hint; trackers that cannot use more ignore it).
     fn set_threads(&mut self, _threads: usize) {}
 }
@@ -336,22 +359,40 @@ pub struct HashTracker {
 /// changed there.
 type Share = (Vec<Vec<u64>>, Delta);
 
+/// With a `sink`, the delta is handed on whenever it holds a piece's worth; without one it is
+/// returned whole (threads that share a round return theirs).
 fn hash_slices(
     pid: u32,
     vmas: &[LazyVma],
     old: &[Vec<u64>],
     slices: &[Slice],
+    mut sink: Option<&mut DeltaSink>,
 ) -> Result<Share, TrackError> {
     let mut new: Vec<Vec<u64>> = slices.iter().map(|s| vec![0u64; s.to - s.from]).collect();
     let mut delta = Delta::default();
+    let mut held = 0usize;
+    let mut stopped = false;
     for_each_present_page(pid, vmas, slices, |slice, index, page| {
+        if stopped {
+            return;
+        }
         let hash = xxh3_64(page) | 1;
         let s = slices[slice];
         new[slice][index - s.from] = hash;
         if old[s.vma][index] != hash {
             delta.push_page(vmas[s.vma].start + index as u64 * PAGE, page);
+            held += PAGE as usize;
+            if held >= DELTA_PIECE_BYTES {
+                if let Some(sink) = sink.as_mut() {
+                    stopped = sink(std::mem::take(&mut delta)).is_err();
+                    held = 0;
+                }
+            }
         }
     })?;
+    if stopped {
+        return Err(TrackError::Stopped);
+    }
     Ok((new, delta))
 }
 
@@ -393,21 +434,22 @@ impl DirtyTracker for HashTracker {
         self.threads = threads;
     }
 
-    fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
+    fn round_into(&mut self, pid: u32, sink: &mut DeltaSink) -> Result<(), TrackError> {
         let previous = self.tasks.remove(&pid).unwrap_or_default();
         let vmas = lazy_vmas(pid)?;
         let old: Vec<Vec<u64>> = vmas.iter().map(|v| carry_over(&previous, *v)).collect();
         drop(previous);
         let groups = partition(&vmas, self.threads.max(1));
-        // Each thread reads its own consecutive share; shares are in address order, so their
-        // deltas concatenate into one sorted delta.
+        // One thread streams its pieces as it goes. Several threads (the frozen round: only the
+        // pages dirtied since the last round) each read a consecutive share and return what
+        // changed; shares are in address order, so their deltas follow one another.
         let shares: Vec<Result<Share, TrackError>> = if groups.len() == 1 {
-            vec![hash_slices(pid, &vmas, &old, &groups[0])]
+            vec![hash_slices(pid, &vmas, &old, &groups[0], Some(&mut *sink))]
         } else {
             std::thread::scope(|scope| {
                 let workers: Vec<_> = groups
                     .iter()
-                    .map(|slices| scope.spawn(|| hash_slices(pid, &vmas, &old, slices)))
+                    .map(|slices| scope.spawn(|| hash_slices(pid, &vmas, &old, slices, None)))
                     .collect();
                 workers
                     .into_iter()
@@ -416,26 +458,29 @@ impl DirtyTracker for HashTracker {
             })
         };
         let mut new: Vec<Vec<u64>> = old.iter().map(|o| vec![0u64; o.len()]).collect();
-        let mut delta = Delta::default();
         for (slices, share) in groups.iter().zip(shares) {
             let (hashes, part) = share?;
             for (slice, hashes) in slices.iter().zip(hashes) {
                 new[slice.vma][slice.from..slice.to].copy_from_slice(&hashes);
             }
-            delta.runs.extend(part.runs);
-            delta.zero.extend(part.zero);
+            if !part.is_empty() {
+                sink(part).map_err(|()| TrackError::Stopped)?;
+            }
         }
         // Present before, absent now (discarded with MADV_DONTNEED): zero on the destination.
+        let mut gone = Delta::default();
         for (v, (o, n)) in vmas.iter().zip(old.iter().zip(&new)) {
             for (index, (before, now)) in o.iter().zip(n).enumerate() {
                 if *before != 0 && *now == 0 {
-                    delta.zero.push(v.start + index as u64 * PAGE);
+                    gone.zero.push(v.start + index as u64 * PAGE);
                 }
             }
         }
-        delta.zero.sort_unstable();
         self.tasks.insert(pid, vmas.into_iter().zip(new).collect());
-        Ok(delta)
+        if !gone.is_empty() {
+            sink(gone).map_err(|()| TrackError::Stopped)?;
+        }
+        Ok(())
     }
 }
 
@@ -461,10 +506,11 @@ impl DirtyTracker for SoftDirtyTracker {
         "soft-dirty"
     }
 
-    fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
+    fn round_into(&mut self, pid: u32, sink: &mut DeltaSink) -> Result<(), TrackError> {
         let first = self.first_round_done.insert(pid, ()).is_none();
         let pagemap = open_pagemap(pid)?;
         let mut delta = Delta::default();
+        let mut held = 0usize;
         let mut page = vec![0u8; PAGE as usize];
         for vma in lazy_vmas(pid)? {
             let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end)?;
@@ -474,6 +520,11 @@ impl DirtyTracker for SoftDirtyTracker {
                     let addr = vma.start + i as u64 * PAGE;
                     if read_remote(pid, addr, &mut page).is_ok() {
                         delta.push_page(addr, &page);
+                        held += PAGE as usize;
+                        if held >= DELTA_PIECE_BYTES {
+                            sink(std::mem::take(&mut delta)).map_err(|()| TrackError::Stopped)?;
+                            held = 0;
+                        }
                     }
                 }
             }
@@ -483,7 +534,10 @@ impl DirtyTracker for SoftDirtyTracker {
             what: "clear_refs",
             source,
         })?;
-        Ok(delta)
+        if !delta.is_empty() {
+            sink(delta).map_err(|()| TrackError::Stopped)?;
+        }
+        Ok(())
     }
 }
 
@@ -686,6 +740,35 @@ VmFlags: rd ex mr mw me de
     #[test]
     fn hash_tracker_reports_exactly_the_changed_pages_of_our_own_process() {
         exercise(&mut HashTracker::default());
+    }
+
+    #[test]
+    fn a_round_streams_in_bounded_pieces_and_its_consumer_can_stop_it() {
+        // 40 MiB of our own memory, every page present and non-zero.
+        let region = std::hint::black_box(vec![0x5au8; 40 << 20]);
+        let me = std::process::id();
+        let mut tracker = HashTracker::default();
+        let mut pieces = Vec::new();
+        tracker
+            .round_into(me, &mut |piece: Delta| {
+                pieces.push(piece.data_pages() * PAGE);
+                Ok(())
+            })
+            .unwrap();
+        assert!(pieces.len() >= 3, "{pieces:?}");
+        assert!(
+            pieces.iter().all(|&b| b as usize <= DELTA_PIECE_BYTES),
+            "no piece holds more than DELTA_PIECE_BYTES: {pieces:?}"
+        );
+        assert!(pieces.iter().sum::<u64>() >= region.len() as u64);
+        let mut calls = 0;
+        let stopped = HashTracker::default().round_into(me, &mut |_| {
+            calls += 1;
+            Err(())
+        });
+        assert!(matches!(stopped, Err(TrackError::Stopped)), "{stopped:?}");
+        assert_eq!(calls, 1, "nothing is read after the consumer gave up");
+        drop(region);
     }
 
     #[test]

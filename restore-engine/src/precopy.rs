@@ -387,18 +387,40 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         // The task list is taken anew each round: processes come and go while the container
         // runs (once frozen, the list is the one CRIU dumps).
         for task in tasks()? {
-            let scan_start = Instant::now();
-            let delta = match tracker.round(task.host_pid) {
-                Ok(delta) => delta,
-                // It exited since the list was taken: nothing of it will be restored.
+            let task_start = Instant::now();
+            let mut sending = Duration::ZERO;
+            let mut failed: Option<PrecopyError> = None;
+            // Pieces of the task's changed pages go out as the tracker finds them: the source
+            // never holds more than a piece (the first round is the whole container).
+            let tracked = tracker.round_into(task.host_pid, &mut |delta: Delta| {
+                let send_start = Instant::now();
+                stats.pages += delta.data_pages();
+                stats.zero_pages += delta.zero.len() as u64;
+                stats.bytes += delta.data_pages() * PAGE;
+                let sent = self.send_delta(task.ns_pid, round, &delta);
+                sending += send_start.elapsed();
+                match sent {
+                    Ok(wire) => {
+                        stats.wire_bytes += wire;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        Err(())
+                    }
+                }
+            });
+            scan += task_start.elapsed().saturating_sub(sending);
+            match tracked {
+                Ok(()) => {}
+                Err(TrackError::Stopped) => {
+                    return Err(failed.expect("a stopped round has the sink's error"))
+                }
+                // It exited since the list was taken: nothing of it will be restored (pages
+                // already sent for it stay unused in the staging store).
                 Err(e) if e.task_vanished() && !frozen => continue,
                 Err(e) => return Err(e.into()),
-            };
-            scan += scan_start.elapsed();
-            stats.pages += delta.data_pages();
-            stats.zero_pages += delta.zero.len() as u64;
-            stats.bytes += delta.data_pages() * PAGE;
-            stats.wire_bytes += self.send_delta(task.ns_pid, round, &delta)?;
+            }
         }
         self.session.send(
             Kind::RoundEnd,

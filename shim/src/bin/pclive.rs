@@ -195,15 +195,17 @@ fn dirty_rate(args: &[String]) -> ExitCode {
     let mut scanned_before = 0u64;
     for round in 0..=rounds {
         let started = Instant::now();
-        let delta = match tracker.round(pid) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("pclive: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        // Counted piece by piece: a whole round of a large process is never held.
+        let (mut dirty, mut zero_pages) = (0u64, 0usize);
+        if let Err(e) = tracker.round_into(pid, &mut |piece: memory::Delta| {
+            dirty += piece.data_pages() * memory::PAGE;
+            zero_pages += piece.zero.len();
+            Ok(())
+        }) {
+            eprintln!("pclive: {e}");
+            return ExitCode::FAILURE;
+        }
         let seconds = started.elapsed().as_secs_f64();
-        let dirty = delta.data_pages() * memory::PAGE;
         if round == 0 {
             scanned_before = dirty;
         }
@@ -212,7 +214,7 @@ fn dirty_rate(args: &[String]) -> ExitCode {
             println!(
                 "{}",
                 serde_json::json!({
-                    "round": round, "dirty_bytes": dirty, "zero_pages": delta.zero.len(),
+                    "round": round, "dirty_bytes": dirty, "zero_pages": zero_pages,
                     "scan_seconds": seconds, "scanned_gb_per_s": gbps,
                     "interval_seconds": interval.as_secs_f64(), "tracker": tracker.name(),
                 })
@@ -221,7 +223,7 @@ fn dirty_rate(args: &[String]) -> ExitCode {
             println!(
                 "{round:>5}  {:>9.1}  {:>10}  {seconds:>6.3}  {gbps:>12.2}",
                 dirty as f64 / (1 << 20) as f64,
-                delta.zero.len()
+                zero_pages
             );
         }
         if round < rounds {
