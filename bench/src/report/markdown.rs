@@ -5,7 +5,7 @@ use std::fmt::Write;
 use super::results::{Group, ModeSummary};
 use super::targets::{Check, Verdict};
 
-const COLUMNS: [&str; 16] = [
+const COLUMNS: [&str; 17] = [
     "Mode",
     "Runs",
     "Downtime (s)",
@@ -21,6 +21,7 @@ const COLUMNS: [&str; 16] = [
     "Src peak mem growth",
     "Dst peak mem growth",
     "Dst mem after commit / RSS",
+    "Latency after resume p50/p99 (ms)",
     "Integrity",
 ];
 
@@ -68,6 +69,10 @@ fn table(modes: &[ModeSummary]) -> String {
             bytes(m.peak_mem_src),
             bytes(m.peak_mem_dst),
             memory_over_rss(m),
+            match (m.resume_p50_us, m.resume_p99_us) {
+                (Some(p50), Some(p99)) => format!("{:.2} / {:.2}", p50 / 1e3, p99 / 1e3),
+                _ => NONE.into(),
+            },
             integrity(m),
         ];
         let _ = writeln!(out, "| {} |", cells.join(" | "));

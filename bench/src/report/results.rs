@@ -208,6 +208,9 @@ pub struct ModeSummary {
     pub peak_mem_dst: Option<f64>,
     pub dst_mem_after_commit: Option<f64>,
     pub container_rss: Option<f64>,
+    /// Load latency in the second after the service resumed (µs).
+    pub resume_p50_us: Option<f64>,
+    pub resume_p99_us: Option<f64>,
     /// `Some(true)` when every run that reported integrity was intact.
     pub integrity_ok: Option<bool>,
     /// Runs whose integrity check failed.
@@ -240,6 +243,8 @@ impl ModeSummary {
             peak_mem_dst: median_of(&|r| r.peak_mem_bytes.dst.map(|b| b as f64)),
             dst_mem_after_commit: median_of(&|r| r.dst_mem_after_commit_bytes.map(|b| b as f64)),
             container_rss: median_of(&|r| r.container_rss_bytes.map(|b| b as f64)),
+            resume_p50_us: median_of(&|r| r.after_resume_latency_us.and_then(|l| l.p50)),
+            resume_p99_us: median_of(&|r| r.after_resume_latency_us.and_then(|l| l.p99)),
             integrity_ok: (!integrity.is_empty()).then(|| integrity.iter().all(|ok| *ok)),
             integrity_failures: integrity.iter().filter(|ok| !**ok).count(),
         }
