@@ -30,7 +30,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::images::{self, ImageError, PageRange, Pagemap, PE_LAZY, PE_PARENT, PE_PRESENT};
-use crate::staging::{StagingStore, PAGE_SIZE};
+use crate::page;
+use crate::staging::StagingStore;
 
 /// Errors completing the images. Any of them means the images cannot be restored eagerly; the
 /// image directory is left as it was.
@@ -86,13 +87,12 @@ pub struct AssembleReport {
 /// once every task is assembled; on error nothing in `dir` has changed.
 pub fn assemble(dir: &Path, staging: &StagingStore) -> Result<AssembleReport, AssembleError> {
     let started = Instant::now();
-    let page_size = PAGE_SIZE as u64;
     let mut report = AssembleReport::default();
     let mut replacements = Replacements::default();
     let mut pages_file_owner: HashMap<u32, u32> = HashMap::new();
     for task in images::read_pstree(dir)? {
         let pid = task.pid;
-        let pagemap = match images::read_pagemap(dir, pid, page_size) {
+        let pagemap = match images::read_pagemap(dir, pid) {
             Ok(pagemap) => pagemap,
             // A zombie has no memory and no pagemap.
             Err(ImageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
@@ -120,14 +120,14 @@ pub fn assemble(dir: &Path, staging: &StagingStore) -> Result<AssembleReport, As
                     vaddr: range.vaddr,
                 });
             } else if range.is(PE_PRESENT) {
-                let data = dumped.range(range, page_size);
+                let data = dumped.range(range);
                 out.push(range.vaddr, data)?;
                 report.pages_from_images += range.nr_pages;
             } else if range.is(PE_LAZY) {
-                let end = range.end(page_size);
+                let end = range.end();
                 let mut vaddr = range.vaddr;
                 while vaddr < end {
-                    let left = ((end - vaddr) / page_size) as usize;
+                    let left = ((end - vaddr) / page::SIZE_U64) as usize;
                     let run = staging
                         .run_at(pid, vaddr, left)
                         .ok_or(AssembleError::MissingPage { pid, vaddr })?;
@@ -138,7 +138,7 @@ pub fn assemble(dir: &Path, staging: &StagingStore) -> Result<AssembleReport, As
                         }
                         None => report.zero_pages += run.pages as u64,
                     }
-                    vaddr += run.pages as u64 * page_size;
+                    vaddr += run.pages as u64 * page::SIZE_U64;
                 }
             } else {
                 return Err(AssembleError::NoData {
@@ -177,7 +177,7 @@ struct DumpedPages {
 impl DumpedPages {
     /// Opens `path` and checks that it holds every present range of `pagemap`.
     fn open(path: &Path, pid: u32, pagemap: &Pagemap) -> Result<Self, AssembleError> {
-        let needed = pagemap.present_bytes(PAGE_SIZE as u64);
+        let needed = pagemap.present_bytes();
         let file = match fs::File::open(path) {
             Ok(file) => Some(file),
             // CRIU leaves no pages file for a task without non-lazy pages.
@@ -224,9 +224,9 @@ impl DumpedPages {
     }
 
     /// The data of a present range (its bounds were checked against the file size at open).
-    fn range(&self, range: &PageRange, page_size: u64) -> &[u8] {
+    fn range(&self, range: &PageRange) -> &[u8] {
         let from = range.file_offset as usize;
-        let len = (range.nr_pages * page_size) as usize;
+        let len = (range.nr_pages * page::SIZE_U64) as usize;
         &self.map.as_deref().unwrap_or(&[])[from..from + len]
     }
 }
@@ -251,10 +251,9 @@ impl TaskWriter {
 
     /// Appends pages at `vaddr`, extending the last range when they follow it.
     fn push(&mut self, vaddr: u64, data: &[u8]) -> Result<(), AssembleError> {
-        let page_size = PAGE_SIZE as u64;
-        let pages = data.len() as u64 / page_size;
+        let pages = data.len() as u64 / page::SIZE_U64;
         match self.ranges.last_mut() {
-            Some(last) if last.end(page_size) == vaddr => last.nr_pages += pages,
+            Some(last) if last.end() == vaddr => last.nr_pages += pages,
             _ => self.ranges.push(PageRange {
                 vaddr,
                 nr_pages: pages,
@@ -332,10 +331,10 @@ mod tests {
     use super::*;
     use crate::images::{encode_entries, Header, PstreeEntry, PSTREE_MAGIC};
 
-    const PS: u64 = PAGE_SIZE as u64;
+    const PS: u64 = page::SIZE_U64;
 
     fn page(fill: u8) -> Vec<u8> {
-        vec![fill; PAGE_SIZE]
+        vec![fill; page::SIZE]
     }
 
     fn write_pstree(dir: &Path, pids: &[(u32, u32)]) {
@@ -412,14 +411,14 @@ mod tests {
 
     /// The content of `[vaddr, vaddr + PS)` in an assembled task, or None for a hole.
     fn read_page(dir: &Path, pid: u32, vaddr: u64) -> Option<Vec<u8>> {
-        let map = images::read_pagemap(dir, pid, PS).unwrap();
+        let map = images::read_pagemap(dir, pid).unwrap();
         let data = fs::read(dir.join(format!("pages-{}.img", map.pages_id))).unwrap();
         let r = map
             .ranges
             .iter()
-            .find(|r| r.vaddr <= vaddr && vaddr < r.end(PS))?;
+            .find(|r| r.vaddr <= vaddr && vaddr < r.end())?;
         let from = (r.file_offset + vaddr - r.vaddr) as usize;
-        Some(data[from..from + PAGE_SIZE].to_vec())
+        Some(data[from..from + page::SIZE].to_vec())
     }
 
     fn leftovers(dir: &Path) -> Vec<String> {
@@ -442,7 +441,7 @@ mod tests {
         assert_eq!(report.bytes_written, (2 * 6 - 2 + 2) * PS);
 
         for (pid, base, stack) in [(1u32, 0x10u8, b'S'), (7, 0x70, b's')] {
-            let map = images::read_pagemap(dir.path(), pid, PS).unwrap();
+            let map = images::read_pagemap(dir.path(), pid).unwrap();
             assert!(
                 map.ranges.iter().all(|r| r.flags == PE_PRESENT),
                 "task {pid}: every range present, none lazy: {map:?}"
@@ -450,7 +449,7 @@ mod tests {
             let size = fs::metadata(dir.path().join(format!("pages-{}.img", map.pages_id)))
                 .unwrap()
                 .len();
-            assert_eq!(size, map.present_bytes(PS), "task {pid}");
+            assert_eq!(size, map.present_bytes(), "task {pid}");
             for i in 0..4u64 {
                 let got = read_page(dir.path(), pid, 0x10000 + i * PS);
                 if pid == 1 && i == 2 {
@@ -466,7 +465,7 @@ mod tests {
             assert_eq!(read_page(dir.path(), pid, 0x90000), None);
         }
         // Adjacent pages become one range (parent: 0x10000-0x12000, 0x13000, 0x20000-0x22000).
-        let parent = images::read_pagemap(dir.path(), 1, PS).unwrap();
+        let parent = images::read_pagemap(dir.path(), 1).unwrap();
         let spans: Vec<(u64, u64)> = parent
             .ranges
             .iter()

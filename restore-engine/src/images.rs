@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
+use crate::page;
+
 pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 pub const INVENTORY_MAGIC: u32 = 0x5831_3116;
 pub const PSTREE_MAGIC: u32 = 0x5027_3030;
@@ -427,8 +429,8 @@ pub struct PageRange {
 }
 
 impl PageRange {
-    pub fn end(&self, page_size: u64) -> u64 {
-        self.vaddr + self.nr_pages * page_size
+    pub fn end(&self) -> u64 {
+        self.vaddr + self.nr_pages * page::SIZE_U64
     }
     pub fn is(&self, flag: u32) -> bool {
         self.flags & flag != 0
@@ -444,7 +446,7 @@ pub struct Pagemap {
 
 impl Pagemap {
     /// Decodes `pagemap-N.img` bytes and computes each range's offset in the pages file.
-    pub fn decode(file: &Path, bytes: &[u8], page_size: u64) -> Result<Self, ImageError> {
+    pub fn decode(file: &Path, bytes: &[u8]) -> Result<Self, ImageError> {
         let raw = split_entries(file, bytes, Header::Common(PAGEMAP_MAGIC))?;
         let Some(((head_offset, head_raw), rest)) = raw.split_first() else {
             return Err(ImageError::corrupt(file, 8, "no pagemap head entry"));
@@ -465,7 +467,7 @@ impl Pagemap {
                 e.flags.unwrap_or(PE_PRESENT)
             };
             let nr_pages = e.nr_pages.unwrap_or(e.compat_nr_pages as u64);
-            if e.vaddr % page_size != 0 {
+            if !page::is_aligned(e.vaddr) {
                 return Err(ImageError::corrupt(
                     file,
                     *offset,
@@ -473,7 +475,7 @@ impl Pagemap {
                 ));
             }
             let end = nr_pages
-                .checked_mul(page_size)
+                .checked_mul(page::SIZE_U64)
                 .and_then(|len| e.vaddr.checked_add(len))
                 .ok_or_else(|| {
                     ImageError::corrupt(
@@ -500,7 +502,7 @@ impl Pagemap {
                 file_offset: offset_in_pages,
             });
             if flags & PE_PRESENT != 0 {
-                offset_in_pages += nr_pages * page_size;
+                offset_in_pages += nr_pages * page::SIZE_U64;
             }
         }
         Ok(Pagemap {
@@ -532,31 +534,20 @@ impl Pagemap {
     }
 
     /// Bytes of page data the pages file must hold.
-    pub fn present_bytes(&self, page_size: u64) -> u64 {
+    pub fn present_bytes(&self) -> u64 {
         self.ranges
             .iter()
             .filter(|r| r.is(PE_PRESENT))
-            .map(|r| r.nr_pages * page_size)
+            .map(|r| r.nr_pages * page::SIZE_U64)
             .sum()
     }
 }
 
 /// Reads `pagemap-<pid>.img` of an image directory.
-pub fn read_pagemap(dir: &Path, pid: u32, page_size: u64) -> Result<Pagemap, ImageError> {
+pub fn read_pagemap(dir: &Path, pid: u32) -> Result<Pagemap, ImageError> {
     let path = dir.join(format!("pagemap-{pid}.img"));
     let bytes = read_file(&path)?;
-    Pagemap::decode(&path, &bytes, page_size)
-}
-
-/// The runtime page size.
-pub fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 {
-        size as u64
-    } else {
-        4096
-    }
+    Pagemap::decode(&path, &bytes)
 }
 
 /// The tasks of an image set (`pstree.img`).
@@ -573,186 +564,12 @@ pub fn read_inventory(dir: &Path) -> Result<InventoryEntry, ImageError> {
     read_single(&dir.join("inventory.img"), Header::Inventory)
 }
 
-// ---- flattening a parent chain ----
-
-/// One image directory of a parent chain, with its pagemap for one task and its pages file
-/// mapped once.
-struct ChainLevel {
-    dir: PathBuf,
-    pagemap: Pagemap,
-    pages_path: PathBuf,
-    pages: Option<memmap2::Mmap>,
-}
-
-/// Reads a task's pages through a `parent` chain, each level loaded once.
-struct ChainReader {
-    levels: Vec<ChainLevel>,
-    page_size: u64,
-}
-
-impl ChainReader {
-    fn open(dir: &Path, pid: u32, page_size: u64) -> Result<Self, ImageError> {
-        let mut levels = Vec::new();
-        let mut current = dir.to_path_buf();
-        loop {
-            if levels.len() > 64 {
-                return Err(ImageError::corrupt(
-                    dir,
-                    0,
-                    "parent chain deeper than 64 images (a symlink loop?)",
-                ));
-            }
-            let pagemap = read_pagemap(&current, pid, page_size)?;
-            let pages_path = current.join(format!("pages-{}.img", pagemap.pages_id));
-            // A pages file CRIU never wrote to does not exist: it holds no data.
-            let pages = match fs::File::open(&pages_path) {
-                Ok(file) if file.metadata().map(|m| m.len() > 0).unwrap_or(false) => {
-                    // SAFETY: image files are not modified while pclive reads them; a
-                    // concurrent truncation would be a bug of whoever does it.
-                    Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(&pages_path))?)
-                }
-                Ok(_) => None,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => return Err(io_err(&pages_path)(e)),
-            };
-            let needs_parent = pagemap.ranges.iter().any(|r| r.is(PE_PARENT));
-            levels.push(ChainLevel {
-                dir: current.clone(),
-                pagemap,
-                pages_path,
-                pages,
-            });
-            if !needs_parent {
-                break;
-            }
-            current = current.join("parent");
-        }
-        Ok(ChainReader { levels, page_size })
-    }
-
-    /// Copies `[vaddr, vaddr + dst.len())` into `dst`, starting at chain level `level`.
-    fn read(&self, level: usize, vaddr: u64, dst: &mut [u8]) -> Result<(), ImageError> {
-        let Some(l) = self.levels.get(level) else {
-            return Err(ImageError::corrupt(
-                &self.levels[level - 1].dir,
-                0,
-                format!("page {vaddr:#x} refers to a parent image that does not exist"),
-            ));
-        };
-        let ranges = &l.pagemap.ranges;
-        let mut addr = vaddr;
-        let end = vaddr + dst.len() as u64;
-        while addr < end {
-            let index = ranges.partition_point(|r| r.end(self.page_size) <= addr);
-            let range = ranges
-                .get(index)
-                .filter(|r| r.vaddr <= addr)
-                .ok_or_else(|| {
-                    ImageError::corrupt(
-                        &l.dir,
-                        0,
-                        format!("page {addr:#x} is in no pagemap entry of this image"),
-                    )
-                })?;
-            let chunk_end = range.end(self.page_size).min(end);
-            let out = &mut dst[(addr - vaddr) as usize..(chunk_end - vaddr) as usize];
-            if range.is(PE_PRESENT) {
-                let from = (range.file_offset + (addr - range.vaddr)) as usize;
-                let pages: &[u8] = l.pages.as_deref().unwrap_or(&[]);
-                let src = pages.get(from..from + out.len()).ok_or_else(|| {
-                    ImageError::corrupt(
-                        &l.pages_path,
-                        from,
-                        format!(
-                            "pages file ends at {} but the pagemap needs {} bytes here",
-                            pages.len(),
-                            out.len()
-                        ),
-                    )
-                })?;
-                out.copy_from_slice(src);
-            } else if range.is(PE_PARENT) {
-                self.read(level + 1, addr, out)?;
-            } else {
-                return Err(ImageError::corrupt(
-                    &l.dir,
-                    0,
-                    format!(
-                        "range {:#x} has no data here (flags {:#x}: a lazy dump's pages live only on its page server)",
-                        range.vaddr, range.flags
-                    ),
-                ));
-            }
-            addr = chunk_end;
-        }
-        Ok(())
-    }
-}
-
-/// Writes into `out` a copy of the image set in `dir` in which no pagemap refers to a parent:
-/// every PE_PARENT range is resolved through the `parent` chain. Other files are copied.
-pub fn flatten(dir: &Path, out: &Path) -> Result<(), ImageError> {
-    let page_size = page_size();
-    fs::create_dir_all(out).map_err(io_err(out))?;
-    let entries = fs::read_dir(dir).map_err(io_err(dir))?;
-    let mut pids = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err(dir))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name == "parent" || name.starts_with("pages-") {
-            continue;
-        }
-        if let Some(pid) = name
-            .strip_prefix("pagemap-")
-            .and_then(|n| n.strip_suffix(".img"))
-            .and_then(|n| n.parse::<u32>().ok())
-        {
-            pids.push(pid);
-            continue;
-        }
-        if entry.file_type().map_err(io_err(&entry.path()))?.is_file() {
-            fs::copy(entry.path(), out.join(&name)).map_err(io_err(&entry.path()))?;
-        }
-    }
-    for pid in pids {
-        let chain = ChainReader::open(dir, pid, page_size)?;
-        let pagemap = chain.levels[0].pagemap.clone();
-        let mut data = Vec::new();
-        let mut ranges = Vec::with_capacity(pagemap.ranges.len());
-        for r in &pagemap.ranges {
-            let mut flags = r.flags & !PE_PARENT;
-            if r.is(PE_PRESENT) || r.is(PE_PARENT) {
-                let start = data.len();
-                data.resize(start + (r.nr_pages * page_size) as usize, 0);
-                chain.read(0, r.vaddr, &mut data[start..])?;
-                ranges.push(PageRange {
-                    file_offset: start as u64,
-                    flags: flags | PE_PRESENT,
-                    ..*r
-                });
-            } else {
-                flags &= !PE_PRESENT;
-                ranges.push(PageRange { flags, ..*r });
-            }
-        }
-        let flat = Pagemap {
-            pages_id: pagemap.pages_id,
-            ranges,
-        };
-        let pagemap_path = out.join(format!("pagemap-{pid}.img"));
-        fs::write(&pagemap_path, flat.encode()).map_err(io_err(&pagemap_path))?;
-        let pages_path = out.join(format!("pages-{}.img", flat.pages_id));
-        fs::write(&pages_path, &data).map_err(io_err(&pages_path))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const PS: u64 = 4096;
+    const PS: u64 = page::SIZE_U64;
 
     fn sample_pagemap() -> Pagemap {
         Pagemap {
@@ -796,9 +613,9 @@ mod tests {
             &[0x19, 0x43, 0x56, 0x54, 0x25, 0x40, 0x08, 0x56, 2, 0, 0, 0]
         );
         assert_eq!(&bytes[12..14], &[0x08, 0x01]);
-        let decoded = Pagemap::decode(Path::new("pagemap-1.img"), &bytes, PS).unwrap();
+        let decoded = Pagemap::decode(Path::new("pagemap-1.img"), &bytes).unwrap();
         assert_eq!(decoded, map);
-        assert_eq!(decoded.present_bytes(PS), 9 * PS);
+        assert_eq!(decoded.present_bytes(), 9 * PS);
     }
 
     #[test]
@@ -826,7 +643,7 @@ mod tests {
             bytes.extend_from_slice(&(entry.encoded_len() as u32).to_le_bytes());
             entry.encode(&mut bytes).unwrap();
         }
-        let map = Pagemap::decode(Path::new("p"), &bytes, PS).unwrap();
+        let map = Pagemap::decode(Path::new("p"), &bytes).unwrap();
         assert_eq!(map.ranges[0].flags, PE_PRESENT);
         assert_eq!(map.ranges[0].nr_pages, 2);
         assert_eq!(map.ranges[1].flags, PE_PARENT);
@@ -836,7 +653,7 @@ mod tests {
     fn errors_name_the_file_and_offset() {
         let bytes = sample_pagemap().encode();
         let truncated = &bytes[..bytes.len() - 3];
-        let err = Pagemap::decode(Path::new("/img/pagemap-7.img"), truncated, PS).unwrap_err();
+        let err = Pagemap::decode(Path::new("/img/pagemap-7.img"), truncated).unwrap_err();
         let text = err.to_string();
         assert!(text.starts_with("/img/pagemap-7.img at offset "), "{text}");
         assert!(text.contains("truncated entry"), "{text}");
@@ -855,11 +672,11 @@ mod tests {
     fn overlapping_or_unaligned_entries_are_refused() {
         let mut map = sample_pagemap();
         map.ranges[1].vaddr = 0x10000;
-        let err = Pagemap::decode(Path::new("p"), &map.encode(), PS).unwrap_err();
+        let err = Pagemap::decode(Path::new("p"), &map.encode()).unwrap_err();
         assert!(err.to_string().contains("overlapping"), "{err}");
         let mut map = sample_pagemap();
         map.ranges[0].vaddr = 0x10010;
-        let err = Pagemap::decode(Path::new("p"), &map.encode(), PS).unwrap_err();
+        let err = Pagemap::decode(Path::new("p"), &map.encode()).unwrap_err();
         assert!(err.to_string().contains("not page aligned"), "{err}");
     }
 
@@ -887,70 +704,6 @@ mod tests {
         assert!(!vma.can_be_lazy());
     }
 
-    #[test]
-    fn flatten_resolves_parent_ranges() {
-        let dir = tempfile::tempdir().unwrap();
-        let parent = dir.path().join("p");
-        let child = dir.path().join("c");
-        fs::create_dir_all(&parent).unwrap();
-        fs::create_dir_all(&child).unwrap();
-        // Parent: two present pages (A, B). Child: page 0 from the parent, page 1 rewritten (C).
-        let page = |b: u8| vec![b; PS as usize];
-        fs::write(
-            parent.join("pagemap-1.img"),
-            Pagemap {
-                pages_id: 1,
-                ranges: vec![PageRange {
-                    vaddr: 0x1000,
-                    nr_pages: 2,
-                    flags: PE_PRESENT | PE_LAZY,
-                    file_offset: 0,
-                }],
-            }
-            .encode(),
-        )
-        .unwrap();
-        fs::write(
-            parent.join("pages-1.img"),
-            [page(b'A'), page(b'B')].concat(),
-        )
-        .unwrap();
-        fs::write(
-            child.join("pagemap-1.img"),
-            Pagemap {
-                pages_id: 2,
-                ranges: vec![
-                    PageRange {
-                        vaddr: 0x1000,
-                        nr_pages: 1,
-                        flags: PE_PARENT,
-                        file_offset: 0,
-                    },
-                    PageRange {
-                        vaddr: 0x2000,
-                        nr_pages: 1,
-                        flags: PE_PRESENT | PE_LAZY,
-                        file_offset: 0,
-                    },
-                ],
-            }
-            .encode(),
-        )
-        .unwrap();
-        fs::write(child.join("pages-2.img"), page(b'C')).unwrap();
-        fs::write(child.join("core-1.img"), b"opaque").unwrap();
-        std::os::unix::fs::symlink("../p", child.join("parent")).unwrap();
-
-        let out = dir.path().join("flat");
-        flatten(&child, &out).unwrap();
-        let flat = read_pagemap(&out, 1, PS).unwrap();
-        assert!(flat.ranges.iter().all(|r| !r.is(PE_PARENT)));
-        let data = fs::read(out.join("pages-2.img")).unwrap();
-        assert_eq!(data, [page(b'A'), page(b'C')].concat());
-        assert_eq!(fs::read(out.join("core-1.img")).unwrap(), b"opaque");
-        assert!(!out.join("parent").exists());
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -958,7 +711,7 @@ mod tests {
         #[test]
         fn decoders_never_panic_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let path = Path::new("fuzz.img");
-            let _ = Pagemap::decode(path, &bytes, PS);
+            let _ = Pagemap::decode(path, &bytes);
             let _ = decode_entries::<MmEntry>(path, &bytes, Header::Common(MM_MAGIC));
             let _ = decode_entries::<PstreeEntry>(path, &bytes, Header::Common(PSTREE_MAGIC));
             let _ = decode_entries::<InventoryEntry>(path, &bytes, Header::Inventory);
@@ -976,7 +729,7 @@ mod tests {
                 bytes[at % len] ^= value;
             }
             let keep = cut % (bytes.len() + 1);
-            let _ = Pagemap::decode(Path::new("fuzz.img"), &bytes[..keep], PS);
+            let _ = Pagemap::decode(Path::new("fuzz.img"), &bytes[..keep]);
         }
     }
 }

@@ -16,23 +16,85 @@ use std::time::Duration;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use crate::destination::receive_and_serve;
-use crate::lazy::{LazyEvent, ServerConfig, RESTORE_FINISHED, SOCKET_NAME};
-use crate::memory::{HashTracker, PAGE};
-use crate::precopy::{send_images, ConvergencePolicy, Sender, TaskIds};
+use crate::events::ServerEvent;
+use crate::lazy::socket::{RESTORE_FINISHED, SOCKET_NAME};
+use crate::lazy::ServerConfig;
+use crate::page::SIZE_U64 as PAGE;
+use crate::policy::ConvergencePolicy;
+use crate::source::{self, send_images, HookError, MigrateParams, SourceHooks, TaskIds};
 use crate::testsupport::{write_lazy_images, Writer};
 use crate::wire::{accept, connect, Auth, Control, ControlCode, Kind};
+
+/// The runtime's part of a migration, played on a forked writer: SIGSTOP freezes it, the final
+/// dump writes stand-in lazy-dump images, SIGCONT resumes it.
+struct WriterHooks {
+    pid: libc::pid_t,
+    base: u64,
+    len: usize,
+    frozen: bool,
+    resumed: bool,
+}
+
+impl WriterHooks {
+    fn new(writer: &Writer) -> Self {
+        WriterHooks {
+            pid: writer.pid,
+            base: writer.base,
+            len: writer.len,
+            frozen: false,
+            resumed: false,
+        }
+    }
+}
+
+impl SourceHooks for WriterHooks {
+    fn tasks(&mut self) -> Result<Vec<TaskIds>, HookError> {
+        Ok(vec![TaskIds {
+            host_pid: self.pid as u32,
+            ns_pid: 1,
+        }])
+    }
+    fn freeze(&mut self) -> Result<(), HookError> {
+        // SAFETY: stops our own child.
+        unsafe { libc::kill(self.pid, libc::SIGSTOP) };
+        thread::sleep(Duration::from_millis(50));
+        self.frozen = true;
+        Ok(())
+    }
+    fn final_dump(&mut self, image_dir: &std::path::Path) -> Result<(), HookError> {
+        write_lazy_images(image_dir, 1, self.base, self.len as u64 / PAGE);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), HookError> {
+        // SAFETY: continues our own child.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        self.resumed = true;
+        Ok(())
+    }
+}
+
+fn params(work_dir: &std::path::Path, key: &Auth) -> MigrateParams {
+    MigrateParams {
+        container: "writer".into(),
+        destination: "test".into(),
+        auth: key.clone(),
+        policy: ConvergencePolicy {
+            max_rounds: 3,
+            ..Default::default()
+        },
+        tracker: Some("content-hash".into()),
+        compress: false,
+        work_dir: work_dir.to_owned(),
+    }
+}
 
 #[test]
 fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     let writer = Writer::start();
     let (base, len, pid) = (writer.base, writer.len, writer.pid);
     let dir = tempfile::tempdir().unwrap();
-    let (src_images, dst_images, work) = (
-        dir.path().join("src-images"),
-        dir.path().join("dst-images"),
-        dir.path().join("work"),
-    );
-    for d in [&src_images, &dst_images, &work] {
+    let (dst_images, work) = (dir.path().join("dst-images"), dir.path().join("work"));
+    for d in [&dst_images, &work] {
         fs::create_dir(d).unwrap();
     }
 
@@ -46,40 +108,23 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
         let mut session = accept(b, &dst_key).unwrap();
         let config = ServerConfig::new(dst_images2, work2);
         receive_and_serve(&mut session, &config, None, |event| {
-            if matches!(event, LazyEvent::Ready { .. }) {
+            if matches!(event, ServerEvent::Ready { .. }) {
                 let _ = ready_tx.send(());
             }
         })
         .unwrap()
     });
 
-    // Source: rounds while the writer runs, freeze, last round, images.
-    let mut session = connect(a, &key).unwrap();
-    let mut tracker = HashTracker::default();
-    let report = Sender::new(&mut session)
-        .run(
-            || {
-                Ok(vec![TaskIds {
-                    host_pid: pid as u32,
-                    ns_pid: 1,
-                }])
-            },
-            &mut tracker,
-            &ConvergencePolicy {
-                max_rounds: 3,
-                ..Default::default()
-            },
-            || {
-                // SAFETY: stops our own child.
-                unsafe { libc::kill(pid, libc::SIGSTOP) };
-                thread::sleep(Duration::from_millis(50));
-                Ok(())
-            },
-            |_| {},
-        )
-        .unwrap();
-    write_lazy_images(&src_images, 1, base, len as u64 / PAGE);
-    send_images(&mut session, &src_images).unwrap();
+    // Source: rounds while the writer runs, freeze, last round, images, then it waits for the
+    // destination's "restored" and commit.
+    let session = connect(a, &key).unwrap();
+    let source_work = dir.path().join("source");
+    let params = params(&source_work, &key);
+    let mut hooks = WriterHooks::new(&writer);
+    let source = thread::spawn(move || {
+        let report = source::migrate_over(session, &params, &mut hooks);
+        (report, hooks.frozen, hooks.resumed)
+    });
 
     // The "restored task": the writer's addresses in this process, registered for lazy faults.
     writer.map_stand_in();
@@ -102,14 +147,15 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     drop(uffd);
     io::Write::write_all(&mut writer_end, &RESTORE_FINISHED.to_le_bytes()).unwrap();
 
-    // First the destination says the tasks run, then (fill complete) it commits.
-    let restored: Control = session.expect(Kind::Control).unwrap();
-    assert_eq!(
-        (restored.code, restored.message.as_str()),
-        (ControlCode::Progress as i32, crate::destination::RESTORED)
+    // The destination said the tasks run, then (fill complete) it committed.
+    let (report, frozen, resumed) = source.join().unwrap();
+    let report = report.unwrap();
+    assert!(
+        frozen && !resumed,
+        "committed: the source stays frozen for its runtime to remove"
     );
-    let committed: Control = session.expect(Kind::Control).unwrap();
-    assert_eq!(committed.code, ControlCode::Committed as i32);
+    assert!(report.restored_unix.is_some(), "{report:?}");
+    let report = report.precopy;
     let stats = destination.join().unwrap();
     assert!(report.rounds.len() >= 2 && report.rounds.last().unwrap().frozen);
     assert_eq!(
@@ -198,10 +244,8 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
         let writer = Writer::start();
         let (base, len, pid) = (writer.base, writer.len, writer.pid);
         let dir = tempfile::tempdir().unwrap();
-        let (src_images, dst_images) = (dir.path().join("src"), dir.path().join("dst"));
-        for d in [&src_images, &dst_images] {
-            fs::create_dir(d).unwrap();
-        }
+        let (src_work, dst_images) = (dir.path().join("src"), dir.path().join("dst"));
+        fs::create_dir(&dst_images).unwrap();
         let (a, b) = UnixStream::pair().unwrap();
         let key = Auth::Key(vec![7; 32]);
         let dst_key = key.clone();
@@ -212,10 +256,10 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
             let result = receive_and_restore_eagerly(
                 &mut session,
                 &dst_images2,
-                |event| assembled |= matches!(event, LazyEvent::Assembled(_)),
+                |event| assembled |= matches!(event, ServerEvent::Assembled(_)),
                 || {
                     // What the shim's restore would read: every page is in the images now.
-                    let map = read_pagemap(&dst_images2, 1, PAGE).unwrap();
+                    let map = read_pagemap(&dst_images2, 1).unwrap();
                     assert!(map.ranges.iter().all(|r| r.flags == PE_PRESENT), "{map:?}");
                     outcome2
                 },
@@ -224,52 +268,26 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
             result
         });
 
-        let mut session = connect(a, &key).unwrap();
-        Sender::new(&mut session)
-            .run(
-                || {
-                    Ok(vec![TaskIds {
-                        host_pid: pid as u32,
-                        ns_pid: 1,
-                    }])
-                },
-                &mut HashTracker::default(),
-                &ConvergencePolicy {
-                    max_rounds: 3,
-                    ..Default::default()
-                },
-                || {
-                    // SAFETY: stops our own child.
-                    unsafe { libc::kill(pid, libc::SIGSTOP) };
-                    thread::sleep(Duration::from_millis(50));
-                    Ok(())
-                },
-                |_| {},
-            )
-            .unwrap();
-        write_lazy_images(&src_images, 1, base, len as u64 / PAGE);
-        send_images(&mut session, &src_images).unwrap();
-
-        let answer: Control = session.expect(Kind::Control).unwrap();
+        let session = connect(a, &key).unwrap();
+        let mut hooks = WriterHooks::new(&writer);
+        let migrated = source::migrate_over(session, &params(&src_work, &key), &mut hooks);
         let result = destination.join().unwrap();
+        assert!(hooks.frozen);
         if let RestoreOutcome::Failed { reason } = &outcome {
-            assert_eq!(answer.code, ControlCode::Abort as i32);
-            assert!(answer.message.contains(reason.as_str()), "{answer:?}");
+            let err = migrated.unwrap_err().to_string();
+            assert!(err.contains(reason.as_str()), "{err}");
+            assert!(hooks.resumed, "an aborted migration resumes the source");
             assert!(result.is_err());
             continue;
         }
-        assert_eq!(
-            (answer.code, answer.message.as_str()),
-            (ControlCode::Progress as i32, crate::destination::RESTORED)
-        );
-        let committed: Control = session.expect(Kind::Control).unwrap();
-        assert_eq!(committed.code, ControlCode::Committed as i32);
+        let migrated = migrated.unwrap();
+        assert!(!hooks.resumed && migrated.restored_unix.is_some());
         let report = result.unwrap();
         assert_eq!(report.tasks, 1);
 
         // The assembled pages, laid out at their addresses (holes are zero), equal the frozen
         // writer's memory.
-        let map = read_pagemap(&dst_images, 1, PAGE).unwrap();
+        let map = read_pagemap(&dst_images, 1).unwrap();
         let pages = fs::read(dst_images.join(format!("pages-{}.img", map.pages_id))).unwrap();
         let mut assembled = vec![0u8; len];
         for r in &map.ranges {

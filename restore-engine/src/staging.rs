@@ -10,7 +10,8 @@
 
 use std::collections::HashMap;
 
-pub const PAGE_SIZE: usize = 4096;
+use crate::page;
+
 /// Pages per slab (4 MiB): large enough for 1 MiB+ copies, small enough to free memory early.
 pub const SLAB_PAGES: usize = 1024;
 
@@ -95,12 +96,12 @@ impl StagingStore {
 
     /// Bytes of page data currently held.
     pub fn data_bytes(&self) -> usize {
-        self.data_pages * PAGE_SIZE
+        self.data_pages * page::SIZE
     }
 
     fn slot_location(slot: u32) -> (usize, usize) {
         let slot = slot as usize;
-        (slot / SLAB_PAGES, (slot % SLAB_PAGES) * PAGE_SIZE)
+        (slot / SLAB_PAGES, (slot % SLAB_PAGES) * page::SIZE)
     }
 
     fn page_bytes(&self, slot: u32) -> &[u8] {
@@ -108,7 +109,7 @@ impl StagingStore {
         let slab = self.slabs[slab]
             .as_ref()
             .expect("a live slot points into a live slab");
-        &slab.bytes[offset..offset + PAGE_SIZE]
+        &slab.bytes[offset..offset + page::SIZE]
     }
 
     fn allocate_slot(&mut self) -> Result<u32, StagingError> {
@@ -120,7 +121,7 @@ impl StagingStore {
         if slab == self.slabs.len() {
             self.slabs.push(Some(Slab {
                 // calloc'd: the kernel provides zero pages lazily, nothing is touched here.
-                bytes: vec![0u8; SLAB_PAGES * PAGE_SIZE],
+                bytes: vec![0u8; SLAB_PAGES * page::SIZE],
                 live: 0,
             }));
         }
@@ -148,14 +149,14 @@ impl StagingStore {
 
     /// Stores (or replaces) the contents of consecutive pages starting at `vaddr`.
     pub fn put(&mut self, pid: TaskPid, vaddr: u64, data: &[u8]) -> Result<(), StagingError> {
-        if vaddr % PAGE_SIZE as u64 != 0 {
+        if vaddr % page::SIZE_U64 != 0 {
             return Err(StagingError::Unaligned(vaddr));
         }
-        if data.len() % PAGE_SIZE != 0 {
+        if data.len() % page::SIZE != 0 {
             return Err(StagingError::PartialPage(data.len()));
         }
-        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-            let addr = vaddr + (i * PAGE_SIZE) as u64;
+        for (i, page) in data.chunks_exact(page::SIZE).enumerate() {
+            let addr = vaddr + (i * page::SIZE) as u64;
             let existing = self.index.get(&(pid, addr)).copied();
             let slot = match existing {
                 // Rewrite in place: a newer round's content for the same page.
@@ -171,18 +172,18 @@ impl StagingStore {
             };
             let (slab, offset) = Self::slot_location(slot);
             let slab = self.slabs[slab].as_mut().expect("slot in a live slab");
-            slab.bytes[offset..offset + PAGE_SIZE].copy_from_slice(page);
+            slab.bytes[offset..offset + page::SIZE].copy_from_slice(page);
         }
         Ok(())
     }
 
     /// Marks `pages` pages from `vaddr` as zero-filled.
     pub fn put_zero(&mut self, pid: TaskPid, vaddr: u64, pages: usize) -> Result<(), StagingError> {
-        if vaddr % PAGE_SIZE as u64 != 0 {
+        if vaddr % page::SIZE_U64 != 0 {
             return Err(StagingError::Unaligned(vaddr));
         }
         for i in 0..pages {
-            let addr = vaddr + (i * PAGE_SIZE) as u64;
+            let addr = vaddr + (i * page::SIZE) as u64;
             if let Some(old) = self.index.insert((pid, addr), Slot::Zero) {
                 self.release_slot(old);
             }
@@ -192,7 +193,7 @@ impl StagingStore {
 
     /// The content of one page, if staged.
     pub fn get(&self, pid: TaskPid, vaddr: u64) -> Option<PageRef<'_>> {
-        let page = vaddr & !(PAGE_SIZE as u64 - 1);
+        let page = vaddr & !(page::SIZE_U64 - 1);
         match self.index.get(&(pid, page))? {
             Slot::Zero => Some(PageRef::Zero),
             Slot::Data(slot) => Some(PageRef::Data(self.page_bytes(*slot))),
@@ -207,7 +208,7 @@ impl StagingStore {
         match first {
             Slot::Zero => {
                 while pages < max_pages
-                    && self.index.get(&(pid, vaddr + (pages * PAGE_SIZE) as u64))
+                    && self.index.get(&(pid, vaddr + (pages * page::SIZE) as u64))
                         == Some(&Slot::Zero)
                 {
                     pages += 1;
@@ -220,15 +221,15 @@ impl StagingStore {
             }
             Slot::Data(slot) => {
                 let (slab, offset) = Self::slot_location(slot);
-                let room = SLAB_PAGES - offset / PAGE_SIZE;
+                let room = SLAB_PAGES - offset / page::SIZE;
                 while pages < max_pages.min(room)
-                    && self.index.get(&(pid, vaddr + (pages * PAGE_SIZE) as u64))
+                    && self.index.get(&(pid, vaddr + (pages * page::SIZE) as u64))
                         == Some(&Slot::Data(slot + pages as u32))
                 {
                     pages += 1;
                 }
                 let bytes = &self.slabs[slab].as_ref().expect("live slab").bytes
-                    [offset..offset + pages * PAGE_SIZE];
+                    [offset..offset + pages * page::SIZE];
                 Some(Run {
                     vaddr,
                     pages,
@@ -241,7 +242,7 @@ impl StagingStore {
     /// Releases `pages` pages from `vaddr` (installed, or no longer needed).
     pub fn release(&mut self, pid: TaskPid, vaddr: u64, pages: usize) {
         for i in 0..pages {
-            if let Some(slot) = self.index.remove(&(pid, vaddr + (i * PAGE_SIZE) as u64)) {
+            if let Some(slot) = self.index.remove(&(pid, vaddr + (i * page::SIZE) as u64)) {
                 self.release_slot(slot);
             }
         }
@@ -253,7 +254,7 @@ mod tests {
     use super::*;
 
     fn page(fill: u8) -> Vec<u8> {
-        vec![fill; PAGE_SIZE]
+        vec![fill; page::SIZE]
     }
 
     #[test]
@@ -266,7 +267,7 @@ mod tests {
         store.put(1, 0x1000, &page(8)).unwrap();
         assert_eq!(store.get(1, 0x1000), Some(PageRef::Data(&page(8)[..])));
         assert_eq!(store.len(), 1);
-        assert_eq!(store.data_bytes(), PAGE_SIZE);
+        assert_eq!(store.data_bytes(), page::SIZE);
     }
 
     #[test]
@@ -294,7 +295,7 @@ mod tests {
         assert_eq!((run.pages, run.data), (5, None));
         // Data replacing a zero page, and zero replacing data.
         store.put(3, 0x4000, &page(1)).unwrap();
-        assert_eq!(store.data_bytes(), PAGE_SIZE);
+        assert_eq!(store.data_bytes(), page::SIZE);
         store.put_zero(3, 0x4000, 1).unwrap();
         assert_eq!(store.data_bytes(), 0);
     }
@@ -302,26 +303,26 @@ mod tests {
     #[test]
     fn releasing_every_page_of_a_slab_frees_it() {
         let mut store = StagingStore::default();
-        let data = vec![9u8; PAGE_SIZE * SLAB_PAGES];
+        let data = vec![9u8; page::SIZE * SLAB_PAGES];
         store.put(1, 0, &data).unwrap();
         store
-            .put(1, (SLAB_PAGES * PAGE_SIZE) as u64, &page(1))
+            .put(1, (SLAB_PAGES * page::SIZE) as u64, &page(1))
             .unwrap();
         assert!(store.slabs[0].is_some());
         store.release(1, 0, SLAB_PAGES);
         assert!(store.slabs[0].is_none(), "a fully released slab is freed");
         assert_eq!(store.len(), 1);
-        assert_eq!(store.data_bytes(), PAGE_SIZE);
+        assert_eq!(store.data_bytes(), page::SIZE);
     }
 
     #[test]
     fn runs_never_cross_a_slab_boundary() {
         let mut store = StagingStore::default();
-        let data = vec![1u8; PAGE_SIZE * (SLAB_PAGES + 10)];
+        let data = vec![1u8; page::SIZE * (SLAB_PAGES + 10)];
         store.put(1, 0, &data).unwrap();
         assert_eq!(store.run_at(1, 0, usize::MAX).unwrap().pages, SLAB_PAGES);
         let second = store
-            .run_at(1, (SLAB_PAGES * PAGE_SIZE) as u64, usize::MAX)
+            .run_at(1, (SLAB_PAGES * page::SIZE) as u64, usize::MAX)
             .unwrap();
         assert_eq!(second.pages, 10);
     }

@@ -5,16 +5,16 @@ use std::fs;
 use std::path::Path;
 
 use crate::images::{
-    encode_entries, page_size, Header, MmEntry, PageRange, Pagemap, PstreeEntry, VmaEntry,
-    MM_MAGIC, PE_LAZY, PSTREE_MAGIC,
+    encode_entries, Header, MmEntry, PageRange, Pagemap, PstreeEntry, VmaEntry, MM_MAGIC, PE_LAZY,
+    PSTREE_MAGIC,
 };
-use crate::memory::PAGE;
+use crate::page::SIZE_U64 as PAGE;
 
 /// Writes the images a `--lazy-pages` dump of task `pid` with one private anonymous mapping
 /// `[base, base + pages)` would contain as far as memory goes: pstree, mm, and a pagemap whose
 /// range is PE_LAZY without data.
 pub fn write_lazy_images(dir: &Path, pid: u32, base: u64, pages: u64) {
-    let page = page_size();
+    let page = PAGE;
     fs::write(
         dir.join("pstree.img"),
         encode_entries(

@@ -67,6 +67,7 @@ nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
 nix::ioctl_readwrite!(uffdio_copy, 0xAA, 0x03, UffdioCopy);
 nix::ioctl_readwrite!(uffdio_zeropage, 0xAA, 0x04, UffdioZeropage);
 nix::ioctl_read!(uffdio_wake, 0xAA, 0x02, UffdioRange);
+nix::ioctl_read!(uffdio_unregister, 0xAA, 0x01, UffdioRange);
 
 /// One message read from a userfaultfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,7 +226,7 @@ fn install_loop(
     len: u64,
     mut attempt: impl FnMut(u64) -> (nix::Result<u64>, i64),
 ) -> io::Result<Installed> {
-    let page = crate::staging::PAGE_SIZE as u64;
+    let page = crate::page::SIZE_U64;
     let mut done = 0u64;
     while done < len {
         match attempt(done) {
@@ -335,6 +336,15 @@ pub fn open_like_criu() -> io::Result<Uffd> {
 }
 
 impl Uffd {
+    /// Stops watching `[start, start + len)`: later faults there are the kernel's to handle.
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        // SAFETY: the fd is a userfaultfd; `range` is a valid uffdio_range for the call.
+        unsafe { uffdio_unregister(self.as_raw(), &mut range) }
+            .map(drop)
+            .map_err(io::Error::from)
+    }
+
     /// Registers `[start, start + len)` for missing-page faults.
     pub fn register_missing(&self, start: u64, len: u64) -> io::Result<()> {
         let mut arg = UffdioRegister {

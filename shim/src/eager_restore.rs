@@ -20,7 +20,7 @@ use containerd_shim::monitor::{monitor_subscribe, Subscription, Topic};
 use log::{error, info, warn};
 use restore_engine::assemble::AssembleReport;
 use restore_engine::destination::RestoreOutcome;
-use restore_engine::lazy::LazyEvent;
+use restore_engine::events::ServerEvent;
 use serde::Serialize;
 
 use crate::lazy_restore::{
@@ -80,7 +80,7 @@ impl EagerReport {
 /// A receiving server whose images are complete, waiting to hear how the restore went.
 pub struct EagerReceiver {
     pid: i32,
-    events: Receiver<LazyEvent>,
+    events: Receiver<ServerEvent>,
     exit: Subscription,
     stdin: Option<ChildStdin>,
     work_dir: PathBuf,
@@ -163,10 +163,10 @@ impl EagerReceiver {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
-                Ok(LazyEvent::Listening { address }) => {
+                Ok(ServerEvent::Listening { address }) => {
                     info!("receiving a migration on {address} (eager restore)")
                 }
-                Ok(LazyEvent::RoundReceived {
+                Ok(ServerEvent::RoundReceived {
                     round, bytes, last, ..
                 }) => info!(
                     "{}: round {round}{} received: {:.1} MiB",
@@ -174,7 +174,7 @@ impl EagerReceiver {
                     if last { " (the source is paused)" } else { "" },
                     bytes as f64 / (1 << 20) as f64
                 ),
-                Ok(LazyEvent::ImagesReady {
+                Ok(ServerEvent::ImagesReady {
                     rounds,
                     staged_bytes,
                     image_bytes,
@@ -190,7 +190,7 @@ impl EagerReceiver {
                         image_bytes as f64 / 1024.0
                     );
                 }
-                Ok(LazyEvent::Assembled(assembled)) => {
+                Ok(ServerEvent::Assembled(assembled)) => {
                     info!(
                         "{}: images complete in {:.3}s: {} pages from the staging store, {} zero, {} from the dump; restoring",
                         self.report.container,
@@ -203,7 +203,7 @@ impl EagerReceiver {
                     self.report.assemble = Some(assembled);
                     return Ok(());
                 }
-                Ok(LazyEvent::Error { message }) => return Err(message),
+                Ok(ServerEvent::Error { message }) => return Err(message),
                 Ok(other) => return Err(format!("the server reported {other:?} unexpectedly")),
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(format!("no migration arrived within {RECEIVE_TIMEOUT:?}"))
@@ -293,8 +293,8 @@ impl EagerReceiver {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
-                Ok(LazyEvent::Committed) => return Ok(()),
-                Ok(LazyEvent::Error { message }) => return Err(message),
+                Ok(ServerEvent::Committed) => return Ok(()),
+                Ok(ServerEvent::Error { message }) => return Err(message),
                 Ok(other) => warn!("receiving server: unexpected {other:?}"),
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(format!("no commit within {COMMIT_TIMEOUT:?}"))

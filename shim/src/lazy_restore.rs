@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use containerd_shim::monitor::{monitor_subscribe, Subject, Subscription, Topic};
 use log::{error, info, warn};
-use restore_engine::lazy::{self, FillStats, LazyEvent};
+use restore_engine::events::{FillStats, ServerEvent};
+use restore_engine::lazy;
 use serde::Serialize;
 
 use crate::runc::Runc;
@@ -45,7 +46,7 @@ pub enum LazyRestoreError {
 }
 
 /// Options of a lazy restore.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LazyOptions {
     /// Background fill limit in MiB/s (faults are always served at once).
     pub fill_rate_mib: Option<u64>,
@@ -58,7 +59,7 @@ pub struct LazyOptions {
 }
 
 /// Where a receiving container listens for its source, and how it authenticates it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReceiveSpec {
     pub listen: String,
     /// None: an unauthenticated session, which the user asked for explicitly.
@@ -96,7 +97,7 @@ pub struct LazyServer {
 
 struct Watch {
     pid: i32,
-    events: Receiver<LazyEvent>,
+    events: Receiver<ServerEvent>,
     supervisor: UnixStream,
     exit: Subscription,
     work_dir: PathBuf,
@@ -170,24 +171,24 @@ impl LazyServer {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match events.recv_timeout(left) {
-                Ok(LazyEvent::Ready { lazy_bytes, .. }) => {
+                Ok(ServerEvent::Ready { lazy_bytes, .. }) => {
                     info!(
                         "lazy-pages server {pid} ready: {:.1} MiB to install lazily",
                         lazy_bytes as f64 / (1 << 20) as f64
                     );
                     break;
                 }
-                Ok(LazyEvent::Listening { address }) => {
+                Ok(ServerEvent::Listening { address }) => {
                     info!("receiving a migration on {address}")
                 }
-                Ok(LazyEvent::RoundReceived {
+                Ok(ServerEvent::RoundReceived {
                     round, bytes, last, ..
                 }) => info!(
                     "round {round}{} received: {:.1} MiB",
                     if last { " (the source is paused)" } else { "" },
                     bytes as f64 / (1 << 20) as f64
                 ),
-                Ok(LazyEvent::ImagesReady {
+                Ok(ServerEvent::ImagesReady {
                     rounds,
                     staged_bytes,
                     image_bytes,
@@ -196,7 +197,7 @@ impl LazyServer {
                     staged_bytes as f64 / (1 << 20) as f64,
                     image_bytes as f64 / 1024.0
                 ),
-                Ok(LazyEvent::Error { message }) => return Err(not_ready(message)),
+                Ok(ServerEvent::Error { message }) => return Err(not_ready(message)),
                 Ok(other) => return Err(not_ready(format!("unexpected {other:?}"))),
                 Err(_) => {
                     let log = fs::read_to_string(work_dir.join(SERVER_LOG))
@@ -280,7 +281,7 @@ pub(crate) fn add_receive_args(command: &mut Command, receive: &ReceiveSpec) {
 pub(crate) fn forward_events(
     stdout: ChildStdout,
     progress: Option<PathBuf>,
-) -> std::io::Result<Receiver<LazyEvent>> {
+) -> std::io::Result<Receiver<ServerEvent>> {
     let (tx, events) = mpsc::channel();
     let mut progress = progress.and_then(|path| {
         fs::OpenOptions::new()
@@ -299,7 +300,7 @@ pub(crate) fn forward_events(
                     use std::io::Write as _;
                     let _ = writeln!(file, "{line}");
                 }
-                match serde_json::from_str::<LazyEvent>(&line) {
+                match serde_json::from_str::<ServerEvent>(&line) {
                     Ok(event) => {
                         if tx.send(event).is_err() {
                             break;
@@ -364,7 +365,7 @@ impl Watch {
                 .try_clone()
                 .expect("clone of the supervisor socket");
             thread::spawn(move || {
-                while let Ok(Some((_pid, fd))) = lazy::receive_from_server(&stream) {
+                while let Ok(Some((_pid, fd))) = lazy::socket::receive_from_server(&stream) {
                     held.lock().unwrap_or_else(|p| p.into_inner()).push(fd);
                 }
             })
@@ -382,7 +383,7 @@ impl Watch {
             Err("the lazy-pages server exited before installing every page".into());
         loop {
             match self.events.recv_timeout(Duration::from_secs(1)) {
-                Ok(LazyEvent::RestoreFinished { .. }) => {
+                Ok(ServerEvent::RestoreFinished { .. }) => {
                     let seconds = self.ready_at.elapsed().as_secs_f64();
                     restore_seconds = Some(seconds);
                     info!(
@@ -390,19 +391,19 @@ impl Watch {
                         label()
                     );
                 }
-                Ok(LazyEvent::Task { pid, lazy_bytes }) => info!(
+                Ok(ServerEvent::Task { pid, lazy_bytes }) => info!(
                     "{}: task {pid} handed over its userfaultfd ({:.1} MiB lazy)",
                     label(),
                     lazy_bytes as f64 / (1 << 20) as f64
                 ),
-                Ok(LazyEvent::Done(stats)) => outcome = Ok(stats),
-                Ok(LazyEvent::Error { message }) => outcome = Err(message),
-                Ok(LazyEvent::Ready { .. })
-                | Ok(LazyEvent::Listening { .. })
-                | Ok(LazyEvent::RoundReceived { .. })
-                | Ok(LazyEvent::ImagesReady { .. })
-                | Ok(LazyEvent::Assembled(_))
-                | Ok(LazyEvent::Committed) => {}
+                Ok(ServerEvent::Done(stats)) => outcome = Ok(stats),
+                Ok(ServerEvent::Error { message }) => outcome = Err(message),
+                Ok(ServerEvent::Ready { .. })
+                | Ok(ServerEvent::Listening { .. })
+                | Ok(ServerEvent::RoundReceived { .. })
+                | Ok(ServerEvent::ImagesReady { .. })
+                | Ok(ServerEvent::Assembled(_))
+                | Ok(ServerEvent::Committed) => {}
                 Err(RecvTimeoutError::Timeout) => continue,
                 // stdout closed: the server is exiting.
                 Err(RecvTimeoutError::Disconnected) => break,

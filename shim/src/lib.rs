@@ -1,8 +1,12 @@
 //! containerd-shim-pclive: the containerd shim v2 of runtime `io.containerd.pclive.v2`.
 //!
-//! `service` is the edge (ttrpc, protobuf); `task` the core over typed `runc` command lines;
-//! `io` the container stdio; `cgroups` statistics and OOM events.
+//! `service` is the edge (ttrpc, protobuf); `task` the core over typed `runc` command lines
+//! (one container operation per file); `io` the container stdio; `cgroups` statistics and OOM
+//! events; `annotations` every pclive annotation; `migrate` the source side of a migration,
+//! `lazy_restore` and `eager_restore` the destination's (they run and supervise the engine's
+//! server process).
 
+pub mod annotations;
 pub mod cgroups;
 pub mod eager_restore;
 pub mod io;

@@ -3,14 +3,14 @@
 //! containerd starts it; users do not. It runs containers with runc as the runc shim does and
 //! adds checkpoint/restore (and, through the restore engine, live migration).
 
-use containerd_shim_pclive::{service, task};
+use containerd_shim_pclive::{annotations, service};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str)
         == Some(containerd_shim_pclive::lazy_restore::SERVER_SUBCOMMAND)
     {
-        std::process::exit(restore_engine::lazy::server_main(&args[2..]));
+        std::process::exit(restore_engine::server::server_main(&args[2..]));
     }
     if args.iter().any(|a| a == "--version" || a == "-version") {
         println!(
@@ -34,7 +34,7 @@ fn main() {
             env!("CARGO_PKG_VERSION"),
             service::RUNTIME_ID,
             service::RUNTIME_ID,
-            task::RESTORE_IMAGE_ANNOTATION
+            annotations::RESTORE_IMAGE_PATH
         );
         return;
     }

@@ -1,52 +1,37 @@
-//! Migration, source side: pre-copy rounds while the container runs, then pause, the last round,
-//! a final CRIU dump without the (already sent) lazy memory, the image files, and commit or roll
-//! back. The container stays paused (frozen) from the last round until the destination commits;
-//! any failure before that resumes it, so nothing is lost.
+//! Migration, source side, as the shim drives it: the request that `pclive migrate` sends inside
+//! containerd's CheckpointOptions, and the runc operations the engine's sending end
+//! ([`restore_engine::source`]) asks for: the container's processes, the freeze, the final CRIU
+//! dump without the (already sent) lazy memory, and the thaw. The container stays frozen from the
+//! last round until the destination commits; any failure before that resumes it.
 
-use std::cell::Cell;
 use std::fs;
 use std::io::{self, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
-use restore_engine::memory;
-use restore_engine::precopy::{self, MigrateRequest, PrecopyError, SourceReport, TaskIds};
-use restore_engine::wire::{self, Auth, Control, ControlCode, Kind, WireError};
-use serde::Serialize;
+use log::info;
+use restore_engine::policy::ConvergencePolicy;
+use restore_engine::source::{
+    self, HookError, MigrateParams, MigrationReport, RoundStats, SourceError, SourceHooks, TaskIds,
+};
+use restore_engine::wire::{self, Auth};
 
 use crate::runc::{CheckpointOpts, CriuOpts, Runc, RuncError};
 
-/// How long the destination may take to restore and install every page before the source
-/// gives up and resumes.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 /// CRIU's page-server command that ends a lazy dump's serving session.
 const PS_IOV_CLOSE: u32 = 0x1023;
+/// The field of containerd's `CheckpointOptions` that carries a [`MigrateRequest`] (containerd
+/// passes unknown fields through to the shim unchanged).
+pub const MIGRATE_FIELD: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("migration request: {0}")]
     Request(String),
-    #[error("cannot reach the destination {address}: {source}. Is the receiving container started and listening there?")]
-    Connect {
-        address: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("session with the destination: {0}")]
-    Session(#[from] WireError),
-    #[error("pre-copy: {0}")]
-    Precopy(#[from] PrecopyError),
     #[error(transparent)]
-    Track(#[from] memory::TrackError),
-    #[error("final dump: {0}")]
-    Dump(#[from] RuncError),
-    #[error("final dump: {0}")]
-    DumpServer(String),
-    #[error("the destination aborted: {0}. The container keeps running here")]
-    Aborted(String),
+    Source(#[from] SourceError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -55,63 +40,165 @@ pub enum MigrateError {
     },
 }
 
-/// What a migration did, written as JSON next to the final dump's logs.
-#[derive(Debug, Clone, Serialize)]
-pub struct MigrationReport {
-    pub container: String,
+/// What a source shim needs to migrate a container (sent by `pclive migrate` inside containerd's
+/// CheckpointOptions, field [`MIGRATE_FIELD`]).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MigrateRequest {
+    /// The receiving shim's address, host:port.
+    #[prost(string, tag = "1")]
     pub destination: String,
-    pub precopy: SourceReport,
-    /// Pause → last round sent.
-    pub last_round_seconds: f64,
-    pub final_dump_seconds: f64,
-    pub image_bytes: u64,
-    pub images_seconds: f64,
-    /// Images sent → the destination committed (restore and every page installed).
-    pub commit_wait_seconds: f64,
-    /// Pause → the tasks run on the destination (reported by it): the service's downtime.
-    pub downtime_seconds: f64,
-    /// Pause → commit: how long the source stayed frozen, ready to resume if anything failed
-    /// (includes the destination's background fill, while the service already runs there).
-    pub frozen_until_commit_seconds: f64,
-    /// Unix times of the steps, to line them up with what clients of the service saw.
-    pub started_unix: f64,
-    pub paused_unix: f64,
-    /// The image files were on the destination: its restore could start.
-    pub images_sent_unix: f64,
-    /// The destination reported its tasks running (None if it never did before committing).
-    pub restored_unix: Option<f64>,
-    pub committed_unix: f64,
+    /// Pre-shared key file on the source host (at least 16 bytes).
+    #[prost(string, tag = "2")]
+    pub key_file: String,
+    /// Unauthenticated session: only if the user asked for it (and the receiver allows it).
+    #[prost(bool, tag = "3")]
+    pub insecure: bool,
+    #[prost(uint32, tag = "4")]
+    pub max_rounds: u32,
+    #[prost(uint32, tag = "5")]
+    pub target_downtime_ms: u32,
+    /// content-hash or soft-dirty; empty: the best the kernel offers.
+    #[prost(string, tag = "6")]
+    pub tracker: String,
+    /// LZ4-compress page runs (each run goes uncompressed when that saves too little).
+    #[prost(bool, tag = "7")]
+    pub compress: bool,
+}
+
+impl MigrateRequest {
+    /// The convergence policy it asks for (defaults where it says nothing).
+    pub fn policy(&self) -> ConvergencePolicy {
+        let mut policy = ConvergencePolicy::default();
+        if self.max_rounds > 0 {
+            policy.max_rounds = self.max_rounds;
+        }
+        if self.target_downtime_ms > 0 {
+            policy.target_downtime = Duration::from_millis(self.target_downtime_ms as u64);
+        }
+        policy
+    }
+
+    fn auth(&self) -> Result<Auth, MigrateError> {
+        match (self.key_file.is_empty(), self.insecure) {
+            (false, false) => Ok(Auth::Key(
+                wire::read_key_file(Path::new(&self.key_file)).map_err(MigrateError::Request)?,
+            )),
+            (true, true) => Ok(Auth::Insecure),
+            (true, false) => Err(MigrateError::Request(
+                "no key file: pass --key-file (or --insecure to migrate unauthenticated)".into(),
+            )),
+            (false, true) => Err(MigrateError::Request(
+                "a key file and --insecure together: choose one".into(),
+            )),
+        }
+    }
+
+    /// The engine's parameters for container `id`, the final dump and logs in `work_dir`.
+    pub fn params(&self, id: &str, work_dir: &Path) -> Result<MigrateParams, MigrateError> {
+        Ok(MigrateParams {
+            container: id.to_string(),
+            destination: self.destination.clone(),
+            auth: self.auth()?,
+            policy: self.policy(),
+            tracker: (!self.tracker.is_empty()).then(|| self.tracker.clone()),
+            compress: self.compress,
+            work_dir: work_dir.to_owned(),
+        })
+    }
 }
 
 /// Host pid → pid in the container's namespace (the last NSpid field).
-pub fn namespace_pid(host_pid: i32) -> Result<u32, MigrateError> {
-    let status = fs::read_to_string(format!("/proc/{host_pid}/status")).map_err(|source| {
-        MigrateError::Io {
-            what: format!("reading /proc/{host_pid}/status"),
-            source,
-        }
-    })?;
+pub fn namespace_pid(host_pid: i32) -> io::Result<u32> {
+    let status = fs::read_to_string(format!("/proc/{host_pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
         .and_then(|pids| pids.split_whitespace().last())
         .and_then(|p| p.parse().ok())
-        .ok_or_else(|| MigrateError::Request(format!("no NSpid for pid {host_pid}")))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no NSpid for pid {host_pid}"),
+            )
+        })
 }
 
-fn auth_of(request: &MigrateRequest) -> Result<Auth, MigrateError> {
-    match (request.key_file.is_empty(), request.insecure) {
-        (false, false) => Ok(Auth::Key(
-            wire::read_key_file(Path::new(&request.key_file)).map_err(MigrateError::Request)?,
-        )),
-        (true, true) => Ok(Auth::Insecure),
-        (true, false) => Err(MigrateError::Request(
-            "no key file: pass --key-file (or --insecure to migrate unauthenticated)".into(),
-        )),
-        (false, true) => Err(MigrateError::Request(
-            "a key file and --insecure together: choose one".into(),
-        )),
+/// The runc operations of a migration's sending end.
+struct RuncHooks<'a> {
+    runc: &'a Runc,
+    id: &'a str,
+    work_dir: &'a Path,
+}
+
+impl SourceHooks for RuncHooks<'_> {
+    fn tasks(&mut self) -> Result<Vec<TaskIds>, HookError> {
+        let pids = self.runc.ps(self.id)?;
+        // A process that exits between the listing and here is skipped.
+        Ok(pids
+            .into_iter()
+            .filter_map(|pid| {
+                namespace_pid(pid).ok().map(|ns_pid| TaskIds {
+                    host_pid: pid as u32,
+                    ns_pid,
+                })
+            })
+            .collect())
     }
+
+    fn freeze(&mut self) -> Result<(), HookError> {
+        Ok(self.runc.pause(self.id)?)
+    }
+
+    fn final_dump(&mut self, image_dir: &Path) -> Result<(), HookError> {
+        Ok(lazy_final_dump(
+            self.runc,
+            self.id,
+            image_dir,
+            self.work_dir,
+        )?)
+    }
+
+    fn resume(&mut self) -> Result<(), HookError> {
+        Ok(self.runc.resume(self.id)?)
+    }
+
+    fn round_done(&mut self, round: &RoundStats) {
+        // Progress for `pclive migrate`, which follows this file while it waits.
+        if let Ok(line) = serde_json::to_string(round) {
+            if let Ok(mut f) = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(progress_path(self.work_dir))
+            {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        info!(
+            "{}: round {}: {} pages ({:.1} MiB), {} zero, {:.3}s{}",
+            self.id,
+            round.round,
+            round.pages,
+            round.bytes as f64 / (1 << 20) as f64,
+            round.zero_pages,
+            round.seconds,
+            if round.frozen { " (frozen)" } else { "" }
+        )
+    }
+}
+
+/// Why the final dump failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error(transparent)]
+    Runc(#[from] RuncError),
+    #[error("{0}")]
+    Server(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A CRIU dump of the paused container that leaves the lazy memory out (the destination has it
@@ -122,10 +209,10 @@ fn lazy_final_dump(
     id: &str,
     image_dir: &Path,
     work_dir: &Path,
-) -> Result<(), MigrateError> {
+) -> Result<(), DumpError> {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map_err(|source| MigrateError::Io {
+        .map_err(|source| DumpError::Io {
             what: "choosing a port for CRIU's page server".into(),
             source,
         })?
@@ -156,18 +243,18 @@ fn lazy_final_dump(
     let mut stream = loop {
         if dump.is_finished() {
             return match dump.join() {
-                Ok(Ok(())) => Err(MigrateError::DumpServer(
+                Ok(Ok(())) => Err(DumpError::Server(
                     "CRIU finished without serving pages".into(),
                 )),
                 Ok(Err(e)) => Err(e.into()),
-                Err(_) => Err(MigrateError::DumpServer("the dump thread panicked".into())),
+                Err(_) => Err(DumpError::Server("the dump thread panicked".into())),
             };
         }
         match TcpStream::connect(("127.0.0.1", port)) {
             Ok(s) => break s,
             Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
             Err(source) => {
-                return Err(MigrateError::Io {
+                return Err(DumpError::Io {
                     what: "connecting to CRIU's page server".into(),
                     source,
                 })
@@ -180,183 +267,33 @@ fn lazy_final_dump(
     // No waiting for CRIU's 4-byte acknowledgement: its page server corks the socket, so the
     // reply sits up to 200 ms in the kernel (measured: 0.2 s of every migration's downtime).
     // Whether the dump ended well is what runc's exit status says.
-    stream
-        .write_all(&close)
-        .map_err(|source| MigrateError::Io {
-            what: "closing CRIU's page server".into(),
-            source,
-        })?;
+    stream.write_all(&close).map_err(|source| DumpError::Io {
+        what: "closing CRIU's page server".into(),
+        source,
+    })?;
     drop(stream);
     match dump.join() {
         Ok(result) => Ok(result?),
-        Err(_) => Err(MigrateError::DumpServer("the dump thread panicked".into())),
+        Err(_) => Err(DumpError::Server("the dump thread panicked".into())),
     }
 }
 
-/// Migrates container `id` (its processes `host_pids`) to `request.destination`. `work_dir`
-/// holds the final dump and its logs. On success the caller kills the (paused) source; on
-/// error it has been resumed already.
+/// Migrates container `id` to `request.destination`; `work_dir` holds the final dump and its
+/// logs. On success the caller removes the (frozen) source; on error it has been resumed.
 pub fn migrate_out(
     runc: &Runc,
     id: &str,
-    host_pids: &[i32],
     request: &MigrateRequest,
     work_dir: &Path,
 ) -> Result<MigrationReport, MigrateError> {
-    let auth = auth_of(request)?;
-    let address = request
-        .destination
-        .to_socket_addrs()
-        .map_err(|source| MigrateError::Connect {
-            address: request.destination.clone(),
-            source,
-        })?
-        .next()
-        .ok_or_else(|| {
-            MigrateError::Request(format!("{} resolves to nothing", request.destination))
-        })?;
-    let stream =
-        TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|source| {
-            MigrateError::Connect {
-                address: request.destination.clone(),
-                source,
-            }
-        })?;
-    wire::harden_tcp(&stream).map_err(|source| MigrateError::Io {
-        what: "setting up the connection to the destination".into(),
-        source,
-    })?;
-    let _ = stream.set_read_timeout(Some(COMMIT_TIMEOUT));
-    let mut session = wire::connect(stream, &auth)?;
-    let mut tracker =
-        memory::tracker((!request.tracker.is_empty()).then_some(request.tracker.as_str()))?;
+    let params = request.params(id, work_dir)?;
+    let mut hooks = RuncHooks { runc, id, work_dir };
+    let processes = hooks.tasks().map(|t| t.len()).unwrap_or(0);
     info!(
-        "{id}: migrating {} process(es) to {} with the {} tracker",
-        host_pids.len(),
-        request.destination,
-        tracker.name()
+        "{id}: migrating {processes} process(es) to {}",
+        request.destination
     );
-    // The container's processes, taken anew each round; one that exits meanwhile is skipped.
-    let list_tasks = || -> Result<Vec<TaskIds>, PrecopyError> {
-        let pids = runc
-            .ps(id)
-            .map_err(|e| PrecopyError::Freeze(format!("listing the container's processes: {e}")))?;
-        Ok(pids
-            .into_iter()
-            .filter_map(|pid| {
-                namespace_pid(pid).ok().map(|ns_pid| TaskIds {
-                    host_pid: pid as u32,
-                    ns_pid,
-                })
-            })
-            .collect())
-    };
-
-    let started_unix = precopy::unix_now();
-    let paused_at = Cell::new(None::<Instant>);
-    let paused_unix = Cell::new(0.0f64);
-    let image_dir = work_dir.join("images");
-    let result = (|| -> Result<MigrationReport, MigrateError> {
-        fs::create_dir_all(&image_dir).map_err(|source| MigrateError::Io {
-            what: format!("creating {}", image_dir.display()),
-            source,
-        })?;
-        let precopy = precopy::Sender::new(&mut session)
-            .compress(request.compress)
-            .run(
-                list_tasks,
-                tracker.as_mut(),
-                &request.policy(),
-                || {
-                    runc.pause(id).map_err(|e| e.to_string())?;
-                    paused_at.set(Some(Instant::now()));
-                    paused_unix.set(precopy::unix_now());
-                    Ok(())
-                },
-                |round| {
-                    // Progress for `pclive migrate`, which follows this file while it waits.
-                    if let Ok(line) = serde_json::to_string(round) {
-                        use std::io::Write as _;
-                        if let Ok(mut f) = fs::OpenOptions::new()
-                            .create(true)
-                            .append(true)
-                            .open(progress_path(work_dir))
-                        {
-                            let _ = writeln!(f, "{line}");
-                        }
-                    }
-                    info!(
-                        "{id}: round {}: {} pages ({:.1} MiB), {} zero, {:.3}s{}",
-                        round.round,
-                        round.pages,
-                        round.bytes as f64 / (1 << 20) as f64,
-                        round.zero_pages,
-                        round.seconds,
-                        if round.frozen { " (frozen)" } else { "" }
-                    )
-                },
-            )?;
-        let paused = paused_at.get().expect("the last round follows the pause");
-        let last_round_seconds = paused.elapsed().as_secs_f64();
-        let dump_start = Instant::now();
-        lazy_final_dump(runc, id, &image_dir, work_dir)?;
-        let final_dump_seconds = dump_start.elapsed().as_secs_f64();
-        let images_start = Instant::now();
-        let image_bytes = precopy::send_images(&mut session, &image_dir)?;
-        let images_seconds = images_start.elapsed().as_secs_f64();
-        let images_sent_unix = precopy::unix_now();
-        let commit_start = Instant::now();
-        let mut resumed_after = None;
-        let mut restored_unix = None;
-        let answer: Control = loop {
-            let answer: Control = session.expect(Kind::Control).map_err(|e| match e {
-                WireError::Closed | WireError::Truncated => MigrateError::Aborted(
-                    "the destination closed the connection before committing: its restore failed \
-                     (see the destination's containerd log)"
-                        .into(),
-                ),
-                other => other.into(),
-            })?;
-            if answer.code == ControlCode::Progress as i32
-                && answer.message == restore_engine::destination::RESTORED
-            {
-                resumed_after = Some(paused.elapsed().as_secs_f64());
-                restored_unix = Some(precopy::unix_now());
-                continue;
-            }
-            break answer;
-        };
-        match ControlCode::try_from(answer.code) {
-            Ok(ControlCode::Committed) => Ok(MigrationReport {
-                container: id.into(),
-                destination: request.destination.clone(),
-                precopy,
-                last_round_seconds,
-                final_dump_seconds,
-                image_bytes,
-                images_seconds,
-                commit_wait_seconds: commit_start.elapsed().as_secs_f64(),
-                // Until the tasks ran on the destination (as seen from here: an upper bound).
-                downtime_seconds: resumed_after.unwrap_or_else(|| paused.elapsed().as_secs_f64()),
-                frozen_until_commit_seconds: paused.elapsed().as_secs_f64(),
-                started_unix,
-                paused_unix: paused_unix.get(),
-                images_sent_unix,
-                restored_unix,
-                committed_unix: precopy::unix_now(),
-            }),
-            _ => Err(MigrateError::Aborted(answer.message)),
-        }
-    })();
-    if let Err(e) = &result {
-        if paused_at.get().is_some() {
-            warn!("{id}: migration failed ({e}); resuming the container here");
-            if let Err(resume) = runc.resume(id) {
-                warn!("{id}: could not resume after the failed migration: {resume}");
-            }
-        }
-    }
-    result
+    Ok(source::migrate(&params, &mut hooks)?)
 }
 
 /// Where the rounds of a running migration are appended (JSON lines).

@@ -28,8 +28,6 @@ pub const RUNTIME_ID: &str = "io.containerd.pclive.v2";
 const RUNC_OPTIONS_TYPE: &str = "containerd.runc.v1.Options";
 const CHECKPOINT_OPTIONS_TYPE: &str = "containerd.runc.v1.CheckpointOptions";
 const LINUX_RESOURCES_TYPE_SUFFIX: &str = "LinuxResources";
-/// The CheckpointOptions field that carries a pclive MigrateRequest.
-pub const MIGRATE_FIELD: u32 = 1000;
 
 fn to_status(err: TaskError) -> ttrpc::Error {
     let code = match &err {
@@ -136,16 +134,20 @@ fn checkpoint_params(path: &str, any: Option<&Any>) -> Result<CheckpointParams, 
         params.cgroups_mode = (!o.cgroups_mode.is_empty()).then(|| o.cgroups_mode.clone());
         // pclive's extension: a migration request in field 1000 (containerd passes unknown
         // fields of CheckpointOptions through unchanged).
-        if let Some(value) = o.special_fields.unknown_fields().get(MIGRATE_FIELD) {
+        if let Some(value) = o
+            .special_fields
+            .unknown_fields()
+            .get(crate::migrate::MIGRATE_FIELD)
+        {
             let containerd_shim::protos::protobuf::UnknownValueRef::LengthDelimited(bytes) = value
             else {
                 return Err(invalid(format!(
-                    "CheckpointOptions field {MIGRATE_FIELD} must be an encoded pclive MigrateRequest"
+                    "CheckpointOptions field {} must be an encoded pclive MigrateRequest",
+                    crate::migrate::MIGRATE_FIELD
                 )));
             };
-            let request =
-                <restore_engine::precopy::MigrateRequest as prost::Message>::decode(bytes)
-                    .map_err(|e| invalid(format!("corrupt pclive MigrateRequest: {e}")))?;
+            let request = <crate::migrate::MigrateRequest as prost::Message>::decode(bytes)
+                .map_err(|e| invalid(format!("corrupt pclive MigrateRequest: {e}")))?;
             params.migrate = Some(request);
         }
     }

@@ -11,11 +11,17 @@ use std::time::{Duration, Instant};
 use common::*;
 use restore_engine::images::{self, Header, Pagemap, MM_MAGIC, PSTREE_MAGIC};
 
-const LAZY: &str = "io.containerd.pclive.restore.lazy-pages=true";
+use containerd_shim_pclive::annotations;
+
+/// The annotation of a lazy restore.
+fn lazy() -> String {
+    format!("{}=true", annotations::RESTORE_LAZY_PAGES)
+}
 
 fn lazy_restore(ctd: &Containerd, id: &str, rootfs: &Path, images: &Path, extra: &[&str]) {
     let annotation = format!("{RESTORE_ANNOTATION}={}", images.display());
-    let mut args = vec!["--annotation", &annotation, "--annotation", LAZY];
+    let lazy = lazy();
+    let mut args = vec!["--annotation", &annotation, "--annotation", &lazy];
     args.extend_from_slice(extra);
     ctd.run_detached(id, rootfs, &args, &["/bin/true"]);
 }
@@ -80,7 +86,6 @@ fn one_gib_of_checksummed_memory_restores_lazily_and_verifies() {
 
 /// Decodes the images CRIU just wrote with pclive's codec and re-encodes them byte for byte.
 fn check_image_codec_on_a_real_dump(dir: &Path) {
-    let page_size = images::page_size();
     let inventory = images::read_inventory(dir).expect("inventory.img");
     assert_eq!(inventory.img_version, 2);
     let pstree_path = dir.join("pstree.img");
@@ -103,7 +108,7 @@ fn check_image_codec_on_a_real_dump(dir: &Path) {
         );
         let pagemap_path = dir.join(format!("pagemap-{}.img", task.pid));
         let raw = fs::read(&pagemap_path).unwrap();
-        let pagemap = Pagemap::decode(&pagemap_path, &raw, page_size).unwrap();
+        let pagemap = Pagemap::decode(&pagemap_path, &raw).unwrap();
         assert_eq!(
             pagemap.encode(),
             raw,
@@ -113,7 +118,7 @@ fn check_image_codec_on_a_real_dump(dir: &Path) {
         let pages = dir.join(format!("pages-{}.img", pagemap.pages_id));
         assert_eq!(
             fs::metadata(&pages).unwrap().len(),
-            pagemap.present_bytes(page_size),
+            pagemap.present_bytes(),
             "pagemap offsets disagree with {}",
             pages.display()
         );
@@ -159,7 +164,7 @@ fn killing_the_lazy_pages_server_during_the_fill_kills_the_container() {
         &images,
         &[
             "--annotation",
-            "io.containerd.pclive.restore.fill-rate-mib=8",
+            &format!("{}=8", annotations::RESTORE_FILL_RATE_MIB),
         ],
     );
     ctd.wait_status("victim-lazy", "RUNNING");
@@ -257,7 +262,7 @@ fn redis_restores_lazily_with_the_same_dataset() {
         &images,
         &[
             "--annotation",
-            "io.containerd.pclive.restore.page-source=staging",
+            &format!("{}=staging", annotations::RESTORE_PAGE_SOURCE),
         ],
     );
     ctd.wait_status("redis-lazy", "RUNNING");
@@ -307,7 +312,7 @@ fn a_forking_multi_process_container_restores_lazily() {
         &images,
         &[
             "--annotation",
-            "io.containerd.pclive.restore.fill-rate-mib=2",
+            &format!("{}=2", annotations::RESTORE_FILL_RATE_MIB),
         ],
     );
     ctd.wait_status("family-lazy", "RUNNING");

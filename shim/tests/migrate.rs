@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
+use containerd_shim_pclive::annotations;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -78,10 +79,10 @@ fn key_file(dir: &Path) -> String {
 
 /// Starts the receiving container on `dst` (ctr blocks until it runs: in the background).
 fn receive(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: Option<&str>) -> Guarded {
-    let listen = format!("io.containerd.pclive.receive.listen={listen}");
+    let listen = format!("{}={listen}", annotations::RECEIVE_LISTEN);
     let auth = match key {
-        Some(k) => format!("io.containerd.pclive.receive.key-file={k}"),
-        None => "io.containerd.pclive.receive.insecure=true".into(),
+        Some(k) => format!("{}={k}", annotations::RECEIVE_KEY_FILE),
+        None => format!("{}=true", annotations::RECEIVE_INSECURE),
     };
     let rootfs = rootfs.display().to_string();
     let child = dst

@@ -15,7 +15,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 pub const RUNTIME: &str = "io.containerd.pclive.v2";
-pub const RESTORE_ANNOTATION: &str = "io.containerd.pclive.restore.image-path";
+pub const RESTORE_ANNOTATION: &str = containerd_shim_pclive::annotations::RESTORE_IMAGE_PATH;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 

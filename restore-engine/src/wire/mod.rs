@@ -14,11 +14,24 @@
 //! sides must explicitly agree to an unauthenticated session (`insecure`); its frames still
 //! carry a MAC under a well-known key, which detects corruption but not tampering.
 
+//!
+//! - [`messages`]: the protobuf messages each frame kind carries,
+//! - [`handshake`]: authentication and the per-direction keys ([`connect`], [`accept`]),
+//! - [`pages`]: page runs as they travel (raw or LZ4) and their checks,
+//! - this file: frames and the [`Session`] that sends and receives them, with flow control.
+
+mod handshake;
+mod messages;
+pub mod pages;
+
 use std::io::{self, Read, Write};
 
 use hmac::{Hmac, KeyInit, Mac};
 use prost::Message;
 use sha2::Sha256;
+
+pub use handshake::{accept, connect, harden_tcp, read_key_file, Auth};
+pub use messages::*;
 
 pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
 /// 2: page runs may be LZ4-compressed (`PageRun::lz4`).
@@ -29,11 +42,9 @@ pub const MAC_LEN: usize = 32;
 /// Largest payload accepted: a page batch of 8 MiB plus framing. Anything larger is refused
 /// before it is read, so a hostile length cannot exhaust memory.
 pub const MAX_PAYLOAD: u32 = 9 << 20;
-const NONCE_LEN: usize = 32;
 /// Payload bytes a sender may have in flight before the receiver grants more: bounds what a
 /// slow link makes either side buffer.
 pub const INITIAL_CREDIT: u64 = 64 << 20;
-const INSECURE_KEY: &[u8] = b"pclive unauthenticated session: integrity only";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -64,6 +75,12 @@ pub enum WireError {
         kind: Kind,
         #[source]
         source: prost::DecodeError,
+    },
+    #[error("page run at {vaddr:#x} of task {pid} is corrupt: {problem}")]
+    BadRun {
+        pid: u32,
+        vaddr: u64,
+        problem: String,
     },
     #[error("expected a {expected:?} frame, got {found:?}")]
     Unexpected { expected: Kind, found: Kind },
@@ -107,124 +124,6 @@ impl Kind {
             _ => return None,
         })
     }
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Hello {
-    #[prost(uint32, repeated, tag = "1")]
-    pub versions: Vec<u32>,
-    #[prost(bytes = "vec", tag = "2")]
-    pub nonce: Vec<u8>,
-    #[prost(bool, tag = "3")]
-    pub insecure: bool,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Challenge {
-    #[prost(uint32, tag = "1")]
-    pub version: u32,
-    #[prost(bytes = "vec", tag = "2")]
-    pub nonce: Vec<u8>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Proof {
-    #[prost(bytes = "vec", tag = "1")]
-    pub mac: Vec<u8>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Reject {
-    #[prost(string, tag = "1")]
-    pub reason: String,
-}
-
-/// A run of consecutive pages of one task: either `data`, or `lz4` (an LZ4 block) that
-/// decompresses to `lz4_len` bytes.
-#[derive(Clone, PartialEq, Message)]
-pub struct PageRun {
-    #[prost(uint64, tag = "1")]
-    pub vaddr: u64,
-    #[prost(bytes = "vec", tag = "2")]
-    pub data: Vec<u8>,
-    #[prost(bytes = "vec", tag = "3")]
-    pub lz4: Vec<u8>,
-    #[prost(uint32, tag = "4")]
-    pub lz4_len: u32,
-}
-
-impl PageRun {
-    /// Bytes this run takes on the wire (what flow control counts).
-    pub fn wire_len(&self) -> usize {
-        self.data.len() + self.lz4.len()
-    }
-}
-
-/// Pages of one task (pid in the container's namespace) from one pre-copy round.
-#[derive(Clone, PartialEq, Message)]
-pub struct Pages {
-    #[prost(uint32, tag = "1")]
-    pub pid: u32,
-    #[prost(uint32, tag = "2")]
-    pub round: u32,
-    #[prost(message, repeated, tag = "3")]
-    pub runs: Vec<PageRun>,
-    #[prost(uint64, repeated, tag = "4")]
-    pub zero_pages: Vec<u64>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct RoundEnd {
-    #[prost(uint32, tag = "1")]
-    pub round: u32,
-    #[prost(uint64, tag = "2")]
-    pub pages: u64,
-    #[prost(uint64, tag = "3")]
-    pub bytes: u64,
-    /// The last round: the source is frozen and the images follow.
-    #[prost(bool, tag = "4")]
-    pub last: bool,
-}
-
-/// A chunk of a CRIU image file of the final dump.
-#[derive(Clone, PartialEq, Message)]
-pub struct ImageFile {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(uint64, tag = "2")]
-    pub offset: u64,
-    #[prost(bytes = "vec", tag = "3")]
-    pub data: Vec<u8>,
-    #[prost(bool, tag = "4")]
-    pub last_chunk: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
-#[repr(i32)]
-pub enum ControlCode {
-    Unspecified = 0,
-    /// Source → destination: every image is sent; restore now.
-    ImagesDone = 1,
-    /// Destination → source: every page is installed; the source may go.
-    Committed = 2,
-    /// Either way: give up; the source resumes.
-    Abort = 3,
-    Progress = 4,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Control {
-    #[prost(enumeration = "ControlCode", tag = "1")]
-    pub code: i32,
-    #[prost(string, tag = "2")]
-    pub message: String,
-}
-
-/// Flow control: the receiver allows this many more payload bytes.
-#[derive(Clone, PartialEq, Message)]
-pub struct Credit {
-    #[prost(uint64, tag = "1")]
-    pub bytes: u64,
 }
 
 /// A received frame.
@@ -333,15 +232,6 @@ pub fn read_frame(
     Ok(Frame { kind, seq, payload })
 }
 
-/// Authentication settings of one end.
-#[derive(Clone)]
-pub enum Auth {
-    /// A pre-shared key (at least 16 bytes).
-    Key(Vec<u8>),
-    /// No authentication: only when the user explicitly asked for it on both ends.
-    Insecure,
-}
-
 /// One end of an established session: frames in both directions, keys and sequence numbers.
 pub struct Session<S: Read + Write> {
     stream: S,
@@ -438,291 +328,10 @@ impl<S: Read + Write> Session<S> {
     }
 }
 
-fn nonce() -> Result<Vec<u8>, WireError> {
-    let mut n = vec![0u8; NONCE_LEN];
-    let mut urandom = std::fs::File::open("/dev/urandom")?;
-    urandom.read_exact(&mut n)?;
-    Ok(n)
-}
-
-fn handshake_key(auth: &Auth) -> &[u8] {
-    match auth {
-        Auth::Key(k) => k,
-        Auth::Insecure => INSECURE_KEY,
-    }
-}
-
-/// The connecting side (the migration source).
-pub fn connect<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>, WireError> {
-    let key = handshake_key(auth).to_vec();
-    let client_nonce = nonce()?;
-    let hello = Hello {
-        versions: vec![VERSION as u32],
-        nonce: client_nonce.clone(),
-        insecure: matches!(auth, Auth::Insecure),
-    };
-    stream.write_all(&encode_frame(&key, Kind::Hello, 0, &hello.encode_to_vec()))?;
-    let frame = match read_frame(&mut stream, &key, 0) {
-        Ok(f) => f,
-        // A server with another key cannot produce a valid MAC: that is an authentication failure.
-        Err(WireError::BadMac { .. }) => return Err(WireError::AuthFailed),
-        Err(e) => return Err(e),
-    };
-    if frame.kind == Kind::Reject {
-        return Err(WireError::Refused(frame.decode::<Reject>()?.reason));
-    }
-    if frame.kind != Kind::Challenge {
-        return Err(WireError::Unexpected {
-            expected: Kind::Challenge,
-            found: frame.kind,
-        });
-    }
-    let challenge: Challenge = frame.decode()?;
-    let proof = Proof {
-        mac: derive(
-            &key,
-            b"pclive client proof",
-            &challenge.nonce,
-            &client_nonce,
-        )
-        .to_vec(),
-    };
-    stream.write_all(&encode_frame(&key, Kind::Proof, 1, &proof.encode_to_vec()))?;
-    let frame = read_frame(&mut stream, &key, 1)?;
-    if frame.kind == Kind::Reject {
-        return Err(WireError::Refused(frame.decode::<Reject>()?.reason));
-    }
-    let accept: Proof = frame.decode()?;
-    let expected = derive(
-        &key,
-        b"pclive server proof",
-        &client_nonce,
-        &challenge.nonce,
-    );
-    if !constant_time_eq(&accept.mac, &expected) {
-        return Err(WireError::AuthFailed);
-    }
-    Ok(Session {
-        stream,
-        send_key: derive(&key, b"pclive c2s", &client_nonce, &challenge.nonce).to_vec(),
-        recv_key: derive(&key, b"pclive s2c", &client_nonce, &challenge.nonce).to_vec(),
-        send_seq: 0,
-        recv_seq: 0,
-        credit: INITIAL_CREDIT,
-    })
-}
-
-/// The listening side (the migration destination).
-pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>, WireError> {
-    let key = handshake_key(auth).to_vec();
-    let reject = |stream: &mut S, seq: u64, reason: &str| {
-        // Best effort: the peer may not be able to check our MAC.
-        let _ = stream.write_all(&encode_frame(
-            &key,
-            Kind::Reject,
-            seq,
-            &Reject {
-                reason: reason.into(),
-            }
-            .encode_to_vec(),
-        ));
-    };
-    let frame = match read_frame(&mut stream, &key, 0) {
-        Ok(f) => f,
-        Err(WireError::BadMac { .. }) => {
-            // Another key, or an unauthenticated client meeting a keyed server (or vice versa).
-            reject(&mut stream, 0, "authentication failed: different keys");
-            return Err(WireError::AuthFailed);
-        }
-        Err(e) => return Err(e),
-    };
-    if frame.kind != Kind::Hello {
-        return Err(WireError::Unexpected {
-            expected: Kind::Hello,
-            found: frame.kind,
-        });
-    }
-    let hello: Hello = frame.decode()?;
-    if hello.insecure != matches!(auth, Auth::Insecure) {
-        reject(
-            &mut stream,
-            0,
-            "one side is unauthenticated (--insecure) and the other is not",
-        );
-        return Err(WireError::InsecureRefused);
-    }
-    if !hello.versions.contains(&(VERSION as u32)) {
-        reject(&mut stream, 0, "no common protocol version");
-        return Err(WireError::Version {
-            found: hello.versions.first().copied().unwrap_or(0) as u16,
-            ours: VERSION,
-        });
-    }
-    let server_nonce = nonce()?;
-    let challenge = Challenge {
-        version: VERSION as u32,
-        nonce: server_nonce.clone(),
-    };
-    stream.write_all(&encode_frame(
-        &key,
-        Kind::Challenge,
-        0,
-        &challenge.encode_to_vec(),
-    ))?;
-    let proof: Proof = read_frame(&mut stream, &key, 1).and_then(|f| {
-        if f.kind != Kind::Proof {
-            return Err(WireError::Unexpected {
-                expected: Kind::Proof,
-                found: f.kind,
-            });
-        }
-        f.decode()
-    })?;
-    let expected = derive(&key, b"pclive client proof", &server_nonce, &hello.nonce);
-    if !constant_time_eq(&proof.mac, &expected) {
-        reject(&mut stream, 1, "authentication failed");
-        return Err(WireError::AuthFailed);
-    }
-    let accept = Proof {
-        mac: derive(&key, b"pclive server proof", &hello.nonce, &server_nonce).to_vec(),
-    };
-    stream.write_all(&encode_frame(
-        &key,
-        Kind::Accept,
-        1,
-        &accept.encode_to_vec(),
-    ))?;
-    Ok(Session {
-        stream,
-        send_key: derive(&key, b"pclive s2c", &hello.nonce, &server_nonce).to_vec(),
-        recv_key: derive(&key, b"pclive c2s", &hello.nonce, &server_nonce).to_vec(),
-        send_seq: 0,
-        recv_seq: 0,
-        credit: INITIAL_CREDIT,
-    })
-}
-
-/// Makes a migration connection notice a dead peer or a cut link within ~15 s, idle or not:
-/// keepalive probes while waiting (e.g. for the commit during a long fill) and a bound on how
-/// long sent data may stay unacknowledged. Without this a silent link would keep the source
-/// frozen for many minutes.
-pub fn harden_tcp(stream: &std::net::TcpStream) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = stream.as_raw_fd();
-    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| -> io::Result<()> {
-        // SAFETY: setsockopt reads one c_int that lives across the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
-    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 10_000)?;
-    stream.set_nodelay(true)
-}
-
-/// Reads a pre-shared key file: at least 16 bytes (e.g. `head -c 32 /dev/urandom > key`).
-pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let key =
-        std::fs::read(path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
-    if key.len() < 16 {
-        return Err(format!(
-            "key file {} holds {} bytes; use at least 16 random bytes (head -c 32 /dev/urandom > {})",
-            path.display(),
-            key.len(),
-            path.display()
-        ));
-    }
-    Ok(key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::os::unix::net::UnixStream;
-    use std::thread;
-
-    fn pair(
-        client_auth: Auth,
-        server_auth: Auth,
-    ) -> (
-        Result<Session<UnixStream>, WireError>,
-        Result<Session<UnixStream>, WireError>,
-    ) {
-        let (a, b) = UnixStream::pair().unwrap();
-        let server = thread::spawn(move || accept(b, &server_auth));
-        let client = connect(a, &client_auth);
-        (client, server.join().unwrap())
-    }
-
-    fn key(byte: u8) -> Auth {
-        Auth::Key(vec![byte; 32])
-    }
-
-    #[test]
-    fn authenticated_session_carries_messages_both_ways() {
-        let (client, server) = pair(key(7), key(7));
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        let pages = Pages {
-            pid: 1,
-            round: 2,
-            runs: vec![PageRun {
-                vaddr: 0x1000,
-                data: vec![9; 4096],
-                ..Default::default()
-            }],
-            zero_pages: vec![0x5000],
-        };
-        client.send(Kind::Pages, &pages).unwrap();
-        assert_eq!(server.expect::<Pages>(Kind::Pages).unwrap(), pages);
-        server
-            .send(
-                Kind::Control,
-                &Control {
-                    code: ControlCode::Committed as i32,
-                    message: String::new(),
-                },
-            )
-            .unwrap();
-        let control: Control = client.expect(Kind::Control).unwrap();
-        assert_eq!(control.code, ControlCode::Committed as i32);
-    }
-
-    #[test]
-    fn a_wrong_key_is_refused_on_both_sides() {
-        let (client, server) = pair(key(1), key(2));
-        assert!(
-            matches!(server, Err(WireError::AuthFailed)),
-            "{:?}",
-            server.err()
-        );
-        let err = client.err().unwrap();
-        assert!(
-            matches!(err, WireError::AuthFailed | WireError::Refused(_)),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn an_unauthenticated_peer_needs_explicit_consent() {
-        let (client, server) = pair(Auth::Insecure, key(1));
-        assert!(client.is_err() && server.is_err());
-        let (client, server) = pair(Auth::Insecure, Auth::Insecure);
-        assert!(client.is_ok() && server.is_ok());
-    }
 
     #[test]
     fn corrupted_replayed_and_truncated_frames_are_refused() {

@@ -1,27 +1,44 @@
-//! The receiving end of a migration: pre-copy rounds into the staging store (while the source
-//! still runs), the final dump's image files, then either the lazy-pages server installs the
-//! memory from the staging store into the restored tasks, or (eager) the images are completed
-//! from the staging store for a plain restore; then the source is told to go (commit).
+//! The receiving end of a migration: the listener that waits for the source, pre-copy rounds
+//! into the staging store (while the source still runs), the final dump's image files, then
+//! either the lazy-pages server installs the memory from the staging store into the restored
+//! tasks, or (eager) the images are completed from the staging store for a plain restore; then
+//! the source is told to go (commit), or to resume (abort).
+//!
+//! - [`receive`]: rounds into the store and image files into a directory, checked as they come,
+//! - this file: the listener and the conversation with the source.
+
+pub mod receive;
 
 use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::assemble::{self, AssembleError, AssembleReport};
-use crate::lazy::{self, FillStats, LazyError, LazyEvent, ServerConfig};
-use crate::precopy::{self, PrecopyError};
+use crate::events::{FillStats, ServerEvent};
+use crate::lazy::{self, LazyError, ServerConfig};
 use crate::staging::StagingStore;
-use crate::wire::{Control, ControlCode, Kind, Session};
-
-/// Progress message the destination sends when the restored tasks run.
-pub const RESTORED: &str = "restored";
+use crate::wire::{self, Auth, Control, ControlCode, Kind, Session, WireError, RESTORED};
+use receive::{ReceiveError, ReceiveReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("accepting the source: {0}")]
+    Accept(#[source] std::io::Error),
+    #[error("setting up the connection: {0}")]
+    Setup(#[source] std::io::Error),
+    #[error("{0}")]
+    Handshake(#[from] WireError),
     #[error("receiving the migration: {0}")]
-    Receive(#[from] PrecopyError),
+    Receive(#[from] ReceiveError),
     #[error("installing the memory: {0}")]
     Install(#[from] LazyError),
     #[error("completing the images from the staging store: {0}")]
@@ -29,7 +46,7 @@ pub enum DestinationError {
     #[error("the restore failed: {0}")]
     Restore(String),
     #[error("telling the source to commit: {0}")]
-    Commit(crate::wire::WireError),
+    Commit(WireError),
 }
 
 /// How an eager restore ended, as the restoring side (the shim) tells the receiving engine.
@@ -42,23 +59,44 @@ pub enum RestoreOutcome {
     Failed { reason: String },
 }
 
+/// Listens on `address` for the source and authenticates it (`events` hears where it listens).
+pub fn accept_source(
+    address: &str,
+    auth: &Auth,
+    mut events: impl FnMut(ServerEvent),
+) -> Result<Session<TcpStream>, DestinationError> {
+    let listener = TcpListener::bind(address).map_err(|source| DestinationError::Listen {
+        address: address.to_string(),
+        source,
+    })?;
+    events(ServerEvent::Listening {
+        address: listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| address.to_string()),
+    });
+    let (stream, _) = listener.accept().map_err(DestinationError::Accept)?;
+    wire::harden_tcp(&stream).map_err(DestinationError::Setup)?;
+    Ok(wire::accept(stream, auth)?)
+}
+
 /// Receives a migration on an authenticated `session` and serves its memory to the restore.
 /// `config.images` receives the image files; the restore must connect to the lazy-pages socket
-/// in `config.work_dir` after [`LazyEvent::Ready`]. On failure the source is told to abort (it
+/// in `config.work_dir` after [`ServerEvent::Ready`]. On failure the source is told to abort (it
 /// resumes); on success it is told to commit once every page is installed.
 pub fn receive_and_serve<S: Read + Write>(
     session: &mut Session<S>,
     config: &ServerConfig,
     supervisor: Option<&UnixStream>,
-    mut events: impl FnMut(LazyEvent),
+    mut events: impl FnMut(ServerEvent),
 ) -> Result<FillStats, DestinationError> {
     let result = (|| -> Result<FillStats, DestinationError> {
         let mut store = StagingStore::default();
-        let received = precopy::receive_rounds_reporting(session, &mut store, |end, so_far| {
+        let received = receive::receive_rounds_reporting(session, &mut store, |end, so_far| {
             events(round_received(end, so_far))
         })?;
-        let image_bytes = precopy::receive_images(session, &config.images)?;
-        events(LazyEvent::ImagesReady {
+        let image_bytes = receive::receive_images(session, &config.images)?;
+        events(ServerEvent::ImagesReady {
             rounds: received.rounds,
             staged_bytes: received.bytes,
             image_bytes,
@@ -66,8 +104,8 @@ pub fn receive_and_serve<S: Read + Write>(
         // Tell the source when the tasks run here: the end of the service's downtime (the
         // commit comes later, once the background fill is complete).
         let mut restored_sent = false;
-        let mut forward = |event: LazyEvent| {
-            if matches!(event, LazyEvent::RestoreFinished { .. }) && !restored_sent {
+        let mut forward = |event: ServerEvent| {
+            if matches!(event, ServerEvent::RestoreFinished { .. }) && !restored_sent {
                 restored_sent = true;
                 let _ = send_progress(session, RESTORED);
             }
@@ -86,23 +124,23 @@ pub fn receive_and_serve<S: Read + Write>(
 pub fn receive_and_restore_eagerly<S: Read + Write>(
     session: &mut Session<S>,
     images: &Path,
-    mut events: impl FnMut(LazyEvent),
+    mut events: impl FnMut(ServerEvent),
     restore: impl FnOnce() -> RestoreOutcome,
 ) -> Result<AssembleReport, DestinationError> {
     let result = (|| -> Result<AssembleReport, DestinationError> {
         let mut store = StagingStore::default();
-        let received = precopy::receive_rounds_reporting(session, &mut store, |end, so_far| {
+        let received = receive::receive_rounds_reporting(session, &mut store, |end, so_far| {
             events(round_received(end, so_far))
         })?;
-        let image_bytes = precopy::receive_images(session, images)?;
-        events(LazyEvent::ImagesReady {
+        let image_bytes = receive::receive_images(session, images)?;
+        events(ServerEvent::ImagesReady {
             rounds: received.rounds,
             staged_bytes: received.bytes,
             image_bytes,
         });
         let assembled = assemble::assemble(images, &store)?;
         drop(store);
-        events(LazyEvent::Assembled(assembled.clone()));
+        events(ServerEvent::Assembled(assembled.clone()));
         match restore() {
             RestoreOutcome::Restored => {
                 // The end of the service's downtime, as in the lazy path.
@@ -115,8 +153,8 @@ pub fn receive_and_restore_eagerly<S: Read + Write>(
     commit_or_abort(session, result)
 }
 
-fn round_received(end: &crate::wire::RoundEnd, so_far: &precopy::ReceiveReport) -> LazyEvent {
-    LazyEvent::RoundReceived {
+fn round_received(end: &crate::wire::RoundEnd, so_far: &ReceiveReport) -> ServerEvent {
+    ServerEvent::RoundReceived {
         round: end.round,
         pages: end.pages,
         bytes: end.bytes,
@@ -128,7 +166,7 @@ fn round_received(end: &crate::wire::RoundEnd, so_far: &precopy::ReceiveReport) 
 fn send_progress<S: Read + Write>(
     session: &mut Session<S>,
     message: &str,
-) -> Result<(), crate::wire::WireError> {
+) -> Result<(), WireError> {
     session.send(
         Kind::Control,
         &Control {

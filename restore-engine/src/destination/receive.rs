@@ -1,0 +1,231 @@
+//! Receiving a migration: pre-copy rounds into the staging store (returning flow-control credit
+//! as they are staged), then the final dump's image files. Everything that arrives is checked
+//! before it is stored: page runs must be whole pages, image names plain file names.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::page;
+use crate::staging::{StagingError, StagingStore};
+use crate::wire::pages::decode_run;
+use crate::wire::{
+    Control, ControlCode, Credit, ImageFile, Kind, Pages, RoundEnd, Session, WireError,
+};
+
+/// The flow-control window (see [`crate::wire::INITIAL_CREDIT`]).
+const CREDIT_WINDOW: u64 = crate::wire::INITIAL_CREDIT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("staging: {0}")]
+    Staging(#[from] StagingError),
+    #[error("image file {name}: {source}")]
+    ImageFile {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image file name {0:?} is not a plain file name: refusing it")]
+    ImageName(String),
+    #[error("the source aborted the migration: {0}")]
+    Aborted(String),
+}
+
+/// Receives image files into `dir` until `ImagesDone`. File names must be plain names (no
+/// directories, no `..`): a hostile peer cannot write outside `dir`.
+pub fn receive_images<S: Read + Write>(
+    session: &mut Session<S>,
+    dir: &Path,
+) -> Result<u64, ReceiveError> {
+    use std::os::unix::fs::FileExt;
+    let mut total = 0u64;
+    loop {
+        let frame = session.receive()?;
+        match frame.kind {
+            Kind::ImageFile => {
+                let file: ImageFile = frame.decode()?;
+                let plain = !file.name.is_empty()
+                    && file.name != "."
+                    && file.name != ".."
+                    && !file.name.contains('/')
+                    && !file.name.contains('\0');
+                if !plain {
+                    return Err(ReceiveError::ImageName(file.name));
+                }
+                let path = dir.join(&file.name);
+                let out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(file.offset == 0)
+                    .open(&path)
+                    .map_err(|source| ReceiveError::ImageFile {
+                        name: file.name.clone(),
+                        source,
+                    })?;
+                out.write_all_at(&file.data, file.offset)
+                    .map_err(|source| ReceiveError::ImageFile {
+                        name: file.name.clone(),
+                        source,
+                    })?;
+                total += file.data.len() as u64;
+            }
+            Kind::Control => {
+                let control: Control = frame.decode()?;
+                match ControlCode::try_from(control.code) {
+                    Ok(ControlCode::ImagesDone) => return Ok(total),
+                    Ok(ControlCode::Abort) => return Err(ReceiveError::Aborted(control.message)),
+                    _ => {
+                        return Err(WireError::Unexpected {
+                            expected: Kind::ImageFile,
+                            found: Kind::Control,
+                        }
+                        .into())
+                    }
+                }
+            }
+            other => {
+                return Err(WireError::Unexpected {
+                    expected: Kind::ImageFile,
+                    found: other,
+                }
+                .into())
+            }
+        }
+    }
+}
+
+/// What the receiving end staged.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReceiveReport {
+    pub rounds: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+}
+
+/// Receives rounds into `store` until the last (frozen) round has arrived.
+pub fn receive_rounds<S: Read + Write>(
+    session: &mut Session<S>,
+    store: &mut StagingStore,
+) -> Result<ReceiveReport, ReceiveError> {
+    receive_rounds_reporting(session, store, |_, _| {})
+}
+
+/// [`receive_rounds`], calling `on_round` with each round's end marker and the report so far.
+pub fn receive_rounds_reporting<S: Read + Write>(
+    session: &mut Session<S>,
+    store: &mut StagingStore,
+    mut on_round: impl FnMut(&RoundEnd, &ReceiveReport),
+) -> Result<ReceiveReport, ReceiveError> {
+    let mut report = ReceiveReport::default();
+    let mut consumed = 0u64;
+    loop {
+        let frame = session.receive()?;
+        match frame.kind {
+            Kind::Pages => {
+                let pages: Pages = frame.decode()?;
+                let (mut bytes, mut wire) = (0u64, 0u64);
+                for run in &pages.runs {
+                    let data = decode_run(pages.pid, run)?;
+                    store.put(pages.pid, run.vaddr, &data)?;
+                    bytes += data.len() as u64;
+                    wire += run.wire_len() as u64;
+                }
+                for &addr in &pages.zero_pages {
+                    store.put_zero(pages.pid, addr, 1)?;
+                }
+                report.pages += bytes / page::SIZE_U64;
+                report.zero_pages += pages.zero_pages.len() as u64;
+                report.bytes += bytes;
+                // Return the credit once half the window is used, so the sender never stalls
+                // on a link that keeps up.
+                consumed += wire;
+                if consumed >= CREDIT_WINDOW / 2 {
+                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
+                    consumed = 0;
+                }
+            }
+            Kind::RoundEnd => {
+                let end: RoundEnd = frame.decode()?;
+                report.rounds = end.round;
+                on_round(&end, &report);
+                if consumed > 0 {
+                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
+                    consumed = 0;
+                }
+                if end.last {
+                    return Ok(report);
+                }
+            }
+            other => {
+                return Err(WireError::Unexpected {
+                    expected: Kind::Pages,
+                    found: other,
+                }
+                .into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::send_images;
+    use crate::wire::{accept, connect, Auth};
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    #[test]
+    fn image_files_travel_and_hostile_names_are_refused() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("core-1.img"), vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(src.path().join("empty.img"), b"").unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let key = Auth::Key(vec![9; 32]);
+        let k2 = key.clone();
+        let dst_path = dst.path().to_owned();
+        let receiver = thread::spawn(move || {
+            let mut session = accept(b, &k2).unwrap();
+            receive_images(&mut session, &dst_path)
+        });
+        let mut session = connect(a, &key).unwrap();
+        let sent = send_images(&mut session, src.path()).unwrap();
+        assert_eq!(receiver.join().unwrap().unwrap(), sent);
+        assert_eq!(
+            std::fs::read(dst.path().join("core-1.img")).unwrap(),
+            vec![7u8; 3 << 20]
+        );
+        assert!(dst.path().join("empty.img").exists());
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let k2 = key.clone();
+        let dst_path = dst.path().to_owned();
+        let receiver = thread::spawn(move || {
+            let mut session = accept(b, &k2).unwrap();
+            receive_images(&mut session, &dst_path)
+        });
+        let mut session = connect(a, &key).unwrap();
+        session
+            .send(
+                Kind::ImageFile,
+                &ImageFile {
+                    name: "../escape".into(),
+                    offset: 0,
+                    data: vec![1],
+                    last_chunk: true,
+                },
+            )
+            .unwrap();
+        assert!(matches!(
+            receiver.join().unwrap(),
+            Err(ReceiveError::ImageName(_))
+        ));
+        assert!(!dst.path().parent().unwrap().join("escape").exists());
+    }
+}

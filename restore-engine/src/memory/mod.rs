@@ -1,0 +1,371 @@
+//! Reading a running task's memory for pre-copy: which mappings CRIU will restore lazily, which
+//! of their pages are present, their contents (process_vm_readv in large batches), and dirty
+//! trackers that say which pages changed since the last round.
+//!
+//! Trackers, chosen at run time by what the kernel offers:
+//! - [`SoftDirtyTracker`] (`soft_dirty.rs`): clear_refs(4) + pagemap bit 55, where the kernel
+//!   has soft-dirty.
+//! - [`HashTracker`] (`hash.rs`): reads every present page each round and compares an XXH3
+//!   hash per page. Works on every kernel and architecture; costs a read of resident memory per
+//!   round.
+
+mod hash;
+mod soft_dirty;
+#[cfg(test)]
+mod tests;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+pub use hash::HashTracker;
+pub use soft_dirty::{soft_dirty_supported, SoftDirtyTracker};
+
+use crate::page;
+
+/// Bytes per process_vm_readv batch: large enough to amortise the syscall, small enough to keep
+/// the buffer in cache.
+const READ_BATCH: usize = 4 << 20;
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+pub(super) const PM_SOFT_DIRTY: u64 = 1 << 55;
+/// A guard region marker (MADV_GUARD_INSTALL, used by glibc ≥ 2.41 for thread stack guards):
+/// reported with the swap bit set, but there is no page to read.
+const PM_GUARD_REGION: u64 = 1 << 58;
+
+/// Whether a pagemap entry is a page with content (in RAM or swapped out).
+pub(super) fn has_page(entry: u64) -> bool {
+    entry & (PM_PRESENT | PM_SWAPPED) != 0 && entry & PM_GUARD_REGION == 0
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    #[error("task {pid}: cannot read {what}: {source}. Has it exited, or is pclive not root?")]
+    Proc {
+        pid: u32,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("task {pid}: reading memory at {addr:#x}: {source}")]
+    Read {
+        pid: u32,
+        addr: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); use the content-hash tracker")]
+    NoSoftDirty,
+    /// The consumer of a round's pages gave up (it keeps its own error).
+    #[error("the round was stopped by its consumer")]
+    Stopped,
+}
+
+impl TrackError {
+    /// The task exited (its /proc entry or its address space is gone).
+    pub fn task_vanished(&self) -> bool {
+        match self {
+            TrackError::Proc { source, .. } | TrackError::Read { source, .. } => {
+                source.kind() == io::ErrorKind::NotFound
+                    || source.raw_os_error() == Some(libc::ESRCH)
+            }
+            TrackError::NoSoftDirty | TrackError::Stopped => false,
+        }
+    }
+}
+
+/// A mapping CRIU restores lazily: private, anonymous, not locked, not hugetlb, not
+/// vdso/vvar/vsyscall (CRIU's `vma_entry_can_be_lazy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LazyVma {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Parses /proc/PID/smaps (mappings plus VmFlags) into the lazy-eligible mappings.
+pub fn parse_lazy_vmas(smaps: &str) -> Vec<LazyVma> {
+    let mut out = Vec::new();
+    let mut current: Option<(LazyVma, bool)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-').and_then(|(s, e)| {
+            Some((
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            ))
+        }) {
+            if let Some((vma, true)) = current.take() {
+                out.push(vma);
+            }
+            let perms = fields.next().unwrap_or("");
+            let _offset = fields.next();
+            let _dev = fields.next();
+            let inode = fields.next().unwrap_or("0");
+            let path = fields.next().unwrap_or("");
+            let private = perms.as_bytes().get(3) == Some(&b'p');
+            let anonymous =
+                inode == "0" && (path.is_empty() || path == "[heap]" || path.starts_with("[stack"));
+            current = Some((LazyVma { start, end }, private && anonymous));
+        } else if first == "VmFlags:" {
+            let flags: Vec<&str> = fields.collect();
+            // lo: locked, ht: hugetlb (CRIU dumps those eagerly). MADV_DONTDUMP (dd) does
+            // not stop CRIU from dumping a mapping, so it does not stop us either.
+            if flags.iter().any(|f| matches!(*f, "lo" | "ht")) {
+                if let Some((_, eligible)) = current.as_mut() {
+                    *eligible = false;
+                }
+            }
+        }
+    }
+    if let Some((vma, true)) = current {
+        out.push(vma);
+    }
+    out
+}
+
+pub fn lazy_vmas(pid: u32) -> Result<Vec<LazyVma>, TrackError> {
+    let smaps =
+        fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|source| TrackError::Proc {
+            pid,
+            what: "smaps",
+            source,
+        })?;
+    Ok(parse_lazy_vmas(&smaps))
+}
+
+pub(super) fn open_pagemap(pid: u32) -> Result<fs::File, TrackError> {
+    fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| TrackError::Proc {
+        pid,
+        what: "pagemap",
+        source,
+    })
+}
+
+/// Pagemap entries of `[start, end)`.
+pub(super) fn pagemap_entries(
+    pid: u32,
+    file: &fs::File,
+    start: u64,
+    end: u64,
+) -> Result<Vec<u64>, TrackError> {
+    let pages = ((end - start) / page::SIZE_U64) as usize;
+    let mut raw = vec![0u8; pages * 8];
+    file.read_exact_at(&mut raw, start / page::SIZE_U64 * 8)
+        .map_err(|source| TrackError::Proc {
+            pid,
+            what: "pagemap",
+            source,
+        })?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Reads `len` bytes at `addr` of another process (or this one) into `buf`.
+pub(super) fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), TrackError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: one local iovec pointing into `buf` (valid for iov_len bytes), one remote
+        // iovec the kernel checks against the target's address space.
+        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            return Err(TrackError::Read {
+                pid,
+                addr: addr + done as u64,
+                source: if n == 0 {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "read nothing")
+                } else {
+                    io::Error::last_os_error()
+                },
+            });
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Pages that changed in one round for one task.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// Runs of consecutive changed pages with their contents.
+    pub runs: Vec<(u64, Vec<u8>)>,
+    /// Pages that are now zero (written with zeroes, or discarded).
+    pub zero: Vec<u64>,
+}
+
+impl Delta {
+    pub fn data_pages(&self) -> u64 {
+        self.runs
+            .iter()
+            .map(|(_, d)| d.len() as u64 / page::SIZE_U64)
+            .sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.zero.is_empty()
+    }
+    pub(super) fn push_page(&mut self, addr: u64, data: &[u8]) {
+        if data.iter().all(|&b| b == 0) {
+            self.zero.push(addr);
+            return;
+        }
+        match self.runs.last_mut() {
+            Some((start, bytes)) if *start + bytes.len() as u64 == addr => {
+                bytes.extend_from_slice(data)
+            }
+            _ => self.runs.push((addr, data.to_vec())),
+        }
+    }
+}
+
+/// Changed pages are handed on in pieces of about this much data, so a round never holds more
+/// than a piece of a large task's memory (the first round is all of it).
+pub const DELTA_PIECE_BYTES: usize = 16 << 20;
+
+/// Takes a round's changed pages piece by piece; an error stops the round
+/// ([`TrackError::Stopped`]).
+pub type DeltaSink<'a> = dyn FnMut(Delta) -> Result<(), ()> + 'a;
+
+/// Finds pages that changed since the previous round.
+pub trait DirtyTracker {
+    fn name(&self) -> &'static str;
+    /// One round over the task `pid`: every page that changed since the last round (all present
+    /// pages in the first round), handed to `sink` in pieces of about [`DELTA_PIECE_BYTES`]
+    /// in address order.
+    fn round_into(&mut self, pid: u32, sink: &mut DeltaSink) -> Result<(), TrackError>;
+    /// [`Self::round_into`], collected into one delta.
+    fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
+        let mut all = Delta::default();
+        self.round_into(pid, &mut |piece: Delta| {
+            all.runs.extend(piece.runs);
+            all.zero.extend(piece.zero);
+            Ok(())
+        })?;
+        all.zero.sort_unstable();
+        Ok(all)
+    }
+    /// How many threads a round may use (a hint; trackers that cannot use more ignore it).
+    fn set_threads(&mut self, _threads: usize) {}
+}
+
+/// Pages `from..to` of mapping number `vma` (indices into the mapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slice {
+    vma: usize,
+    from: usize,
+    to: usize,
+}
+
+/// Cuts the pages of `vmas` into `parts` runs of consecutive slices with about as many pages
+/// each (a large mapping is split), in address order.
+pub(super) fn partition(vmas: &[LazyVma], parts: usize) -> Vec<Vec<Slice>> {
+    let total: usize = vmas
+        .iter()
+        .map(|v| ((v.end - v.start) / page::SIZE_U64) as usize)
+        .sum();
+    let share = total.div_ceil(parts.max(1)).max(1);
+    let mut groups = vec![Vec::new()];
+    let mut room = share;
+    for (vma, v) in vmas.iter().enumerate() {
+        let pages = ((v.end - v.start) / page::SIZE_U64) as usize;
+        let mut from = 0;
+        while from < pages {
+            if room == 0 {
+                groups.push(Vec::new());
+                room = share;
+            }
+            let to = pages.min(from + room);
+            groups
+                .last_mut()
+                .expect("never empty")
+                .push(Slice { vma, from, to });
+            room -= to - from;
+            from = to;
+        }
+    }
+    groups
+}
+
+/// Reads the present pages of `slices` of `pid`'s lazy mappings in large batches and calls
+/// `visit` with each page's slice number, index in its mapping, and content.
+pub(super) fn for_each_present_page(
+    pid: u32,
+    vmas: &[LazyVma],
+    slices: &[Slice],
+    mut visit: impl FnMut(usize, usize, &[u8]),
+) -> Result<(), TrackError> {
+    let pagemap = open_pagemap(pid)?;
+    let mut buf = vec![0u8; READ_BATCH];
+    for (slice_index, slice) in slices.iter().enumerate() {
+        let vma = vmas[slice.vma];
+        let base = vma.start + slice.from as u64 * page::SIZE_U64;
+        let entries = pagemap_entries(
+            pid,
+            &pagemap,
+            base,
+            vma.start + slice.to as u64 * page::SIZE_U64,
+        )?;
+        let mut i = 0usize;
+        while i < entries.len() {
+            if !has_page(entries[i]) {
+                i += 1;
+                continue;
+            }
+            // A run of pages, at most one batch long.
+            let mut j = i;
+            while j < entries.len()
+                && has_page(entries[j])
+                && (j - i + 1) * page::SIZE <= READ_BATCH
+            {
+                j += 1;
+            }
+            let addr = base + i as u64 * page::SIZE_U64;
+            let len = (j - i) * page::SIZE;
+            match read_remote(pid, addr, &mut buf[..len]) {
+                Ok(()) => {
+                    for (k, page) in buf[..len].chunks_exact(page::SIZE).enumerate() {
+                        visit(slice_index, slice.from + i + k, page);
+                    }
+                }
+                // Part of the run is unreadable (the mapping changed under us): read page by
+                // page and keep every page that can be read; a page missed here is caught by
+                // the next round, and the frozen round cannot race.
+                Err(TrackError::Read { source, .. })
+                    if source.raw_os_error() == Some(libc::EFAULT) =>
+                {
+                    for k in 0..j - i {
+                        let page = &mut buf[..page::SIZE];
+                        if read_remote(pid, addr + k as u64 * page::SIZE_U64, page).is_ok() {
+                            visit(slice_index, slice.from + i + k, page);
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            i = j;
+        }
+    }
+    Ok(())
+}
+
+/// The best tracker this kernel offers, or the one asked for.
+pub fn tracker(preference: Option<&str>) -> Result<Box<dyn DirtyTracker + Send>, TrackError> {
+    match preference {
+        Some("content-hash") => Ok(Box::new(HashTracker::default())),
+        Some("soft-dirty") => Ok(Box::new(SoftDirtyTracker::new()?)),
+        _ => match SoftDirtyTracker::new() {
+            Ok(t) => Ok(Box::new(t)),
+            Err(_) => Ok(Box::new(HashTracker::default())),
+        },
+    }
+}

@@ -1,0 +1,160 @@
+//! When pre-copy stops and the final (frozen) round begins: the convergence policy, and the
+//! projection of the time left until the pause that progress reports show.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// When to stop iterating and do the final (frozen) round.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvergencePolicy {
+    /// Stop when the next round's data would cross the link within this time.
+    pub target_downtime: Duration,
+    /// Stop after this many rounds whatever happens.
+    pub max_rounds: u32,
+    /// Stop when a round is not at least this much smaller than the previous one (the dirty
+    /// rate matches the link: more rounds would not converge).
+    pub min_shrink: f64,
+}
+
+impl Default for ConvergencePolicy {
+    fn default() -> Self {
+        ConvergencePolicy {
+            target_downtime: Duration::from_millis(300),
+            max_rounds: 10,
+            min_shrink: 0.8,
+        }
+    }
+}
+
+/// Why pre-copy stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopReason {
+    /// The remaining dirty memory fits the downtime target.
+    Converged,
+    /// Rounds stopped shrinking.
+    NotShrinking,
+    /// The round limit.
+    RoundLimit,
+}
+
+impl ConvergencePolicy {
+    /// Decides after a round that sent `last_bytes` (the previous one `previous_bytes`) at
+    /// `bandwidth` bytes/s, with `rounds` done so far. `None`: do another round.
+    pub fn decide(
+        &self,
+        rounds: u32,
+        last_bytes: u64,
+        previous_bytes: Option<u64>,
+        bandwidth: f64,
+    ) -> Option<StopReason> {
+        // The next round carries roughly what the last one did (pages dirtied meanwhile).
+        let next_transfer = if bandwidth > 0.0 {
+            Duration::from_secs_f64(last_bytes as f64 / bandwidth)
+        } else {
+            Duration::MAX
+        };
+        if rounds > 1 && next_transfer <= self.target_downtime {
+            return Some(StopReason::Converged);
+        }
+        if rounds >= self.max_rounds {
+            return Some(StopReason::RoundLimit);
+        }
+        if let Some(previous) = previous_bytes {
+            if rounds > 2 && last_bytes as f64 > previous as f64 * self.min_shrink {
+                return Some(StopReason::NotShrinking);
+            }
+        }
+        None
+    }
+
+    /// Seconds until the pause if the workload keeps dirtying `dirty_rate` bytes/s and the
+    /// link carries `bandwidth` bytes/s: the rounds this policy would still run, simulated
+    /// (each round carries what was dirtied while the previous one was sent). `None` when
+    /// either rate is unknown.
+    pub fn projected_seconds_to_pause(
+        &self,
+        rounds_done: u32,
+        last_bytes: u64,
+        last_seconds: f64,
+        dirty_rate: f64,
+        bandwidth: f64,
+    ) -> Option<f64> {
+        if !(bandwidth.is_finite() && bandwidth > 0.0 && dirty_rate.is_finite()) {
+            return None;
+        }
+        let (mut rounds, mut previous, mut bytes, mut seconds) =
+            (rounds_done, last_bytes, last_bytes, last_seconds);
+        let mut total = 0.0;
+        // A decision was already taken on the round just done: project the ones after it.
+        while self
+            .decide(rounds, bytes, Some(previous), bandwidth)
+            .is_none()
+        {
+            previous = bytes;
+            bytes = (dirty_rate * seconds) as u64;
+            seconds = bytes as f64 / bandwidth;
+            total += seconds;
+            rounds += 1;
+        }
+        Some(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_stops_on_convergence_stagnation_or_limit() {
+        let policy = ConvergencePolicy::default();
+        // 1 GB/s link, 100 MB left: 0.1 s < 0.3 s target.
+        assert_eq!(
+            policy.decide(3, 100_000_000, Some(400_000_000), 1e9),
+            Some(StopReason::Converged)
+        );
+        // The first round never counts as converged (it is the bulk copy).
+        assert_eq!(policy.decide(1, 1_000, None, 1e9), None);
+        // Not shrinking: 900 MB after 1 GB.
+        assert_eq!(
+            policy.decide(3, 900_000_000, Some(1_000_000_000), 1e9),
+            Some(StopReason::NotShrinking)
+        );
+        // Shrinking well but slow link: go on.
+        assert_eq!(
+            policy.decide(3, 500_000_000, Some(1_000_000_000), 1e9),
+            None
+        );
+        assert_eq!(
+            policy.decide(10, 500_000_000, Some(1_000_000_000), 1e9),
+            Some(StopReason::RoundLimit)
+        );
+    }
+
+    #[test]
+    fn the_projection_runs_the_policy_forward() {
+        let policy = ConvergencePolicy::default();
+        // 1 GB/s link, 100 MB/s dirtied, 1 s round of 1 GB just done: 100 MB (0.1 s) next,
+        // which converges.
+        let eta = policy
+            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 1e8, 1e9)
+            .unwrap();
+        assert!((eta - 0.1).abs() < 1e-6, "{eta}");
+        // Dirtying as fast as the link: the rounds stop shrinking after the third.
+        let eta = policy
+            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 1e9, 1e9)
+            .unwrap();
+        assert!((eta - 2.0).abs() < 1e-6, "{eta}");
+        // A round limit bounds it even when nothing converges.
+        let eta = policy
+            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 2e9, 1e9)
+            .unwrap();
+        assert!(eta.is_finite());
+        assert_eq!(
+            policy.projected_seconds_to_pause(1, 1, 1.0, 1e6, 0.0),
+            None,
+            "no bandwidth, no projection"
+        );
+    }
+}

@@ -1,0 +1,361 @@
+//! Pre-copy rounds: the dirty pages of the source's running tasks, round after round, into
+//! the session; then the freeze and the last round. Tasks are named on the wire by their pid in
+//! the container's pid namespace (as CRIU's images name them); memory is read through host pids.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::SourceError;
+use crate::memory::{Delta, DirtyTracker, TrackError};
+use crate::page;
+use crate::policy::{ConvergencePolicy, StopReason};
+use crate::wire::pages::{encode_run, BATCH_BYTES};
+use crate::wire::{Kind, Pages, RoundEnd, Session};
+
+/// Statistics of one round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundStats {
+    pub round: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    /// Page data of the round.
+    pub bytes: u64,
+    /// What crossed the link for it (less than `bytes` when compression paid).
+    pub wire_bytes: u64,
+    pub scan_seconds: f64,
+    pub seconds: f64,
+    /// CPU time the source spent on this round (reading, hashing, sending).
+    pub cpu_seconds: f64,
+    /// Frozen (the final round) or not.
+    pub frozen: bool,
+    /// Bytes/s the link carried during this round.
+    pub link_bytes_per_second: f64,
+    /// Bytes/s the workload dirtied: this round's data over the time since the previous
+    /// round started (pages dirtied while that one was read and sent). None for round 1.
+    pub dirty_bytes_per_second: Option<f64>,
+    /// Projected seconds until the pause at these rates (None once decided or unknown).
+    pub eta_seconds: Option<f64>,
+    /// Unix time the round ended (to line rounds up with a client's view of the service).
+    pub end_unix: f64,
+}
+
+/// CPU time (user + system) of this process: the sending thread and the tracker's hashing
+/// threads (the shim's other threads are idle during a migration).
+fn process_cpu_seconds() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// What a pre-copy did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceReport {
+    pub tracker: String,
+    pub rounds: Vec<RoundStats>,
+    pub stop: Option<StopReason>,
+    /// Time the source was frozen for its last round of memory (the images come after).
+    pub final_round_seconds: f64,
+}
+
+/// A task to migrate: its host pid (to read memory) and its pid in the container's namespace
+/// (the name in CRIU's images and on the wire).
+#[derive(Debug, Clone, Copy)]
+pub struct TaskIds {
+    pub host_pid: u32,
+    pub ns_pid: u32,
+}
+
+/// The sending end of pre-copy.
+pub struct Sender<'a, S: Read + Write> {
+    session: &'a mut Session<S>,
+    compress: bool,
+}
+
+impl<'a, S: Read + Write> Sender<'a, S> {
+    pub fn new(session: &'a mut Session<S>) -> Self {
+        Sender {
+            session,
+            compress: false,
+        }
+    }
+
+    /// LZ4-compresses page runs where that saves enough.
+    pub fn compress(mut self, compress: bool) -> Self {
+        self.compress = compress;
+        self
+    }
+
+    fn wait_for_credit(&mut self, bytes: u64) -> Result<(), SourceError> {
+        Ok(self.session.spend(bytes)?)
+    }
+
+    /// Sends one task's delta in frames of at most BATCH_BYTES of page data. Returns the
+    /// bytes put on the wire.
+    fn send_delta(&mut self, ns_pid: u32, round: u32, delta: &Delta) -> Result<u64, SourceError> {
+        let mut sent = 0u64;
+        let mut frame = Pages {
+            pid: ns_pid,
+            round,
+            runs: Vec::new(),
+            zero_pages: delta.zero.clone(),
+        };
+        let (mut frame_data, mut frame_wire) = (0usize, 0usize);
+        for (start, data) in &delta.runs {
+            for (k, chunk) in data.chunks(BATCH_BYTES).enumerate() {
+                if frame_data + chunk.len() > BATCH_BYTES && frame_data > 0 {
+                    self.wait_for_credit(frame_wire as u64)?;
+                    self.session.send(Kind::Pages, &frame)?;
+                    sent += frame_wire as u64;
+                    frame.runs.clear();
+                    frame.zero_pages.clear();
+                    (frame_data, frame_wire) = (0, 0);
+                }
+                let run = encode_run(start + (k * BATCH_BYTES) as u64, chunk, self.compress);
+                frame_data += chunk.len();
+                frame_wire += run.wire_len();
+                frame.runs.push(run);
+            }
+        }
+        if frame_data > 0 || !frame.zero_pages.is_empty() {
+            self.wait_for_credit(frame_wire as u64)?;
+            self.session.send(Kind::Pages, &frame)?;
+            sent += frame_wire as u64;
+        }
+        Ok(sent)
+    }
+
+    fn round(
+        &mut self,
+        round: u32,
+        tasks: &mut dyn FnMut() -> Result<Vec<TaskIds>, SourceError>,
+        tracker: &mut dyn DirtyTracker,
+        frozen: bool,
+    ) -> Result<RoundStats, SourceError> {
+        let started = Instant::now();
+        let cpu_start = process_cpu_seconds();
+        let mut stats = RoundStats {
+            round,
+            frozen,
+            ..Default::default()
+        };
+        let mut scan = Duration::ZERO;
+        // The task list is taken anew each round: processes come and go while the container
+        // runs (once frozen, the list is the one CRIU dumps).
+        for task in tasks()? {
+            let task_start = Instant::now();
+            let mut sending = Duration::ZERO;
+            let mut failed: Option<SourceError> = None;
+            // Pieces of the task's changed pages go out as the tracker finds them: the source
+            // never holds more than a piece (the first round is the whole container).
+            let tracked = tracker.round_into(task.host_pid, &mut |delta: Delta| {
+                let send_start = Instant::now();
+                stats.pages += delta.data_pages();
+                stats.zero_pages += delta.zero.len() as u64;
+                stats.bytes += delta.data_pages() * page::SIZE_U64;
+                let sent = self.send_delta(task.ns_pid, round, &delta);
+                sending += send_start.elapsed();
+                match sent {
+                    Ok(wire) => {
+                        stats.wire_bytes += wire;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        Err(())
+                    }
+                }
+            });
+            scan += task_start.elapsed().saturating_sub(sending);
+            match tracked {
+                Ok(()) => {}
+                Err(TrackError::Stopped) => {
+                    return Err(failed.expect("a stopped round has the sink's error"))
+                }
+                // It exited since the list was taken: nothing of it will be restored (pages
+                // already sent for it stay unused in the staging store).
+                Err(e) if e.task_vanished() && !frozen => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.session.send(
+            Kind::RoundEnd,
+            &RoundEnd {
+                round,
+                pages: stats.pages,
+                bytes: stats.bytes,
+                last: frozen,
+            },
+        )?;
+        stats.scan_seconds = scan.as_secs_f64();
+        stats.seconds = started.elapsed().as_secs_f64();
+        stats.cpu_seconds = process_cpu_seconds() - cpu_start;
+        stats.link_bytes_per_second = if stats.seconds > 0.0 {
+            stats.wire_bytes as f64 / stats.seconds
+        } else {
+            0.0
+        };
+        stats.end_unix = unix_now();
+        Ok(stats)
+    }
+
+    /// Runs rounds while the tasks run, then `freeze`s them and sends the last round.
+    /// `on_round` sees every round's statistics (progress).
+    pub fn run(
+        &mut self,
+        mut tasks: impl FnMut() -> Result<Vec<TaskIds>, SourceError>,
+        tracker: &mut dyn DirtyTracker,
+        policy: &ConvergencePolicy,
+        freeze: impl FnOnce() -> Result<(), SourceError>,
+        mut on_round: impl FnMut(&RoundStats),
+    ) -> Result<SourceReport, SourceError> {
+        let mut report = SourceReport {
+            tracker: tracker.name().into(),
+            ..Default::default()
+        };
+        let mut previous: Option<u64> = None;
+        let mut previous_seconds: Option<f64> = None;
+        let mut round = 1u32;
+        loop {
+            let mut stats = self.round(round, &mut tasks, tracker, false)?;
+            let bandwidth = if stats.seconds > 0.0 {
+                stats.bytes as f64 / stats.seconds
+            } else {
+                f64::INFINITY
+            };
+            // A page read in this round was last read in the previous one: on average half a
+            // round of each earlier, so the time it had to get dirty is the mean of the two.
+            stats.dirty_bytes_per_second = previous_seconds
+                .map(|s| stats.bytes as f64 / ((s + stats.seconds) / 2.0).max(1e-3));
+            let decision = policy.decide(round, stats.bytes, previous, bandwidth);
+            if decision.is_none() {
+                stats.eta_seconds = stats.dirty_bytes_per_second.and_then(|dirty_rate| {
+                    policy.projected_seconds_to_pause(
+                        round,
+                        stats.bytes,
+                        stats.seconds,
+                        dirty_rate,
+                        bandwidth,
+                    )
+                });
+            }
+            on_round(&stats);
+            previous = Some(stats.bytes);
+            previous_seconds = Some(stats.seconds);
+            report.rounds.push(stats);
+            if let Some(reason) = decision {
+                report.stop = Some(reason);
+                break;
+            }
+            round += 1;
+        }
+        freeze()?;
+        // The frozen tasks leave every core to the last round, which is all downtime.
+        tracker.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let last = self.round(round + 1, &mut tasks, tracker, true)?;
+        on_round(&last);
+        report.final_round_seconds = last.seconds;
+        report.rounds.push(last);
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destination::receive::receive_rounds;
+    use crate::memory::HashTracker;
+    use crate::staging::{PageRef, StagingStore};
+    use crate::testsupport::Writer;
+    use crate::wire::{accept, connect, Auth};
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    #[test]
+    fn rounds_converge_and_the_staged_memory_equals_the_frozen_source() {
+        let writer = Writer::start();
+        let (a, b) = UnixStream::pair().unwrap();
+        let key = Auth::Key(vec![5; 32]);
+        let server_key = key.clone();
+        let receiver = thread::spawn(move || {
+            let mut session = accept(b, &server_key).unwrap();
+            let mut store = StagingStore::default();
+            let report = receive_rounds(&mut session, &mut store).unwrap();
+            (store, report)
+        });
+        let mut session = connect(a, &key).unwrap();
+        let mut tracker = HashTracker::default();
+        let tasks = [TaskIds {
+            host_pid: writer.pid as u32,
+            ns_pid: 1,
+        }];
+        let policy = ConvergencePolicy {
+            max_rounds: 4,
+            ..Default::default()
+        };
+        let pid = writer.pid;
+        let report = Sender::new(&mut session)
+            .run(
+                || Ok(tasks.to_vec()),
+                &mut tracker,
+                &policy,
+                || {
+                    // SAFETY: stops our own child.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    thread::sleep(Duration::from_millis(50));
+                    Ok(())
+                },
+                |_| {},
+            )
+            .unwrap();
+        let (store, received) = receiver.join().unwrap();
+        assert!(report.rounds.len() >= 2, "{report:?}");
+        assert!(report.rounds.last().unwrap().frozen);
+        assert!(
+            report.rounds[0].pages >= 4096,
+            "the first round copies the region"
+        );
+        assert_eq!(
+            received.pages,
+            report.rounds.iter().map(|r| r.pages).sum::<u64>()
+        );
+
+        // Every page of the frozen writer's region is staged with its final content.
+        let mut page = vec![0u8; page::SIZE];
+        for offset in (0..writer.len as u64).step_by(page::SIZE) {
+            let addr = writer.base + offset;
+            let local = libc::iovec {
+                iov_base: page.as_mut_ptr().cast(),
+                iov_len: page.len(),
+            };
+            let remote = libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: page.len(),
+            };
+            // SAFETY: reads one page of our stopped child into `page`.
+            let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+            assert_eq!(n, page::SIZE as isize);
+            match store.get(1, addr) {
+                Some(PageRef::Data(staged)) => assert_eq!(staged, &page[..], "page {addr:#x}"),
+                Some(PageRef::Zero) => assert!(page.iter().all(|&b| b == 0), "page {addr:#x}"),
+                None => assert!(
+                    page.iter().all(|&b| b == 0),
+                    "page {addr:#x} was never staged but is not zero"
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The messages frames carry (protobuf, prost), named by the frame's [`Kind`](super::Kind).
+
+use prost::Message;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Hello {
+    #[prost(uint32, repeated, tag = "1")]
+    pub versions: Vec<u32>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub nonce: Vec<u8>,
+    #[prost(bool, tag = "3")]
+    pub insecure: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Challenge {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub nonce: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Proof {
+    #[prost(bytes = "vec", tag = "1")]
+    pub mac: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Reject {
+    #[prost(string, tag = "1")]
+    pub reason: String,
+}
+
+/// A run of consecutive pages of one task: either `data`, or `lz4` (an LZ4 block) that
+/// decompresses to `lz4_len` bytes.
+#[derive(Clone, PartialEq, Message)]
+pub struct PageRun {
+    #[prost(uint64, tag = "1")]
+    pub vaddr: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub data: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub lz4: Vec<u8>,
+    #[prost(uint32, tag = "4")]
+    pub lz4_len: u32,
+}
+
+impl PageRun {
+    /// Bytes this run takes on the wire (what flow control counts).
+    pub fn wire_len(&self) -> usize {
+        self.data.len() + self.lz4.len()
+    }
+}
+
+/// Pages of one task (pid in the container's namespace) from one pre-copy round.
+#[derive(Clone, PartialEq, Message)]
+pub struct Pages {
+    #[prost(uint32, tag = "1")]
+    pub pid: u32,
+    #[prost(uint32, tag = "2")]
+    pub round: u32,
+    #[prost(message, repeated, tag = "3")]
+    pub runs: Vec<PageRun>,
+    #[prost(uint64, repeated, tag = "4")]
+    pub zero_pages: Vec<u64>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RoundEnd {
+    #[prost(uint32, tag = "1")]
+    pub round: u32,
+    #[prost(uint64, tag = "2")]
+    pub pages: u64,
+    #[prost(uint64, tag = "3")]
+    pub bytes: u64,
+    /// The last round: the source is frozen and the images follow.
+    #[prost(bool, tag = "4")]
+    pub last: bool,
+}
+
+/// A chunk of a CRIU image file of the final dump.
+#[derive(Clone, PartialEq, Message)]
+pub struct ImageFile {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
+    #[prost(bool, tag = "4")]
+    pub last_chunk: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum ControlCode {
+    Unspecified = 0,
+    /// Source → destination: every image is sent; restore now.
+    ImagesDone = 1,
+    /// Destination → source: every page is installed; the source may go.
+    Committed = 2,
+    /// Either way: give up; the source resumes.
+    Abort = 3,
+    Progress = 4,
+}
+
+/// The [`ControlCode::Progress`] message the destination sends when the restored tasks run: the
+/// end of the service's downtime.
+pub const RESTORED: &str = "restored";
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Control {
+    #[prost(enumeration = "ControlCode", tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// Flow control: the receiver allows this many more payload bytes.
+#[derive(Clone, PartialEq, Message)]
+pub struct Credit {
+    #[prost(uint64, tag = "1")]
+    pub bytes: u64,
+}

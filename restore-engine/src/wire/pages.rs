@@ -1,0 +1,130 @@
+//! Page runs on the wire: a run of consecutive pages of one task goes raw, or LZ4-compressed
+//! when that pays; the receiver refuses anything that is not whole pages of at most one frame.
+
+use std::borrow::Cow;
+
+use super::{PageRun, WireError};
+use crate::page;
+
+/// Page data of one frame at most (8 MiB, under the frame limit).
+pub const BATCH_BYTES: usize = 8 << 20;
+
+/// A compressed run is sent only if it is at most 7/8 of the raw size: below that saving,
+/// decompressing costs the destination more than the link time it saves.
+fn worth_compressing(raw: usize, compressed: usize) -> bool {
+    compressed * 8 <= raw * 7
+}
+
+/// A run of pages for the wire, LZ4-compressed if asked and worth it.
+pub fn encode_run(vaddr: u64, data: &[u8], compress: bool) -> PageRun {
+    if compress {
+        let lz4 = lz4_flex::block::compress(data);
+        if worth_compressing(data.len(), lz4.len()) {
+            return PageRun {
+                vaddr,
+                lz4,
+                lz4_len: data.len() as u32,
+                ..Default::default()
+            };
+        }
+    }
+    PageRun {
+        vaddr,
+        data: data.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// The pages of a received run (decompressed), refusing anything that is not whole pages of
+/// at most one batch.
+pub fn decode_run<'r>(pid: u32, run: &'r PageRun) -> Result<Cow<'r, [u8]>, WireError> {
+    let bad = |problem: String| WireError::BadRun {
+        pid,
+        vaddr: run.vaddr,
+        problem,
+    };
+    let data = if run.lz4.is_empty() {
+        Cow::Borrowed(&run.data[..])
+    } else {
+        if !run.data.is_empty() {
+            return Err(bad("both raw and compressed data".into()));
+        }
+        let len = run.lz4_len as usize;
+        if len > BATCH_BYTES {
+            return Err(bad(format!("{len} bytes claimed, over the batch limit")));
+        }
+        let data =
+            lz4_flex::block::decompress(&run.lz4, len).map_err(|e| bad(format!("LZ4: {e}")))?;
+        if data.len() != len {
+            return Err(bad(format!(
+                "{} bytes decompressed, {len} claimed",
+                data.len()
+            )));
+        }
+        Cow::Owned(data)
+    };
+    if data.len() % page::SIZE != 0 || !page::is_aligned(run.vaddr) {
+        return Err(bad("not whole pages".into()));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_runs_round_trip_and_corrupt_ones_are_refused() {
+        let text: Vec<u8> = (0..4 * page::SIZE).map(|i| (i / 64 % 7) as u8).collect();
+        let run = encode_run(0x10000, &text, true);
+        assert!(
+            run.data.is_empty() && run.lz4.len() < text.len() / 8,
+            "compressible"
+        );
+        assert_eq!(&decode_run(1, &run).unwrap()[..], &text[..]);
+        // Incompressible data goes raw.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..2 * page::SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let raw = encode_run(0x10000, &noise, true);
+        assert!(raw.lz4.is_empty() && raw.data == noise);
+        // A lie about the length, a truncated block, half pages, both forms at once.
+        let mut lie = run.clone();
+        lie.lz4_len += page::SIZE as u32;
+        let mut cut = run.clone();
+        cut.lz4.truncate(cut.lz4.len() / 2);
+        let mut huge = run.clone();
+        huge.lz4_len = u32::MAX;
+        let half = PageRun {
+            vaddr: 0x10000,
+            data: vec![1; 100],
+            ..Default::default()
+        };
+        let mut both = run.clone();
+        both.data = vec![0; page::SIZE];
+        for bad in [lie, cut, huge, half, both] {
+            assert!(
+                matches!(decode_run(1, &bad), Err(WireError::BadRun { .. })),
+                "{:?}",
+                bad.lz4_len
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_run_decoder_never_panics(
+            lz4 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            lz4_len in proptest::prelude::any::<u32>(),
+        ) {
+            let run = PageRun { vaddr: 0, data: Vec::new(), lz4, lz4_len };
+            let _ = decode_run(1, &run);
+        }
+    }
+}

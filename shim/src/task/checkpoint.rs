@@ -1,0 +1,127 @@
+//! Checkpoint: a CRIU image of the container (`runc checkpoint`), or, when the request carries a
+//! migration, the container moved to another host.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use super::process::ProcessStatus;
+use super::{os_err, CheckpointParams, Container, TaskError, TaskEvent, Tasks};
+use crate::migrate::MigrateRequest;
+use crate::runc::{CheckpointOpts, CriuOpts};
+use crate::tools;
+
+impl Tasks {
+    /// Checkpoints the container with runc/CRIU into `params.image_path`.
+    pub fn checkpoint(&self, id: &str, params: &CheckpointParams) -> Result<(), TaskError> {
+        let container = self.container(id)?;
+        let status = container.init.lock().status;
+        if !matches!(status, ProcessStatus::Running | ProcessStatus::Paused) {
+            return Err(TaskError::WrongState {
+                what: format!("checkpoint {id}"),
+                status,
+                expected: "running or paused",
+            });
+        }
+        tools::check_criu()?;
+        let work_path = params
+            .work_path
+            .clone()
+            .unwrap_or_else(|| container.bundle.join("criu-work"));
+        if let Some(request) = &params.migrate {
+            return self.migrate_out(&container, request, &work_path);
+        }
+        for dir in [&params.image_path, &work_path] {
+            fs::create_dir_all(dir).map_err(os_err(format!(
+                "cannot create checkpoint directory {}",
+                dir.display()
+            )))?;
+        }
+        let opts = CheckpointOpts {
+            criu: CriuOpts {
+                image_path: params.image_path.clone(),
+                work_path: Some(work_path),
+                tcp_established: params.open_tcp,
+                ext_unix_sk: params.external_unix_sockets,
+                shell_job: params.terminal,
+                file_locks: params.file_locks,
+                empty_namespaces: params.empty_namespaces.clone(),
+                manage_cgroups_mode: params.cgroups_mode.clone(),
+                lazy_pages: false,
+            },
+            leave_running: !params.exit,
+            parent_path: None,
+            status_fd: None,
+            page_server: None,
+            tcp_skip_in_flight: false,
+        };
+        let started = Instant::now();
+        container.runc.checkpoint(&container.id, &opts)?;
+        info!(
+            "{id}: checkpointed to {} in {:.3}s{}",
+            params.image_path.display(),
+            started.elapsed().as_secs_f64(),
+            if params.exit { " (exited)" } else { "" }
+        );
+        self.events
+            .publish(TaskEvent::Checkpointed { id: id.into() });
+        Ok(())
+    }
+
+    fn migrate_out(
+        &self,
+        container: &Container,
+        request: &MigrateRequest,
+        work_path: &Path,
+    ) -> Result<(), TaskError> {
+        let id = &container.id;
+        let status = container.init.lock().status;
+        if status != ProcessStatus::Running {
+            return Err(TaskError::WrongState {
+                what: format!("migrate {id}"),
+                status,
+                expected: "running",
+            });
+        }
+        fs::create_dir_all(work_path)
+            .map_err(os_err(format!("cannot create {}", work_path.display())))?;
+        let report = crate::migrate::migrate_out(&container.runc, id, request, work_path)?;
+        info!(
+            "{id}: migrated to {}: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, images {:.3}s), frozen until commit {:.3}s, {} rounds",
+            report.destination,
+            report.downtime_seconds,
+            report.last_round_seconds,
+            report.final_dump_seconds,
+            report.images_seconds,
+            report.frozen_until_commit_seconds,
+            report.precopy.rounds.len()
+        );
+        if let Ok(json) = serde_json::to_vec_pretty(&report) {
+            let _ = fs::write(crate::migrate::report_path(work_path), json);
+        }
+        // The destination runs the container now: the paused source goes. Frozen tasks die
+        // only once thawed, hence the resume after the kill.
+        container.runc.kill(id, libc::SIGKILL as u32, true)?;
+        let _ = container.runc.resume(id);
+        // Return only once the source is really gone: `pclive migrate` reports it so.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut inner = container.init.lock();
+        while inner.exit.is_none() && Instant::now() < deadline {
+            inner = container
+                .init
+                .exited
+                .wait_timeout(inner, Duration::from_millis(100))
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        if inner.exit.is_none() {
+            warn!("{id}: migrated, but the source's init has not exited 10s after SIGKILL");
+        }
+        drop(inner);
+        self.events
+            .publish(TaskEvent::Checkpointed { id: id.clone() });
+        Ok(())
+    }
+}

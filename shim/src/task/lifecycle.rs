@@ -1,0 +1,203 @@
+//! A container's life after start: kill, wait, delete, pause, resume, resource updates, and its
+//! processes' stdio (close stdin, resize the terminal).
+
+use std::fs;
+
+use log::warn;
+
+use super::process::{ExitInfo, ProcessState, ProcessStatus};
+use super::{unmount_rootfs, TaskError, TaskEvent, Tasks};
+
+impl Tasks {
+    pub fn kill(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), TaskError> {
+        let container = self.container(id)?;
+        let process = container.process(exec_id)?;
+        let (pid, status) = {
+            let inner = process.lock();
+            (inner.pid, inner.status)
+        };
+        match exec_id {
+            None => {
+                if status == ProcessStatus::Stopped && !all {
+                    return Err(TaskError::WrongState {
+                        what: format!("kill {id}"),
+                        status,
+                        expected: "running",
+                    });
+                }
+                container.runc.kill(&container.id, signal, all)?;
+            }
+            Some(exec_id) => {
+                if pid == 0 || status == ProcessStatus::Stopped {
+                    return Err(TaskError::WrongState {
+                        what: format!("kill {id}/{exec_id}"),
+                        status,
+                        expected: "running",
+                    });
+                }
+                let sig = nix::sys::signal::Signal::try_from(signal as i32).map_err(|_| {
+                    TaskError::Invalid(format!("signal {signal} is not a valid signal"))
+                })?;
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).map_err(
+                    |e| TaskError::Os {
+                        what: format!("kill {id}/{exec_id} (pid {pid})"),
+                        source: e.into(),
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<ExitInfo, TaskError> {
+        let container = self.container(id)?;
+        let process = container.process(exec_id)?;
+        let mut inner = process.lock();
+        loop {
+            if let Some(exit) = inner.exit {
+                return Ok(exit);
+            }
+            inner = process
+                .exited
+                .wait(inner)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn delete(&self, id: &str, exec_id: Option<&str>) -> Result<ProcessState, TaskError> {
+        let container = self.container(id)?;
+        let process = container.process(exec_id)?;
+        let state = self.snapshot(&container, &process);
+        match exec_id {
+            Some(exec_id) => {
+                if matches!(state.status, ProcessStatus::Running | ProcessStatus::Paused) {
+                    return Err(TaskError::WrongState {
+                        what: format!("delete {id}/{exec_id}"),
+                        status: state.status,
+                        expected: "created or stopped",
+                    });
+                }
+                container
+                    .execs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(exec_id);
+                let _ = fs::remove_file(container.bundle.join(format!("{exec_id}.process.json")));
+                let _ = fs::remove_file(container.bundle.join(format!("{exec_id}.pid")));
+            }
+            None => {
+                if matches!(state.status, ProcessStatus::Running | ProcessStatus::Paused) {
+                    return Err(TaskError::WrongState {
+                        what: format!("delete {id}"),
+                        status: state.status,
+                        expected: "created or stopped",
+                    });
+                }
+                // A restore killed half-way (its lazy-pages server died) leaves CRIU's root
+                // mount in runc's state directory, which runc delete cannot remove.
+                crate::lazy_restore::unmount_below(&container.runc.root.join(&container.id));
+                // A created (never started) container still has a runc init waiting: force.
+                if let Err(e) = container.runc.delete(&container.id, true) {
+                    warn!("{id}: runc delete: {e}");
+                }
+                if container.rootfs_mounted {
+                    unmount_rootfs(&container.bundle);
+                }
+                self.containers().remove(id);
+                self.events.publish(TaskEvent::Delete {
+                    id: id.into(),
+                    pid: state.pid,
+                    exit: state.exit,
+                });
+            }
+        }
+        Ok(state)
+    }
+
+    pub fn pause(&self, id: &str) -> Result<(), TaskError> {
+        let container = self.container(id)?;
+        let status = container.init.lock().status;
+        if status != ProcessStatus::Running {
+            return Err(TaskError::WrongState {
+                what: format!("pause {id}"),
+                status,
+                expected: "running",
+            });
+        }
+        container.runc.pause(id)?;
+        container.init.lock().status = ProcessStatus::Paused;
+        self.events.publish(TaskEvent::Paused { id: id.into() });
+        Ok(())
+    }
+
+    pub fn resume(&self, id: &str) -> Result<(), TaskError> {
+        let container = self.container(id)?;
+        let status = container.init.lock().status;
+        if status != ProcessStatus::Paused {
+            return Err(TaskError::WrongState {
+                what: format!("resume {id}"),
+                status,
+                expected: "paused",
+            });
+        }
+        container.runc.resume(id)?;
+        {
+            let mut inner = container.init.lock();
+            if inner.exit.is_none() {
+                inner.status = ProcessStatus::Running;
+            }
+        }
+        self.events.publish(TaskEvent::Resumed { id: id.into() });
+        Ok(())
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), TaskError> {
+        let container = self.container(id)?;
+        serde_json::from_slice::<oci_spec::runtime::LinuxResources>(resources_json).map_err(
+            |e| {
+                TaskError::Invalid(format!(
+                    "update {id}: resources are not OCI LinuxResources JSON: {e}"
+                ))
+            },
+        )?;
+        container.runc.update(id, resources_json)?;
+        Ok(())
+    }
+
+    pub fn close_io(&self, id: &str, exec_id: Option<&str>) -> Result<(), TaskError> {
+        let container = self.container(id)?;
+        let process = container.process(exec_id)?;
+        if let Some(io) = process.lock().io.as_ref() {
+            io.close_stdin();
+        }
+        Ok(())
+    }
+
+    pub fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        width: u16,
+        height: u16,
+    ) -> Result<(), TaskError> {
+        let container = self.container(id)?;
+        let process = container.process(exec_id)?;
+        let inner = process.lock();
+        let io = inner.io.as_ref().ok_or_else(|| {
+            TaskError::Invalid(format!(
+                "{id}/{} has no stdio yet",
+                exec_id.unwrap_or("init")
+            ))
+        })?;
+        io.resize(width, height).map_err(|source| TaskError::Os {
+            what: format!("resize pty of {id}/{}", exec_id.unwrap_or("init")),
+            source,
+        })
+    }
+}

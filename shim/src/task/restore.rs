@@ -1,0 +1,189 @@
+//! Restore: the start of a container created from CRIU images: `runc restore` (lazily with the
+//! lazy-pages server, or eagerly), after receiving them for a migration.
+
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+use log::{info, warn};
+
+use super::process::{read_pid_file, ProcessStatus};
+use super::{os_err, Container, RestoreSource, TaskError, TaskEvent, Tasks};
+use crate::annotations::{self, CRIU_CONFIG};
+use crate::eager_restore::EagerReceiver;
+use crate::io::PreparedIo;
+use crate::lazy_restore::LazyServer;
+use crate::runc::{CriuOpts, RestoreOpts};
+use crate::tools;
+
+/// Options CRIU needs on restore only. `mntns-compat-mode`: CRIU 4.2's new mount engine fails
+/// (move_mount EINVAL) on bundles that bind-mount host directories; CRIU refuses it on dump,
+/// so it cannot live in /etc/criu/runc.conf.
+const RESTORE_ONLY_CRIU_OPTIONS: &str = "mntns-compat-mode\n";
+
+impl Tasks {
+    /// Starts the init of a container created for a restore: `runc restore` from its images
+    /// (received first, for a migration), lazily with the lazy-pages server or eagerly.
+    pub(super) fn restore_init(
+        &self,
+        container: &Container,
+        source: RestoreSource,
+        io: PreparedIo,
+    ) -> Result<(), TaskError> {
+        tools::check_criu()?;
+        use_restore_criu_config(&container.bundle)?;
+        let started = Instant::now();
+        let pid_file = container.bundle.join("init.pid");
+        let work_path = source
+            .work_path
+            .clone()
+            .unwrap_or_else(|| container.bundle.join("criu-work"));
+        fs::create_dir_all(&work_path).map_err(os_err(format!(
+            "cannot create CRIU work directory {}",
+            work_path.display()
+        )))?;
+        let eager_receiver = match &source.receive_eagerly {
+            Some(spec) => Some(EagerReceiver::receive(
+                &container.id,
+                &source.image_path,
+                &work_path,
+                spec,
+            )?),
+            None => None,
+        };
+        let lazy_server = match &source.lazy {
+            Some(options) => Some(LazyServer::start(&source.image_path, &work_path, options)?),
+            None => None,
+        };
+        let opts = RestoreOpts {
+            criu: CriuOpts {
+                image_path: source.image_path.clone(),
+                work_path: Some(work_path.clone()),
+                // A checkpoint of established connections is only restorable with it.
+                tcp_established: true,
+                ext_unix_sk: true,
+                file_locks: true,
+                lazy_pages: lazy_server.is_some(),
+                ..Default::default()
+            },
+            bundle: container.bundle.clone(),
+            pid_file: pid_file.clone(),
+            console_socket: io.console_socket.clone(),
+            no_pivot: container.no_pivot,
+        };
+        let (runc_stdio, rest) = io.split();
+        let restore_started = Instant::now();
+        if let Err(e) = container.runc.restore(&container.id, &opts, runc_stdio) {
+            if let Some(server) = lazy_server {
+                server.abort();
+            }
+            if let Some(receiver) = eager_receiver {
+                receiver.restore_failed(restore_started, &e.to_string());
+                // What a failed CRIU may have left mounted in its work directory.
+                crate::lazy_restore::unmount_below(&work_path);
+            }
+            return Err(e.into());
+        }
+        if let Some(receiver) = eager_receiver {
+            if let Err(e) = receiver.restored(restore_started) {
+                // The source resumes: this copy must not run as well.
+                if let Err(kill) = container
+                    .runc
+                    .kill(&container.id, libc::SIGKILL as u32, true)
+                {
+                    warn!(
+                        "{}: runc kill after the failed commit: {kill}",
+                        container.id
+                    );
+                }
+                return Err(e.into());
+            }
+        }
+        if let Some(server) = lazy_server {
+            server.restored(container.id.clone(), container.runc.clone());
+        }
+        let process_io = rest.start()?;
+        let pid = read_pid_file(&pid_file)?;
+        {
+            let mut inner = container.init.lock();
+            inner.pid = pid;
+            inner.status = ProcessStatus::Running;
+            inner.io = Some(process_io);
+        }
+        self.claim_pid(&container.id, None, pid);
+        let spec = oci_spec::runtime::Spec::load(container.bundle.join("config.json"));
+        if spec.as_ref().is_ok_and(crate::netns::has_private_netns) {
+            if let Err(e) = crate::netns::bring_up_loopback(pid) {
+                warn!(
+                    "{}: cannot bring up lo after the restore: {e}",
+                    container.id
+                );
+            }
+        }
+        info!(
+            "{}: restored from {} in {:.3}s (pid {pid}, {})",
+            container.id,
+            source.image_path.display(),
+            started.elapsed().as_secs_f64(),
+            if source.lazy.is_some() {
+                "lazy: memory is being installed"
+            } else if source.receive_eagerly.is_some() {
+                "eager, migration committed"
+            } else {
+                "eager"
+            }
+        );
+        self.events.publish(TaskEvent::Start {
+            id: container.id.clone(),
+            pid,
+        });
+        Ok(())
+    }
+}
+
+/// Points runc's restore at a CRIU config with the restore-only options (plus whatever
+/// /etc/criu/runc.conf says), unless the user named a CRIU config of their own.
+fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
+    let asked = annotations::parse(&annotations::of_bundle(bundle))?;
+    if asked.own_criu_config {
+        return Ok(());
+    }
+    let spec_path = bundle.join("config.json");
+    let text =
+        fs::read(&spec_path).map_err(os_err(format!("cannot read {}", spec_path.display())))?;
+    let mut spec: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| TaskError::Invalid(format!("{} is not JSON: {e}", spec_path.display())))?;
+    let Some(root) = spec.as_object_mut() else {
+        return Err(TaskError::Invalid(format!(
+            "{} is not a JSON object",
+            spec_path.display()
+        )));
+    };
+    let annotations = root
+        .entry("annotations")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let Some(annotations) = annotations.as_object_mut() else {
+        return Err(TaskError::Invalid(format!(
+            "{}: annotations is not an object",
+            spec_path.display()
+        )));
+    };
+    let mut config = fs::read_to_string("/etc/criu/runc.conf").unwrap_or_default();
+    if !config.is_empty() && !config.ends_with('\n') {
+        config.push('\n');
+    }
+    config.push_str(RESTORE_ONLY_CRIU_OPTIONS);
+    if asked.tcp_close {
+        config.push_str("tcp-close\n");
+    }
+    let config_path = bundle.join("criu-restore.conf");
+    fs::write(&config_path, config)
+        .map_err(os_err(format!("cannot write {}", config_path.display())))?;
+    annotations.insert(
+        CRIU_CONFIG.into(),
+        serde_json::Value::String(config_path.display().to_string()),
+    );
+    let updated = serde_json::to_vec(&spec)
+        .map_err(|e| TaskError::Invalid(format!("cannot encode {}: {e}", spec_path.display())))?;
+    fs::write(&spec_path, updated).map_err(os_err(format!("cannot write {}", spec_path.display())))
+}
