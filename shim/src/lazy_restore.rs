@@ -438,6 +438,10 @@ impl Watch {
                 if let Some(signal) = code.filter(|c| *c > 128).map(|c| c - 128) {
                     reason = format!("{reason} (the server was killed by signal {signal})");
                 }
+                let criu_errors = crate::runc::criu_log_errors(&self.work_dir.join("restore.log"));
+                if !criu_errors.is_empty() {
+                    reason = format!("{reason}\nCRIU's restore.log says:\n  {criu_errors}");
+                }
                 error!(
                     "{id}: lazy restore failed: {reason}. Killing the container: its memory is incomplete and it must not run on zero-filled pages"
                 );

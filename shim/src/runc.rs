@@ -402,6 +402,26 @@ fn last_log_error(log: &Path) -> Option<String> {
 
 /// CRIU's own log says why a dump or restore failed; runc only says "criu failed". Append the
 /// log's error lines so the user sees the cause without digging.
+/// The last error lines of a CRIU log (empty if it has none or cannot be read).
+pub(crate) fn criu_log_errors(log_path: &Path) -> String {
+    let errors: Vec<String> = fs::read_to_string(log_path)
+        .map(|text| {
+            text.lines()
+                .filter(|l| l.contains("Error") || l.contains("error"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    errors
+        .iter()
+        .rev()
+        .take(5)
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n  ")
+}
+
 fn with_criu_log(err: RuncError, work_path: Option<&Path>, log_name: &str) -> RuncError {
     let RuncError::Failed {
         subcommand,
@@ -418,22 +438,7 @@ fn with_criu_log(err: RuncError, work_path: Option<&Path>, log_name: &str) -> Ru
             message,
         };
     };
-    let errors: Vec<String> = fs::read_to_string(&log_path)
-        .map(|text| {
-            text.lines()
-                .filter(|l| l.contains("Error") || l.contains("error"))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    let tail = errors
-        .iter()
-        .rev()
-        .take(5)
-        .rev()
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("\n  ");
+    let tail = criu_log_errors(&log_path);
     let message = if tail.is_empty() {
         format!("{message} (CRIU log: {})", log_path.display())
     } else {
