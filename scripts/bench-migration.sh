@@ -218,6 +218,7 @@ run_one() {
       wait_listening dst 7411
       pclive migrate "$id" "$listen" --key-file "$work/key" "${send[@]}" \
         --address "/run/pclive-testbed/$bed/src/containerd.sock" --namespace "$src_ns" \
+        --state-dir "/run/pclive-testbed/$bed/src/pclive" \
         --work-dir "$dir/source-work" --json > "$dir/migration.json" 2> "$dir/migrate.log"
       wait "$receiver"
       restored=$(now)

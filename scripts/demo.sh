@@ -61,7 +61,8 @@ for _ in $(seq 100); do grep -q "receiving a migration" "/run/pclive-testbed/$be
 
 say "pclive migrate app $dst_addr:7411"
 before=$(cat "$rootfs/status")
-pclive migrate app "$dst_addr:7411" --key-file "$work/key" --address "$src_sock" --namespace demo-src --json > "$work/report.json"
+pclive migrate app "$dst_addr:7411" --key-file "$work/key" --address "$src_sock" --namespace demo-src \
+  --state-dir "/run/pclive-testbed/$bed/src/pclive" --json > "$work/report.json"
 wait "$receiver"; receiver=""
 jq '{downtime_seconds, last_round_seconds, final_dump_seconds, images_seconds, commit_wait_seconds,
      rounds: [.precopy.rounds[] | {round, pages, bytes, seconds, frozen}]}' "$work/report.json"

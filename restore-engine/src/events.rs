@@ -20,6 +20,14 @@ pub enum ServerEvent {
     Error { message: String },
     /// Migration: listening for the source on this address.
     Listening { address: String },
+    /// Migration: the source authenticated; the migration has this id.
+    SourceArrived {
+        migration_id: String,
+        container: String,
+        peer: String,
+    },
+    /// Migration: a connection that failed to authenticate was refused (the wait goes on).
+    Refused { peer: String, reason: String },
     /// Migration: a pre-copy round arrived (`last`: the source's frozen round).
     RoundReceived {
         round: u32,
@@ -40,6 +48,15 @@ pub enum ServerEvent {
     Assembled(crate::assemble::AssembleReport),
     /// Eager migration: the source was told that the tasks run here and to commit.
     Committed,
+    /// Lazy migration: every page is installed; the shim must say whether the container is
+    /// alive (a [`ShimMessage`] on the server's stdin) before the source is told to commit.
+    FillComplete(FillStats),
+    /// Migration: the outcome, recorded and told to the source (`committed`, `aborted` or
+    /// `lost`), with the reason when it failed.
+    Concluded {
+        phase: String,
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -58,4 +75,18 @@ pub struct FillStats {
     /// From the end of the restore to the last installed page.
     pub fill_seconds: f64,
     pub fill_gb_per_s: f64,
+}
+
+/// What the shim tells a receiving server (JSON lines on its stdin).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "message", rename_all = "kebab-case")]
+pub enum ShimMessage {
+    /// The restore succeeded: the tasks run (an eager restore waits for this).
+    Restored,
+    /// The restore failed.
+    RestoreFailed { reason: String },
+    /// After [`ServerEvent::FillComplete`]: the container's init is alive.
+    Alive,
+    /// After [`ServerEvent::FillComplete`], or at any time: the container died.
+    Died { reason: String },
 }

@@ -18,14 +18,18 @@
 //! [`destination::receive`] → [`staging`] → [`lazy`] (filler) → [`uffd`] → the restored task.
 
 pub mod assemble;
+pub mod cancel;
+pub mod clock;
 pub mod destination;
 pub mod events;
+pub mod fault;
 pub mod host;
 pub mod images;
 pub mod lazy;
 pub mod memory;
 pub mod page;
 pub mod policy;
+pub mod record;
 pub mod server;
 pub mod source;
 pub mod staging;
@@ -37,3 +41,5 @@ pub mod wire;
 mod pipeline_tests;
 #[cfg(test)]
 mod testsupport;
+#[cfg(test)]
+mod transaction_tests;

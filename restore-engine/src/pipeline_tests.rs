@@ -11,82 +11,19 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
-use crate::destination::receive_and_serve;
+use crate::destination::txn::GateRefused;
+use crate::destination::{gate, receive_and_serve, Cancel, DestinationTxn};
 use crate::events::ServerEvent;
 use crate::lazy::socket::{RESTORE_FINISHED, SOCKET_NAME};
 use crate::lazy::ServerConfig;
 use crate::page::SIZE_U64 as PAGE;
-use crate::policy::ConvergencePolicy;
-use crate::source::{self, send_images, HookError, MigrateParams, SourceHooks, TaskIds};
-use crate::testsupport::{write_lazy_images, Writer};
-use crate::wire::{accept, connect, Auth, Control, ControlCode, Kind};
-
-/// The runtime's part of a migration, played on a forked writer: SIGSTOP freezes it, the final
-/// dump writes stand-in lazy-dump images, SIGCONT resumes it.
-struct WriterHooks {
-    pid: libc::pid_t,
-    base: u64,
-    len: usize,
-    frozen: bool,
-    resumed: bool,
-}
-
-impl WriterHooks {
-    fn new(writer: &Writer) -> Self {
-        WriterHooks {
-            pid: writer.pid,
-            base: writer.base,
-            len: writer.len,
-            frozen: false,
-            resumed: false,
-        }
-    }
-}
-
-impl SourceHooks for WriterHooks {
-    fn tasks(&mut self) -> Result<Vec<TaskIds>, HookError> {
-        Ok(vec![TaskIds {
-            host_pid: self.pid as u32,
-            ns_pid: 1,
-        }])
-    }
-    fn freeze(&mut self) -> Result<(), HookError> {
-        // SAFETY: stops our own child.
-        unsafe { libc::kill(self.pid, libc::SIGSTOP) };
-        thread::sleep(Duration::from_millis(50));
-        self.frozen = true;
-        Ok(())
-    }
-    fn final_dump(&mut self, image_dir: &std::path::Path) -> Result<(), HookError> {
-        write_lazy_images(image_dir, 1, self.base, self.len as u64 / PAGE);
-        Ok(())
-    }
-    fn resume(&mut self) -> Result<(), HookError> {
-        // SAFETY: continues our own child.
-        unsafe { libc::kill(self.pid, libc::SIGCONT) };
-        self.resumed = true;
-        Ok(())
-    }
-}
-
-fn params(work_dir: &std::path::Path, key: &Auth) -> MigrateParams {
-    MigrateParams {
-        container: "writer".into(),
-        destination: "test".into(),
-        auth: key.clone(),
-        policy: ConvergencePolicy {
-            max_rounds: 3,
-            ..Default::default()
-        },
-        tracker: Some("content-hash".into()),
-        compress: false,
-        work_dir: work_dir.to_owned(),
-    }
-}
+use crate::record::{Phase, Role, Store};
+use crate::source::{self, send_images};
+use crate::testsupport::{params, Writer, WriterHooks};
+use crate::wire::{accept, connect, Auth, Control, ControlCode, Intent, Kind};
 
 #[test]
 fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
@@ -104,22 +41,45 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     let dst_key = key.clone();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (dst_images2, work2) = (dst_images.clone(), work.clone());
+    let dst_store = Store::new(&dir.path().join("dst-state"));
+    let txn = DestinationTxn::new(dst_store.clone());
+    let dst_txn = txn.clone();
     let destination = thread::spawn(move || {
         let mut session = accept(b, &dst_key).unwrap();
+        let intent = session.intent().clone();
+        dst_txn
+            .begin(&intent.migration_id, &intent.container, "test")
+            .unwrap();
         let config = ServerConfig::new(dst_images2, work2);
-        receive_and_serve(&mut session, &config, None, |event| {
-            if matches!(event, ServerEvent::Ready { .. }) {
-                let _ = ready_tx.send(());
-            }
-        })
-        .unwrap()
+        let mut verdicts = 0;
+        let stats = receive_and_serve(
+            &mut session,
+            &config,
+            None,
+            &dst_txn,
+            &Cancel::default(),
+            |event| {
+                if matches!(event, ServerEvent::Ready { .. }) {
+                    let _ = ready_tx.send(());
+                }
+            },
+            |_| {
+                verdicts += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(verdicts, 1, "the commit waits for one verdict");
+        stats
     });
 
     // Source: rounds while the writer runs, freeze, last round, images, then it waits for the
     // destination's "restored" and commit.
-    let session = connect(a, &key).unwrap();
     let source_work = dir.path().join("source");
     let params = params(&source_work, &key);
+    let intent = Intent::migrate(&params.migration_id, &params.container);
+    let session = connect(a, &key, &intent).unwrap();
+    let (src_store, id) = (params.store.clone(), params.migration_id.clone());
     let mut hooks = WriterHooks::new(&writer);
     let source = thread::spawn(move || {
         let report = source::migrate_over(session, &params, &mut hooks);
@@ -145,6 +105,9 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     )
     .unwrap();
     drop(uffd);
+    // CRIU's post-restore action script: the tasks resume only once the gate recorded it.
+    assert_eq!(gate::ask(&dst_images, "post-restore").unwrap(), "go");
+    assert_eq!(txn.phase(), Some(Phase::Running));
     io::Write::write_all(&mut writer_end, &RESTORE_FINISHED.to_le_bytes()).unwrap();
 
     // The destination said the tasks run, then (fill complete) it committed.
@@ -156,6 +119,23 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     );
     assert!(report.restored_unix.is_some(), "{report:?}");
     let report = report.precopy;
+    // Both ends recorded the commit; the destination knows the source has it.
+    let src_record = src_store.read(&id, Role::Source).unwrap().unwrap();
+    assert_eq!(src_record.phase, Phase::Committed);
+    let phases: Vec<Phase> = src_record.history.iter().map(|s| s.phase).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Precopy,
+            Phase::Frozen,
+            Phase::ImagesSent,
+            Phase::DestinationRunning,
+            Phase::Committed
+        ]
+    );
+    let dst_record = dst_store.read(&id, Role::Destination).unwrap().unwrap();
+    assert_eq!(dst_record.phase, Phase::Committed);
+    assert!(dst_record.acknowledged);
     let stats = destination.join().unwrap();
     assert!(report.rounds.len() >= 2 && report.rounds.last().unwrap().frozen);
     assert_eq!(
@@ -202,12 +182,25 @@ fn a_failing_destination_tells_the_source_to_abort_and_why() {
     let (a, b) = UnixStream::pair().unwrap();
     let key = Auth::Key(vec![3; 32]);
     let dst_key = key.clone();
+    let dst_store = Store::new(&dir.path().join("dst-state"));
+    let txn = DestinationTxn::new(dst_store.clone());
+    let id = crate::record::new_migration_id().unwrap();
+    txn.begin(&id, "app", "test").unwrap();
+    let dst_txn = txn.clone();
     let destination = thread::spawn(move || {
         let mut session = accept(b, &dst_key).unwrap();
         let config = ServerConfig::new(dst_images, work);
-        receive_and_serve(&mut session, &config, None, |_| {})
+        receive_and_serve(
+            &mut session,
+            &config,
+            None,
+            &dst_txn,
+            &Cancel::default(),
+            |_| {},
+            |_| Ok(()),
+        )
     });
-    let mut session = connect(a, &key).unwrap();
+    let mut session = connect(a, &key, &Intent::default()).unwrap();
     session
         .send(
             Kind::RoundEnd,
@@ -225,6 +218,13 @@ fn a_failing_destination_tells_the_source_to_abort_and_why() {
     assert_eq!(answer.code, ControlCode::Abort as i32);
     assert!(answer.message.contains("pstree.img"), "{}", answer.message);
     assert!(destination.join().unwrap().is_err());
+    // Recorded before the source was told; the restored tasks may never resume now.
+    let record = dst_store.read(&id, Role::Destination).unwrap().unwrap();
+    assert_eq!(record.phase, Phase::Aborted);
+    assert!(matches!(
+        txn.decide_resume(),
+        Err(GateRefused::Phase(Phase::Aborted))
+    ));
 }
 
 /// The eager variant: the same pre-copy, then the receiver completes the lazy dump's images from
@@ -250,17 +250,29 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
         let key = Auth::Key(vec![7; 32]);
         let dst_key = key.clone();
         let (dst_images2, outcome2) = (dst_images.clone(), outcome.clone());
+        let dst_store = Store::new(&dir.path().join("dst-state"));
         let destination = thread::spawn(move || {
             let mut session = accept(b, &dst_key).unwrap();
+            let txn = DestinationTxn::new(dst_store);
+            let intent = session.intent().clone();
+            txn.begin(&intent.migration_id, &intent.container, "test")
+                .unwrap();
             let mut assembled = false;
             let result = receive_and_restore_eagerly(
                 &mut session,
                 &dst_images2,
+                &txn,
+                &Cancel::default(),
                 |event| assembled |= matches!(event, ServerEvent::Assembled(_)),
                 || {
                     // What the shim's restore would read: every page is in the images now.
                     let map = read_pagemap(&dst_images2, 1).unwrap();
                     assert!(map.ranges.iter().all(|r| r.flags == PE_PRESENT), "{map:?}");
+                    // CRIU's post-restore action script asks the gate (a restore that fails
+                    // fails before it).
+                    if outcome2 == RestoreOutcome::Restored {
+                        assert_eq!(gate::ask(&dst_images2, "post-restore").unwrap(), "go");
+                    }
                     outcome2
                 },
             );
@@ -268,9 +280,11 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
             result
         });
 
-        let session = connect(a, &key).unwrap();
+        let params = params(&src_work, &key);
+        let intent = Intent::migrate(&params.migration_id, &params.container);
+        let session = connect(a, &key, &intent).unwrap();
         let mut hooks = WriterHooks::new(&writer);
-        let migrated = source::migrate_over(session, &params(&src_work, &key), &mut hooks);
+        let migrated = source::migrate_over(session, &params, &mut hooks);
         let result = destination.join().unwrap();
         assert!(hooks.frozen);
         if let RestoreOutcome::Failed { reason } = &outcome {

@@ -3,14 +3,19 @@
 //! can stop the container if the server dies. It either serves a lazy restore from an image set,
 //! or receives a migration first ([`crate::destination`]) and then serves or assembles it.
 
-use std::io;
+use std::io::{self, BufRead, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+use std::thread;
+use std::time::Duration;
 
-use crate::destination;
-use crate::events::ServerEvent;
+use crate::cancel::Cancel;
+use crate::destination::{self, ReceiveOptions, RestoreOutcome};
+use crate::events::{ServerEvent, ShimMessage};
 use crate::lazy::{self, ImageSource, ServerConfig};
+use crate::record::Store;
 use crate::staging::StagingStore;
 use crate::wire;
 
@@ -19,23 +24,52 @@ use crate::wire;
 /// ```text
 /// lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N]
 ///                   [--chunk-kib N] [--page-source images|staging]
-///                   [--receive ADDR (--key-file FILE | --insecure) [--eager]]
+///                   [--receive ADDR (--key-file FILE | --insecure) --state-dir DIR [--eager]
+///                    [--accept-timeout-seconds N] [--linger-seconds N]]
 /// ```
 ///
 /// With `--receive` it first receives a migration on ADDR (rounds into the staging store, the
-/// image files into `--images`), then serves the restore from the staging store and tells the
-/// source to commit. With `--eager` as well it serves no pages: it completes the images from the
-/// staging store (event `assembled`), frees the store, and waits for one JSON line on stdin
-/// ([`destination::RestoreOutcome`]) saying how the restore went; then it tells the source
-/// to commit (event `committed`) or to abort. End of stdin counts as a failed restore.
+/// image files into `--images`), recording its phases under `--state-dir`, then serves the
+/// restore from the staging store. The restore's CRIU must ask the resume gate
+/// ([`destination::gate`]) before the tasks resume. When every page is installed it emits
+/// `fill-complete` and waits for the shim's verdict on stdin ([`ShimMessage`]: `alive` or
+/// `died`); then it tells the source the outcome (`concluded`). With `--eager` as well it serves
+/// no pages: it completes the images from the staging store (event `assembled`), frees the
+/// store, and waits for `restored` or `restore-failed` on stdin. End of stdin means the shim
+/// went away: before the point of no return the source is told to resume. After the outcome it
+/// keeps answering the source's questions until the source acknowledged it or
+/// `--linger-seconds` (default 300) passed.
 ///
 /// `images` (default) installs pages straight from the mapped image files; `staging` first
 /// copies them into the staging store (RAM), as a migration's pages arrive.
 ///
 /// Progress goes to stdout as JSON lines ([`ServerEvent`]). Exit code 0 once every page is
 /// installed, 1 on failure, 2 on a usage error.
+/// Log lines go to stderr (the shim sends it to `lazy-pages-server.log` in the work directory).
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "{:.3} {} {}",
+                crate::clock::unix_now(),
+                record.level(),
+                record.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
 pub fn server_main(args: &[String]) -> i32 {
-    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N] [--page-source images|staging] [--receive ADDR (--key-file FILE | --insecure) [--eager]]";
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N] [--page-source images|staging] [--receive ADDR (--key-file FILE | --insecure) --state-dir DIR [--eager] [--accept-timeout-seconds N] [--linger-seconds N]]";
     let mut images = None;
     let mut work_dir = None;
     let mut supervisor_fd = None;
@@ -46,6 +80,9 @@ pub fn server_main(args: &[String]) -> i32 {
     let mut key_file: Option<PathBuf> = None;
     let mut insecure = false;
     let mut eager = false;
+    let mut state_dir: Option<PathBuf> = None;
+    let mut accept_timeout: Option<u64> = None;
+    let mut linger: Option<u64> = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         if flag == "--insecure" {
@@ -63,6 +100,9 @@ pub fn server_main(args: &[String]) -> i32 {
         match flag.as_str() {
             "--receive" => receive = Some(value.clone()),
             "--key-file" => key_file = Some(PathBuf::from(value)),
+            "--state-dir" => state_dir = Some(PathBuf::from(value)),
+            "--accept-timeout-seconds" => accept_timeout = value.parse().ok(),
+            "--linger-seconds" => linger = value.parse().ok(),
             "--images" => images = Some(PathBuf::from(value)),
             "--work-dir" => work_dir = Some(PathBuf::from(value)),
             "--supervisor-fd" => supervisor_fd = value.parse::<RawFd>().ok(),
@@ -91,14 +131,6 @@ pub fn server_main(args: &[String]) -> i32 {
     }
     // SAFETY: the shim passes this descriptor to us and nothing else in this process owns it.
     let supervisor = supervisor_fd.map(|fd| unsafe { UnixStream::from_raw_fd(fd) });
-    let emit = |event: ServerEvent| {
-        if let Ok(line) = serde_json::to_string(&event) {
-            use std::io::Write;
-            let mut out = io::stdout().lock();
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
-        }
-    };
     if let Some(address) = receive {
         let auth = match (key_file, insecure) {
             (Some(path), false) => match wire::read_key_file(&path) {
@@ -114,29 +146,29 @@ pub fn server_main(args: &[String]) -> i32 {
                 return 2;
             }
         };
-        let received = destination::accept_source(&address, &auth, emit)
-            .and_then(|mut session| {
-                if eager {
-                    destination::receive_and_restore_eagerly(
-                        &mut session,
-                        &images,
-                        emit,
-                        read_restore_outcome,
-                    )
-                    .map(|_| emit(ServerEvent::Committed))
-                } else {
-                    destination::receive_and_serve(&mut session, &config, supervisor.as_ref(), emit)
-                        .map(drop)
-                }
-            })
-            .map_err(|e| e.to_string());
-        return match received {
-            Ok(_) => 0,
-            Err(message) => {
-                emit(ServerEvent::Error { message });
-                1
-            }
+        let Some(state_dir) = state_dir else {
+            eprintln!("--receive needs --state-dir DIR (where the migration is recorded)");
+            return 2;
         };
+        crate::fault::load();
+        let mut options = ReceiveOptions::new(&address, auth, Store::new(&state_dir));
+        if let Some(seconds) = accept_timeout {
+            options.accept_timeout = Duration::from_secs(seconds);
+        }
+        if let Some(seconds) = linger {
+            options.linger = Duration::from_secs(seconds);
+        }
+        let cancel = Cancel::default();
+        let messages = shim_messages(cancel.clone());
+        config.cancel = cancel.clone();
+        return receive_migration(
+            options,
+            cancel,
+            messages,
+            &config,
+            supervisor.as_ref(),
+            eager,
+        );
     }
     let result = if staging {
         let mut store = StagingStore::default();
@@ -157,22 +189,148 @@ pub fn server_main(args: &[String]) -> i32 {
     }
 }
 
-/// Reads how the shim's eager restore went: one JSON line on stdin.
-fn read_restore_outcome() -> destination::RestoreOutcome {
-    use destination::RestoreOutcome;
-    let mut line = String::new();
-    match io::stdin().read_line(&mut line) {
-        Ok(0) => RestoreOutcome::Failed {
-            reason: "the shim went away before the restore ended".into(),
-        },
-        Ok(_) => serde_json::from_str(&line).unwrap_or_else(|e| RestoreOutcome::Failed {
-            reason: format!(
-                "the shim's restore outcome {:?} is not understood: {e}",
-                line.trim()
-            ),
-        }),
-        Err(e) => RestoreOutcome::Failed {
-            reason: format!("reading the restore outcome from the shim: {e}"),
-        },
+/// What the shim says on stdin, line by line, on a channel. A failed restore or the end of stdin
+/// (the shim went away) also cancels the waits of the receive.
+fn shim_messages(cancel: Cancel) -> Receiver<ShimMessage> {
+    let (tx, rx) = mpsc::channel();
+    let _ = thread::Builder::new()
+        .name("shim-messages".into())
+        .spawn(move || {
+            for line in io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<ShimMessage>(&line) {
+                    Ok(message) => {
+                        if let ShimMessage::RestoreFailed { reason } = &message {
+                            cancel.cancel(&format!("the restore failed: {reason}"));
+                        }
+                        if tx.send(message).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => log::warn!("the shim said something unexpected ({e}): {line}"),
+                }
+            }
+            cancel.cancel("the shim went away (its container is stopped by containerd)");
+            let _ = tx.send(ShimMessage::Died {
+                reason: "the shim went away (containerd stops its container)".into(),
+            });
+        });
+    rx
+}
+
+/// How long the shim may take to say whether the container is alive after the fill.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The receiving server: waits for the source, receives, has the shim restore, serves or
+/// assembles the memory, concludes, and answers the source's questions for a while.
+fn receive_migration(
+    options: ReceiveOptions,
+    cancel: Cancel,
+    messages: Receiver<ShimMessage>,
+    config: &ServerConfig,
+    supervisor: Option<&UnixStream>,
+    eager: bool,
+) -> i32 {
+    let mut receiver = match destination::Receiver::bind(options, cancel.clone(), emit) {
+        Ok(r) => r,
+        Err(e) => {
+            emit(ServerEvent::Error {
+                message: e.to_string(),
+            });
+            return 1;
+        }
+    };
+    let mut session = match receiver.accept_source(emit) {
+        Ok(s) => s,
+        Err(e) => {
+            emit(ServerEvent::Error {
+                message: e.to_string(),
+            });
+            return 1;
+        }
+    };
+    let txn = receiver.txn().clone();
+    let result = if eager {
+        destination::receive_and_restore_eagerly(
+            &mut session,
+            &config.images,
+            &txn,
+            &cancel,
+            emit,
+            || match messages.recv() {
+                Ok(ShimMessage::Restored) => RestoreOutcome::Restored,
+                Ok(ShimMessage::RestoreFailed { reason }) | Ok(ShimMessage::Died { reason }) => {
+                    RestoreOutcome::Failed { reason }
+                }
+                Ok(other) => RestoreOutcome::Failed {
+                    reason: format!("the shim said {other:?} where a restore outcome was expected"),
+                },
+                Err(_) => RestoreOutcome::Failed {
+                    reason: "the shim went away before the restore ended".into(),
+                },
+            },
+        )
+        .map(drop)
+    } else {
+        destination::receive_and_serve(
+            &mut session,
+            config,
+            supervisor,
+            &txn,
+            &cancel,
+            emit,
+            |stats| {
+                emit(ServerEvent::FillComplete(stats.clone()));
+                match messages.recv_timeout(VERDICT_TIMEOUT) {
+                    Ok(ShimMessage::Alive) => Ok(()),
+                    Ok(ShimMessage::Died { reason }) | Ok(ShimMessage::RestoreFailed { reason }) => {
+                        Err(reason)
+                    }
+                    Ok(other) => Err(format!("the shim said {other:?} where a verdict was expected")),
+                    Err(_) => Err(format!(
+                        "the shim did not say within {VERDICT_TIMEOUT:?} whether the container lives"
+                    )),
+                }
+            },
+        )
+        .map(drop)
+    };
+    drop(session);
+    let phase = txn
+        .phase()
+        .map(|p| p.name().to_string())
+        .unwrap_or_default();
+    let code = match &result {
+        Ok(()) => {
+            emit(ServerEvent::Concluded {
+                phase,
+                reason: None,
+            });
+            if eager {
+                emit(ServerEvent::Committed);
+            }
+            0
+        }
+        Err(e) => {
+            emit(ServerEvent::Concluded {
+                phase,
+                reason: Some(e.to_string()),
+            });
+            emit(ServerEvent::Error {
+                message: e.to_string(),
+            });
+            1
+        }
+    };
+    receiver.linger();
+    code
+}
+
+/// Prints an event on stdout for the shim (one JSON line).
+fn emit(event: ServerEvent) {
+    if let Ok(line) = serde_json::to_string(&event) {
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
     }
 }

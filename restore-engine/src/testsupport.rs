@@ -3,12 +3,18 @@
 
 use std::fs;
 use std::path::Path;
+use std::thread;
+use std::time::Duration;
 
 use crate::images::{
     encode_entries, Header, MmEntry, PageRange, Pagemap, PstreeEntry, VmaEntry, MM_MAGIC, PE_LAZY,
     PSTREE_MAGIC,
 };
 use crate::page::SIZE_U64 as PAGE;
+use crate::policy::ConvergencePolicy;
+use crate::record::Store;
+use crate::source::{HookError, MigrateParams, SourceHooks, TaskIds};
+use crate::wire::Auth;
 
 /// Writes the images a `--lazy-pages` dump of task `pid` with one private anonymous mapping
 /// `[base, base + pages)` would contain as far as memory goes: pstree, mm, and a pagemap whose
@@ -95,6 +101,9 @@ impl Writer {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
+            // The child only writes its memory: it must not keep the test's sockets open.
+            // SAFETY: close_range only closes descriptors of this (child) process.
+            unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
             let mut x = 0x9e37_79b9u64;
             loop {
                 for _ in 0..64 {
@@ -156,5 +165,74 @@ impl Drop for Writer {
             libc::waitpid(self.pid, std::ptr::null_mut(), 0);
             libc::munmap(self.base as *mut libc::c_void, self.len);
         }
+    }
+}
+
+/// The runtime's part of a migration, played on a forked writer: SIGSTOP freezes it, the final
+/// dump writes stand-in lazy-dump images, SIGCONT resumes it.
+pub struct WriterHooks {
+    pid: libc::pid_t,
+    base: u64,
+    len: usize,
+    pub frozen: bool,
+    pub resumed: bool,
+}
+
+impl WriterHooks {
+    pub fn new(writer: &Writer) -> Self {
+        WriterHooks {
+            pid: writer.pid,
+            base: writer.base,
+            len: writer.len,
+            frozen: false,
+            resumed: false,
+        }
+    }
+}
+
+impl SourceHooks for WriterHooks {
+    fn tasks(&mut self) -> Result<Vec<TaskIds>, HookError> {
+        Ok(vec![TaskIds {
+            host_pid: self.pid as u32,
+            ns_pid: 1,
+        }])
+    }
+    fn freeze(&mut self) -> Result<(), HookError> {
+        // SAFETY: stops our own child.
+        unsafe { libc::kill(self.pid, libc::SIGSTOP) };
+        thread::sleep(Duration::from_millis(50));
+        self.frozen = true;
+        Ok(())
+    }
+    fn final_dump(&mut self, image_dir: &std::path::Path) -> Result<(), HookError> {
+        write_lazy_images(image_dir, 1, self.base, self.len as u64 / PAGE);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), HookError> {
+        // SAFETY: continues our own child.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        self.resumed = true;
+        Ok(())
+    }
+}
+
+/// Migration parameters for tests: 3 rounds at most, records under `work_dir/state`, a 2 s
+/// resolve timeout.
+pub fn params(work_dir: &std::path::Path, key: &Auth) -> MigrateParams {
+    MigrateParams {
+        migration_id: crate::record::new_migration_id().unwrap(),
+        container: "writer".into(),
+        destination: "test".into(),
+        auth: key.clone(),
+        key_file: None,
+        store: Store::new(&work_dir.join("state")),
+        resolve_timeout: Duration::from_secs(2),
+        policy: ConvergencePolicy {
+            max_rounds: 3,
+            ..Default::default()
+        },
+        tracker: Some("content-hash".into()),
+        compress: false,
+        work_dir: work_dir.to_owned(),
     }
 }

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use log::warn;
 
-use crate::lazy_restore::{LazyOptions, ReceiveSpec};
+use crate::lazy_restore::LazyOptions;
+use crate::receive::ReceiveSpec;
 
 /// runc reads the CRIU config file this annotation names (instead of /etc/criu/runc.conf).
 pub const CRIU_CONFIG: &str = "org.criu.config";
@@ -40,6 +41,8 @@ pub const RECEIVE_LISTEN: &str = "io.containerd.pclive.receive.listen";
 pub const RECEIVE_KEY_FILE: &str = "io.containerd.pclive.receive.key-file";
 /// `true`: accept an unauthenticated source (the source must say `--insecure` too).
 pub const RECEIVE_INSECURE: &str = "io.containerd.pclive.receive.insecure";
+/// How long a receiving container waits for its source, in seconds (default 600).
+pub const RECEIVE_ACCEPT_TIMEOUT: &str = "io.containerd.pclive.receive.accept-timeout-seconds";
 /// Optional: a file the receiving shim appends its progress to (JSON lines: rounds as they
 /// arrive, images, restore, commit), which `pclive receive` follows.
 pub const RECEIVE_PROGRESS_FILE: &str = "io.containerd.pclive.receive.progress-file";
@@ -131,10 +134,23 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<RestoreAnnotations
             if key_file.is_some() == insecure {
                 return Err(AnnotationError::ReceiveAuth);
             }
+            let accept_timeout_seconds = match annotations.get(RECEIVE_ACCEPT_TIMEOUT) {
+                None => None,
+                Some(v) => Some(v.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
+                    AnnotationError::BadValue {
+                        key: RECEIVE_ACCEPT_TIMEOUT,
+                        value: v.clone(),
+                        expected: "a positive number of seconds",
+                    }
+                })?),
+            };
             Some(ReceiveSpec {
                 listen: listen.clone(),
                 key_file,
                 progress_file: annotations.get(RECEIVE_PROGRESS_FILE).map(PathBuf::from),
+                accept_timeout_seconds,
+                // The shim's own (not an annotation's).
+                state_dir: PathBuf::new(),
             })
         }
     };

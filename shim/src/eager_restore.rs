@@ -9,24 +9,22 @@
 //! shim or the server dies, the connection to the source closes and the source resumes.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use containerd_shim::monitor::{monitor_subscribe, Subscription, Topic};
 use log::{error, info, warn};
 use restore_engine::assemble::AssembleReport;
-use restore_engine::destination::RestoreOutcome;
-use restore_engine::events::ServerEvent;
+use restore_engine::events::{ServerEvent, ShimMessage};
 use serde::Serialize;
 
 use crate::lazy_restore::{
-    add_receive_args, forward_events, kill, server_command, wait_exit, ReceiveSpec,
-    RECEIVE_TIMEOUT, SERVER_LOG,
+    forward_events, kill, server_command, wait_exit, RECEIVE_TIMEOUT, SERVER_LOG,
 };
+use crate::receive::{self, add_receive_args, ReceiveSpec, ServerLine};
 
 /// Name of the report the shim writes into the CRIU work directory when an eager restore of a
 /// migration ends (the lazy path writes `pclive-lazy-restore.json`).
@@ -82,7 +80,11 @@ pub struct EagerReceiver {
     pid: i32,
     events: Receiver<ServerEvent>,
     exit: Subscription,
-    stdin: Option<ChildStdin>,
+    line: ServerLine,
+    spec: ReceiveSpec,
+    migration_id: Option<String>,
+    /// The server recorded the outcome and told the source.
+    concluded: bool,
     work_dir: PathBuf,
     images_ready_at: Instant,
     report: EagerReport,
@@ -118,7 +120,7 @@ impl EagerReceiver {
             .spawn()
             .map_err(|e| EagerRestoreError::Spawn(e.to_string()))?;
         let pid = child.id() as i32;
-        let stdin = child.stdin.take();
+        let line = ServerLine::new(child.stdin.take());
         let stdout = child.stdout.take().expect("stdout is piped");
         // The reaper collects the exit; the Child handle is not waited on.
         drop(child);
@@ -130,7 +132,10 @@ impl EagerReceiver {
             pid,
             events,
             exit,
-            stdin,
+            line,
+            spec: spec.clone(),
+            migration_id: None,
+            concluded: false,
             work_dir: work_dir.to_owned(),
             images_ready_at: Instant::now(),
             report: EagerReport {
@@ -165,6 +170,26 @@ impl EagerReceiver {
             match self.events.recv_timeout(left) {
                 Ok(ServerEvent::Listening { address }) => {
                     info!("receiving a migration on {address} (eager restore)")
+                }
+                Ok(ServerEvent::SourceArrived {
+                    migration_id,
+                    container,
+                    peer,
+                }) => {
+                    info!("migration {migration_id} of {container} from {peer}: receiving");
+                    self.migration_id = Some(migration_id);
+                }
+                Ok(ServerEvent::Refused { peer, reason }) => {
+                    warn!(
+                        "refused a connection from {peer}: {reason}; still waiting for the source"
+                    )
+                }
+                Ok(ServerEvent::Concluded { phase, reason }) => {
+                    self.concluded = true;
+                    info!(
+                        "migration concluded here: {phase} ({})",
+                        reason.unwrap_or_default()
+                    );
                 }
                 Ok(ServerEvent::RoundReceived {
                     round, bytes, last, ..
@@ -226,7 +251,8 @@ impl EagerReceiver {
     pub fn restored(mut self, restore_started: Instant) -> Result<(), EagerRestoreError> {
         self.record_restore(restore_started);
         let committed = self
-            .tell(&RestoreOutcome::Restored)
+            .line
+            .tell(&ShimMessage::Restored)
             .and_then(|()| self.wait_for_commit());
         self.stop_server();
         match committed {
@@ -256,11 +282,13 @@ impl EagerReceiver {
     /// source to abort (it resumes) and exits.
     pub fn restore_failed(mut self, restore_started: Instant, reason: &str) {
         self.record_restore(restore_started);
-        if let Err(e) = self.tell(&RestoreOutcome::Failed {
+        if let Err(e) = self.line.tell(&ShimMessage::RestoreFailed {
             reason: reason.to_string(),
         }) {
             warn!("{}: {e}", self.report.container);
         }
+        // The server records the outcome and tells the source to resume.
+        let _ = self.wait_for_commit();
         self.stop_server();
         self.write_report(self.report.clone().failed(reason));
     }
@@ -273,27 +301,19 @@ impl EagerReceiver {
         self.report.images_to_running_seconds = Some(since_images(now));
     }
 
-    /// Writes the outcome on the server's stdin (one JSON line) and closes it.
-    fn tell(&mut self, outcome: &RestoreOutcome) -> Result<(), String> {
-        let mut line = serde_json::to_string(outcome)
-            .map_err(|e| format!("encoding the restore outcome: {e}"))?;
-        line.push('\n');
-        let mut stdin = self
-            .stdin
-            .take()
-            .ok_or("the server's stdin is already closed")?;
-        stdin
-            .write_all(line.as_bytes())
-            .and_then(|()| stdin.flush())
-            .map_err(|e| format!("telling the receiving server the restore outcome: {e}"))
-    }
-
     fn wait_for_commit(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + COMMIT_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
-                Ok(ServerEvent::Committed) => return Ok(()),
+                Ok(ServerEvent::Concluded { phase, reason }) => {
+                    self.concluded = true;
+                    return match phase.as_str() {
+                        "committed" => Ok(()),
+                        _ => Err(reason.unwrap_or_else(|| format!("the migration is {phase}"))),
+                    };
+                }
+                Ok(ServerEvent::Committed) => {}
                 Ok(ServerEvent::Error { message }) => return Err(message),
                 Ok(other) => warn!("receiving server: unexpected {other:?}"),
                 Err(RecvTimeoutError::Timeout) => {
@@ -306,13 +326,18 @@ impl EagerReceiver {
         }
     }
 
-    /// Lets the server exit (killing it if it does not), which frees its staging store and
-    /// closes the connection to the source.
+    /// Done with the server. One that concluded exits by itself (once the source has the
+    /// outcome: it may answer the source's questions for a while); one that did not is stopped,
+    /// and the shim records the truth and answers the source in its place.
     fn stop_server(&mut self) {
-        self.stdin = None;
-        if wait_exit(&self.exit, self.pid, EXIT_TIMEOUT).is_none() {
+        if !self.concluded {
             kill(self.pid);
             let _ = wait_exit(&self.exit, self.pid, EXIT_TIMEOUT);
+            receive::server_died(
+                &self.spec,
+                self.migration_id.as_deref(),
+                "the receiving server did not conclude the migration",
+            );
         }
         self.finished = true;
     }
@@ -332,8 +357,17 @@ impl Drop for EagerReceiver {
     /// commit that will not come; killing the server closes the connection and it resumes.
     fn drop(&mut self) {
         if !self.finished {
-            kill(self.pid);
-            let _ = wait_exit(&self.exit, self.pid, EXIT_TIMEOUT);
+            let reason = "the shim gave up before the restore";
+            if self
+                .line
+                .tell(&ShimMessage::RestoreFailed {
+                    reason: reason.into(),
+                })
+                .is_ok()
+            {
+                let _ = self.wait_for_commit();
+            }
+            self.stop_server();
             self.write_report(
                 self.report
                     .clone()

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use containerd_shim::monitor::{monitor_subscribe, Subject, Subscription, Topic};
 use log::{error, info, warn};
-use restore_engine::events::{FillStats, ServerEvent};
+use restore_engine::events::{FillStats, ServerEvent, ShimMessage};
 use restore_engine::lazy;
 use serde::Serialize;
 
+use crate::receive::{self, ReceiveSpec, ServerLine};
 use crate::runc::Runc;
 
 /// The subcommand of the shim binary that runs the lazy-pages server.
@@ -58,17 +59,6 @@ pub struct LazyOptions {
     pub receive: Option<ReceiveSpec>,
 }
 
-/// Where a receiving container listens for its source, and how it authenticates it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReceiveSpec {
-    pub listen: String,
-    /// None: an unauthenticated session, which the user asked for explicitly.
-    pub key_file: Option<PathBuf>,
-    /// Where to append the receiving server's events (JSON lines) for `pclive receive` to
-    /// follow: rounds as they arrive, images, restore, commit.
-    pub progress_file: Option<PathBuf>,
-}
-
 /// What the shim records about a lazy restore (written as JSON next to CRIU's logs).
 #[derive(Debug, Clone, Serialize)]
 pub struct LazyReport {
@@ -80,10 +70,15 @@ pub struct LazyReport {
     pub fill: Option<FillStats>,
 }
 
-/// What the supervisor needs to stop the container if the fill fails.
+/// Whether the restored container lives (Err: how it died).
+pub type Liveness = Box<dyn Fn() -> Result<(), String> + Send>;
+
+/// What the supervisor needs to stop the container if the fill fails, and to tell whether it
+/// is alive when the fill completes.
 struct Target {
     id: String,
     runc: Runc,
+    alive: Liveness,
 }
 
 /// A running lazy-pages server, ready for the restore to connect, and supervised from the start:
@@ -93,6 +88,8 @@ pub struct LazyServer {
     pid: i32,
     target: Arc<Mutex<Option<Target>>>,
     watcher: Option<thread::JoinHandle<()>>,
+    /// Receiving a migration: the shim's line to the server.
+    line: Option<ServerLine>,
 }
 
 struct Watch {
@@ -103,6 +100,8 @@ struct Watch {
     work_dir: PathBuf,
     ready_at: Instant,
     target: Arc<Mutex<Option<Target>>>,
+    /// Receiving a migration: where, its id, and the line to the server.
+    receive: Option<(ReceiveSpec, Option<String>, ServerLine)>,
 }
 
 impl LazyServer {
@@ -116,7 +115,14 @@ impl LazyServer {
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| LazyRestoreError::Spawn(format!("socketpair: {e}")))?;
         let mut command = server_command(images, work_dir).map_err(LazyRestoreError::Spawn)?;
-        command.args(["--supervisor-fd", "3"]).stdin(Stdio::null());
+        command.args(["--supervisor-fd", "3"]);
+        // A receiving server hears from the shim on its stdin (the restore's outcome, the
+        // container's verdict); its end tells the server that the shim went away.
+        command.stdin(if options.receive.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         if let Some(rate) = options.fill_rate_mib {
             command.args(["--fill-rate-mib", &rate.to_string()]);
         }
@@ -124,7 +130,7 @@ impl LazyServer {
             command.args(["--page-source", "staging"]);
         }
         if let Some(receive) = &options.receive {
-            add_receive_args(&mut command, receive);
+            receive::add_receive_args(&mut command, receive);
         }
         let theirs_fd = theirs.as_raw_fd();
         // SAFETY: dup2 and close_range are async-signal-safe; they only rearrange the child's
@@ -147,6 +153,10 @@ impl LazyServer {
         drop(theirs);
         let pid = child.id() as i32;
         let stdout = child.stdout.take().expect("stdout is piped");
+        let line = options
+            .receive
+            .as_ref()
+            .map(|_| ServerLine::new(child.stdin.take()));
         // The reaper collects the exit; the Child handle is not waited on.
         drop(child);
         let progress = options
@@ -163,9 +173,18 @@ impl LazyServer {
             READY_TIMEOUT
         };
         let deadline = Instant::now() + ready_timeout;
-        let not_ready = |reason: String| {
-            kill(pid);
-            let _ = wait_exit(&exit, pid, Duration::from_secs(10));
+        let mut migration_id: Option<String> = None;
+        let mut concluded = false;
+        let not_ready = |reason: String, concluded: bool, migration_id: Option<&str>| {
+            // A receiving server that concluded (recorded the outcome and told the source) goes
+            // on answering the source's questions and exits by itself; any other is stopped.
+            if !concluded {
+                kill(pid);
+                let _ = wait_exit(&exit, pid, Duration::from_secs(10));
+                if let Some(spec) = &options.receive {
+                    receive::server_died(spec, migration_id, &reason);
+                }
+            }
             LazyRestoreError::NotReady(reason)
         };
         loop {
@@ -180,6 +199,21 @@ impl LazyServer {
                 }
                 Ok(ServerEvent::Listening { address }) => {
                     info!("receiving a migration on {address}")
+                }
+                Ok(ServerEvent::SourceArrived {
+                    migration_id: id,
+                    container,
+                    peer,
+                }) => {
+                    info!("migration {id} of {container} from {peer}: receiving");
+                    migration_id = Some(id);
+                }
+                Ok(ServerEvent::Refused { peer, reason }) => {
+                    warn!("refused a connection from {peer}: {reason}; still waiting for the source")
+                }
+                Ok(ServerEvent::Concluded { phase, reason }) => {
+                    concluded = true;
+                    info!("migration concluded here: {phase} ({})", reason.unwrap_or_default());
                 }
                 Ok(ServerEvent::RoundReceived {
                     round, bytes, last, ..
@@ -197,15 +231,24 @@ impl LazyServer {
                     staged_bytes as f64 / (1 << 20) as f64,
                     image_bytes as f64 / 1024.0
                 ),
-                Ok(ServerEvent::Error { message }) => return Err(not_ready(message)),
-                Ok(other) => return Err(not_ready(format!("unexpected {other:?}"))),
+                Ok(ServerEvent::Error { message }) => {
+                    return Err(not_ready(message, concluded, migration_id.as_deref()))
+                }
+                Ok(other) => {
+                    return Err(not_ready(
+                        format!("unexpected {other:?}"),
+                        concluded,
+                        migration_id.as_deref(),
+                    ))
+                }
                 Err(_) => {
                     let log = fs::read_to_string(work_dir.join(SERVER_LOG))
                         .unwrap_or_default();
-                    return Err(not_ready(format!(
-                        "not ready within {ready_timeout:?}. {}",
-                        log.trim()
-                    )));
+                    return Err(not_ready(
+                        format!("not ready within {ready_timeout:?}. {}", log.trim()),
+                        concluded,
+                        migration_id.as_deref(),
+                    ));
                 }
             }
         }
@@ -219,6 +262,10 @@ impl LazyServer {
             work_dir: work_dir.to_owned(),
             ready_at: Instant::now(),
             target: Arc::clone(&target),
+            receive: options
+                .receive
+                .clone()
+                .map(|spec| (spec, migration_id, line.clone().unwrap_or_default())),
         };
         let watcher = thread::Builder::new()
             .name("lazy-supervisor".into())
@@ -228,20 +275,48 @@ impl LazyServer {
             pid,
             target,
             watcher: Some(watcher),
+            line,
         })
     }
 
-    /// The restore failed: stop the server; nothing depends on it.
-    pub fn abort(mut self) {
-        kill(self.pid);
-        if let Some(watcher) = self.watcher.take() {
-            let _ = watcher.join();
+    /// The restore failed (`reason`): a receiving server is told so (it records the outcome
+    /// and tells the source), any other is stopped; nothing depends on it any more.
+    pub fn abort(mut self, reason: &str) {
+        match &self.line {
+            Some(line)
+                if line
+                    .tell(&ShimMessage::RestoreFailed {
+                        reason: reason.into(),
+                    })
+                    .is_ok() =>
+            {
+                // The supervisor ends once the server concluded; a server that does not is
+                // stopped.
+                let watcher = self.watcher.take();
+                let (tx, rx) = mpsc::channel();
+                thread::spawn(move || {
+                    if let Some(w) = watcher {
+                        let _ = w.join();
+                    }
+                    let _ = tx.send(());
+                });
+                if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                    kill(self.pid);
+                }
+            }
+            _ => {
+                kill(self.pid);
+                if let Some(watcher) = self.watcher.take() {
+                    let _ = watcher.join();
+                }
+            }
         }
     }
 
-    /// The restore succeeded: from now on a failure of the fill kills container `id`.
-    pub fn restored(self, id: String, runc: Runc) {
-        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(Target { id, runc });
+    /// The restore succeeded: from now on a failure of the fill kills container `id`, and
+    /// `alive` tells whether it lives when every page is installed.
+    pub fn restored(self, id: String, runc: Runc, alive: Liveness) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(Target { id, runc, alive });
     }
 }
 
@@ -261,19 +336,6 @@ pub(crate) fn server_command(images: &Path, work_dir: &Path) -> Result<Command, 
         .stdout(Stdio::piped())
         .stderr(log);
     Ok(command)
-}
-
-/// Makes the server receive a migration first, as `receive` says.
-pub(crate) fn add_receive_args(command: &mut Command, receive: &ReceiveSpec) {
-    command.args(["--receive", &receive.listen]);
-    match &receive.key_file {
-        Some(key) => {
-            command.arg("--key-file").arg(key);
-        }
-        None => {
-            command.arg("--insecure");
-        }
-    }
 }
 
 /// Parses the server's stdout (JSON lines) into events on a thread of its own; the channel
@@ -356,6 +418,26 @@ fn kill_descendants(spare: i32) {
 }
 
 impl Watch {
+    /// Whether the restored container lives, once the restore returned (it may return a little
+    /// after the fill of a small container completed).
+    fn verdict(&self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(target) = self
+                .target
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                return (target.alive)();
+            }
+            if Instant::now() > deadline {
+                return Err("the restore did not complete".into());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn run(self) {
         let held: Arc<Mutex<Vec<OwnedFd>>> = Arc::new(Mutex::new(Vec::new()));
         let receiver = {
@@ -381,8 +463,43 @@ impl Watch {
         let mut restore_seconds = None;
         let mut outcome: Result<FillStats, String> =
             Err("the lazy-pages server exited before installing every page".into());
+        let mut stats = None;
+        let mut concluded = false;
         loop {
             match self.events.recv_timeout(Duration::from_secs(1)) {
+                Ok(ServerEvent::FillComplete(fill)) => {
+                    let verdict = self.verdict();
+                    match &verdict {
+                        Ok(()) => info!(
+                            "{}: every page is installed and the container lives",
+                            label()
+                        ),
+                        Err(why) => warn!("{}: every page is installed but {why}", label()),
+                    }
+                    let message = match verdict {
+                        Ok(()) => ShimMessage::Alive,
+                        Err(reason) => ShimMessage::Died { reason },
+                    };
+                    if let Some((_, _, line)) = &self.receive {
+                        if let Err(e) = line.tell(&message) {
+                            warn!("{}: {e}", label());
+                        }
+                    }
+                    stats = Some(fill);
+                }
+                Ok(ServerEvent::Concluded { phase, reason }) => {
+                    concluded = true;
+                    outcome = match (phase.as_str(), stats.take()) {
+                        ("committed", Some(fill)) => Ok(fill),
+                        ("committed", None) => Err("committed without a fill report".into()),
+                        (_, _) => {
+                            Err(reason.unwrap_or_else(|| format!("the migration is {phase}")))
+                        }
+                    };
+                    // The server may go on answering the source's questions for a while: the
+                    // restore's outcome does not wait for that.
+                    break;
+                }
                 Ok(ServerEvent::RestoreFinished { .. }) => {
                     let seconds = self.ready_at.elapsed().as_secs_f64();
                     restore_seconds = Some(seconds);
@@ -396,10 +513,16 @@ impl Watch {
                     label(),
                     lazy_bytes as f64 / (1 << 20) as f64
                 ),
-                Ok(ServerEvent::Done(stats)) => outcome = Ok(stats),
+                Ok(ServerEvent::Done(fill)) => {
+                    if self.receive.is_none() {
+                        outcome = Ok(fill);
+                    }
+                }
                 Ok(ServerEvent::Error { message }) => outcome = Err(message),
                 Ok(ServerEvent::Ready { .. })
                 | Ok(ServerEvent::Listening { .. })
+                | Ok(ServerEvent::SourceArrived { .. })
+                | Ok(ServerEvent::Refused { .. })
                 | Ok(ServerEvent::RoundReceived { .. })
                 | Ok(ServerEvent::ImagesReady { .. })
                 | Ok(ServerEvent::Assembled(_))
@@ -409,7 +532,12 @@ impl Watch {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        let code = wait_exit(&self.exit, self.pid, Duration::from_secs(30));
+        let code = if concluded {
+            // A concluded receiving server exits when the source has the outcome.
+            Some(0)
+        } else {
+            wait_exit(&self.exit, self.pid, Duration::from_secs(30))
+        };
         let id = label();
         let report = match (outcome, code) {
             (Ok(stats), Some(0)) => {
@@ -447,7 +575,7 @@ impl Watch {
                 );
                 let target = self.target.lock().unwrap_or_else(|p| p.into_inner()).take();
                 match target {
-                    Some(Target { id, runc }) => {
+                    Some(Target { id, runc, .. }) => {
                         if let Err(e) = runc.kill(&id, libc::SIGKILL as u32, true) {
                             error!("{id}: runc kill: {e}");
                         }
@@ -460,6 +588,10 @@ impl Watch {
                         thread::sleep(Duration::from_millis(200));
                         unmount_below(&self.work_dir);
                     }
+                }
+                if let (false, Some((spec, migration_id, _))) = (concluded, &self.receive) {
+                    // The server died before it could tell the source: the shim does.
+                    receive::server_died(spec, migration_id.as_deref(), &reason);
                 }
                 LazyReport {
                     container: id,

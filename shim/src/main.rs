@@ -5,8 +5,42 @@
 
 use containerd_shim_pclive::{annotations, service};
 
+/// What the shim does as CRIU's action script during a restore:
+/// - `setup-namespaces`: bring `lo` up in the restored container's new network namespace before
+///   CRIU restores its sockets (runc leaves it down, and a connection over 127.0.0.1 cannot be
+///   restored on a down interface: "Can't connect inet socket back: Network is unreachable");
+/// - `post-restore`: a received migration's resume gate (restore-engine/src/destination/gate.rs).
+fn criu_action(action: &str) -> i32 {
+    match action {
+        "setup-namespaces" => {
+            let pid = std::env::var("CRTOOLS_INIT_PID")
+                .ok()
+                .and_then(|p| p.parse::<u32>().ok());
+            match pid.map(containerd_shim_pclive::netns::bring_up_loopback) {
+                Some(Ok(())) => 0,
+                Some(Err(e)) => {
+                    eprintln!("pclive: cannot bring up lo in the restored network namespace: {e}");
+                    1
+                }
+                None => {
+                    eprintln!("pclive: CRTOOLS_INIT_PID is not set at setup-namespaces");
+                    1
+                }
+            }
+        }
+        "post-restore" => restore_engine::destination::gate::hook_main(),
+        _ => 0,
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // Run by CRIU as the action script of a restore.
+    if args.len() == 1 {
+        if let Ok(action) = std::env::var(restore_engine::destination::gate::ACTION_ENV) {
+            std::process::exit(criu_action(&action));
+        }
+    }
     if args.get(1).map(String::as_str)
         == Some(containerd_shim_pclive::lazy_restore::SERVER_SUBCOMMAND)
     {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use log::info;
 use restore_engine::policy::ConvergencePolicy;
+use restore_engine::record::{self, Store};
 use restore_engine::source::{
     self, HookError, MigrateParams, MigrationReport, RoundStats, SourceError, SourceHooks, TaskIds,
 };
@@ -63,6 +64,14 @@ pub struct MigrateRequest {
     /// LZ4-compress page runs (each run goes uncompressed when that saves too little).
     #[prost(bool, tag = "7")]
     pub compress: bool,
+    /// The migration's id (32 hex digits), chosen by `pclive migrate` so that it can follow the
+    /// migration's record; empty: the shim chooses.
+    #[prost(string, tag = "8")]
+    pub migration_id: String,
+    /// After losing the connection once the images went out, how long to keep asking the
+    /// destination for the outcome before declaring the migration in doubt (0: 120 s).
+    #[prost(uint32, tag = "9")]
+    pub resolve_timeout_seconds: u32,
 }
 
 impl MigrateRequest {
@@ -93,12 +102,33 @@ impl MigrateRequest {
         }
     }
 
-    /// The engine's parameters for container `id`, the final dump and logs in `work_dir`.
-    pub fn params(&self, id: &str, work_dir: &Path) -> Result<MigrateParams, MigrateError> {
+    /// The engine's parameters for container `id`, the final dump and logs in `work_dir`, the
+    /// records under `state_dir`.
+    pub fn params(
+        &self,
+        id: &str,
+        work_dir: &Path,
+        state_dir: &Path,
+    ) -> Result<MigrateParams, MigrateError> {
+        let migration_id = if self.migration_id.is_empty() {
+            record::new_migration_id().map_err(|source| MigrateError::Io {
+                what: "choosing a migration id".into(),
+                source,
+            })?
+        } else {
+            self.migration_id.clone()
+        };
         Ok(MigrateParams {
+            migration_id,
             container: id.to_string(),
             destination: self.destination.clone(),
             auth: self.auth()?,
+            key_file: (!self.key_file.is_empty()).then(|| PathBuf::from(&self.key_file)),
+            store: Store::new(state_dir),
+            resolve_timeout: Duration::from_secs(match self.resolve_timeout_seconds {
+                0 => 120,
+                n => n as u64,
+            }),
             policy: self.policy(),
             tracker: (!self.tracker.is_empty()).then(|| self.tracker.clone()),
             compress: self.compress,
@@ -279,14 +309,16 @@ fn lazy_final_dump(
 }
 
 /// Migrates container `id` to `request.destination`; `work_dir` holds the final dump and its
-/// logs. On success the caller removes the (frozen) source; on error it has been resumed.
+/// logs. On success the caller removes the (frozen) source and records that; on
+/// [`SourceError::InDoubt`] it stays frozen; on any other error it has been resumed.
 pub fn migrate_out(
     runc: &Runc,
     id: &str,
     request: &MigrateRequest,
     work_dir: &Path,
+    state_dir: &Path,
 ) -> Result<MigrationReport, MigrateError> {
-    let params = request.params(id, work_dir)?;
+    let params = request.params(id, work_dir, state_dir)?;
     let mut hooks = RuncHooks { runc, id, work_dir };
     let processes = hooks.tasks().map(|t| t.len()).unwrap_or(0);
     info!(

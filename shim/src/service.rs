@@ -1,6 +1,6 @@
 //! The edge: containerd's shim v2 protocol (ttrpc, protobuf) on one side, [`Tasks`] on the other.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -288,22 +288,9 @@ impl EventSink for Publisher {
 pub struct Service {
     namespace: String,
     runc_root: PathBuf,
+    state_dir: PathBuf,
     id: String,
     exit: Arc<ExitSignal>,
-}
-
-/// runc state lives per containerd instance (hash of its address) and namespace, so that two
-/// containerd daemons on one machine never see each other's containers.
-pub fn runc_root(containerd_address: &str, namespace: &str) -> PathBuf {
-    // FNV-1a: stable across builds and platforms, unlike std's DefaultHasher.
-    let hash = containerd_address
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
-    Path::new("/run/pclive/runc")
-        .join(format!("{hash:016x}"))
-        .join(namespace)
 }
 
 impl containerd_shim::Shim for Service {
@@ -312,7 +299,8 @@ impl containerd_shim::Shim for Service {
     fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
         Service {
             namespace: args.namespace.clone(),
-            runc_root: runc_root(&args.address, &args.namespace),
+            runc_root: crate::paths::runc_root(&args.address, &args.namespace),
+            state_dir: crate::paths::state_dir(&args.address, &args.namespace),
             id: args.id.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
@@ -347,6 +335,8 @@ impl containerd_shim::Shim for Service {
             warn!("cleanup of {}: {e}", self.id);
         }
         task::unmount_rootfs(&bundle);
+        // A migration this container was part of ends with it: say so in its records.
+        crate::receive::shim_died(&self.state_dir, &self.id);
         Ok(DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
             exited_at: MessageField::some(timestamp(SystemTime::now())),
@@ -367,6 +357,7 @@ impl containerd_shim::Shim for Service {
             tasks: Tasks::new(
                 TasksConfig {
                     runc_root: self.runc_root.clone(),
+                    state_dir: self.state_dir.clone(),
                 },
                 sink,
             ),
@@ -700,15 +691,6 @@ impl containerd_shim::Task for TaskService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn runc_root_differs_per_containerd_instance() {
-        let a = runc_root("/tmp/a/containerd.sock", "default");
-        let b = runc_root("/tmp/b/containerd.sock", "default");
-        assert_ne!(a, b);
-        assert!(a.ends_with("default"));
-        assert_eq!(a, runc_root("/tmp/a/containerd.sock", "default"));
-    }
 
     #[test]
     fn checkpoint_options_are_runc_compatible() {

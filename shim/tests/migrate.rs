@@ -42,6 +42,8 @@ fn migrate_with(
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
         .args(["migrate", id, destination, "--key-file", key, "--json"])
         .args(["--address", &src.address, "--namespace", &src.namespace])
+        .arg("--state-dir")
+        .arg(src.state_base())
         .args(options)
         .output()
         .unwrap();
@@ -57,14 +59,20 @@ fn migrate_in_background(
     src: &Containerd,
     destination: &str,
     key: &str,
+    options: &[&str],
 ) -> std::thread::JoinHandle<(std::process::Output, Duration)> {
+    let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
     let (address, namespace) = (src.address.clone(), src.namespace.clone());
     let (destination, key) = (destination.to_string(), key.to_string());
+    let state = src.state_base();
     std::thread::spawn(move || {
         let started = Instant::now();
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
             .args(["migrate", "app", &destination, "--key-file", &key])
             .args(["--address", &address, "--namespace", &namespace])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(&options)
             .output()
             .unwrap();
         (out, started.elapsed())
@@ -289,7 +297,16 @@ fn a_wrong_key_is_refused_and_the_source_keeps_running() {
         Duration::from_secs(10),
         || read_number(&count).is_some_and(|n| n > now + 3),
     );
-    assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+    // A connection that fails to authenticate does not end the receive: the receiver says so
+    // and keeps waiting, and the right key then migrates.
+    wait_for(
+        "the receiver to log the refusal",
+        Duration::from_secs(10),
+        || dst.log().contains("refused a connection"),
+    );
+    migrate(src, "app", &listen, &right).unwrap();
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    assert_eq!(dst.task("app").unwrap().1, "RUNNING");
 }
 
 /// A counting container on `src` whose count file is in its rootfs.
@@ -340,12 +357,21 @@ struct InterruptedMigration {
 
 impl InterruptedMigration {
     fn start(rate: &str) -> Self {
+        Self::start_with(rate, &[])
+    }
+
+    fn start_with(rate: &str, options: &[&str]) -> Self {
         let hosts = TwoHosts::up(rate);
         let rootfs = counter(&hosts.src);
         let key = key_file(&hosts.src.dir);
         let destination = format!("{}:{}", hosts.dst_ip, free_port());
         let receiver = receive(&hosts.dst, "app", &rootfs, &destination, Some(&key));
-        let migration = Some(migrate_in_background(&hosts.src, &destination, &key));
+        let migration = Some(migrate_in_background(
+            &hosts.src,
+            &destination,
+            &key,
+            options,
+        ));
         InterruptedMigration {
             migration,
             receiver,
@@ -643,12 +669,17 @@ fn reference_redis_digest(server: &Path, cli: &Path, dir: &Path, writes: u64) ->
 
 #[test]
 fn a_link_cut_during_the_final_transfer_resumes_the_source() {
-    let run = InterruptedMigration::start("1gbit");
-    // The moment the source is frozen for its last round, the link goes dead.
+    let run = InterruptedMigration::start_with("1gbit", &["--resolve-timeout", "60"]);
+    // The moment the source is frozen for its last round, the link goes dead. If the images
+    // were already on their way, the source cannot know whether the destination got them: it
+    // stays frozen and keeps asking. Once the link is back, the destination (which never got
+    // them, and aborted) says so, and the source resumes.
     wait_for("the frozen round", Duration::from_secs(120), || {
         run.hosts.src.log().contains("(frozen)")
     });
     run.hosts.cut_link();
+    std::thread::sleep(Duration::from_secs(15));
+    run.hosts.restore_link();
     let (_, took) = run.finish_failed();
     assert!(
         took < Duration::from_secs(90),

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::cancel::Cancel;
 use crate::page;
 use crate::staging::{StagingError, StagingStore};
 use crate::wire::pages::decode_run;
@@ -33,6 +34,8 @@ pub enum ReceiveError {
     ImageName(String),
     #[error("the source aborted the migration: {0}")]
     Aborted(String),
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 /// Receives image files into `dir` until `ImagesDone`. File names must be plain names (no
@@ -112,18 +115,22 @@ pub fn receive_rounds<S: Read + Write>(
     session: &mut Session<S>,
     store: &mut StagingStore,
 ) -> Result<ReceiveReport, ReceiveError> {
-    receive_rounds_reporting(session, store, |_, _| {})
+    receive_rounds_reporting(session, store, &Cancel::default(), |_, _| {})
 }
 
 /// [`receive_rounds`], calling `on_round` with each round's end marker and the report so far.
 pub fn receive_rounds_reporting<S: Read + Write>(
     session: &mut Session<S>,
     store: &mut StagingStore,
+    cancel: &Cancel,
     mut on_round: impl FnMut(&RoundEnd, &ReceiveReport),
 ) -> Result<ReceiveReport, ReceiveError> {
     let mut report = ReceiveReport::default();
     let mut consumed = 0u64;
     loop {
+        if let Some(reason) = cancel.reason() {
+            return Err(ReceiveError::Cancelled(reason));
+        }
         let frame = session.receive()?;
         match frame.kind {
             Kind::Pages => {
@@ -176,7 +183,7 @@ pub fn receive_rounds_reporting<S: Read + Write>(
 mod tests {
     use super::*;
     use crate::source::send_images;
-    use crate::wire::{accept, connect, Auth};
+    use crate::wire::{accept, connect, Auth, Intent};
     use std::os::unix::net::UnixStream;
     use std::thread;
 
@@ -194,7 +201,7 @@ mod tests {
             let mut session = accept(b, &k2).unwrap();
             receive_images(&mut session, &dst_path)
         });
-        let mut session = connect(a, &key).unwrap();
+        let mut session = connect(a, &key, &Intent::default()).unwrap();
         let sent = send_images(&mut session, src.path()).unwrap();
         assert_eq!(receiver.join().unwrap().unwrap(), sent);
         assert_eq!(
@@ -210,7 +217,7 @@ mod tests {
             let mut session = accept(b, &k2).unwrap();
             receive_images(&mut session, &dst_path)
         });
-        let mut session = connect(a, &key).unwrap();
+        let mut session = connect(a, &key, &Intent::default()).unwrap();
         session
             .send(
                 Kind::ImageFile,

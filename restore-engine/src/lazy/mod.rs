@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 pub use pages::{stage_images, Chunk, ImageSource, PageSource};
 
+use crate::cancel::Cancel;
 use crate::events::{FillStats, ServerEvent};
 use crate::images::{self, ImageError, PE_LAZY};
 use crate::uffd::Uffd;
@@ -58,6 +59,8 @@ pub enum LazyError {
     },
     #[error("passing a userfaultfd to the supervisor: {0}")]
     Supervisor(String),
+    #[error("{0}")]
+    Cancelled(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -104,6 +107,8 @@ pub struct ServerConfig {
     pub fill_rate: Option<u64>,
     /// How long to wait for CRIU to connect.
     pub connect_timeout: Duration,
+    /// Set when the restore must stop (it failed, or the shim went away).
+    pub cancel: Cancel,
 }
 
 impl ServerConfig {
@@ -114,6 +119,7 @@ impl ServerConfig {
             chunk_bytes: 4 << 20,
             fill_rate: None,
             connect_timeout: Duration::from_secs(120),
+            cancel: Cancel::default(),
         }
     }
 }
@@ -155,6 +161,9 @@ pub fn serve<S: PageSource>(
         match listener.accept() {
             Ok((stream, _)) => break stream,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(reason) = config.cancel.reason() {
+                    return Err(LazyError::Cancelled(reason));
+                }
                 if Instant::now() > deadline {
                     return Err(LazyError::NoRestorer(config.connect_timeout));
                 }
@@ -214,6 +223,9 @@ pub fn serve<S: PageSource>(
     let mut background_bytes = 0u64;
     let mut pollfds: Vec<libc::pollfd> = Vec::new();
     loop {
+        if let Some(reason) = config.cancel.reason() {
+            return Err(LazyError::Cancelled(reason));
+        }
         let all_installed = tasks
             .iter()
             .all(|t| t.pending.is_empty() && t.deferred_faults.is_empty());

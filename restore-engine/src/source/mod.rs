@@ -1,14 +1,22 @@
 //! The sending end of a migration: pre-copy rounds while the container runs, the freeze, the last
 //! round, the final dump's image files, then waiting for the destination to report its tasks
-//! running ("restored") and every page installed ("committed"). Any failure before the commit
-//! thaws the container here.
+//! running ("restored") and every page installed ("committed").
 //!
 //! The engine does not know runc: the shim supplies the container's processes, the freeze, the
 //! final CRIU dump and the thaw as [`SourceHooks`].
 //!
 //! - [`rounds`]: the pre-copy rounds ([`Sender`]),
-//! - this file: the conversation with the destination ([`migrate`]) and the image files.
+//! - [`query`]: asking the destination how a migration ended, after losing the connection,
+//! - this file: the conversation with the destination ([`migrate`]), its record (written before
+//!   each step: see [`crate::record`]) and the image files.
+//!
+//! The transaction: until the last byte of the images is written the destination cannot run the
+//! container, so any failure thaws it here. From then on (`images-sent`) it never resumes here
+//! on its own: the destination's `Abort` (it promises never to run it) resumes it, `Committed`
+//! (every page installed in live tasks) lets the caller remove it, `Lost` or an unanswered
+//! question leaves it frozen and in doubt for an operator (`pclive resolve`).
 
+pub mod query;
 pub mod rounds;
 
 use std::fs;
@@ -19,17 +27,21 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use rounds::{unix_now, RoundStats, Sender, SourceReport, TaskIds};
+pub use crate::clock::unix_now;
+pub use rounds::{RoundStats, Sender, SourceReport, TaskIds};
 
 use crate::memory::{self, TrackError};
 use crate::policy::ConvergencePolicy;
-use crate::wire::{self, Auth, Control, ControlCode, ImageFile, Kind, Session, WireError};
+use crate::record::{Phase, Record, RecordError, Role, Store};
+use crate::wire::{self, Auth, Control, ControlCode, ImageFile, Intent, Kind, Session, WireError};
 
-/// How long the destination may take to restore and install every page before the source
-/// gives up and resumes.
+/// How long the destination may take, after the images, to restore and install every page
+/// while it keeps answering (the source waits that long at most for a commit).
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long connecting to the destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination may take to answer the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An error a hook reports (the shim's runc and CRIU errors, with their own messages).
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
@@ -48,6 +60,8 @@ pub enum SourceError {
     Session(#[from] WireError),
     #[error(transparent)]
     Track(#[from] TrackError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
     #[error("listing the container's processes: {0}")]
     Tasks(#[source] HookError),
     #[error("freezing the container failed: {0}")]
@@ -62,6 +76,8 @@ pub enum SourceError {
     },
     #[error("the destination aborted: {0}. The container keeps running here")]
     Aborted(String),
+    #[error("the migration is in doubt: {reason}. The container stays frozen here so that it never runs twice; `pclive status {container}` shows the migration, `pclive resolve {container}` ends it")]
+    InDoubt { container: String, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -70,14 +86,25 @@ pub enum SourceError {
     },
 }
 
+impl SourceError {
+    fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> SourceError {
+        let what = what.into();
+        move |source| SourceError::Io { what, source }
+    }
+}
+
 /// What the sending end needs to know about a migration.
 #[derive(Clone)]
 pub struct MigrateParams {
+    /// Identifies the migration on both ends (32 hex digits, [`crate::record::new_migration_id`]).
+    pub migration_id: String,
     /// The container's name, for logs and the report.
     pub container: String,
     /// The receiving end, host:port.
     pub destination: String,
     pub auth: Auth,
+    /// The key file `auth` came from, kept in the record for `pclive resolve`.
+    pub key_file: Option<PathBuf>,
     pub policy: ConvergencePolicy,
     /// A dirty tracker by name (`content-hash`, `soft-dirty`); `None`: the best available.
     pub tracker: Option<String>,
@@ -85,6 +112,11 @@ pub struct MigrateParams {
     pub compress: bool,
     /// Where the final dump's images go (`<work dir>/images`) and its logs stay.
     pub work_dir: PathBuf,
+    /// Where this host records its migrations.
+    pub store: Store,
+    /// After losing the connection once the images went out, how long to keep trying to ask
+    /// the destination how the migration ended before declaring it in doubt.
+    pub resolve_timeout: Duration,
 }
 
 impl MigrateParams {
@@ -111,6 +143,7 @@ pub trait SourceHooks {
 /// What a migration did (the shim writes it as JSON next to the final dump's logs).
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationReport {
+    pub migration_id: String,
     pub container: String,
     pub destination: String,
     pub precopy: SourceReport,
@@ -134,10 +167,16 @@ pub struct MigrationReport {
     /// The destination reported its tasks running (None if it never did before committing).
     pub restored_unix: Option<f64>,
     pub committed_unix: f64,
+    /// The commit was learnt by asking the destination after the connection was lost.
+    pub learnt_by_query: bool,
 }
 
 /// Connects to the receiving end and authenticates the session.
-pub fn connect(destination: &str, auth: &Auth) -> Result<Session<TcpStream>, SourceError> {
+pub fn connect(
+    destination: &str,
+    auth: &Auth,
+    intent: &Intent,
+) -> Result<Session<TcpStream>, SourceError> {
     let connect_err = |source| SourceError::Connect {
         address: destination.to_string(),
         source,
@@ -148,93 +187,244 @@ pub fn connect(destination: &str, auth: &Auth) -> Result<Session<TcpStream>, Sou
         .next()
         .ok_or_else(|| SourceError::NoAddress(destination.to_string()))?;
     let stream = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT).map_err(connect_err)?;
-    wire::harden_tcp(&stream).map_err(|source| SourceError::Io {
-        what: "setting up the connection to the destination".into(),
-        source,
-    })?;
-    let _ = stream.set_read_timeout(Some(COMMIT_TIMEOUT));
-    Ok(wire::connect(stream, auth)?)
+    wire::harden_tcp(&stream).map_err(SourceError::io(
+        "setting up the connection to the destination",
+    ))?;
+    // A destination that accepts but never answers must not hold the source for long.
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let mut session = wire::connect(stream, auth, intent)?;
+    let _ = session.stream().set_read_timeout(Some(COMMIT_TIMEOUT));
+    Ok(session)
 }
 
 /// Migrates the container to `params.destination`. On success the container is still frozen
-/// here and the destination runs it: the caller removes this copy. On error it has been thawed
-/// (if it was frozen at all).
+/// here and the destination runs it with every page: the caller removes this copy, then
+/// [`source_removed`]. On [`SourceError::InDoubt`] it stays frozen; on any other error it has
+/// been thawed (if it was frozen at all) and runs here.
 pub fn migrate(
     params: &MigrateParams,
     hooks: &mut dyn SourceHooks,
 ) -> Result<MigrationReport, SourceError> {
-    let session = connect(&params.destination, &params.auth)?;
-    migrate_over(session, params, hooks)
+    let mut txn = Txn::begin(params)?;
+    let intent = Intent::migrate(&params.migration_id, &params.container);
+    let session = match connect(&params.destination, &params.auth, &intent) {
+        Ok(session) => session,
+        Err(e) => {
+            txn.enter(Phase::Resumed, Some(e.to_string()))?;
+            return Err(e);
+        }
+    };
+    migrate_over_txn(session, params, hooks, txn)
 }
 
 /// [`migrate`] over an established session.
 pub fn migrate_over<S: Read + Write>(
-    mut session: Session<S>,
+    session: Session<S>,
     params: &MigrateParams,
     hooks: &mut dyn SourceHooks,
 ) -> Result<MigrationReport, SourceError> {
+    let txn = Txn::begin(params)?;
+    migrate_over_txn(session, params, hooks, txn)
+}
+
+/// Records that the frozen source copy of a committed migration is gone.
+pub fn source_removed(store: &Store, migration_id: &str) -> Result<(), RecordError> {
+    if let Some(mut record) = store.read(migration_id, Role::Source)? {
+        record.enter(Phase::Done, None);
+        store.write(&record)?;
+    }
+    Ok(())
+}
+
+/// The source's record of one migration, written before each step is taken.
+struct Txn {
+    store: Store,
+    record: Record,
+}
+
+impl Txn {
+    fn begin(params: &MigrateParams) -> Result<Txn, SourceError> {
+        crate::fault::load();
+        let mut record = Record::new(
+            &params.migration_id,
+            &params.container,
+            Role::Source,
+            &params.destination,
+            Phase::Precopy,
+        );
+        record.key_file = params.key_file.as_ref().map(|p| p.display().to_string());
+        params.store.write(&record)?;
+        Ok(Txn {
+            store: params.store.clone(),
+            record,
+        })
+    }
+
+    fn enter(&mut self, phase: Phase, reason: Option<String>) -> Result<(), SourceError> {
+        self.record.enter(phase, reason);
+        Ok(self.store.write(&self.record)?)
+    }
+}
+
+/// How the destination said the migration ended.
+enum Answer {
+    Committed,
+    Aborted(String),
+    Lost(String),
+}
+
+fn fault(name: &str) -> Result<(), SourceError> {
+    crate::fault::point(name).map_err(SourceError::io(name))
+}
+
+fn migrate_over_txn<S: Read + Write>(
+    mut session: Session<S>,
+    params: &MigrateParams,
+    hooks: &mut dyn SourceHooks,
+    mut txn: Txn,
+) -> Result<MigrationReport, SourceError> {
     let mut tracker = memory::tracker(params.tracker.as_deref())?;
     log::info!(
-        "{}: pre-copy to {} with the {} tracker",
+        "{}: pre-copy to {} with the {} tracker (migration {})",
         params.container,
         params.destination,
-        tracker.name()
+        tracker.name(),
+        params.migration_id
     );
     let started_unix = unix_now();
     let mut paused: Option<(Instant, f64)> = None;
-    let result = (|| -> Result<MigrationReport, SourceError> {
+    // Until the images are complete the destination cannot run the container: any failure
+    // resumes it here.
+    let before_images = (|| -> Result<(SourceReport, f64, f64, u64, f64), SourceError> {
         let image_dir = params.image_dir();
-        fs::create_dir_all(&image_dir).map_err(|source| SourceError::Io {
-            what: format!("creating {}", image_dir.display()),
-            source,
-        })?;
+        fs::create_dir_all(&image_dir)
+            .map_err(SourceError::io(format!("creating {}", image_dir.display())))?;
+        fault("source::precopy")?;
         // The hooks are used by the rounds (tasks, progress) and by the freeze: a cell lets
         // both closures borrow them.
         let hooks_cell = std::cell::RefCell::new(&mut *hooks);
+        let txn_cell = std::cell::RefCell::new(&mut txn);
         let precopy = Sender::new(&mut session).compress(params.compress).run(
             || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),
             tracker.as_mut(),
             &params.policy,
             || {
+                txn_cell.borrow_mut().enter(Phase::Frozen, None)?;
                 hooks_cell
                     .borrow_mut()
                     .freeze()
                     .map_err(SourceError::Freeze)?;
                 paused = Some((Instant::now(), unix_now()));
-                Ok(())
+                fault("source::after-freeze")
             },
             |round| hooks_cell.borrow_mut().round_done(round),
         )?;
-        let (paused_at, paused_unix) = paused.expect("the last round follows the freeze");
+        let (paused_at, _) = paused.expect("the last round follows the freeze");
         let last_round_seconds = paused_at.elapsed().as_secs_f64();
         let dump_start = Instant::now();
         hooks.final_dump(&image_dir).map_err(SourceError::Dump)?;
         let final_dump_seconds = dump_start.elapsed().as_secs_f64();
+        fault("source::after-dump")?;
         let images_start = Instant::now();
-        let image_bytes = send_images(&mut session, &image_dir)?;
-        let images_seconds = images_start.elapsed().as_secs_f64();
-        let images_sent_unix = unix_now();
-        let commit_start = Instant::now();
-        let mut resumed_after = None;
-        let mut restored_unix = None;
-        let answer: Control = loop {
-            let answer: Control = session.expect(Kind::Control).map_err(|e| match e {
-                WireError::Closed | WireError::Truncated => SourceError::Aborted(
-                    "the destination closed the connection before committing: its restore failed \
-                     (see the destination's containerd log)"
-                        .into(),
-                ),
-                other => other.into(),
-            })?;
-            if answer.code == ControlCode::Progress as i32 && answer.message == wire::RESTORED {
-                resumed_after = Some(paused_at.elapsed().as_secs_f64());
-                restored_unix = Some(unix_now());
-                continue;
-            }
-            break answer;
+        let image_bytes = send_image_files(&mut session, &image_dir)?;
+        fault("source::before-images-done")?;
+        Ok((
+            precopy,
+            last_round_seconds,
+            final_dump_seconds,
+            image_bytes,
+            images_start.elapsed().as_secs_f64(),
+        ))
+    })();
+    let (precopy, last_round_seconds, final_dump_seconds, image_bytes, images_seconds) =
+        match before_images {
+            Ok(done) => done,
+            Err(e) => return Err(resume_here(&mut txn, hooks, e, params, paused.is_some())),
         };
-        match ControlCode::try_from(answer.code) {
-            Ok(ControlCode::Committed) => Ok(MigrationReport {
+    let (paused_at, paused_unix) = paused.expect("the last round follows the freeze");
+
+    // The point from which the destination may run the container: never resume on our own.
+    txn.enter(Phase::ImagesSent, None)?;
+    let images_sent_unix = unix_now();
+    let commit_start = Instant::now();
+    let mut restored_unix = None;
+    let mut resumed_after = None;
+    let mut learnt_by_query = false;
+    let conversation = (|| -> Result<Answer, SourceError> {
+        session.send(
+            Kind::Control,
+            &Control {
+                code: ControlCode::ImagesDone as i32,
+                message: String::new(),
+            },
+        )?;
+        fault("source::after-images-done")?;
+        loop {
+            let answer: Control = session.expect(Kind::Control)?;
+            match ControlCode::try_from(answer.code) {
+                Ok(ControlCode::Progress) if answer.message == wire::RESTORED => {
+                    resumed_after = Some(paused_at.elapsed().as_secs_f64());
+                    restored_unix = Some(unix_now());
+                    txn.enter(Phase::DestinationRunning, None)?;
+                    fault("source::after-restored")?;
+                }
+                Ok(ControlCode::Progress) => {}
+                Ok(ControlCode::Committed) => return Ok(Answer::Committed),
+                Ok(ControlCode::Abort) => return Ok(Answer::Aborted(answer.message)),
+                Ok(ControlCode::Lost) => return Ok(Answer::Lost(answer.message)),
+                _ => {
+                    return Err(WireError::Unexpected {
+                        expected: Kind::Control,
+                        found: Kind::Control,
+                    }
+                    .into())
+                }
+            }
+        }
+    })();
+    let answer = match conversation {
+        Ok(answer) => {
+            // Best effort: the destination stops answering queries once it has this.
+            let _ = session.send(
+                Kind::Control,
+                &Control {
+                    code: ControlCode::Ack as i32,
+                    message: String::new(),
+                },
+            );
+            answer
+        }
+        Err(lost) => {
+            log::warn!(
+                "{}: lost the connection to the destination after the images ({lost}); asking it how the migration ended",
+                params.container
+            );
+            learnt_by_query = true;
+            drop(session);
+            match query::settle(params, commit_start + COMMIT_TIMEOUT) {
+                Ok(answer) => answer,
+                Err(reason) => {
+                    let reason = format!("{lost}; {reason}");
+                    txn.enter(Phase::InDoubt, Some(reason.clone()))?;
+                    return Err(SourceError::InDoubt {
+                        container: params.container.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+    };
+    txn.record.destination_said = Some(match &answer {
+        Answer::Committed => Phase::Committed,
+        Answer::Aborted(_) => Phase::Aborted,
+        Answer::Lost(_) => Phase::Lost,
+    });
+    match answer {
+        Answer::Committed => {
+            txn.enter(Phase::Committed, None)?;
+            fault("source::after-commit")?;
+            Ok(MigrationReport {
+                migration_id: params.migration_id.clone(),
                 container: params.container.clone(),
                 destination: params.destination.clone(),
                 precopy,
@@ -252,25 +442,64 @@ pub fn migrate_over<S: Read + Write>(
                 images_sent_unix,
                 restored_unix,
                 committed_unix: unix_now(),
-            }),
-            _ => Err(SourceError::Aborted(answer.message)),
+                learnt_by_query,
+            })
         }
-    })();
-    if let Err(e) = &result {
-        if paused.is_some() {
-            log::warn!(
-                "{}: migration failed ({e}); resuming the container here",
-                params.container
-            );
-            if let Err(resume) = hooks.resume() {
-                log::warn!(
-                    "{}: could not resume after the failed migration: {resume}",
-                    params.container
-                );
-            }
+        // The destination never resumed the container and never will: it runs here again.
+        Answer::Aborted(reason) => Err(resume_here(
+            &mut txn,
+            hooks,
+            SourceError::Aborted(reason),
+            params,
+            true,
+        )),
+        // The destination resumed it and lost it: the frozen copy here is all that is left, but
+        // only an operator may tell whether running it again is right.
+        Answer::Lost(reason) => {
+            let reason = format!("the destination lost the container after running it: {reason}");
+            txn.enter(Phase::InDoubt, Some(reason.clone()))?;
+            Err(SourceError::InDoubt {
+                container: params.container.clone(),
+                reason,
+            })
         }
     }
-    result
+}
+
+/// The migration failed before the destination could run the container: record that and thaw
+/// it (if it was frozen). Returns the error to report.
+fn resume_here(
+    txn: &mut Txn,
+    hooks: &mut dyn SourceHooks,
+    error: SourceError,
+    params: &MigrateParams,
+    frozen: bool,
+) -> SourceError {
+    if let Err(record) = txn.enter(Phase::Resumed, Some(error.to_string())) {
+        // Without the record the decision cannot be acted on: the container stays as it is.
+        log::error!(
+            "{}: migration failed ({error}) and {record}",
+            params.container
+        );
+        return record;
+    }
+    if frozen {
+        log::warn!(
+            "{}: migration failed ({error}); resuming the container here",
+            params.container
+        );
+        if let Err(resume) = hooks.resume() {
+            log::error!(
+                "{}: could not resume after the failed migration: {resume}",
+                params.container
+            );
+            return SourceError::Io {
+                what: format!("{error}; then resuming the container here failed"),
+                source: io::Error::other(resume.to_string()),
+            };
+        }
+    }
+    error
 }
 
 /// Image file chunks (1 MiB: CRIU's images besides memory are small).
@@ -278,6 +507,22 @@ const IMAGE_CHUNK: usize = 1 << 20;
 
 /// Sends every regular file of a CRIU image directory, then `ImagesDone`.
 pub fn send_images<S: Read + Write>(
+    session: &mut Session<S>,
+    dir: &Path,
+) -> Result<u64, SourceError> {
+    let total = send_image_files(session, dir)?;
+    session.send(
+        Kind::Control,
+        &Control {
+            code: ControlCode::ImagesDone as i32,
+            message: String::new(),
+        },
+    )?;
+    Ok(total)
+}
+
+/// Sends every regular file of a CRIU image directory (not yet `ImagesDone`).
+fn send_image_files<S: Read + Write>(
     session: &mut Session<S>,
     dir: &Path,
 ) -> Result<u64, SourceError> {
@@ -314,12 +559,5 @@ pub fn send_images<S: Read + Write>(
         }
         total += data.len() as u64;
     }
-    session.send(
-        Kind::Control,
-        &Control {
-            code: ControlCode::ImagesDone as i32,
-            message: String::new(),
-        },
-    )?;
     Ok(total)
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::SourceError;
+use crate::clock::unix_now;
 use crate::memory::{Delta, DirtyTracker, TrackError};
 use crate::page;
 use crate::policy::{ConvergencePolicy, StopReason};
@@ -50,14 +51,6 @@ fn process_cpu_seconds() -> f64 {
             let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
             t(u.user_time()) + t(u.system_time())
         })
-        .unwrap_or(0.0)
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
 
@@ -280,7 +273,7 @@ mod tests {
     use crate::memory::HashTracker;
     use crate::staging::{PageRef, StagingStore};
     use crate::testsupport::Writer;
-    use crate::wire::{accept, connect, Auth};
+    use crate::wire::{accept, connect, Auth, Intent};
     use std::os::unix::net::UnixStream;
     use std::thread;
 
@@ -296,7 +289,7 @@ mod tests {
             let report = receive_rounds(&mut session, &mut store).unwrap();
             (store, report)
         });
-        let mut session = connect(a, &key).unwrap();
+        let mut session = connect(a, &key, &Intent::default()).unwrap();
         let mut tracker = HashTracker::default();
         let tasks = [TaskIds {
             host_pid: writer.pid as u32,

@@ -7,8 +7,8 @@ use std::io::{self, Read, Write};
 use prost::Message;
 
 use super::{
-    constant_time_eq, derive, encode_frame, read_frame, Challenge, Hello, Kind, Proof, Reject,
-    Session, WireError, INITIAL_CREDIT, VERSION,
+    constant_time_eq, derive, encode_frame, read_frame, Challenge, Hello, Intent, Kind, Proof,
+    Purpose, Reject, Session, WireError, INITIAL_CREDIT, VERSION,
 };
 
 const NONCE_LEN: usize = 32;
@@ -37,14 +37,21 @@ fn handshake_key(auth: &Auth) -> &[u8] {
     }
 }
 
-/// The connecting side (the migration source).
-pub fn connect<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>, WireError> {
+/// The connecting side (the migration source), announcing what it wants.
+pub fn connect<S: Read + Write>(
+    mut stream: S,
+    auth: &Auth,
+    intent: &Intent,
+) -> Result<Session<S>, WireError> {
     let key = handshake_key(auth).to_vec();
     let client_nonce = nonce()?;
     let hello = Hello {
         versions: vec![VERSION as u32],
         nonce: client_nonce.clone(),
         insecure: matches!(auth, Auth::Insecure),
+        migration_id: intent.migration_id.clone(),
+        purpose: intent.purpose.unwrap_or(Purpose::Migrate) as i32,
+        container: intent.container.clone(),
     };
     stream.write_all(&encode_frame(&key, Kind::Hello, 0, &hello.encode_to_vec()))?;
     let frame = match read_frame(&mut stream, &key, 0) {
@@ -94,6 +101,7 @@ pub fn connect<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>
         send_seq: 0,
         recv_seq: 0,
         credit: INITIAL_CREDIT,
+        intent: intent.clone(),
     })
 }
 
@@ -184,6 +192,11 @@ pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>,
         send_seq: 0,
         recv_seq: 0,
         credit: INITIAL_CREDIT,
+        intent: Intent {
+            migration_id: hello.migration_id.clone(),
+            purpose: Purpose::try_from(hello.purpose).ok(),
+            container: hello.container.clone(),
+        },
     })
 }
 
@@ -248,7 +261,7 @@ mod tests {
     ) {
         let (a, b) = UnixStream::pair().unwrap();
         let server = thread::spawn(move || accept(b, &server_auth));
-        let client = connect(a, &client_auth);
+        let client = connect(a, &client_auth, &Intent::default());
         (client, server.join().unwrap())
     }
 

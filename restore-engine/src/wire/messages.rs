@@ -10,6 +10,54 @@ pub struct Hello {
     pub nonce: Vec<u8>,
     #[prost(bool, tag = "3")]
     pub insecure: bool,
+    /// Which migration the session is about (32 hex digits, chosen by the source).
+    #[prost(string, tag = "4")]
+    pub migration_id: String,
+    #[prost(enumeration = "Purpose", tag = "5")]
+    pub purpose: i32,
+    /// The container's name on the source (for the destination's records and logs).
+    #[prost(string, tag = "6")]
+    pub container: String,
+}
+
+/// Why a source connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum Purpose {
+    /// To migrate the container: pre-copy, images, commit.
+    Migrate = 0,
+    /// To ask how a migration ended ([`Outcome`]), after losing the migration's connection.
+    Query = 1,
+}
+
+/// Who connects, and why (the fields of [`Hello`] beyond the handshake).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Intent {
+    pub migration_id: String,
+    pub purpose: Option<Purpose>,
+    pub container: String,
+}
+
+impl Intent {
+    pub fn migrate(migration_id: &str, container: &str) -> Self {
+        Intent {
+            migration_id: migration_id.to_string(),
+            purpose: Some(Purpose::Migrate),
+            container: container.to_string(),
+        }
+    }
+
+    pub fn query(migration_id: &str) -> Self {
+        Intent {
+            migration_id: migration_id.to_string(),
+            purpose: Some(Purpose::Query),
+            container: String::new(),
+        }
+    }
+
+    pub fn is_query(&self) -> bool {
+        self.purpose == Some(Purpose::Query)
+    }
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -103,6 +151,11 @@ pub enum ControlCode {
     /// Either way: give up; the source resumes.
     Abort = 3,
     Progress = 4,
+    /// Destination → source: the restored container resumed here, then died before every page
+    /// was installed (the message says how). The source stays frozen, in doubt.
+    Lost = 5,
+    /// Source → destination: the final answer (Committed, Abort, Lost or an [`Outcome`]) arrived.
+    Ack = 6,
 }
 
 /// The [`ControlCode::Progress`] message the destination sends when the restored tasks run: the
@@ -115,6 +168,21 @@ pub struct Control {
     pub code: i32,
     #[prost(string, tag = "2")]
     pub message: String,
+}
+
+/// The destination's answer to a [`Purpose::Query`] session: where the migration stands there.
+#[derive(Clone, PartialEq, Message)]
+pub struct Outcome {
+    #[prost(string, tag = "1")]
+    pub migration_id: String,
+    /// False: this destination has no record of that migration.
+    #[prost(bool, tag = "2")]
+    pub known: bool,
+    /// The destination's phase ([`crate::record::Phase`] by name).
+    #[prost(string, tag = "3")]
+    pub phase: String,
+    #[prost(string, tag = "4")]
+    pub reason: String,
 }
 
 /// Flow control: the receiver allows this many more payload bytes.

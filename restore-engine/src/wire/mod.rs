@@ -34,8 +34,9 @@ pub use handshake::{accept, connect, harden_tcp, read_key_file, Auth};
 pub use messages::*;
 
 pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
-/// 2: page runs may be LZ4-compressed (`PageRun::lz4`).
-pub const VERSION: u16 = 2;
+/// 2: page runs may be LZ4-compressed (`PageRun::lz4`). 3: migration ids, outcome queries,
+/// `Lost` and `Ack` (the migration transaction).
+pub const VERSION: u16 = 3;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 20;
 pub const MAC_LEN: usize = 32;
@@ -106,6 +107,7 @@ pub enum Kind {
     ImageFile = 18,
     Control = 19,
     Credit = 20,
+    Outcome = 21,
 }
 
 impl Kind {
@@ -121,6 +123,7 @@ impl Kind {
             18 => Kind::ImageFile,
             19 => Kind::Control,
             20 => Kind::Credit,
+            21 => Kind::Outcome,
             _ => return None,
         })
     }
@@ -232,6 +235,23 @@ pub fn read_frame(
     Ok(Frame { kind, seq, payload })
 }
 
+/// Streams whose reads can time out (what the migration's connections run on).
+pub trait Timeouts {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()>;
+}
+
+impl Timeouts for std::net::TcpStream {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl Timeouts for std::os::unix::net::UnixStream {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
 /// One end of an established session: frames in both directions, keys and sequence numbers.
 pub struct Session<S: Read + Write> {
     stream: S,
@@ -241,9 +261,16 @@ pub struct Session<S: Read + Write> {
     recv_seq: u64,
     /// Flow-control credit the peer granted and we have not used yet.
     credit: u64,
+    /// What the connecting side said it wants (on both ends).
+    intent: Intent,
 }
 
 impl<S: Read + Write> Session<S> {
+    /// The migration and purpose the connecting side announced.
+    pub fn intent(&self) -> &Intent {
+        &self.intent
+    }
+
     pub fn send<M: Message>(&mut self, kind: Kind, message: &M) -> Result<(), WireError> {
         let frame = encode_frame(
             &self.send_key,

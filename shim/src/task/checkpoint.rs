@@ -12,6 +12,8 @@ use super::{os_err, CheckpointParams, Container, TaskError, TaskEvent, Tasks};
 use crate::migrate::MigrateRequest;
 use crate::runc::{CheckpointOpts, CriuOpts};
 use crate::tools;
+use restore_engine::record::Store;
+use restore_engine::source::{self, SourceError};
 
 impl Tasks {
     /// Checkpoints the container with runc/CRIU into `params.image_path`.
@@ -87,7 +89,27 @@ impl Tasks {
         }
         fs::create_dir_all(work_path)
             .map_err(os_err(format!("cannot create {}", work_path.display())))?;
-        let report = crate::migrate::migrate_out(&container.runc, id, request, work_path)?;
+        let migrated = crate::migrate::migrate_out(
+            &container.runc,
+            id,
+            request,
+            work_path,
+            &self.config.state_dir,
+        );
+        let report = match migrated {
+            Ok(report) => report,
+            Err(e) => {
+                if matches!(
+                    e,
+                    crate::migrate::MigrateError::Source(SourceError::InDoubt { .. })
+                ) {
+                    // Frozen until an operator resolves it: say so to containerd.
+                    container.init.lock().status = ProcessStatus::Paused;
+                    self.events.publish(TaskEvent::Paused { id: id.clone() });
+                }
+                return Err(e.into());
+            }
+        };
         info!(
             "{id}: migrated to {}: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, images {:.3}s), frozen until commit {:.3}s, {} rounds",
             report.destination,
@@ -120,6 +142,11 @@ impl Tasks {
             warn!("{id}: migrated, but the source's init has not exited 10s after SIGKILL");
         }
         drop(inner);
+        if let Err(e) =
+            source::source_removed(&Store::new(&self.config.state_dir), &report.migration_id)
+        {
+            warn!("{id}: migrated and removed here, but {e}");
+        }
         self.events
             .publish(TaskEvent::Checkpointed { id: id.clone() });
         Ok(())

@@ -34,7 +34,7 @@ impl Tasks {
 
         // Where to restore from, if anywhere: containerd's checkpoint, runc options, annotations.
         let asked = annotations::parse(&annotations::of_bundle(&bundle))?;
-        let restore = restore_source(&params, &asked)?;
+        let restore = restore_source(&params, &asked, &self.config.state_dir)?;
 
         let rootfs_mounted = self.mount_rootfs(&bundle, &params.rootfs)?;
         let unmount_on_error = |e: TaskError| {
@@ -161,8 +161,11 @@ pub fn unmount_rootfs(bundle: &Path) {
 fn restore_source(
     params: &CreateParams,
     asked: &RestoreAnnotations,
+    state_dir: &Path,
 ) -> Result<Option<RestoreSource>, TaskError> {
     if let Some(spec) = &asked.receive {
+        let mut spec = spec.clone();
+        spec.state_dir = state_dir.to_owned();
         let image_path = params.bundle.join("migration-images");
         fs::create_dir_all(&image_path)
             .map_err(os_err(format!("cannot create {}", image_path.display())))?;

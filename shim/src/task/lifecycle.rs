@@ -7,6 +7,7 @@ use log::warn;
 
 use super::process::{ExitInfo, ProcessState, ProcessStatus};
 use super::{unmount_rootfs, TaskError, TaskEvent, Tasks};
+use restore_engine::record::{Phase, Role, Store};
 
 impl Tasks {
     pub fn kill(
@@ -146,11 +147,51 @@ impl Tasks {
                 expected: "paused",
             });
         }
+        // A container frozen by a migration that may run elsewhere must not be thawed here
+        // unless an operator resolved it (pclive resolve records the decision first).
+        let store = Store::new(&self.config.state_dir);
+        let migration = store.latest(id, Role::Source).map_err(|e| {
+            TaskError::Invalid(format!(
+                "resume {id}: cannot read its migration record: {e}"
+            ))
+        })?;
+        if let Some(record) = migration
+            .as_ref()
+            .filter(|r| !r.phase.is_final() || r.phase == Phase::Committed)
+        {
+            if record.resolution.is_none() {
+                return Err(TaskError::Invalid(if record.in_doubt() {
+                    format!(
+                        "{id} is frozen because its migration {} to {} is in doubt ({}): resuming it here could run it twice. `pclive status {id}` shows it; end it with `pclive resolve {id} --resume-source` or `--discard-source`",
+                        record.migration_id,
+                        record.peer,
+                        record.reason.as_deref().unwrap_or("no outcome")
+                    )
+                } else {
+                    format!(
+                        "{id} is being migrated to {} (migration {}, {}): the migration resumes it if it fails",
+                        record.peer, record.migration_id, record.phase
+                    )
+                }));
+            }
+        }
         container.runc.resume(id)?;
         {
             let mut inner = container.init.lock();
             if inner.exit.is_none() {
                 inner.status = ProcessStatus::Running;
+            }
+        }
+        if let Some(mut record) =
+            migration.filter(|r| r.resolution.is_some() && !r.phase.is_final())
+        {
+            let (phase, why) = match record.resolution.as_deref() {
+                Some("discard-source") => (Phase::Done, "an operator discarded the source copy"),
+                _ => (Phase::Resumed, "an operator resumed the source copy"),
+            };
+            record.enter(phase, Some(why.into()));
+            if let Err(e) = store.write(&record) {
+                log::warn!("{id}: resumed, but {e}");
             }
         }
         self.events.publish(TaskEvent::Resumed { id: id.into() });

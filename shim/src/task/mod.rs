@@ -132,6 +132,8 @@ impl Container {
 pub struct TasksConfig {
     /// runc `--root` for this shim's containerd instance.
     pub runc_root: PathBuf,
+    /// Where this containerd instance's migrations are recorded.
+    pub state_dir: PathBuf,
 }
 
 /// All containers of this shim.

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use crate::io::StdioConfig;
-use crate::lazy_restore::{LazyOptions, ReceiveSpec};
+use crate::lazy_restore::LazyOptions;
 use crate::migrate::MigrateRequest;
+use crate::receive::ReceiveSpec;
 
 /// A rootfs mount containerd asks for (from the snapshotter).
 #[derive(Debug, Clone)]

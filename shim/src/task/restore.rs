@@ -3,11 +3,12 @@
 
 use std::fs;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::{info, warn};
 
-use super::process::{read_pid_file, ProcessStatus};
+use super::process::{read_pid_file, Process, ProcessStatus};
 use super::{os_err, Container, RestoreSource, TaskError, TaskEvent, Tasks};
 use crate::annotations::{self, CRIU_CONFIG};
 use crate::eager_restore::EagerReceiver;
@@ -75,7 +76,7 @@ impl Tasks {
         let restore_started = Instant::now();
         if let Err(e) = container.runc.restore(&container.id, &opts, runc_stdio) {
             if let Some(server) = lazy_server {
-                server.abort();
+                server.abort(&e.to_string());
             }
             if let Some(receiver) = eager_receiver {
                 receiver.restore_failed(restore_started, &e.to_string());
@@ -99,9 +100,6 @@ impl Tasks {
                 return Err(e.into());
             }
         }
-        if let Some(server) = lazy_server {
-            server.restored(container.id.clone(), container.runc.clone());
-        }
         let process_io = rest.start()?;
         let pid = read_pid_file(&pid_file)?;
         {
@@ -111,6 +109,14 @@ impl Tasks {
             inner.io = Some(process_io);
         }
         self.claim_pid(&container.id, None, pid);
+        if let Some(server) = lazy_server {
+            let init = Arc::clone(&container.init);
+            server.restored(
+                container.id.clone(),
+                container.runc.clone(),
+                Box::new(move || init_alive(&init)),
+            );
+        }
         let spec = oci_spec::runtime::Spec::load(container.bundle.join("config.json"));
         if spec.as_ref().is_ok_and(crate::netns::has_private_netns) {
             if let Err(e) = crate::netns::bring_up_loopback(pid) {
@@ -141,13 +147,39 @@ impl Tasks {
     }
 }
 
+/// Whether a restored container's init lives: not reaped, and not a zombie waiting to be.
+fn init_alive(init: &Process) -> Result<(), String> {
+    let inner = init.lock();
+    if let Some(exit) = inner.exit {
+        return Err(describe_exit(inner.pid, exit.code));
+    }
+    let pid = inner.pid;
+    drop(inner);
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().next());
+    match state {
+        Some("Z") | Some("X") | None => Err(format!("its init (pid {pid}) has exited")),
+        Some(_) => Ok(()),
+    }
+}
+
+fn describe_exit(pid: u32, code: u32) -> String {
+    if code > 128 {
+        format!("its init (pid {pid}) was killed by signal {}", code - 128)
+    } else {
+        format!("its init (pid {pid}) exited with status {code}")
+    }
+}
+
 /// Points runc's restore at a CRIU config with the restore-only options (plus whatever
-/// /etc/criu/runc.conf says), unless the user named a CRIU config of their own.
+/// /etc/criu/runc.conf says, or the container's own CRIU config), and the shim as CRIU's action
+/// script: it brings `lo` up before sockets are restored and, for a received migration, lets
+/// the tasks resume only once the receiving server recorded it (the resume gate,
+/// restore-engine/src/destination/gate.rs).
 fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
     let asked = annotations::parse(&annotations::of_bundle(bundle))?;
-    if asked.own_criu_config {
-        return Ok(());
-    }
     let spec_path = bundle.join("config.json");
     let text =
         fs::read(&spec_path).map_err(os_err(format!("cannot read {}", spec_path.display())))?;
@@ -168,14 +200,26 @@ fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
             spec_path.display()
         )));
     };
-    let mut config = fs::read_to_string("/etc/criu/runc.conf").unwrap_or_default();
+    let base = match annotations.get(CRIU_CONFIG).and_then(|v| v.as_str()) {
+        Some(own) => fs::read_to_string(own).map_err(os_err(format!(
+            "cannot read the container's CRIU config {own} ({CRIU_CONFIG})"
+        )))?,
+        None => fs::read_to_string("/etc/criu/runc.conf").unwrap_or_default(),
+    };
+    let mut config = base;
     if !config.is_empty() && !config.ends_with('\n') {
         config.push('\n');
     }
-    config.push_str(RESTORE_ONLY_CRIU_OPTIONS);
+    if !asked.own_criu_config {
+        config.push_str(RESTORE_ONLY_CRIU_OPTIONS);
+    }
     if asked.tcp_close {
         config.push_str("tcp-close\n");
     }
+    let shim = std::env::current_exe().map_err(os_err(
+        "cannot find the shim binary for CRIU's action script",
+    ))?;
+    config.push_str(&format!("action-script {}\n", shim.display()));
     let config_path = bundle.join("criu-restore.conf");
     fs::write(&config_path, config)
         .map_err(os_err(format!("cannot write {}", config_path.display())))?;

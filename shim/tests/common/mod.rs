@@ -134,6 +134,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
             .arg("--config")
             .arg(&self.config)
             .env("PATH", &self.path_env)
+            .env("PCLIVE_STATE_DIR", self.state_base())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -393,7 +394,7 @@ impl Drop for Containerd {
         }
         let _ = fs::remove_dir_all(&self.dir);
         // runc state and the namespace's cgroups.
-        let runc_root = containerd_shim_pclive::service::runc_root(&self.address, &self.namespace);
+        let runc_root = containerd_shim_pclive::paths::runc_root(&self.address, &self.namespace);
         if let Some(per_daemon) = runc_root.parent() {
             let _ = fs::remove_dir_all(per_daemon);
         }
@@ -414,6 +415,11 @@ impl Drop for Containerd {
 }
 
 impl Containerd {
+    /// Where this host's shims record migrations (PCLIVE_STATE_DIR; `--state-dir` of pclive).
+    pub fn state_base(&self) -> PathBuf {
+        self.dir.join("pclive")
+    }
+
     /// A handle on a containerd somebody else runs (the test bed's hosts).
     fn external(dir: PathBuf, namespace: String) -> Self {
         Containerd {
@@ -440,6 +446,12 @@ pub struct TwoHosts {
 
 impl TwoHosts {
     pub fn up(rate: &str) -> Self {
+        Self::up_with_env(rate, &[])
+    }
+
+    /// [`TwoHosts::up`] with more environment for both hosts' containerd (and their shims),
+    /// e.g. PCLIVE_FAILPOINTS.
+    pub fn up_with_env(rate: &str, env: &[(&str, &Path)]) -> Self {
         require_root();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}x{n}", std::process::id() % 100_000);
@@ -457,6 +469,7 @@ impl TwoHosts {
             .arg(&script)
             .args(["up", "--name", &name, "--rate", rate])
             .env("PATH", &path)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         let state = PathBuf::from("/run/pclive-testbed").join(&name);
@@ -497,6 +510,34 @@ impl TwoHosts {
             .status()
             .unwrap();
         assert!(status.success(), "cannot cut the link");
+    }
+}
+
+impl TwoHosts {
+    /// The test bed's name (scripts/testbed.sh --name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The directory whose shim binary the hosts' containerd run.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Brings a cut link back.
+    pub fn restore_link(&self) {
+        let status = Command::new("ip")
+            .args([
+                "-n",
+                &format!("{}-src", self.name),
+                "link",
+                "set",
+                &format!("{}s", self.name),
+                "up",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot restore the link");
     }
 }
 

@@ -2,17 +2,24 @@
 
 use std::process::ExitCode;
 
+use clap::Args;
 use restore_engine::host;
 
-pub fn run(args: &[String]) -> ExitCode {
-    let json = match args {
-        [] => false,
-        [flag] if flag == "--json" => true,
-        _ => {
-            eprintln!("usage: pclive check [--json]");
-            return ExitCode::from(2);
-        }
-    };
+#[derive(Args, Debug)]
+#[command(
+    about = "Show what this host offers pclive: tool versions and kernel features",
+    long_about = "Checks containerd, runc and CRIU versions, userfaultfd (lazy restore), \
+write-protect tracking, soft-dirty and cgroups, and says what each means for pclive. Exit code \
+1 if this host cannot run pclive."
+)]
+pub struct CheckArgs {
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: CheckArgs) -> ExitCode {
+    let json = args.json;
     let report = host::inspect();
     if json {
         match serde_json::to_string_pretty(&report) {

@@ -3,46 +3,39 @@
 
 use std::process::ExitCode;
 
-pub fn run(args: &[String]) -> ExitCode {
+use clap::Args;
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Measure how fast a process dirties its memory (will a migration converge?)",
+    long_about = "Reads the process's memory round after round with the tracker pre-copy would \
+use and prints how much changed in each interval. Round 0 is the full copy. If the dirty rate \
+approaches the link's rate, pre-copy cannot converge."
+)]
+pub struct DirtyRateArgs {
+    /// The process (a host pid)
+    pub pid: u32,
+    /// Rounds after the first
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
+    /// Time between rounds
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub interval_ms: u64,
+    /// The tracker (default: the best this kernel offers)
+    #[arg(long, value_parser = ["content-hash", "soft-dirty"])]
+    pub tracker: Option<String>,
+    /// Print one JSON object per round
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: DirtyRateArgs) -> ExitCode {
     use restore_engine::memory;
     use std::time::{Duration, Instant};
 
-    let usage = "usage: pclive dirty-rate PID [--rounds N] [--interval-ms MS] [--tracker content-hash|soft-dirty] [--json]";
-    let Some(pid) = args.first().and_then(|p| p.parse::<u32>().ok()) else {
-        eprintln!("{usage}");
-        return ExitCode::from(2);
-    };
-    let mut rounds = 5u32;
-    let mut interval = Duration::from_millis(1000);
-    let mut tracker_name: Option<String> = None;
-    let mut json = false;
-    let mut it = args[1..].iter();
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "--json" => json = true,
-            "--rounds" | "--interval-ms" | "--tracker" => {
-                let Some(value) = it.next() else {
-                    eprintln!("{usage}");
-                    return ExitCode::from(2);
-                };
-                match flag.as_str() {
-                    "--rounds" => rounds = value.parse().unwrap_or(0),
-                    "--interval-ms" => {
-                        interval = Duration::from_millis(value.parse().unwrap_or(1000))
-                    }
-                    _ => tracker_name = Some(value.clone()),
-                }
-            }
-            _ => {
-                eprintln!("{usage}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    if rounds == 0 {
-        eprintln!("{usage}");
-        return ExitCode::from(2);
-    }
+    let (pid, rounds, json) = (args.pid, args.rounds, args.json);
+    let interval = Duration::from_millis(args.interval_ms);
+    let tracker_name = args.tracker;
     let mut tracker = match memory::tracker(tracker_name.as_deref()) {
         Ok(t) => t,
         Err(e) => {

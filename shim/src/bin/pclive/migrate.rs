@@ -1,9 +1,68 @@
 //! `pclive migrate CONTAINER HOST:PORT`: moves a running container to a receiving host, through
-//! containerd's Tasks API (a Checkpoint whose options carry the migration request).
+//! containerd's Tasks API (a Checkpoint whose options carry the migration request). The outcome
+//! is read from the migration's record, which the source shim writes before each step: so the
+//! command reports the truth even when its call to containerd broke (containerd restarted).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
 
-use crate::options::{common, parse_options};
+use clap::Args;
+use containerd_client::services::v1::{tasks_client::TasksClient, CheckpointTaskRequest};
+use containerd_shim::protos::protobuf::Message as _;
+use containerd_shim::protos::shim::oci::CheckpointOptions;
+use containerd_shim_pclive::migrate::{progress_path, report_path, MigrateRequest, MIGRATE_FIELD};
+use restore_engine::record::{self, Phase, Record, Role, Store};
+
+use crate::options::{exit, runtime, Containerd, KeyArgs};
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Move a running container to another host",
+    long_about = "Moves a running container to the host where `pclive receive` listens on \
+HOST:PORT: its memory is copied while it runs (pre-copy rounds), then it is paused briefly for \
+the last changes and CRIU's final dump, and restored there. Until the destination could run it, \
+any failure resumes it here; after that it never resumes here on its own: if the outcome \
+cannot be learnt, it stays frozen, in doubt (exit code 4), until `pclive resolve` ends it."
+)]
+pub struct MigrateArgs {
+    /// The container to move (its containerd id)
+    pub container: String,
+    /// Where the receiving container listens (see `pclive receive` on that host)
+    #[arg(value_name = "HOST:PORT")]
+    pub destination: String,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    #[command(flatten)]
+    pub containerd: Containerd,
+    /// Pre-copy rounds at most
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub max_rounds: u32,
+    /// Stop pre-copy when the rest fits this pause
+    #[arg(long, default_value_t = 300, value_name = "MS")]
+    pub target_downtime_ms: u32,
+    /// Dirty-page tracking (default: the best this kernel offers; `pclive check` says which)
+    #[arg(long, value_parser = ["content-hash", "soft-dirty"])]
+    pub tracker: Option<String>,
+    /// LZ4-compress pre-copy pages (pays on slow links with compressible memory; each run goes
+    /// raw if it saves less than 1/8)
+    #[arg(long)]
+    pub compress: bool,
+    /// If the connection is lost after the images went out, how long to keep asking the
+    /// destination how the migration ended before declaring it in doubt
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub resolve_timeout: u32,
+    /// Keep the final dump's CRIU logs, images and report in DIR (default: a private temporary
+    /// directory, removed at the end)
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Print the migration report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// One progress line for a round the source shim reported: size, link rate, how fast the
 /// workload dirties memory and the projected time until the pause.
@@ -34,70 +93,101 @@ fn describe_round(round: &serde_json::Value) -> String {
     line
 }
 
-pub fn run(args: &[String]) -> ExitCode {
-    use containerd_client::services::v1::{tasks_client::TasksClient, CheckpointTaskRequest};
-    use containerd_client::tonic::Request;
-    use containerd_shim::protos::protobuf::Message as _;
-    use containerd_shim::protos::shim::oci::CheckpointOptions;
-    use containerd_shim_pclive::migrate::MigrateRequest;
+/// Prints the rounds the source shim appends to `progress` until `done`.
+fn follow_rounds(progress: PathBuf, done: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut shown = 0usize;
+        loop {
+            let finished = done.load(Ordering::SeqCst);
+            let text = std::fs::read_to_string(&progress).unwrap_or_default();
+            for line in text.lines().skip(shown) {
+                shown += 1;
+                let Ok(round) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                eprintln!("  {}", describe_round(&round));
+                if round["frozen"].as_bool().unwrap_or(false) {
+                    eprintln!("  final dump, image files, restore on the destination...");
+                }
+            }
+            if finished {
+                break;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    })
+}
 
-    let usage = "usage: pclive migrate CONTAINER HOST:PORT (--key-file FILE | --insecure) [--address SOCKET] [--namespace NS] [--max-rounds N] [--target-downtime-ms MS] [--tracker NAME] [--compress] [--work-dir DIR] [--json]";
-    let (positional, options) = match parse_options(args, &["insecure", "json", "compress"]) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            eprintln!("pclive migrate: {e}\n{usage}");
-            return ExitCode::from(2);
+/// Where the migration stands now, by its record.
+fn record_of(store: &Store, id: &str) -> Option<Record> {
+    store.read(id, Role::Source).ok().flatten()
+}
+
+/// Follows the record until the migration ended or is in doubt (the shim goes on when
+/// containerd's call broke).
+fn follow_record(store: &Store, id: &str) -> Option<Record> {
+    let mut last = None;
+    loop {
+        let record = record_of(store, id);
+        match &record {
+            Some(r) if r.phase.is_final() && r.phase != Phase::Committed => return record,
+            Some(r) if r.in_doubt() => return record,
+            Some(r) if last != Some(r.phase) => {
+                eprintln!("  the migration is {}", r.phase);
+                last = Some(r.phase);
+            }
+            None => return None,
+            _ => {}
         }
-    };
-    let [container, destination] = positional.as_slice() else {
-        eprintln!("{usage}");
-        return ExitCode::from(2);
-    };
-    let number = |name: &str| -> Result<u32, String> {
-        options
-            .get(name)
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| format!("--{name} takes a number, not {v}"))
-            })
-            .unwrap_or(Ok(0))
-    };
-    let request = match (number("max-rounds"), number("target-downtime-ms")) {
-        (Ok(max_rounds), Ok(target_downtime_ms)) => MigrateRequest {
-            destination: destination.clone(),
-            key_file: options.get("key-file").cloned().unwrap_or_default(),
-            insecure: options.contains_key("insecure"),
-            max_rounds,
-            target_downtime_ms,
-            tracker: options.get("tracker").cloned().unwrap_or_default(),
-            compress: options.contains_key("compress"),
-        },
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("pclive migrate: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if request.key_file.is_empty() != request.insecure {
-        eprintln!("pclive migrate: give exactly one of --key-file FILE and --insecure");
-        return ExitCode::from(2);
+        thread::sleep(Duration::from_millis(500));
     }
-    let common = common(&options);
-    // containerd writes no checkpoint image when CheckpointOptions names an image path; the
-    // shim writes the final dump's logs and the migration report into the work path.
-    // The shim runs elsewhere (containerd's working directory): it needs an absolute path.
-    let keep_work = match options.get("work-dir").map(std::path::absolute).transpose() {
-        Ok(dir) => dir,
-        Err(e) => {
-            eprintln!("pclive migrate: --work-dir: {e}");
-            return ExitCode::from(2);
-        }
+}
+
+pub fn run(args: MigrateArgs) -> ExitCode {
+    let fail = |code: u8, message: String| {
+        eprintln!("pclive migrate: {message}");
+        ExitCode::from(code)
     };
-    let work = keep_work.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("pclive-migrate-{}", std::process::id()))
-    });
+    let key_file = match args.key.key_path() {
+        Ok(k) => k,
+        Err(e) => return fail(2, e),
+    };
+    let migration_id = match record::new_migration_id() {
+        Ok(id) => id,
+        Err(e) => return fail(exit::FAILED, format!("choosing a migration id: {e}")),
+    };
+    let request = MigrateRequest {
+        destination: args.destination.clone(),
+        key_file: key_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        insecure: args.key.insecure,
+        max_rounds: args.max_rounds,
+        target_downtime_ms: args.target_downtime_ms,
+        tracker: args.tracker.clone().unwrap_or_default(),
+        compress: args.compress,
+        migration_id: migration_id.clone(),
+        resolve_timeout_seconds: args.resolve_timeout,
+    };
+    // containerd writes no checkpoint image when CheckpointOptions names an image path; the
+    // shim writes the final dump's logs and the migration report into the work path, which must
+    // be absolute (the shim runs elsewhere) and private (mkdtemp, 0700).
+    let (work, _temporary) = match &args.work_dir {
+        Some(dir) => match std::path::absolute(dir) {
+            Ok(dir) => (dir, None),
+            Err(e) => return fail(2, format!("--work-dir {}: {e}", dir.display())),
+        },
+        None => match tempfile::Builder::new().prefix("pclive-migrate-").tempdir() {
+            Ok(t) => (t.path().to_owned(), Some(t)),
+            Err(e) => return fail(exit::FAILED, format!("cannot create a work directory: {e}")),
+        },
+    };
     if let Err(e) = std::fs::create_dir_all(work.join("images")) {
-        eprintln!("pclive migrate: cannot create {}: {e}", work.display());
-        return ExitCode::FAILURE;
+        return fail(
+            exit::FAILED,
+            format!("cannot create {}: {e}", work.display()),
+        );
     }
     let mut checkpoint = CheckpointOptions {
         image_path: work.join("images").display().to_string(),
@@ -107,104 +197,76 @@ pub fn run(args: &[String]) -> ExitCode {
     checkpoint
         .special_fields
         .mut_unknown_fields()
-        .add_length_delimited(
-            containerd_shim_pclive::migrate::MIGRATE_FIELD,
-            prost::Message::encode_to_vec(&request),
-        );
+        .add_length_delimited(MIGRATE_FIELD, prost::Message::encode_to_vec(&request));
     let value = match checkpoint.write_to_bytes() {
         Ok(v) => v,
-        Err(e) => {
-            eprintln!("pclive migrate: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(exit::FAILED, e.to_string()),
     };
-    eprintln!("pclive: migrating {container} to {destination}");
-    let started = std::time::Instant::now();
-    // Follow the rounds as the source shim reports them.
-    let progress_file = containerd_shim_pclive::migrate::progress_path(&work);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let follower = {
-        let done = std::sync::Arc::clone(&done);
-        std::thread::spawn(move || {
-            let mut shown = 0usize;
-            loop {
-                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
-                let text = std::fs::read_to_string(&progress_file).unwrap_or_default();
-                for line in text.lines().skip(shown) {
-                    shown += 1;
-                    let Ok(round) = serde_json::from_str::<serde_json::Value>(line) else {
-                        continue;
-                    };
-                    eprintln!("  {}", describe_round(&round));
-                    if round["frozen"].as_bool().unwrap_or(false) {
-                        eprintln!("  final dump, image files, restore on the destination...");
-                    }
-                }
-                if finished {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-        })
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    eprintln!(
+        "pclive: migrating {} to {} (migration {migration_id})",
+        args.container, args.destination
+    );
+    let started = Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+    let follower = follow_rounds(progress_path(&work), Arc::clone(&done));
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("pclive migrate: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(exit::FAILED, e),
     };
-    let result: Result<(), String> = runtime.block_on(async {
-        let channel = containerd_client::connect(&common.address)
-            .await
-            .map_err(|e| {
-                format!(
-                    "{UNREACHABLE}cannot reach containerd at {}: {e}",
-                    common.address
-                )
-            })?;
-        let mut tasks = TasksClient::new(channel);
-        let mut req = Request::new(CheckpointTaskRequest {
-            container_id: container.clone(),
-            parent_checkpoint: String::new(),
-            options: Some(prost_types::Any {
-                type_url: "containerd.runc.v1.CheckpointOptions".into(),
-                value,
-            }),
-        });
-        req.metadata_mut().insert(
-            "containerd-namespace",
-            common
-                .namespace
-                .parse()
-                .map_err(|_| format!("bad namespace {}", common.namespace))?,
-        );
-        tasks
-            .checkpoint(req)
+    let call: Result<(), (bool, String)> = runtime.block_on(async {
+        let channel = args.containerd.connect().await.map_err(|e| (true, e))?;
+        let request = args
+            .containerd
+            .request(CheckpointTaskRequest {
+                container_id: args.container.clone(),
+                parent_checkpoint: String::new(),
+                options: Some(prost_types::Any {
+                    type_url: "containerd.runc.v1.CheckpointOptions".into(),
+                    value,
+                }),
+            })
+            .map_err(|e| (true, e))?;
+        TasksClient::new(channel)
+            .checkpoint(request)
             .await
             .map(drop)
-            .map_err(|status| status.message().to_string())
+            .map_err(|status| (false, status.message().to_string()))
     });
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let store = args.containerd.store();
+    // What the shim recorded is the truth; containerd's answer may have been lost.
+    let record = match &call {
+        Err((false, message))
+            if record_of(&store, &migration_id)
+                .is_some_and(|r| !r.phase.is_final() && !r.in_doubt()) =>
+        {
+            eprintln!(
+                "pclive migrate: lost containerd's answer ({message}); the migration goes on in the source shim, following its record"
+            );
+            follow_record(&store, &migration_id)
+        }
+        _ => record_of(&store, &migration_id),
+    };
+    done.store(true, Ordering::SeqCst);
     let _ = follower.join();
-    let report = std::fs::read(work.join("pclive-migration.json"));
-    if keep_work.is_none() {
-        let _ = std::fs::remove_dir_all(&work);
+    let report: serde_json::Value = std::fs::read(report_path(&work))
+        .ok()
+        .and_then(|r| serde_json::from_slice(&r).ok())
+        .unwrap_or_default();
+    if call.is_ok() && record.is_none() {
+        eprintln!(
+            "pclive migrate: warning: no record of migration {migration_id} in {} (does --state-dir match the shim's PCLIVE_STATE_DIR?)",
+            store.dir().display()
+        );
     }
-    match result {
-        Ok(()) => {
-            let report: serde_json::Value = report
-                .ok()
-                .and_then(|r| serde_json::from_slice(&r).ok())
-                .unwrap_or_default();
-            if options.contains_key("json") {
+    match (&call, record.as_ref().map(|r| r.phase)) {
+        (_, Some(Phase::Done)) | (Ok(()), Some(Phase::Committed) | None) => {
+            if args.json {
                 println!("{report:#}");
             } else {
                 println!(
-                    "migrated {container} to {destination} in {:.1}s: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, images {:.3}s, then restore), source frozen until commit {:.3}s, {} rounds",
+                    "migrated {} to {} in {:.1}s: downtime {:.3}s (last round {:.3}s, final dump {:.3}s, images {:.3}s, then restore), source frozen until commit {:.3}s, {} rounds",
+                    args.container,
+                    args.destination,
                     started.elapsed().as_secs_f64(),
                     report["downtime_seconds"].as_f64().unwrap_or(0.0),
                     report["last_round_seconds"].as_f64().unwrap_or(0.0),
@@ -216,18 +278,25 @@ pub fn run(args: &[String]) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(message) => match message.strip_prefix(UNREACHABLE) {
-            Some(message) => {
-                eprintln!("pclive migrate: {message}");
-                ExitCode::from(3)
-            }
-            None => {
-                eprintln!("pclive migrate: {message}");
-                ExitCode::FAILURE
-            }
-        },
+        (_, Some(Phase::InDoubt)) => {
+            let reason = record
+                .and_then(|r| r.reason)
+                .unwrap_or_else(|| "the outcome is unknown".into());
+            fail(
+                exit::IN_DOUBT,
+                format!(
+                    "the migration is in doubt: {reason}. {} stays frozen here so that it never runs twice. `pclive status {}` shows the migration; end it with `pclive resolve {} --resume-source` or `--discard-source` once you know where it should run",
+                    args.container, args.container, args.container
+                ),
+            )
+        }
+        (Err((true, message)), None) => {
+            fail(exit::UNREACHABLE, format!("{message}: nothing was done"))
+        }
+        (Err((_, message)), _) => fail(exit::FAILED, message.clone()),
+        (Ok(()), phase) => fail(
+            exit::FAILED,
+            format!("containerd reported success but the migration's record says {phase:?}"),
+        ),
     }
 }
-
-/// Marks errors that happened before anything was asked of the source (exit code 3).
-const UNREACHABLE: &str = "\u{0}unreachable:";

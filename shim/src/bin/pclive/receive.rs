@@ -1,19 +1,71 @@
 //! `pclive receive CONTAINER --listen ADDR`: creates the receiving container, which waits for
 //! its source and then runs the migrated container.
 
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
+use clap::Args;
 use containerd_shim_pclive::annotations;
+use restore_engine::events::ServerEvent;
 
-use crate::options::{common, parse_options};
+use crate::options::{exit, Containerd, KeyArgs};
 
-/// Prints the receiving shim's events (JSON lines in `path`) as they come, until `done`.
-fn follow_receive_progress(path: &std::path::Path, done: &std::sync::atomic::AtomicBool) {
-    use restore_engine::events::ServerEvent;
+#[derive(Args, Debug)]
+#[command(
+    about = "Create the receiving container of a migration; returns once it runs here",
+    long_about = "Creates a container that waits on --listen for its source (`pclive migrate` on \
+the other host), receives its memory while it still runs there, then restores it here: lazily \
+by default (the tasks resume at once and their memory is installed with userfaultfd), or with \
+--eager (every page in place before the tasks resume). The destination decides the point of no \
+return: it records that the restored tasks resume before they do, and answers the source's \
+questions about the outcome for a while if the source lost its connection. A failed receive \
+removes the container it created."
+)]
+#[command(group(clap::ArgGroup::new("root").required(true).args(["rootfs", "image"])))]
+pub struct ReceiveArgs {
+    /// The container's name here
+    pub container: String,
+    /// Where to listen for the source
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: String,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// The root filesystem directory (as the source's `ctr run --rootfs`)
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
+    /// The image (as the source's `ctr run IMAGE`; it must be in this host's image store)
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// Restore eagerly: complete the final dump's images with the pre-copied memory, then a
+    /// plain restore (no lazy-pages server)
+    #[arg(long)]
+    pub eager: bool,
+    /// The source container shares its host's network namespace (ctr run --net-host), so this
+    /// one must too
+    #[arg(long)]
+    pub net_host: bool,
+    /// Restore established TCP connections closed (when the container's address does not move
+    /// with it, e.g. host networking: its clients reconnect)
+    #[arg(long)]
+    pub tcp_close: bool,
+    /// How long to wait for the source
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub accept_timeout: u64,
+    #[command(flatten)]
+    pub containerd: Containerd,
+}
+
+/// Prints the receiving shim's events (JSON lines in `path`) as they come, until the migration
+/// concluded (its phase and reason) or `done`.
+fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Option<(String, Option<String>)> {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let mut shown = 0usize;
     loop {
-        let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+        let finished = done.load(Ordering::SeqCst);
         let text = std::fs::read_to_string(path).unwrap_or_default();
         for line in text.lines().skip(shown) {
             shown += 1;
@@ -22,6 +74,14 @@ fn follow_receive_progress(path: &std::path::Path, done: &std::sync::atomic::Ato
             };
             match event {
                 ServerEvent::Listening { address } => eprintln!("  listening on {address}"),
+                ServerEvent::SourceArrived {
+                    migration_id,
+                    container,
+                    peer,
+                } => eprintln!("  source {peer} arrived: {container}, migration {migration_id}"),
+                ServerEvent::Refused { peer, reason } => {
+                    eprintln!("  refused a connection from {peer}: {reason}; still waiting")
+                }
                 ServerEvent::RoundReceived {
                     round,
                     bytes,
@@ -45,56 +105,78 @@ fn follow_receive_progress(path: &std::path::Path, done: &std::sync::atomic::Ato
                 ServerEvent::RestoreFinished { after_seconds } => {
                     eprintln!("  restored in {after_seconds:.3}s: the container runs here")
                 }
-                ServerEvent::Done(stats) => eprintln!(
+                ServerEvent::Done(stats) | ServerEvent::FillComplete(stats) => eprintln!(
                     "  every page installed ({:.1} MiB: {} by fault, {} in the background)",
                     mib(stats.bytes),
                     stats.pages_by_fault,
                     stats.pages_in_background
                 ),
+                ServerEvent::Concluded { phase, reason } => {
+                    match &reason {
+                        Some(reason) => eprintln!("  concluded: {phase}: {reason}"),
+                        None => eprintln!("  concluded: {phase}"),
+                    }
+                    return Some((phase, reason));
+                }
                 ServerEvent::Error { message } => eprintln!("  failed: {message}"),
                 ServerEvent::Ready { .. } | ServerEvent::Task { .. } | ServerEvent::Committed => {}
             }
         }
         if finished {
-            break;
+            return None;
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        thread::sleep(Duration::from_millis(200));
     }
 }
 
-pub fn run(args: &[String]) -> ExitCode {
-    let usage = "usage: pclive receive CONTAINER --listen ADDR:PORT (--key-file FILE | --insecure) (--rootfs DIR | --image REF) [--eager] [--address SOCKET] [--namespace NS] [--net-host] [--tcp-close]";
-    let (positional, options) =
-        match parse_options(args, &["insecure", "eager", "net-host", "tcp-close"]) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                eprintln!("pclive receive: {e}\n{usage}");
-                return ExitCode::from(2);
-            }
-        };
-    let ([container], Some(listen)) = (positional.as_slice(), options.get("listen")) else {
-        eprintln!("{usage}");
-        return ExitCode::from(2);
+pub fn run(args: ReceiveArgs) -> ExitCode {
+    let fail = |code: u8, message: String| {
+        eprintln!("pclive receive: {message}");
+        ExitCode::from(code)
     };
-    let auth = match (options.get("key-file"), options.contains_key("insecure")) {
-        (Some(key), false) => format!("{}={key}", annotations::RECEIVE_KEY_FILE),
-        (None, true) => format!("{}=true", annotations::RECEIVE_INSECURE),
-        _ => {
-            eprintln!("pclive receive: give exactly one of --key-file FILE and --insecure");
-            return ExitCode::from(2);
+    let auth = match args.key.key_path() {
+        Ok(Some(key)) => format!("{}={}", annotations::RECEIVE_KEY_FILE, key.display()),
+        Ok(None) => format!("{}=true", annotations::RECEIVE_INSECURE),
+        Err(e) => return fail(2, e),
+    };
+    let (address, namespace) = (&args.containerd.address, &args.containerd.namespace);
+    let ctr = |ctr_args: &[&str]| {
+        Command::new("ctr")
+            .args(["--address", address, "--namespace", namespace])
+            .args(ctr_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // What a failed receive leaves must be removable without touching a container of the same
+    // name that was there before.
+    if ctr(&["container", "info", &args.container]) {
+        return fail(
+            2,
+            format!(
+                "a container named {} already exists in namespace {namespace}: remove it (ctr container rm) or receive under another name",
+                args.container
+            ),
+        );
+    }
+    // The receiving shim appends its progress here; we follow it while ctr waits. A private
+    // directory (mkdtemp, 0700).
+    let progress_dir = match tempfile::Builder::new().prefix("pclive-receive-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            return fail(
+                exit::FAILED,
+                format!("cannot create a temporary directory: {e}"),
+            )
         }
     };
-    let common = common(&options);
+    let progress_file = progress_dir.path().join("progress");
     // The receiving container is an ordinary containerd container with pclive's annotations;
     // ctr builds its spec exactly as `ctr run` would for the source.
-    let mut command = std::process::Command::new("ctr");
+    let mut command = Command::new("ctr");
     command
-        .args([
-            "--address",
-            &common.address,
-            "--namespace",
-            &common.namespace,
-        ])
+        .args(["--address", address, "--namespace", namespace])
         .args([
             "run",
             "-d",
@@ -104,107 +186,107 @@ pub fn run(args: &[String]) -> ExitCode {
         ])
         .args([
             "--annotation",
-            &format!("{}={listen}", annotations::RECEIVE_LISTEN),
+            &format!("{}={}", annotations::RECEIVE_LISTEN, args.listen),
         ])
-        .args(["--annotation", &auth]);
+        .args(["--annotation", &auth])
+        .args([
+            "--annotation",
+            &format!(
+                "{}={}",
+                annotations::RECEIVE_ACCEPT_TIMEOUT,
+                args.accept_timeout
+            ),
+        ])
+        .args([
+            "--annotation",
+            &format!(
+                "{}={}",
+                annotations::RECEIVE_PROGRESS_FILE,
+                progress_file.display()
+            ),
+        ]);
     // CRIU restores the source's namespaces as they were: a container that shared its host's
     // network must find its sockets' host network here too.
-    if options.contains_key("net-host") {
+    if args.net_host {
         command.arg("--net-host");
     }
-    if options.contains_key("tcp-close") {
+    if args.tcp_close {
         command.args([
             "--annotation",
             &format!("{}=true", annotations::RESTORE_TCP_CLOSE),
         ]);
     }
-    if options.contains_key("eager") {
+    if args.eager {
         // The receiving container restores lazily unless told otherwise.
         command.args([
             "--annotation",
             &format!("{}=false", annotations::RESTORE_LAZY_PAGES),
         ]);
     }
-    // The receiving shim appends its progress here; we follow it while ctr waits.
-    let progress_dir = std::env::temp_dir().join(format!("pclive-receive-{}", std::process::id()));
-    let progress_file = progress_dir.join("progress");
-    command.args([
-        "--annotation",
-        &format!(
-            "{}={}",
-            annotations::RECEIVE_PROGRESS_FILE,
-            progress_file.display()
-        ),
-    ]);
-    match (options.get("rootfs"), options.get("image")) {
-        (Some(rootfs), None) => {
-            command.args(["--rootfs", rootfs, container]);
-        }
+    match (&args.rootfs, &args.image) {
+        (Some(rootfs), None) => match std::path::absolute(rootfs) {
+            Ok(rootfs) => {
+                command.arg("--rootfs").arg(rootfs).arg(&args.container);
+            }
+            Err(e) => return fail(2, format!("--rootfs {}: {e}", rootfs.display())),
+        },
         (None, Some(image)) => {
-            command.args([image, container]);
+            command.args([image, &args.container]);
         }
-        _ => {
-            eprintln!("pclive receive: give exactly one of --rootfs DIR and --image REF");
-            return ExitCode::from(2);
-        }
+        _ => unreachable!("clap requires exactly one of --rootfs and --image"),
     }
     command.arg("/bin/true");
-    let ctr = |args: &[&str]| {
-        std::process::Command::new("ctr")
-            .args([
-                "--address",
-                &common.address,
-                "--namespace",
-                &common.namespace,
-            ])
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    // What a failed receive leaves must be removable without touching a container of the same
-    // name that was there before.
-    if ctr(&["container", "info", container]) {
-        eprintln!(
-            "pclive receive: a container named {container} already exists in namespace {}: \
-             remove it (ctr container rm) or receive under another name",
-            common.namespace
-        );
-        return ExitCode::from(2);
-    }
-    if let Err(e) = std::fs::create_dir_all(&progress_dir) {
-        eprintln!(
-            "pclive receive: cannot create {}: {e}",
-            progress_dir.display()
-        );
-        return ExitCode::FAILURE;
-    }
-    eprintln!("pclive: {container} listens on {listen} for its source; waiting for the migration");
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    eprintln!(
+        "pclive: {} listens on {} for its source; waiting for the migration",
+        args.container, args.listen
+    );
+    let done = Arc::new(AtomicBool::new(false));
     let follower = {
-        let done = std::sync::Arc::clone(&done);
+        let done = Arc::clone(&done);
         let progress_file = progress_file.clone();
-        std::thread::spawn(move || follow_receive_progress(&progress_file, &done))
+        thread::spawn(move || follow_receive_progress(&progress_file, &done))
     };
     let status = command.status();
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = follower.join();
-    let _ = std::fs::remove_dir_all(&progress_dir);
+    // A lazy restore returns as soon as the tasks run: the outcome (every page installed in a
+    // live container) comes later. Follow it until the shim concludes.
+    if !status.as_ref().is_ok_and(|s| s.success()) {
+        done.store(true, Ordering::SeqCst);
+    }
+    let concluded = follower.join().ok().flatten();
     let failed = |why: String| {
-        eprintln!("pclive receive: {why}");
-        // The task never ran here (the source resumed): remove what ctr created.
-        ctr(&["task", "delete", "--force", container]);
-        ctr(&["container", "delete", container]);
-        ExitCode::FAILURE
+        // The task never ran here (the source resumes, or is in doubt): remove what ctr
+        // created.
+        ctr(&["task", "delete", "--force", &args.container]);
+        ctr(&["container", "delete", &args.container]);
+        fail(exit::FAILED, why)
     };
+
     match status {
-        Ok(status) if status.success() => {
-            println!("received {container}: it runs here now");
-            ExitCode::SUCCESS
-        }
+        Ok(status) if status.success() => match concluded {
+            Some((phase, _)) if phase == "committed" => {
+                println!(
+                    "received {}: it runs here now, every page installed",
+                    args.container
+                );
+                ExitCode::SUCCESS
+            }
+            Some((phase, reason)) => failed(format!(
+                    "{} was restored here but the migration is {phase}: {}. The source stays frozen, in doubt, for an operator (`pclive status`, `pclive resolve` there)",
+                    args.container,
+                    reason.unwrap_or_default()
+            )),
+            // Never deleted here: it may run.
+            None => fail(
+                exit::FAILED,
+                format!(
+                    "{}: the migration's outcome was not reported; see `pclive status {}`",
+                    args.container, args.container
+                ),
+            ),
+        },
         Ok(status) => failed(format!(
-            "the receiving container failed ({status}); see containerd's log. It was removed."
+            "the receiving container failed ({status}); see containerd's log and `pclive status {}`. It was removed.",
+            args.container
         )),
         Err(e) => failed(format!("cannot run ctr: {e}")),
     }

@@ -1,0 +1,159 @@
+//! The receiving end of a migration, as the shim sees it (the lazy and the eager path share
+//! this): how the engine's server is asked to receive, the shim's line to it (its stdin: the
+//! restore's outcome, whether the container lives), and what the shim does when the server dies
+//! before the source learnt the outcome: it records the truth and answers the source itself.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{ChildStdin, Command};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use log::{info, warn};
+use restore_engine::destination::{self, ReceiveOptions};
+use restore_engine::events::ShimMessage;
+use restore_engine::record::{Phase, Role, Store};
+use restore_engine::wire::{self, Auth};
+
+/// Where a receiving container listens for its source, and how it authenticates it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReceiveSpec {
+    pub listen: String,
+    /// None: an unauthenticated session, which the user asked for explicitly.
+    pub key_file: Option<PathBuf>,
+    /// Where to append the receiving server's events (JSON lines) for `pclive receive` to
+    /// follow: rounds as they arrive, images, restore, commit.
+    pub progress_file: Option<PathBuf>,
+    /// How long to wait for the source (None: the engine's default, 600 s).
+    pub accept_timeout_seconds: Option<u64>,
+    /// Where this host records migrations (the shim's state directory).
+    pub state_dir: PathBuf,
+}
+
+impl ReceiveSpec {
+    fn auth(&self) -> Result<Auth, String> {
+        match &self.key_file {
+            Some(path) => wire::read_key_file(path).map(Auth::Key),
+            None => Ok(Auth::Insecure),
+        }
+    }
+}
+
+/// Makes the server receive a migration first, as `spec` says.
+pub(crate) fn add_receive_args(command: &mut Command, spec: &ReceiveSpec) {
+    command.args(["--receive", &spec.listen]);
+    match &spec.key_file {
+        Some(key) => {
+            command.arg("--key-file").arg(key);
+        }
+        None => {
+            command.arg("--insecure");
+        }
+    }
+    command.arg("--state-dir").arg(&spec.state_dir);
+    if let Some(seconds) = spec.accept_timeout_seconds {
+        command.args(["--accept-timeout-seconds", &seconds.to_string()]);
+    }
+}
+
+/// The shim's line to a receiving server: its stdin. Closing it tells the server that the shim
+/// went away.
+#[derive(Clone, Default)]
+pub(crate) struct ServerLine(Arc<Mutex<Option<ChildStdin>>>);
+
+impl ServerLine {
+    pub(crate) fn new(stdin: Option<ChildStdin>) -> Self {
+        ServerLine(Arc::new(Mutex::new(stdin)))
+    }
+
+    pub(crate) fn tell(&self, message: &ShimMessage) -> Result<(), String> {
+        let mut line = serde_json::to_string(message).map_err(|e| format!("encoding {e}"))?;
+        line.push('\n');
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let stdin = slot
+            .as_mut()
+            .ok_or("the receiving server's stdin is already closed")?;
+        stdin
+            .write_all(line.as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(|e| format!("telling the receiving server {message:?}: {e}"))
+    }
+}
+
+/// The receiving server died (or was given up on) before the source learnt how migration
+/// `migration_id` ended: record the truth (`lost` if the restored tasks had resumed, `aborted`
+/// if not) and answer the source's questions on the listen address for a while, on a thread.
+pub(crate) fn server_died(spec: &ReceiveSpec, migration_id: Option<&str>, reason: &str) {
+    let Some(id) = migration_id else {
+        // The source never arrived: there is nothing to tell it.
+        return;
+    };
+    let store = Store::new(&spec.state_dir);
+    match store.read(id, Role::Destination) {
+        Ok(Some(mut record)) if !record.phase.is_final() => {
+            let phase = if record.phase == Phase::Running {
+                Phase::Lost
+            } else {
+                Phase::Aborted
+            };
+            record.enter(phase, Some(reason.to_string()));
+            if let Err(e) = store.write(&record) {
+                warn!("migration {id}: {e}");
+                return;
+            }
+            info!("migration {id}: recorded {phase}: {reason}");
+        }
+        Ok(Some(record)) if record.acknowledged => return,
+        Ok(Some(_)) => {}
+        Ok(None) => return,
+        Err(e) => {
+            warn!("migration {id}: {e}");
+            return;
+        }
+    }
+    let auth = match spec.auth() {
+        Ok(auth) => auth,
+        Err(e) => {
+            warn!("migration {id}: cannot answer the source: {e}");
+            return;
+        }
+    };
+    let options = ReceiveOptions::new(&spec.listen, auth, store);
+    let id = id.to_string();
+    let _ = thread::Builder::new()
+        .name("outcome-answerer".into())
+        .spawn(move || {
+            if let Err(e) = destination::answer_queries(options, &id) {
+                warn!("migration {id}: cannot answer the source's questions: {e}");
+            }
+        });
+}
+
+/// containerd cleans up after the shim of container `id` died (and stopped the container): a
+/// migration it took part in and that had not ended is recorded as ended by that.
+pub fn shim_died(state_dir: &std::path::Path, id: &str) {
+    let store = Store::new(state_dir);
+    for role in [Role::Source, Role::Destination] {
+        let Ok(Some(mut record)) = store.latest(id, role) else {
+            continue;
+        };
+        if record.phase.is_final() && record.phase != Phase::Committed {
+            continue;
+        }
+        let (phase, reason) = match (role, record.phase) {
+            (Role::Source, Phase::Committed) => (Phase::Done, "the source's shim died after the commit; containerd stopped the source copy"),
+            (Role::Source, _) => (Phase::SourceLost, "the source's shim died during the migration and containerd stopped the container here"),
+            (Role::Destination, Phase::Committed) => continue,
+            (Role::Destination, Phase::Running) => (Phase::Lost, "the receiving shim died after the restored tasks resumed; containerd stopped the container"),
+            (Role::Destination, _) => (Phase::Aborted, "the receiving shim died before the restored tasks resumed"),
+        };
+        record.enter(phase, Some(reason.into()));
+        match store.write(&record) {
+            Ok(()) => info!(
+                "{id}: migration {} recorded {phase}: {reason}",
+                record.migration_id
+            ),
+            Err(e) => warn!("{id}: {e}"),
+        }
+    }
+}
