@@ -9,6 +9,8 @@
 #   scripts/testbed.sh exec src|dst|cli [--name NAME] COMMAND...   run on a host (its network
 #                                                  namespace and, for src/dst, its cgroups)
 #   scripts/testbed.sh env [--name NAME]          print the hosts' addresses and sockets
+#   scripts/testbed.sh restart src|dst [--name NAME]   restart a host's containerd (its shims,
+#                                                  and so its containers, go on running)
 #
 # Hosts: NAME-src (10.213.N.1) and NAME-dst (10.213.N.2); NAME defaults to pclive. A third
 # namespace, NAME-cli, stands for the service's clients: it reaches src at 10.214.N.1 and dst at
@@ -61,7 +63,8 @@ on_host() {
 }
 
 start_containerd() {
-  containerd_start "$state/$1" on_host "$1"
+  # Each host records its migrations in its own state directory, as two machines would.
+  PCLIVE_STATE_DIR="$state/$1/pclive" containerd_start "$state/$1" on_host "$1"
 }
 
 up() {
@@ -132,7 +135,7 @@ down() {
 
 env_info() {
   for host in src dst; do
-    printf '%s: netns %s, address %s, containerd %s, clients reach it at %s, cgroups %s\n' "$host" "$(ns_of $host)" "$(addr_of $host)" "$(sock_of $host)" "$(client_addr_of $host)" "pclive-testbed-$name-$host"
+    printf '%s: netns %s, address %s, containerd %s, clients reach it at %s, cgroups %s, pclive state %s\n' "$host" "$(ns_of $host)" "$(addr_of $host)" "$(sock_of $host)" "$(client_addr_of $host)" "pclive-testbed-$name-$host" "$state/$host/pclive"
   done
   printf 'cli: netns %s\n' "$(ns_of cli)"
   printf 'link: %s\n' "$rate"
@@ -142,6 +145,12 @@ case "$cmd" in
   up) up ;;
   down) down ;;
   env) env_info ;;
+  restart)
+    host=${args[0]:-}
+    case "$host" in src|dst) ;; *) echo "testbed: restart src|dst" >&2; exit 2 ;; esac
+    [ -d "$state" ] || { echo "testbed $name is not up (scripts/testbed.sh up --name $name)" >&2; exit 1; }
+    containerd_stop "$state/$host"
+    start_containerd "$host" ;;
   ctr)
     host=${args[0]:-}
     case "$host" in src|dst) ;; *) echo "testbed: ctr src|dst ARGS..." >&2; exit 2 ;; esac
@@ -151,6 +160,6 @@ case "$cmd" in
     case "$host" in src|dst|cli) ;; *) echo "testbed: exec src|dst|cli COMMAND..." >&2; exit 2 ;; esac
     [ -d "$state" ] || { echo "testbed $name is not up (scripts/testbed.sh up --name $name)" >&2; exit 1; }
     on_host "$host" "${args[@]:1}" ;;
-  -h|--help|"") sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help|"") sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "testbed: unknown command '$cmd' (try --help)" >&2; exit 2 ;;
 esac

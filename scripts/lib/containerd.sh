@@ -20,7 +20,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 [ttrpc]
   address = "$dir/containerd.sock.ttrpc"
 CONF
-  PATH="$dir/bin:$PATH" "$@" containerd --config "$dir/config.toml" > "$dir/containerd.log" 2>&1 &
+  PATH="$dir/bin:$PATH" "$@" containerd --config "$dir/config.toml" >> "$dir/containerd.log" 2>&1 &
   echo $! > "$dir/containerd.pid"
   local _
   for _ in $(seq 100); do
