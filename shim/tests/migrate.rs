@@ -686,3 +686,47 @@ fn a_link_cut_during_the_final_transfer_resumes_the_source() {
         "a dead link kept the source frozen for {took:?}"
     );
 }
+
+/// The pattern of CRIU's zdtm test maps04: a written mapping with scattered PROT_NONE pages
+/// (which the process itself cannot read, and process_vm_readv refuses) migrates, and every page
+/// verifies on the destination, each host with its own root filesystem.
+#[test]
+fn a_mapping_with_prot_none_pages_migrates() {
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let memcheck = workload_binary("memcheck");
+    let src_rootfs = src.rootfs_with("app", &[&memcheck]);
+    let dst_rootfs = dst.rootfs_with("app", &[&memcheck]);
+    src.run_detached(
+        "app",
+        &src_rootfs,
+        &[],
+        &[
+            "/usr/local/bin/memcheck",
+            "32",
+            "--status",
+            "/status",
+            "--prot-none",
+            "64",
+        ],
+    );
+    wait_for("memcheck to verify", Duration::from_secs(60), || {
+        memcheck_status(&src_rootfs.join("status")).is_some_and(|s| s.pass >= 1)
+    });
+    let key = key_file(&src.dir);
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive(dst, "app", &dst_rootfs, &listen, Some(&key));
+    let report = migrate(src, "app", &listen, &key).unwrap_or_else(|e| {
+        panic!(
+            "migration failed: {e}\n--- destination log ---\n{}",
+            tail(&dst.log(), 30)
+        )
+    });
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0, "{report:#}");
+    let before = memcheck_status(&dst_rootfs.join("status")).map_or(0, |s| s.pass);
+    wait_for(
+        "memcheck to verify every page on the destination",
+        Duration::from_secs(60),
+        || memcheck_status(&dst_rootfs.join("status")).is_some_and(|s| s.pass >= before + 2),
+    );
+}

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    for_each_present_page, lazy_vmas, partition, Delta, DeltaSink, DirtyTracker, LazyVma, Slice,
-    TrackError, DELTA_PIECE_BYTES,
+    for_each_present_page, lazy_vmas, partition, Delta, DeltaSink, DirtyTracker, LazyVma, Quiesce,
+    Slice, TrackError, DELTA_PIECE_BYTES,
 };
 use crate::page;
 
@@ -18,6 +18,8 @@ use crate::page;
 /// set; 0 means "not present".
 #[derive(Default)]
 pub struct HashTracker {
+    /// The tasks are frozen for the last round: every page must be read.
+    frozen: bool,
     tasks: HashMap<u32, Vec<(LazyVma, Vec<u64>)>>,
     /// Threads that read and hash (0 or 1: the calling thread alone).
     threads: usize,
@@ -34,18 +36,25 @@ fn hash_slices(
     vmas: &[LazyVma],
     old: &[Vec<u64>],
     slices: &[Slice],
+    strict: bool,
     mut sink: Option<&mut DeltaSink>,
 ) -> Result<Share, TrackError> {
     let mut new: Vec<Vec<u64>> = slices.iter().map(|s| vec![0u64; s.to - s.from]).collect();
     let mut delta = Delta::default();
     let mut held = 0usize;
     let mut stopped = false;
-    for_each_present_page(pid, vmas, slices, |slice, index, page| {
+    for_each_present_page(pid, vmas, slices, strict, |slice, index, page| {
         if stopped {
             return;
         }
-        let hash = xxh3_64(page) | 1;
         let s = slices[slice];
+        let Some(page) = page else {
+            // Not readable now: keep what the destination has (no zero is sent for it), and
+            // look again next round.
+            new[slice][index - s.from] = old[s.vma][index];
+            return;
+        };
+        let hash = xxh3_64(page) | 1;
         new[slice][index - s.from] = hash;
         if old[s.vma][index] != hash {
             delta.push_page(vmas[s.vma].start + index as u64 * page::SIZE_U64, page);
@@ -102,6 +111,16 @@ impl DirtyTracker for HashTracker {
         self.threads = threads;
     }
 
+    fn begin_round(
+        &mut self,
+        _pids: &[u32],
+        _quiesce: &mut dyn Quiesce,
+        frozen: bool,
+    ) -> Result<(), TrackError> {
+        self.frozen = frozen;
+        Ok(())
+    }
+
     fn round_into(&mut self, pid: u32, sink: &mut DeltaSink) -> Result<(), TrackError> {
         let previous = self.tasks.remove(&pid).unwrap_or_default();
         let vmas = lazy_vmas(pid)?;
@@ -112,12 +131,21 @@ impl DirtyTracker for HashTracker {
         // pages dirtied since the last round) each read a consecutive share and return what
         // changed; shares are in address order, so their deltas follow one another.
         let shares: Vec<Result<Share, TrackError>> = if groups.len() == 1 {
-            vec![hash_slices(pid, &vmas, &old, &groups[0], Some(&mut *sink))]
+            vec![hash_slices(
+                pid,
+                &vmas,
+                &old,
+                &groups[0],
+                self.frozen,
+                Some(&mut *sink),
+            )]
         } else {
             std::thread::scope(|scope| {
                 let workers: Vec<_> = groups
                     .iter()
-                    .map(|slices| scope.spawn(|| hash_slices(pid, &vmas, &old, slices, None)))
+                    .map(|slices| {
+                        scope.spawn(|| hash_slices(pid, &vmas, &old, slices, self.frozen, None))
+                    })
                     .collect();
                 workers
                     .into_iter()

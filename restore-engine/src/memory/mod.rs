@@ -19,7 +19,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 pub use hash::HashTracker;
-pub use soft_dirty::{soft_dirty_supported, SoftDirtyTracker};
+pub use soft_dirty::{soft_dirty_supported, ProcKernel, SoftDirtyKernel, SoftDirtyTracker};
 
 use crate::page;
 
@@ -57,6 +57,8 @@ pub enum TrackError {
     },
     #[error("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); use the content-hash tracker")]
     NoSoftDirty,
+    #[error("freezing the container for a moment (to read its soft-dirty marks) failed: {0}")]
+    Quiesce(String),
     /// The consumer of a round's pages gave up (it keeps its own error).
     #[error("the round was stopped by its consumer")]
     Stopped,
@@ -70,7 +72,7 @@ impl TrackError {
                 source.kind() == io::ErrorKind::NotFound
                     || source.raw_os_error() == Some(libc::ESRCH)
             }
-            TrackError::NoSoftDirty | TrackError::Stopped => false,
+            TrackError::NoSoftDirty | TrackError::Stopped | TrackError::Quiesce(_) => false,
         }
     }
 }
@@ -195,6 +197,81 @@ pub(super) fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), Tra
     Ok(())
 }
 
+/// Reads one page of `pid` at `addr`: process_vm_readv, or, where that is refused (PROT_NONE
+/// pages), /proc/PID/mem, which forces access as a debugger does. CRIU dumps such pages (it
+/// makes them readable while it dumps), so pre-copy must send them too.
+pub(super) fn read_page_forced(pid: u32, addr: u64, page: &mut [u8]) -> Result<(), TrackError> {
+    match read_remote(pid, addr, page) {
+        Err(TrackError::Read { source, .. }) if source.raw_os_error() == Some(libc::EFAULT) => {
+            let mem =
+                fs::File::open(format!("/proc/{pid}/mem")).map_err(|source| TrackError::Proc {
+                    pid,
+                    what: "mem",
+                    source,
+                })?;
+            mem.read_exact_at(page, addr)
+                .map_err(|source| TrackError::Read { pid, addr, source })
+        }
+        other => other,
+    }
+}
+
+/// Stops the container's writes for a moment (soft-dirty tracking reads and clears its marks
+/// inside such a freeze).
+pub trait Quiesce {
+    fn freeze(&mut self) -> Result<(), TrackError>;
+    fn thaw(&mut self) -> Result<(), TrackError>;
+}
+
+/// For callers whose tasks cannot write during a round (tests on their own memory).
+pub struct NoQuiesce;
+
+impl Quiesce for NoQuiesce {
+    fn freeze(&mut self) -> Result<(), TrackError> {
+        Ok(())
+    }
+    fn thaw(&mut self) -> Result<(), TrackError> {
+        Ok(())
+    }
+}
+
+/// Freezes one process with SIGSTOP/SIGCONT (for `pclive dirty-rate` on any process: its
+/// parent may notice; a container is frozen through its cgroup instead).
+pub struct StopSignal(pub u32);
+
+impl Quiesce for StopSignal {
+    fn freeze(&mut self) -> Result<(), TrackError> {
+        signal(self.0, libc::SIGSTOP)?;
+        // Wait until it is stopped (state T), briefly.
+        for _ in 0..200 {
+            let stat = fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
+            let state = stat
+                .rfind(')')
+                .and_then(|at| stat[at + 1..].split_whitespace().next());
+            if matches!(state, Some("T") | Some("t") | None) {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+    fn thaw(&mut self) -> Result<(), TrackError> {
+        signal(self.0, libc::SIGCONT)
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) -> Result<(), TrackError> {
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } < 0 {
+        return Err(TrackError::Proc {
+            pid,
+            what: "signal",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Pages that changed in one round for one task.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Delta {
@@ -239,12 +316,24 @@ pub type DeltaSink<'a> = dyn FnMut(Delta) -> Result<(), ()> + 'a;
 /// Finds pages that changed since the previous round.
 pub trait DirtyTracker {
     fn name(&self) -> &'static str;
+    /// Starts a round over the container's tasks `pids`: a tracker that must look at every task
+    /// at once (soft-dirty) does it here, inside `quiesce`'s freeze. `frozen`: the tasks are
+    /// frozen for the last round (no freeze needed, and every page must be read).
+    fn begin_round(
+        &mut self,
+        _pids: &[u32],
+        _quiesce: &mut dyn Quiesce,
+        _frozen: bool,
+    ) -> Result<(), TrackError> {
+        Ok(())
+    }
     /// One round over the task `pid`: every page that changed since the last round (all present
     /// pages in the first round), handed to `sink` in pieces of about [`DELTA_PIECE_BYTES`]
     /// in address order.
     fn round_into(&mut self, pid: u32, sink: &mut DeltaSink) -> Result<(), TrackError>;
     /// [`Self::round_into`], collected into one delta.
     fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
+        self.begin_round(&[pid], &mut NoQuiesce, false)?;
         let mut all = Delta::default();
         self.round_into(pid, &mut |piece: Delta| {
             all.runs.extend(piece.runs);
@@ -298,11 +387,16 @@ pub(super) fn partition(vmas: &[LazyVma], parts: usize) -> Vec<Vec<Slice>> {
 
 /// Reads the present pages of `slices` of `pid`'s lazy mappings in large batches and calls
 /// `visit` with each page's slice number, index in its mapping, and content.
+/// Reads the present pages of `slices` of `pid`'s lazy mappings in large batches and calls
+/// `visit` with each page's slice number, index in its mapping, and content. A page that cannot
+/// be read is an error when `strict` (the frozen round); otherwise `visit` gets `None` for it
+/// (the mapping changed under the reader: the next round looks again).
 pub(super) fn for_each_present_page(
     pid: u32,
     vmas: &[LazyVma],
     slices: &[Slice],
-    mut visit: impl FnMut(usize, usize, &[u8]),
+    strict: bool,
+    mut visit: impl FnMut(usize, usize, Option<&[u8]>),
 ) -> Result<(), TrackError> {
     let pagemap = open_pagemap(pid)?;
     let mut buf = vec![0u8; READ_BATCH];
@@ -334,19 +428,22 @@ pub(super) fn for_each_present_page(
             match read_remote(pid, addr, &mut buf[..len]) {
                 Ok(()) => {
                     for (k, page) in buf[..len].chunks_exact(page::SIZE).enumerate() {
-                        visit(slice_index, slice.from + i + k, page);
+                        visit(slice_index, slice.from + i + k, Some(page));
                     }
                 }
-                // Part of the run is unreadable (the mapping changed under us): read page by
-                // page and keep every page that can be read; a page missed here is caught by
-                // the next round, and the frozen round cannot race.
+                // Part of the run cannot be read this way: PROT_NONE pages (which CRIU dumps,
+                // and which process_vm_readv refuses), or the mapping changed under us. Page by
+                // page, forcing access as a debugger does (/proc/PID/mem).
                 Err(TrackError::Read { source, .. })
                     if source.raw_os_error() == Some(libc::EFAULT) =>
                 {
                     for k in 0..j - i {
                         let page = &mut buf[..page::SIZE];
-                        if read_remote(pid, addr + k as u64 * page::SIZE_U64, page).is_ok() {
-                            visit(slice_index, slice.from + i + k, page);
+                        let at = addr + k as u64 * page::SIZE_U64;
+                        match read_page_forced(pid, at, page) {
+                            Ok(()) => visit(slice_index, slice.from + i + k, Some(page)),
+                            Err(e) if strict => return Err(e),
+                            Err(_) => visit(slice_index, slice.from + i + k, None),
                         }
                     }
                 }

@@ -263,3 +263,234 @@ fn soft_dirty_tracker_reports_exactly_the_changed_pages_where_the_kernel_has_it(
         ),
     }
 }
+
+// ---- Soft-dirty through a seam that replays the kernel (this machine has no soft-dirty). ----
+
+mod soft_dirty_seam {
+    use super::super::*;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    const PAGES: usize = 6;
+    const BASE: u64 = 0x7f00_0000_0000;
+    const PM_PRESENT: u64 = 1 << 63;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Op {
+        Write(usize, u8),
+        Discard(usize),
+    }
+
+    /// One task's memory as the kernel would keep it, with soft-dirty marks, a freezer, and
+    /// writes the test schedules at exact points of the tracker's work.
+    struct Sim {
+        pages: Vec<u8>,
+        present: Vec<bool>,
+        soft_dirty: Vec<bool>,
+        frozen: bool,
+        deferred: Vec<Op>,
+        schedule: Vec<(usize, Op)>,
+        calls: usize,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            Sim {
+                pages: (0..PAGES).map(|p| p as u8 + 1).collect(),
+                present: vec![true; PAGES],
+                soft_dirty: vec![true; PAGES],
+                frozen: false,
+                deferred: Vec::new(),
+                schedule: Vec::new(),
+                calls: 0,
+            }
+        }
+
+        fn apply(&mut self, op: Op) {
+            if self.frozen {
+                self.deferred.push(op);
+                return;
+            }
+            match op {
+                Op::Write(p, v) => {
+                    self.pages[p] = v;
+                    self.present[p] = true;
+                    self.soft_dirty[p] = true;
+                }
+                // MADV_DONTNEED: the page and its mark are gone.
+                Op::Discard(p) => {
+                    self.pages[p] = 0;
+                    self.present[p] = false;
+                    self.soft_dirty[p] = false;
+                }
+            }
+        }
+
+        /// Every call of the tracker into the kernel or the freezer is a point where the task
+        /// may write (if it is not frozen).
+        fn tick(&mut self) {
+            let now = self.calls;
+            self.calls += 1;
+            let due: Vec<Op> = self
+                .schedule
+                .iter()
+                .filter(|(at, _)| *at == now)
+                .map(|(_, op)| *op)
+                .collect();
+            for op in due {
+                self.apply(op);
+            }
+        }
+    }
+
+    struct Kernel(Arc<Mutex<Sim>>);
+
+    impl SoftDirtyKernel for Kernel {
+        fn vmas(&mut self, _pid: u32) -> Result<Vec<LazyVma>, TrackError> {
+            self.0.lock().unwrap().tick();
+            Ok(vec![LazyVma {
+                start: BASE,
+                end: BASE + PAGES as u64 * page::SIZE_U64,
+            }])
+        }
+        fn pagemap(&mut self, _pid: u32, start: u64, end: u64) -> Result<Vec<u64>, TrackError> {
+            let mut sim = self.0.lock().unwrap();
+            sim.tick();
+            let from = ((start - BASE) / page::SIZE_U64) as usize;
+            let to = ((end - BASE) / page::SIZE_U64) as usize;
+            Ok((from..to)
+                .map(|p| {
+                    (if sim.present[p] { PM_PRESENT } else { 0 })
+                        | (if sim.soft_dirty[p] { PM_SOFT_DIRTY } else { 0 })
+                })
+                .collect())
+        }
+        fn clear(&mut self, _pid: u32) -> Result<(), TrackError> {
+            let mut sim = self.0.lock().unwrap();
+            sim.tick();
+            sim.soft_dirty.iter_mut().for_each(|d| *d = false);
+            Ok(())
+        }
+        fn read(&mut self, _pid: u32, addr: u64, page: &mut [u8]) -> Result<(), TrackError> {
+            let mut sim = self.0.lock().unwrap();
+            sim.tick();
+            let p = ((addr - BASE) / page::SIZE_U64) as usize;
+            // An absent anonymous page reads as zeroes.
+            page.fill(if sim.present[p] { sim.pages[p] } else { 0 });
+            Ok(())
+        }
+    }
+
+    struct Freezer(Arc<Mutex<Sim>>);
+
+    impl Quiesce for Freezer {
+        fn freeze(&mut self) -> Result<(), TrackError> {
+            let mut sim = self.0.lock().unwrap();
+            sim.tick();
+            sim.frozen = true;
+            Ok(())
+        }
+        fn thaw(&mut self) -> Result<(), TrackError> {
+            let mut sim = self.0.lock().unwrap();
+            sim.frozen = false;
+            for op in std::mem::take(&mut sim.deferred) {
+                sim.apply(op);
+            }
+            sim.tick();
+            Ok(())
+        }
+    }
+
+    /// The destination's view: pages as received.
+    fn apply(dst: &mut HashMap<u64, u8>, delta: &Delta) {
+        for (start, data) in &delta.runs {
+            for (i, page) in data.chunks_exact(page::SIZE).enumerate() {
+                dst.insert(start + (i * page::SIZE) as u64, page[0]);
+            }
+        }
+        for &addr in &delta.zero {
+            dst.insert(addr, 0);
+        }
+    }
+
+    /// Pre-copy rounds over the simulated task with `op` at tracker call `at` of round 2, then
+    /// the frozen round; returns (what the destination has, the memory at the freeze).
+    fn migrate(at: usize, op: Op) -> (HashMap<u64, u8>, Vec<u8>) {
+        let sim = Arc::new(Mutex::new(Sim::new()));
+        let mut tracker = SoftDirtyTracker::with_kernel(Kernel(Arc::clone(&sim)));
+        let mut freezer = Freezer(Arc::clone(&sim));
+        let mut dst = HashMap::new();
+        let mut round = |tracker: &mut SoftDirtyTracker<Kernel>, frozen: bool| {
+            tracker.begin_round(&[1], &mut freezer, frozen).unwrap();
+            tracker
+                .round_into(1, &mut |delta: Delta| {
+                    apply(&mut dst, &delta);
+                    Ok(())
+                })
+                .unwrap();
+        };
+        round(&mut tracker, false);
+        {
+            let mut s = sim.lock().unwrap();
+            let base = s.calls;
+            s.schedule = vec![(base + at, op)];
+        }
+        round(&mut tracker, false);
+        // The migration freezes the task for the last round.
+        sim.lock().unwrap().frozen = true;
+        round(&mut tracker, true);
+        let s = sim.lock().unwrap();
+        let memory = (0..PAGES)
+            .map(|p| if s.present[p] { s.pages[p] } else { 0 })
+            .collect();
+        (dst, memory)
+    }
+
+    #[test]
+    fn a_write_or_a_discard_at_any_step_of_a_round_reaches_the_destination() {
+        // Round 2 makes at most a dozen calls; schedule the event at each of them.
+        let mut cases = 0;
+        for at in 0..14 {
+            for page in 0..PAGES {
+                for op in [Op::Write(page, 0xA0 + page as u8), Op::Discard(page)] {
+                    let (dst, memory) = migrate(at, op);
+                    for (p, want) in memory.iter().enumerate() {
+                        let addr = BASE + p as u64 * page::SIZE_U64;
+                        let got = dst.get(&addr).copied().unwrap_or(0);
+                        assert_eq!(
+                            got, *want,
+                            "{op:?} at call {at}: page {p} is {got:#x} on the destination, {want:#x} at the freeze"
+                        );
+                    }
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 14 * PAGES * 2);
+    }
+
+    /// The order the old tracker used (read the marks and the pages of a running task, then
+    /// clear) loses a write between the read and the clear: the seam sees it.
+    #[test]
+    fn reading_then_clearing_without_a_freeze_would_lose_writes() {
+        let sim = Arc::new(Mutex::new(Sim::new()));
+        let mut kernel = Kernel(Arc::clone(&sim));
+        // Round 1 as the old tracker did it: marks, contents, clear.
+        let entries = kernel
+            .pagemap(1, BASE, BASE + PAGES as u64 * page::SIZE_U64)
+            .unwrap();
+        assert!(entries.iter().all(|e| e & PM_SOFT_DIRTY != 0));
+        // The task writes page 2 between the read and the clear...
+        sim.lock().unwrap().apply(Op::Write(2, 0xEE));
+        kernel.clear(1).unwrap();
+        // ...and the next round cannot see it.
+        let entries = kernel
+            .pagemap(1, BASE, BASE + PAGES as u64 * page::SIZE_U64)
+            .unwrap();
+        assert_eq!(
+            entries[2] & PM_SOFT_DIRTY,
+            0,
+            "the write's mark was cleared unseen"
+        );
+    }
+}

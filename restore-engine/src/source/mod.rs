@@ -30,7 +30,7 @@ use serde::Serialize;
 pub use crate::clock::unix_now;
 pub use rounds::{RoundStats, Sender, SourceReport, TaskIds};
 
-use crate::memory::{self, TrackError};
+use crate::memory::{self, Quiesce, TrackError};
 use crate::policy::ConvergencePolicy;
 use crate::record::{Phase, Record, RecordError, Role, Store};
 use crate::wire::{self, Auth, Control, ControlCode, ImageFile, Intent, Kind, Session, WireError};
@@ -304,9 +304,11 @@ fn migrate_over_txn<S: Read + Write>(
         // both closures borrow them.
         let hooks_cell = std::cell::RefCell::new(&mut *hooks);
         let txn_cell = std::cell::RefCell::new(&mut txn);
+        let mut quiesce = HooksQuiesce(&hooks_cell);
         let precopy = Sender::new(&mut session).compress(params.compress).run(
             || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),
             tracker.as_mut(),
+            &mut quiesce,
             &params.policy,
             || {
                 txn_cell.borrow_mut().enter(Phase::Frozen, None)?;
@@ -463,6 +465,29 @@ fn migrate_over_txn<S: Read + Write>(
                 reason,
             })
         }
+    }
+}
+
+/// A brief freeze of the container for the tracker (soft-dirty reads and clears its marks
+/// inside one), through the runtime's freeze and thaw.
+struct HooksQuiesce<'a, T>(&'a std::cell::RefCell<T>);
+
+impl<T> Quiesce for HooksQuiesce<'_, T>
+where
+    T: std::ops::DerefMut,
+    T::Target: SourceHooks,
+{
+    fn freeze(&mut self) -> Result<(), TrackError> {
+        self.0
+            .borrow_mut()
+            .freeze()
+            .map_err(|e| TrackError::Quiesce(e.to_string()))
+    }
+    fn thaw(&mut self) -> Result<(), TrackError> {
+        self.0
+            .borrow_mut()
+            .resume()
+            .map_err(|e| TrackError::Quiesce(e.to_string()))
     }
 }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::SourceError;
 use crate::clock::unix_now;
-use crate::memory::{Delta, DirtyTracker, TrackError};
+use crate::memory::{Delta, DirtyTracker, Quiesce, TrackError};
 use crate::page;
 use crate::policy::{ConvergencePolicy, StopReason};
 use crate::wire::pages::{encode_run, BATCH_BYTES};
@@ -136,6 +136,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         round: u32,
         tasks: &mut dyn FnMut() -> Result<Vec<TaskIds>, SourceError>,
         tracker: &mut dyn DirtyTracker,
+        quiesce: &mut dyn Quiesce,
         frozen: bool,
     ) -> Result<RoundStats, SourceError> {
         let started = Instant::now();
@@ -148,7 +149,10 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         let mut scan = Duration::ZERO;
         // The task list is taken anew each round: processes come and go while the container
         // runs (once frozen, the list is the one CRIU dumps).
-        for task in tasks()? {
+        let tasks = tasks()?;
+        let host_pids: Vec<u32> = tasks.iter().map(|t| t.host_pid).collect();
+        tracker.begin_round(&host_pids, quiesce, frozen)?;
+        for task in tasks {
             let task_start = Instant::now();
             let mut sending = Duration::ZERO;
             let mut failed: Option<SourceError> = None;
@@ -206,11 +210,14 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     }
 
     /// Runs rounds while the tasks run, then `freeze`s them and sends the last round.
+    /// `quiesce` freezes them for a moment when the tracker needs it (soft-dirty);
     /// `on_round` sees every round's statistics (progress).
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
         mut tasks: impl FnMut() -> Result<Vec<TaskIds>, SourceError>,
         tracker: &mut dyn DirtyTracker,
+        quiesce: &mut dyn Quiesce,
         policy: &ConvergencePolicy,
         freeze: impl FnOnce() -> Result<(), SourceError>,
         mut on_round: impl FnMut(&RoundStats),
@@ -223,7 +230,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         let mut previous_seconds: Option<f64> = None;
         let mut round = 1u32;
         loop {
-            let mut stats = self.round(round, &mut tasks, tracker, false)?;
+            let mut stats = self.round(round, &mut tasks, tracker, quiesce, false)?;
             let bandwidth = if stats.seconds > 0.0 {
                 stats.bytes as f64 / stats.seconds
             } else {
@@ -258,7 +265,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         freeze()?;
         // The frozen tasks leave every core to the last round, which is all downtime.
         tracker.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let last = self.round(round + 1, &mut tasks, tracker, true)?;
+        let last = self.round(round + 1, &mut tasks, tracker, quiesce, true)?;
         on_round(&last);
         report.final_round_seconds = last.seconds;
         report.rounds.push(last);
@@ -304,6 +311,7 @@ mod tests {
             .run(
                 || Ok(tasks.to_vec()),
                 &mut tracker,
+                &mut crate::memory::NoQuiesce,
                 &policy,
                 || {
                     // SAFETY: stops our own child.

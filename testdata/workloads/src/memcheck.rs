@@ -16,6 +16,11 @@
 //! `--fork-every N` forks a short-lived child every N ticks (the child checks one page and
 //! exits), so that a restore sees new address spaces appear while it installs memory.
 //!
+//! `--prot-none MIB` fills a separate mapping of that size and makes one page in eight PROT_NONE
+//! (single pages, so the mapping splits into many; the pattern of CRIU's zdtm test maps04);
+//! each pass makes them readable for a moment and verifies them. A migration must carry pages
+//! the process itself cannot read.
+//!
 //! `--churn` keeps a second region cycling through mmap → fill → mremap (move and grow) →
 //! MADV_DONTNEED of half → munmap, verifying it at each step, so that a restore or migration sees
 //! mappings move, shrink and vanish.
@@ -204,6 +209,82 @@ impl Churn {
     }
 }
 
+/// A mapping with scattered PROT_NONE pages.
+struct ProtNone {
+    ptr: *mut u64,
+    pages: usize,
+    protected: Vec<bool>,
+}
+
+impl ProtNone {
+    fn new(mib: usize) -> Self {
+        let pages = mib * 256;
+        // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap of the PROT_NONE region failed");
+        let mut this = ProtNone {
+            ptr: ptr.cast(),
+            pages,
+            protected: vec![false; pages],
+        };
+        // SAFETY: the whole mapping is ours and writable.
+        let words = unsafe { std::slice::from_raw_parts_mut(this.ptr, pages * PAGE_WORDS) };
+        for page in 0..pages {
+            for i in 0..PAGE_WORDS {
+                words[page * PAGE_WORDS + i] = expected_word(2 << 20 | page, 0, i);
+            }
+        }
+        let mut rng = 0x0bad_5eed_u64;
+        for _ in 0..pages / 8 {
+            rng = mix(rng);
+            let page = (rng % pages as u64) as usize;
+            this.protect(page, libc::PROT_NONE);
+            this.protected[page] = true;
+        }
+        this
+    }
+
+    fn protect(&self, page: usize, prot: libc::c_int) {
+        // SAFETY: changes the protection of one page of our own mapping.
+        let rc = unsafe { libc::mprotect(self.ptr.add(page * PAGE_WORDS).cast(), 4096, prot) };
+        assert_eq!(rc, 0, "mprotect failed");
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for page in 0..self.pages {
+            if self.protected[page] {
+                self.protect(page, libc::PROT_READ);
+            }
+            // SAFETY: the page is readable now.
+            let words =
+                unsafe { std::slice::from_raw_parts(self.ptr.add(page * PAGE_WORDS), PAGE_WORDS) };
+            let intact = words
+                .iter()
+                .enumerate()
+                .all(|(i, &w)| w == expected_word(2 << 20 | page, 0, i));
+            if self.protected[page] {
+                self.protect(page, libc::PROT_NONE);
+            }
+            if !intact {
+                return Err(format!(
+                    "prot-none region page={page} protected={}",
+                    self.protected[page]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Forks a child that verifies one page of the inherited memory and exits (3 if it is wrong).
 fn fork_and_check(memory: &[u64], generations: &[u32], page: usize) {
     // SAFETY: memcheck is single-threaded, so the child may run arbitrary code after fork.
@@ -233,7 +314,7 @@ fn fork_and_check(memory: &[u64], generations: &[u32], page: usize) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS] [--fork-every N] [--churn]"
+        "usage: memcheck <MiB> [--status PATH] [--writes-per-tick N] [--tick-ms MS] [--fork-every N] [--churn] [--prot-none MIB]"
     );
     exit(2)
 }
@@ -249,6 +330,7 @@ fn main() {
     let mut tick = Duration::from_millis(5);
     let mut fork_every = 0u64;
     let mut churn = false;
+    let mut prot_none_mib = 0usize;
     let mut rest = args[1..].iter();
     while let Some(flag) = rest.next() {
         if flag == "--churn" {
@@ -261,6 +343,7 @@ fn main() {
             "--writes-per-tick" => writes_per_tick = value.parse().unwrap_or_else(|_| usage()),
             "--tick-ms" => tick = Duration::from_millis(value.parse().unwrap_or_else(|_| usage())),
             "--fork-every" => fork_every = value.parse().unwrap_or_else(|_| usage()),
+            "--prot-none" => prot_none_mib = value.parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -289,6 +372,7 @@ fn main() {
             }
         }
     }
+    let prot_none = (prot_none_mib > 0).then(|| ProtNone::new(prot_none_mib));
     let mut rng = 0x1234_5678_9abc_def0u64;
     let mut writes = 0u64;
     let mut pass = 0u64;
@@ -320,6 +404,12 @@ fn main() {
         }
         cursor = end;
         if cursor == pages {
+            if let Some(Err(problem)) = prot_none.as_ref().map(ProtNone::check) {
+                let line = format!("CORRUPT {problem} pass={pass}\n");
+                write_status(&status_path, &line);
+                eprint!("memcheck: {line}");
+                exit(3);
+            }
             cursor = 0;
             pass += 1;
             write_status(

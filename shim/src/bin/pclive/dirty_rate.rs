@@ -55,6 +55,11 @@ pub fn run(args: DirtyRateArgs) -> ExitCode {
         let started = Instant::now();
         // Counted piece by piece: a whole round of a large process is never held.
         let (mut dirty, mut zero_pages) = (0u64, 0usize);
+        // Soft-dirty reads and clears its marks with the process stopped for a moment.
+        if let Err(e) = tracker.begin_round(&[pid], &mut memory::StopSignal(pid), false) {
+            eprintln!("pclive: {e}");
+            return ExitCode::FAILURE;
+        }
         if let Err(e) = tracker.round_into(pid, &mut |piece: memory::Delta| {
             dirty += piece.data_pages() * restore_engine::page::SIZE_U64;
             zero_pages += piece.zero.len();
