@@ -8,6 +8,8 @@ use std::fs;
 use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,11 @@ use crate::runc::{CheckpointOpts, CriuOpts, Runc, RuncError};
 
 /// CRIU's page-server command that ends a lazy dump's serving session.
 const PS_IOV_CLOSE: u32 = 0x1023;
+/// How long CRIU may take to dump the frozen container (everything but the lazy memory) before
+/// it serves pages.
+const DUMP_START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long runc may take to end after CRIU's page server closed.
+const DUMP_END_TIMEOUT: Duration = Duration::from_secs(60);
 /// The field of containerd's `CheckpointOptions` that carries a [`MigrateRequest`] (containerd
 /// passes unknown fields through to the shim unchanged).
 pub const MIGRATE_FIELD: u32 = 1000;
@@ -268,8 +275,26 @@ fn lazy_final_dump(
     };
     let runc = runc.clone();
     let id = id.to_owned();
-    let dump = thread::spawn(move || runc.checkpoint(&id, &opts));
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // runc and its CRIU run in a process group of their own: a dump that does not end in time
+    // is stopped as a whole before the container may resume.
+    let group = Arc::new(AtomicI32::new(0));
+    let dump = {
+        let group = Arc::clone(&group);
+        thread::spawn(move || {
+            runc.checkpoint_in_group(&id, &opts, |pgid| group.store(pgid, Ordering::SeqCst))
+        })
+    };
+    let give_up = |what: String| {
+        let pgid = group.load(Ordering::SeqCst);
+        if pgid > 0 {
+            // SAFETY: killpg has no memory-safety preconditions; the group is runc's own.
+            unsafe { libc::killpg(pgid, libc::SIGKILL) };
+        }
+        DumpError::Server(format!(
+            "{what}; runc and CRIU were stopped (CRIU's dump.log in the work directory says where it hung)"
+        ))
+    };
+    let deadline = Instant::now() + DUMP_START_TIMEOUT;
     let mut stream = loop {
         if dump.is_finished() {
             return match dump.join() {
@@ -283,11 +308,12 @@ fn lazy_final_dump(
         match TcpStream::connect(("127.0.0.1", port)) {
             Ok(s) => break s,
             Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            Err(source) => {
-                return Err(DumpError::Io {
-                    what: "connecting to CRIU's page server".into(),
-                    source,
-                })
+            Err(_) => {
+                let error = give_up(format!(
+                    "CRIU did not finish the final dump within {DUMP_START_TIMEOUT:?}"
+                ));
+                let _ = dump.join();
+                return Err(error);
             }
         }
     };
@@ -302,6 +328,17 @@ fn lazy_final_dump(
         source,
     })?;
     drop(stream);
+    let deadline = Instant::now() + DUMP_END_TIMEOUT;
+    while !dump.is_finished() {
+        if Instant::now() > deadline {
+            let error = give_up(format!(
+                "runc checkpoint did not end within {DUMP_END_TIMEOUT:?} after its page server closed"
+            ));
+            let _ = dump.join();
+            return Err(error);
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
     match dump.join() {
         Ok(result) => Ok(result?),
         Err(_) => Err(DumpError::Server("the dump thread panicked".into())),

@@ -28,7 +28,16 @@ pub struct ReapedOutput {
 
 /// Spawns `command` (whose stdio the caller configured), feeds `stdin_data` if stdin is piped,
 /// collects piped stdout/stderr and returns the exit status the reaper saw.
-pub fn run(mut command: Command, stdin_data: Option<&[u8]>) -> Result<ReapedOutput, ReaperError> {
+pub fn run(command: Command, stdin_data: Option<&[u8]>) -> Result<ReapedOutput, ReaperError> {
+    run_reporting(command, stdin_data, |_| {})
+}
+
+/// [`run`], telling `started` the child's pid as soon as it runs (to stop it from elsewhere).
+pub fn run_reporting(
+    mut command: Command,
+    stdin_data: Option<&[u8]>,
+    started: impl FnOnce(i32),
+) -> Result<ReapedOutput, ReaperError> {
     let subscription =
         monitor_subscribe(Topic::Pid).map_err(|e| ReaperError::Monitor(e.to_string()))?;
     let mut child = command.spawn().map_err(ReaperError::Spawn)?;
@@ -36,6 +45,7 @@ pub fn run(mut command: Command, stdin_data: Option<&[u8]>) -> Result<ReapedOutp
     // pipes): drop them now so that only the child keeps them open.
     drop(command);
     let pid = child.id() as i32;
+    started(pid);
 
     if let Some(mut stdin) = child.stdin.take() {
         if let Some(data) = stdin_data {

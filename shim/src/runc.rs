@@ -294,13 +294,30 @@ impl Runc {
     }
 
     pub fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<(), RuncError> {
+        self.checkpoint_in_group(id, opts, |_| {})
+    }
+
+    /// `runc checkpoint` in a process group of its own (runc and the CRIU it starts), whose id
+    /// `started` learns, so that it can be stopped as a whole (`killpg`) if it hangs.
+    pub fn checkpoint_in_group(
+        &self,
+        id: &str,
+        opts: &CheckpointOpts,
+        started: impl FnOnce(i32),
+    ) -> Result<(), RuncError> {
         let mut args = self.global_args();
         args.word("checkpoint");
         opts.push_args(&mut args);
         args.word(id);
-        self.run("checkpoint", args, RuncStdio::Capture, None)
-            .map_err(|e| with_criu_log(e, opts.criu.work_path.as_deref(), "dump.log"))
-            .map(drop)
+        self.run_in(
+            "checkpoint",
+            args,
+            RuncStdio::Capture,
+            None,
+            Some(Box::new(started)),
+        )
+        .map_err(|e| with_criu_log(e, opts.criu.work_path.as_deref(), "dump.log"))
+        .map(drop)
     }
 
     pub fn restore(&self, id: &str, opts: &RestoreOpts, stdio: RuncStdio) -> Result<(), RuncError> {
@@ -321,8 +338,23 @@ impl Runc {
         stdio: RuncStdio,
         stdin_data: Option<&[u8]>,
     ) -> Result<Vec<u8>, RuncError> {
+        self.run_in(subcommand, args, stdio, stdin_data, None)
+    }
+
+    /// [`Self::run`]; with `group`, in a new process group whose id `group` learns.
+    fn run_in(
+        &self,
+        subcommand: &str,
+        args: Args,
+        stdio: RuncStdio,
+        stdin_data: Option<&[u8]>,
+        group: Option<Box<dyn FnOnce(i32) + '_>>,
+    ) -> Result<Vec<u8>, RuncError> {
         let mut command = Command::new(&self.binary);
         command.args(&args.0);
+        if group.is_some() {
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
         let capture = matches!(stdio, RuncStdio::Capture);
         match stdio {
             RuncStdio::Capture => {
@@ -355,7 +387,12 @@ impl Runc {
             status,
             stdout,
             stderr: stderr_buf,
-        } = reaper::run(command, stdin_data).map_err(|e| match e {
+        } = reaper::run_reporting(command, stdin_data, |pid| {
+            if let Some(group) = group {
+                group(pid)
+            }
+        })
+        .map_err(|e| match e {
             reaper::ReaperError::Spawn(source) => RuncError::Spawn {
                 binary: self.binary.clone(),
                 source,
