@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::lazy_restore::{
     forward_events, kill, server_command, wait_exit, RECEIVE_TIMEOUT, SERVER_LOG,
 };
-use crate::receive::{self, add_receive_args, ReceiveSpec, ServerLine};
+use crate::receive::{self, add_receive_args, ReceiveHandle, ReceiveSpec, ServerLine};
 
 /// Name of the report the shim writes into the CRIU work directory when an eager restore of a
 /// migration ends (the lazy path writes `pclive-lazy-restore.json`).
@@ -101,6 +101,7 @@ impl EagerReceiver {
         images: &Path,
         work_dir: &Path,
         spec: &ReceiveSpec,
+        handle: &ReceiveHandle,
     ) -> Result<Self, EagerRestoreError> {
         let mut command = server_command(images, work_dir).map_err(EagerRestoreError::Spawn)?;
         add_receive_args(&mut command, spec);
@@ -121,6 +122,7 @@ impl EagerReceiver {
             .map_err(|e| EagerRestoreError::Spawn(e.to_string()))?;
         let pid = child.id() as i32;
         let line = ServerLine::new(child.stdin.take());
+        handle.attach(line.clone());
         let stdout = child.stdout.take().expect("stdout is piped");
         // The reaper collects the exit; the Child handle is not waited on.
         drop(child);

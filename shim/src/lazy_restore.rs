@@ -25,7 +25,7 @@ use restore_engine::events::{FillStats, ServerEvent, ShimMessage};
 use restore_engine::lazy;
 use serde::Serialize;
 
-use crate::receive::{self, ReceiveSpec, ServerLine};
+use crate::receive::{self, ReceiveHandle, ReceiveSpec, ServerLine};
 use crate::runc::Runc;
 
 /// The subcommand of the shim binary that runs the lazy-pages server.
@@ -111,6 +111,7 @@ impl LazyServer {
         images: &Path,
         work_dir: &Path,
         options: &LazyOptions,
+        handle: &ReceiveHandle,
     ) -> Result<Self, LazyRestoreError> {
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| LazyRestoreError::Spawn(format!("socketpair: {e}")))?;
@@ -157,6 +158,9 @@ impl LazyServer {
             .receive
             .as_ref()
             .map(|_| ServerLine::new(child.stdin.take()));
+        if let Some(line) = &line {
+            handle.attach(line.clone());
+        }
         // The reaper collects the exit; the Child handle is not waited on.
         drop(child);
         let progress = options

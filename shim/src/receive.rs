@@ -80,6 +80,61 @@ impl ServerLine {
     }
 }
 
+/// Lets a Kill stop a receive that waits for, or takes in, its source: the server is told the
+/// restore failed (it tells the source to resume) and the container's start fails.
+#[derive(Clone, Default)]
+pub struct ReceiveHandle(Arc<Mutex<HandleState>>);
+
+#[derive(Default)]
+struct HandleState {
+    line: Option<ServerLine>,
+    cancelled: Option<String>,
+    done: bool,
+}
+
+impl ReceiveHandle {
+    /// The receiving server started: Kill reaches it through `line`.
+    pub(crate) fn attach(&self, line: ServerLine) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = &state.cancelled {
+            let _ = line.tell(&ShimMessage::RestoreFailed {
+                reason: reason.clone(),
+            });
+        }
+        state.line = Some(line);
+    }
+
+    /// The restore ran (or failed): there is nothing to cancel any more.
+    pub(crate) fn finish(&self) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        state.line = None;
+        state.done = true;
+    }
+
+    /// Stops the receive, if one is under way; true if it was.
+    pub fn cancel(&self, reason: &str) -> bool {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if state.done {
+            return false;
+        }
+        state.cancelled.get_or_insert_with(|| reason.to_string());
+        if let Some(line) = &state.line {
+            let _ = line.tell(&ShimMessage::RestoreFailed {
+                reason: reason.to_string(),
+            });
+        }
+        true
+    }
+
+    pub fn cancelled(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancelled
+            .clone()
+    }
+}
+
 /// The receiving server died (or was given up on) before the source learnt how migration
 /// `migration_id` ended: record the truth (`lost` if the restored tasks had resumed, `aborted`
 /// if not) and answer the source's questions on the listen address for a while, on a thread.

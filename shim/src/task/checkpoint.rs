@@ -28,6 +28,7 @@ impl Tasks {
             });
         }
         tools::check_criu()?;
+        super::restore::use_dump_criu_config(&container.bundle)?;
         let work_path = params
             .work_path
             .clone()

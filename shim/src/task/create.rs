@@ -94,6 +94,7 @@ impl Tasks {
             pending_start: Mutex::new(Some(pending_start)),
             rootfs_mounted,
             no_pivot: params.options.no_pivot_root,
+            receive: Default::default(),
         });
         self.containers()
             .insert(params.id.clone(), Arc::clone(&container));

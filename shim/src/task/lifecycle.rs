@@ -24,6 +24,15 @@ impl Tasks {
             (inner.pid, inner.status)
         };
         match exec_id {
+            // A container still receiving its migration has no process to signal: the receive
+            // stops (the source is told to resume) and its start fails.
+            None if status == ProcessStatus::Created
+                && container.receive.cancel(&format!(
+                    "the receiving container was killed (signal {signal}) before its migration arrived"
+                )) =>
+            {
+                log::info!("{id}: killed while receiving a migration: the receive stops");
+            }
             None => {
                 if status == ProcessStatus::Stopped && !all {
                     return Err(TaskError::WrongState {

@@ -35,6 +35,7 @@ use crate::cgroups::CgroupError;
 use crate::eager_restore::EagerRestoreError;
 use crate::io::{IoError, PreparedIo};
 use crate::lazy_restore::LazyRestoreError;
+use crate::receive::ReceiveHandle;
 use crate::runc::{Runc, RuncError};
 use process::{PidRegistry, Process};
 use restore_engine::versions::VersionError;
@@ -107,6 +108,8 @@ struct Container {
     pending_start: Mutex<Option<InitStart>>,
     rootfs_mounted: bool,
     no_pivot: bool,
+    /// A received migration's receive, which Kill can stop.
+    receive: ReceiveHandle,
 }
 
 impl Container {

@@ -21,6 +21,8 @@ use crate::tools;
 /// (move_mount EINVAL) on bundles that bind-mount host directories; CRIU refuses it on dump,
 /// so it cannot live in /etc/criu/runc.conf.
 const RESTORE_ONLY_CRIU_OPTIONS: &str = "mntns-compat-mode\n";
+/// The CRIU config pclive writes into a restored container's bundle.
+const RESTORE_CONFIG: &str = "criu-restore.conf";
 
 impl Tasks {
     /// Starts the init of a container created for a restore: `runc restore` from its images
@@ -43,18 +45,37 @@ impl Tasks {
             "cannot create CRIU work directory {}",
             work_path.display()
         )))?;
-        let eager_receiver = match &source.receive_eagerly {
-            Some(spec) => Some(EagerReceiver::receive(
-                &container.id,
-                &source.image_path,
-                &work_path,
-                spec,
-            )?),
-            None => None,
-        };
-        let lazy_server = match &source.lazy {
-            Some(options) => Some(LazyServer::start(&source.image_path, &work_path, options)?),
-            None => None,
+        let received = (|| -> Result<_, TaskError> {
+            let eager_receiver = match &source.receive_eagerly {
+                Some(spec) => Some(EagerReceiver::receive(
+                    &container.id,
+                    &source.image_path,
+                    &work_path,
+                    spec,
+                    &container.receive,
+                )?),
+                None => None,
+            };
+            let lazy_server = match &source.lazy {
+                Some(options) => Some(LazyServer::start(
+                    &source.image_path,
+                    &work_path,
+                    options,
+                    &container.receive,
+                )?),
+                None => None,
+            };
+            Ok((eager_receiver, lazy_server))
+        })();
+        let (eager_receiver, lazy_server) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                container.receive.finish();
+                return Err(match container.receive.cancelled() {
+                    Some(why) => TaskError::Invalid(format!("{why} ({e})")),
+                    None => e,
+                });
+            }
         };
         let opts = RestoreOpts {
             criu: CriuOpts {
@@ -74,7 +95,9 @@ impl Tasks {
         };
         let (runc_stdio, rest) = io.split();
         let restore_started = Instant::now();
-        if let Err(e) = container.runc.restore(&container.id, &opts, runc_stdio) {
+        let restored = container.runc.restore(&container.id, &opts, runc_stdio);
+        container.receive.finish();
+        if let Err(e) = restored {
             if let Some(server) = lazy_server {
                 server.abort(&e.to_string());
             }
@@ -220,7 +243,7 @@ fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
         "cannot find the shim binary for CRIU's action script",
     ))?;
     config.push_str(&format!("action-script {}\n", shim.display()));
-    let config_path = bundle.join("criu-restore.conf");
+    let config_path = bundle.join(RESTORE_CONFIG);
     fs::write(&config_path, config)
         .map_err(os_err(format!("cannot write {}", config_path.display())))?;
     annotations.insert(
@@ -230,4 +253,32 @@ fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
     let updated = serde_json::to_vec(&spec)
         .map_err(|e| TaskError::Invalid(format!("cannot encode {}: {e}", spec_path.display())))?;
     fs::write(&spec_path, updated).map_err(os_err(format!("cannot write {}", spec_path.display())))
+}
+
+/// A container that was restored keeps the restore's CRIU config (runc reads the config named by
+/// `org.criu.config` on dump too), and CRIU refuses restore-only options on dump ("Option
+/// --mntns-compat-mode is only valid on restore"): a migrated container could never be
+/// checkpointed or migrated again. Before a dump, the config pclive wrote for the restore loses
+/// what pclive added to it (restore-only options and the action script).
+pub(super) fn use_dump_criu_config(bundle: &Path) -> Result<(), TaskError> {
+    let config_path = bundle.join(RESTORE_CONFIG);
+    let named = annotations::of_bundle(bundle)
+        .get(CRIU_CONFIG)
+        .is_some_and(|p| Path::new(p) == config_path);
+    if !named || !config_path.exists() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(&config_path)
+        .map_err(os_err(format!("cannot read {}", config_path.display())))?;
+    let dump: String = text
+        .lines()
+        .filter(|line| {
+            let line = line.trim();
+            !(RESTORE_ONLY_CRIU_OPTIONS.lines().any(|o| o == line)
+                || line == "tcp-close"
+                || line.starts_with("action-script "))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    fs::write(&config_path, dump).map_err(os_err(format!("cannot write {}", config_path.display())))
 }
