@@ -45,8 +45,11 @@ dst_sock=/run/pclive-testbed/$bed/dst/containerd.sock
 dst_addr=$(bash scripts/testbed.sh env --name "$bed" | awk '/^dst/ { sub(",", "", $5); print $5 }')
 
 say "source host: a container with $mib MiB of checksummed memory that keeps changing"
-rootfs=$work/rootfs
+# Each host has a root filesystem of its own, as two machines would.
+rootfs=$work/rootfs-src
+dst_rootfs=$work/rootfs-dst
 bash testdata/build-rootfs.sh "$rootfs" target/release/memcheck
+bash testdata/build-rootfs.sh "$dst_rootfs" target/release/memcheck
 ctr --address "$src_sock" -n demo-src run -d --null-io --runtime io.containerd.pclive.v2 \
   --rootfs "$rootfs" app /usr/local/bin/memcheck "$mib" --status /status
 for _ in $(seq 600); do grep -q 'pass=1 ' "$rootfs/status" 2>/dev/null && break; sleep 0.1; done
@@ -54,10 +57,13 @@ echo "memcheck: $(cat "$rootfs/status")"
 head -c 32 /dev/urandom > "$work/key"
 
 say "destination host: pclive receive (listening on $dst_addr:7411)"
-pclive receive app --listen "$dst_addr:7411" --key-file "$work/key" --rootfs "$rootfs" \
+pclive receive app --listen "$dst_addr:7411" --key-file "$work/key" --rootfs "$dst_rootfs" \
   --address "$dst_sock" --namespace demo-dst &
 receiver=$!
-for _ in $(seq 100); do grep -q "receiving a migration" "/run/pclive-testbed/$bed/dst/containerd.log" && break; sleep 0.1; done
+for _ in $(seq 200); do
+  bash scripts/testbed.sh exec dst --name "$bed" ss -Hltn "sport = :7411" | grep -q . && break
+  sleep 0.05
+done
 
 say "pclive migrate app $dst_addr:7411"
 before=$(cat "$rootfs/status")
@@ -74,16 +80,17 @@ for _ in $(seq 100); do
 done
 echo "source host:";      ctr --address "$src_sock" -n demo-src task ls
 echo "destination host:"; ctr --address "$dst_sock" -n demo-dst task ls
+# memcheck's pass counter goes on on the destination: two more passes there verify every page.
 pass_before=$(sed -n 's/.*pass=\([0-9]*\).*/\1/p' <<<"$before")
 want=$((pass_before + 2))
 for _ in $(seq 600); do
-  pass=$(sed -n 's/.*pass=\([0-9]*\).*/\1/p' "$rootfs/status" 2>/dev/null || true)
+  pass=$(sed -n 's/.*pass=\([0-9]*\).*/\1/p' "$dst_rootfs/status" 2>/dev/null || true)
   [ -n "$pass" ] && [ "$pass" -ge "$want" ] && break
-  grep -q CORRUPT "$rootfs/status" && break
+  grep -q CORRUPT "$dst_rootfs/status" && break
   sleep 0.1
 done
-echo "memcheck: $(cat "$rootfs/status")"
-if grep -q CORRUPT "$rootfs/status" || [ "${pass:-0}" -lt "$want" ]; then
+echo "memcheck (destination): $(cat "$dst_rootfs/status")"
+if grep -q CORRUPT "$dst_rootfs/status" || [ "${pass:-0}" -lt "$want" ]; then
   echo "FAILED: the migrated container did not verify its memory" >&2
   exit 1
 fi
@@ -91,5 +98,8 @@ cat <<END
 
 The container moved from $bed-src to $bed-dst over a $rate link while it ran: $(jq '.precopy.rounds | length' "$work/report.json") rounds of
 pre-copy, then a pause of $(jq -r '.downtime_seconds | . * 1000 | floor' "$work/report.json") ms. On the destination it verified all $((mib * 256)) pages of its
-$mib MiB (pass $pass_before -> $pass) and runs on; the source container is gone.
+$mib MiB (pass $pass_before -> $pass) and runs on; the source container is gone. The migration's
+record on each host (pclive status):
 END
+pclive status app --address "$src_sock" -n demo-src --state-dir "/run/pclive-testbed/$bed/src/pclive" || true
+pclive status app --address "$dst_sock" -n demo-dst --state-dir "/run/pclive-testbed/$bed/dst/pclive" || true
