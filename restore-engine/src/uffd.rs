@@ -120,7 +120,8 @@ pub enum Stop {
     /// events, then retry. Retrying without reading them would spin forever, since the task
     /// waits for its event to be read.
     Busy,
-    /// The rest of the range is no longer mapped in the task (an unmap event follows).
+    /// ENOENT: the rest of the range is not inside one registered mapping: unmapped (an unmap
+    /// event follows) or crossing a mapping boundary (mprotect splits mappings).
     Unmapped,
     /// The task's address space is gone (it exited).
     Exited,

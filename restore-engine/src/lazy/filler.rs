@@ -83,8 +83,19 @@ impl<'a, S: PageSource> Filler<'a, S> {
         match stop {
             None => Ok((done_pages, false)),
             Some(Stop::Busy) => Ok((done_pages, true)),
+            // ENOENT means "not inside one registered mapping": the pages may be unmapped, or
+            // the run may cross a boundary that did not exist at dump time (mprotect splits
+            // mappings; maps04). Halve the run until it fits; only a single page that fails is
+            // really gone (its unmap event follows). Dropping the whole run here left pages the
+            // task later read as zeros.
             Some(Stop::Unmapped) => {
-                task.pending.remove(addr + bytes, addr + len);
+                let failed = addr + bytes;
+                let rest = (len - bytes) as usize / page::SIZE;
+                if rest > 1 {
+                    let (more, busy) = self.install(task, failed, rest / 2)?;
+                    return Ok((done_pages + more, busy));
+                }
+                task.pending.remove(failed, failed + page::SIZE_U64);
                 Ok((done_pages, false))
             }
             Some(Stop::Exited) => {

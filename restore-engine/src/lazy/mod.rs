@@ -373,6 +373,18 @@ mod tests {
     /// end marker (as CRIU's restorer does), the background fills the rest from the staging store.
     #[test]
     fn serves_faults_and_fills_a_registered_region_from_the_staging_store() {
+        fill_region(&[]);
+    }
+
+    /// mprotect splits a mapping after the dump (zdtm's maps04 pattern): a fill run that crosses
+    /// the new boundaries makes UFFDIO_COPY fail with ENOENT although every page is mapped.
+    /// Every page must still arrive (dropping the run left zero pages behind).
+    #[test]
+    fn pages_of_a_mapping_split_by_mprotect_are_all_installed() {
+        fill_region(&[3, 64, 130, 131, 200, 255]);
+    }
+
+    fn fill_region(prot_none: &[usize]) {
         use std::sync::mpsc;
 
         const PAGES: usize = 256;
@@ -391,6 +403,14 @@ mod tests {
         assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
         let uffd = crate::uffd::open_like_criu().expect("userfaultfd");
         uffd.register_missing(base, (PAGES * page) as u64).unwrap();
+        let protect = |i: usize, prot| {
+            // SAFETY: changes the protection of one page of our own region.
+            let rc = unsafe { libc::mprotect((base + (i * page) as u64) as *mut _, page, prot) };
+            assert_eq!(rc, 0, "mprotect");
+        };
+        for &i in prot_none {
+            protect(i, libc::PROT_NONE);
+        }
 
         // Images: task 7 with one lazy VMA over the region, no data (as a lazy dump writes).
         let dir = tempfile::tempdir().unwrap();
@@ -450,6 +470,9 @@ mod tests {
         assert_eq!(stats.bytes, (PAGES * page) as u64);
         assert!(stats.pages_by_fault >= 1);
         assert!(stats.zero_pages >= 1);
+        for &i in prot_none {
+            protect(i, libc::PROT_READ);
+        }
         for i in 0..PAGES {
             let want = if i == 5 { 0 } else { (i % 251) as u8 + 1 };
             // SAFETY: every page of the region is installed now.

@@ -65,11 +65,15 @@ pub enum TrackError {
 }
 
 impl TrackError {
-    /// The task exited (its /proc entry or its address space is gone).
+    /// The task exited (its /proc entry or its address space is gone). A task that is exiting
+    /// or exec'ing keeps its /proc entry, but reads of its old address space return nothing
+    /// (end of file): short-lived processes do this all the time, and a running round skips
+    /// them (the frozen round reads every task strictly).
     pub fn task_vanished(&self) -> bool {
         match self {
             TrackError::Proc { source, .. } | TrackError::Read { source, .. } => {
                 source.kind() == io::ErrorKind::NotFound
+                    || source.kind() == io::ErrorKind::UnexpectedEof
                     || source.raw_os_error() == Some(libc::ESRCH)
             }
             TrackError::NoSoftDirty | TrackError::Stopped | TrackError::Quiesce(_) => false,

@@ -494,3 +494,20 @@ mod soft_dirty_seam {
         );
     }
 }
+
+/// A task that exits while a round reads it: the kernel answers reads of its pagemap with end
+/// of file (not an error number). That is a task gone, to be skipped, not a failed migration.
+#[test]
+fn reading_a_task_that_exited_counts_as_vanished() {
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("start sleep");
+    let pid = child.id();
+    let vma = lazy_vmas(pid).expect("smaps of a live task")[0];
+    let pagemap = open_pagemap(pid).expect("pagemap of a live task");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let err = pagemap_entries(pid, &pagemap, vma.start, vma.end).expect_err("it exited");
+    assert!(err.task_vanished(), "{err}");
+}
