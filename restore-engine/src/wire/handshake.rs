@@ -231,15 +231,61 @@ pub fn harden_tcp(stream: &std::net::TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)
 }
 
-/// Reads a pre-shared key file: at least 16 bytes (e.g. `head -c 32 /dev/urandom > key`).
+/// The shortest pre-shared key accepted: 256 bits.
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// The longest: a key file is read whole, and `/dev/zero` must not grow memory without bound.
+pub const MAX_KEY_BYTES: usize = 4096;
+
+/// Reads a pre-shared key file. The key is a root credential on every receiving host, so the
+/// file must be a regular file owned by root, readable by nobody else (0600 or 0400), and hold
+/// at least 32 bytes; anything else is refused with the command that makes a proper one.
 pub fn read_key_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let key =
-        std::fs::read(path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
-    if key.len() < 16 {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let how = format!(
+        "make one with: (umask 077; head -c 32 /dev/urandom > {p}) && chown root: {p}",
+        p = path.display()
+    );
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("cannot read key file {}: {e} ({how})", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    let problem = if !meta.file_type().is_file() {
+        Some("is not a regular file".to_string())
+    } else if meta.uid() != 0 {
+        Some(format!("is owned by uid {}, not root", meta.uid()))
+    } else if meta.mode() & 0o077 != 0 {
+        Some(format!(
+            "has mode {:04o}: others may read it (chmod 600)",
+            meta.mode() & 0o7777
+        ))
+    } else if (meta.len() as usize) < MIN_KEY_BYTES {
+        Some(format!(
+            "holds {} bytes; a key needs at least {MIN_KEY_BYTES} random bytes",
+            meta.len()
+        ))
+    } else if meta.len() as usize > MAX_KEY_BYTES {
+        Some(format!(
+            "holds {} bytes; a key file holds at most {MAX_KEY_BYTES}",
+            meta.len()
+        ))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        return Err(format!("key file {} {problem}; {how}", path.display()));
+    }
+    let mut key = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_KEY_BYTES as u64 + 1)
+        .read_to_end(&mut key)
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+    if key.len() < MIN_KEY_BYTES || key.len() > MAX_KEY_BYTES {
         return Err(format!(
-            "key file {} holds {} bytes; use at least 16 random bytes (head -c 32 /dev/urandom > {})",
-            path.display(),
-            key.len(),
+            "key file {} changed while it was read; {how}",
             path.display()
         ));
     }
@@ -319,5 +365,33 @@ mod tests {
         assert!(client.is_err() && server.is_err());
         let (client, server) = pair(Auth::Insecure, Auth::Insecure);
         assert!(client.is_ok() && server.is_ok());
+    }
+
+    #[test]
+    fn key_files_must_be_private_regular_and_long_enough() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: usize, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![7u8; bytes]).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        assert_eq!(read_key_file(&write("good", 32, 0o600)).unwrap().len(), 32);
+        assert!(read_key_file(&write("ro", 64, 0o400)).is_ok());
+        let short = read_key_file(&write("short", 16, 0o600)).unwrap_err();
+        assert!(
+            short.contains("at least 32") && short.contains("head -c 32"),
+            "{short}"
+        );
+        let open = read_key_file(&write("open", 32, 0o644)).unwrap_err();
+        assert!(open.contains("mode 0644"), "{open}");
+        let huge = read_key_file(&write("huge", 8192, 0o600)).unwrap_err();
+        assert!(huge.contains("at most"), "{huge}");
+        let device = read_key_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(device.contains("not a regular file"), "{device}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("good"), &link).unwrap();
+        assert!(read_key_file(&link).is_err(), "a symlink is not followed");
     }
 }
