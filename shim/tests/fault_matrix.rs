@@ -50,7 +50,23 @@ fn alive(pid: &str) -> bool {
         .nth(5)
         .and_then(|f| f.parse::<u64>().ok())
         .unwrap_or(0);
-    !matches!(state, None | Some("Z") | Some("X")) && flags & PF_EXITING == 0
+    !matches!(state, None | Some("Z") | Some("X")) && flags & PF_EXITING == 0 && !killed(pid)
+}
+
+/// A SIGKILL is pending: the task never runs user code again. (The source kills its frozen copy
+/// and then thaws it, as cgroup v1 needs; until each task reaches do_exit it is thawed, not
+/// yet exiting, but already dead.)
+fn killed(pid: &str) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .filter_map(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .any(|mask| mask & SIGKILL_BIT != 0)
 }
 
 /// Whether the container runs on a host: live processes in its cgroup that are not frozen
@@ -92,7 +108,17 @@ fn describe(namespace: &str) -> String {
             let cmd = fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
                 .unwrap_or_default();
-            format!("{pid} ({})", cmd.trim())
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rfind(')')
+                .and_then(|at| stat[at + 1..].split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            format!(
+                "{pid} ({}) state {state}{}",
+                cmd.trim(),
+                if killed(pid) { ", SIGKILL pending" } else { "" }
+            )
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -424,8 +450,9 @@ fn run_cell(cell: Cell) {
         fs::remove_dir_all(dst_rootfs.join("usr/local/bin")).unwrap();
     }
     let _tiny = matches!(cell.fault, Fault::FullImageDir).then(|| TinyBundles::mount(&hosts.dst));
-    let key = hosts.src.dir.join("migration.key");
-    fs::write(&key, b"0123456789abcdef0123456789abcdef").unwrap();
+    // Each host has its own copy of the key (annotations may only name the host's files).
+    let key = PathBuf::from(hosts.src.key());
+    hosts.dst.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let run = Run {
         hosts,
@@ -455,7 +482,7 @@ fn run_cell(cell: Cell) {
     let mut receive = run.pclive(Host::Dst);
     receive
         .args(["receive", ID, "--listen", &run.listen, "--key-file"])
-        .arg(&run.key)
+        .arg(run.hosts.dst.key())
         .arg("--rootfs")
         .arg(&run.dst_rootfs)
         .stdout(Stdio::piped())
@@ -475,7 +502,7 @@ fn run_cell(cell: Cell) {
                     "--annotation",
                     &format!("{}={}", annotations::RECEIVE_LISTEN, run.listen),
                     "--annotation",
-                    &format!("{}={}", annotations::RECEIVE_KEY_FILE, run.key.display()),
+                    &format!("{}={}", annotations::RECEIVE_KEY_FILE, run.hosts.dst.key()),
                     "--annotation",
                     &format!("{}={rate}", annotations::RESTORE_FILL_RATE_MIB),
                     "--annotation",
