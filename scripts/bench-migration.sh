@@ -103,7 +103,6 @@ trap cleanup EXIT
 
 rootfs=$work/rootfs
 bash testdata/build-rootfs.sh "$rootfs" "$(command -v redis-server)" >/dev/null
-head -c 32 /dev/urandom > "$work/key"
 
 ctr_src() { tb ctr src --name "$bed" -n "$src_ns" "$@"; }
 ctr_dst() { tb ctr dst --name "$bed" -n "$dst_ns" "$@"; }
@@ -210,13 +209,13 @@ run_one() {
       local listen=$dst_addr:7411 extra=() send=()
       [ "$mode" = pclive-eager ] && extra=(--eager)
       [ "$mode" = pclive-lz4 ] && send=(--compress)
-      pclive receive "$id" --listen "$listen" --key-file "$work/key" --rootfs "$rootfs" \
+      pclive receive "$id" --listen "$listen" --key-file "/run/pclive-testbed/$bed/dst/migration.key" --rootfs "$rootfs" \
         --address "/run/pclive-testbed/$bed/dst/containerd.sock" --namespace "$dst_ns" \
-        --net-host --tcp-close "${extra[@]}" > "$dir/receive.log" 2>&1 &
+        --state-dir "/run/pclive-testbed/$bed/dst/pclive" --net-host --tcp-close "${extra[@]}" > "$dir/receive.log" 2>&1 &
       local receiver=$!
       background+=("$receiver")
       wait_listening dst 7411
-      pclive migrate "$id" "$listen" --key-file "$work/key" "${send[@]}" \
+      pclive migrate "$id" "$listen" --key-file "/run/pclive-testbed/$bed/src/migration.key" "${send[@]}" \
         --address "/run/pclive-testbed/$bed/src/containerd.sock" --namespace "$src_ns" \
         --state-dir "/run/pclive-testbed/$bed/src/pclive" \
         --work-dir "$dir/source-work" --json > "$dir/migration.json" 2> "$dir/migrate.log"

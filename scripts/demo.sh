@@ -54,11 +54,11 @@ ctr --address "$src_sock" -n demo-src run -d --null-io --runtime io.containerd.p
   --rootfs "$rootfs" app /usr/local/bin/memcheck "$mib" --status /status
 for _ in $(seq 600); do grep -q 'pass=1 ' "$rootfs/status" 2>/dev/null && break; sleep 0.1; done
 echo "memcheck: $(cat "$rootfs/status")"
-head -c 32 /dev/urandom > "$work/key"
 
 say "destination host: pclive receive (listening on $dst_addr:7411)"
-pclive receive app --listen "$dst_addr:7411" --key-file "$work/key" --rootfs "$dst_rootfs" \
-  --address "$dst_sock" --namespace demo-dst &
+pclive receive app --listen "$dst_addr:7411" --key-file "/run/pclive-testbed/$bed/dst/migration.key" \
+  --rootfs "$dst_rootfs" --address "$dst_sock" --namespace demo-dst \
+  --state-dir "/run/pclive-testbed/$bed/dst/pclive" &
 receiver=$!
 for _ in $(seq 200); do
   bash scripts/testbed.sh exec dst --name "$bed" ss -Hltn "sport = :7411" | grep -q . && break
@@ -67,7 +67,7 @@ done
 
 say "pclive migrate app $dst_addr:7411"
 before=$(cat "$rootfs/status")
-pclive migrate app "$dst_addr:7411" --key-file "$work/key" --address "$src_sock" --namespace demo-src \
+pclive migrate app "$dst_addr:7411" --key-file "/run/pclive-testbed/$bed/src/migration.key" --address "$src_sock" --namespace demo-src \
   --state-dir "/run/pclive-testbed/$bed/src/pclive" --json > "$work/report.json"
 wait "$receiver"; receiver=""
 jq '{downtime_seconds, last_round_seconds, final_dump_seconds, images_seconds, commit_wait_seconds,

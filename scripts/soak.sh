@@ -55,8 +55,6 @@ other() { [ "$1" = src ] && echo dst || echo src; }
 for host in src dst; do
   bash testdata/build-rootfs.sh "$work/rootfs-$host" "$memcheck" >/dev/null
 done
-head -c 32 /dev/urandom > "$work/key"
-chmod 600 "$work/key"
 
 status_of() { cat "$work/rootfs-$1/status" 2>/dev/null || true; }
 pass_of() { status_of "$1" | sed -n 's/^pass=\([0-9]*\).*/\1/p'; }
@@ -97,7 +95,7 @@ for hop in $(seq "$hops"); do
   there=$(other "$here")
   listen="$(addr_of "$there"):7411"
   started=$(date +%s.%N)
-  pclive receive app --listen "$listen" --key-file "$work/key" --rootfs "$work/rootfs-$there" \
+  pclive receive app --listen "$listen" --key-file "$state/$there/migration.key" --rootfs "$work/rootfs-$there" \
     --address "$(sock_of "$there")" --namespace "$(ns_of "$there")" \
     --state-dir "$state/$there/pclive" > "$work/receive.log" 2>&1 &
   receiver=$!
@@ -105,7 +103,7 @@ for hop in $(seq "$hops"); do
     bash scripts/testbed.sh exec "$there" --name "$bed" ss -Hltn "sport = :7411" | grep -q . && break
     sleep 0.05
   done
-  if ! pclive migrate app "$listen" --key-file "$work/key" --address "$(sock_of "$here")" \
+  if ! pclive migrate app "$listen" --key-file "$state/$here/migration.key" --address "$(sock_of "$here")" \
       --namespace "$(ns_of "$here")" --state-dir "$state/$here/pclive" --json \
       > "$work/report.json" 2> "$work/migrate.log"; then
     echo "soak: hop $hop ($here → $there) failed:" >&2; cat "$work/migrate.log" "$work/receive.log" >&2; exit 1

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Two emulated hosts on this machine for migration tests and demos: two network namespaces joined
 # by a veth pair (rate-limited with tc), each running its own containerd (own root, state and
-# socket) with the pclive shim.
+# socket) with the pclive shim, its own pclive settings (NAME's directory under
+# /run/pclive-testbed/NAME/HOST may be named by annotations; receiving is allowed) and a copy of
+# one migration key (HOST/migration.key).
 #
 #   scripts/testbed.sh up [--name NAME] [--rate 1gbit|10gbit|none]
 #   scripts/testbed.sh down [--name NAME]
@@ -63,8 +65,20 @@ on_host() {
 }
 
 start_containerd() {
-  # Each host records its migrations in its own state directory, as two machines would.
-  PCLIVE_STATE_DIR="$state/$1/pclive" containerd_start "$state/$1" on_host "$1"
+  # Each host records its migrations in its own state directory, as two machines would, and has
+  # settings of its own (/etc/pclive/config.toml on a real host): annotations may name files in
+  # the host's directory, and containers may receive migrations (without a key too: the
+  # test bed's link reaches nobody else).
+  mkdir -p "$state/$1"
+  cat > "$state/$1/pclive-config.toml" <<CONF
+[annotations]
+read_dirs = ["/etc/pclive", "/var/lib/pclive", "$state/$1"]
+write_dirs = ["/var/lib/pclive", "$state/$1"]
+allow_receive = true
+allow_insecure = true
+CONF
+  PCLIVE_CONFIG="$state/$1/pclive-config.toml" PCLIVE_STATE_DIR="$state/$1/pclive" \
+    containerd_start "$state/$1" on_host "$1"
 }
 
 up() {
@@ -104,6 +118,10 @@ up() {
     ip -n "$(ns_of $host)" link set "$hdev" up
     ip -n "$(ns_of cli)" link set "$cdev" up
   done
+  # One migration key, copied to each host (root's, 0600), as an administrator would.
+  mkdir -p "$state/src" "$state/dst"
+  (umask 077; head -c 32 /dev/urandom > "$state/src/migration.key")
+  (umask 077; cp "$state/src/migration.key" "$state/dst/migration.key")
   for host in src dst; do start_containerd "$host"; done
   trap - ERR
   env_info
@@ -135,7 +153,7 @@ down() {
 
 env_info() {
   for host in src dst; do
-    printf '%s: netns %s, address %s, containerd %s, clients reach it at %s, cgroups %s, pclive state %s\n' "$host" "$(ns_of $host)" "$(addr_of $host)" "$(sock_of $host)" "$(client_addr_of $host)" "pclive-testbed-$name-$host" "$state/$host/pclive"
+    printf '%s: netns %s, address %s, containerd %s, clients reach it at %s, cgroups %s, pclive state %s, key %s, settings %s\n' "$host" "$(ns_of $host)" "$(addr_of $host)" "$(sock_of $host)" "$(client_addr_of $host)" "pclive-testbed-$name-$host" "$state/$host/pclive" "$state/$host/migration.key" "$state/$host/pclive-config.toml"
   done
   printf 'cli: netns %s\n' "$(ns_of cli)"
   printf 'link: %s\n' "$rate"

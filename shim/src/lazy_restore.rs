@@ -349,11 +349,10 @@ pub(crate) fn forward_events(
     progress: Option<PathBuf>,
 ) -> std::io::Result<Receiver<ServerEvent>> {
     let (tx, events) = mpsc::channel();
+    // Named by an annotation (checked against the host's settings at Create): created 0600,
+    // never through a symbolic link.
     let mut progress = progress.and_then(|path| {
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        crate::confine::open_append(&path)
             .map_err(|e| warn!("progress file {}: {e}; going on without it", path.display()))
             .ok()
     });

@@ -2,12 +2,15 @@
 //!
 //! `service` is the edge (ttrpc, protobuf); `task` the core over typed `runc` command lines
 //! (one container operation per file); `io` the container stdio; `cgroups` statistics and OOM
-//! events; `annotations` every pclive annotation; `migrate` the source side of a migration,
+//! events; `annotations` every pclive annotation, `config` the host's settings (`/etc/pclive/config.toml`) and
+//! `confine` what annotations may name under them; `migrate` the source side of a migration,
 //! `lazy_restore` and `eager_restore` the destination's (they run and supervise the engine's
 //! server process).
 
 pub mod annotations;
 pub mod cgroups;
+pub mod config;
+pub mod confine;
 pub mod eager_restore;
 pub mod io;
 pub mod lazy_restore;

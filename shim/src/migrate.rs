@@ -29,7 +29,7 @@ const PS_IOV_CLOSE: u32 = 0x1023;
 /// it serves pages.
 const DUMP_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long runc may take to end after CRIU's page server closed.
-const DUMP_END_TIMEOUT: Duration = Duration::from_secs(60);
+const DUMP_END_TIMEOUT: Duration = Duration::from_secs(10);
 /// The field of containerd's `CheckpointOptions` that carries a [`MigrateRequest`] (containerd
 /// passes unknown fields through to the shim unchanged).
 pub const MIGRATE_FIELD: u32 = 1000;

@@ -34,7 +34,8 @@ fn to_status(err: TaskError) -> ttrpc::Error {
         TaskError::NoContainer(_) | TaskError::NoProcess { .. } => Code::NOT_FOUND,
         TaskError::ContainerExists(_) | TaskError::ProcessExists { .. } => Code::ALREADY_EXISTS,
         TaskError::WrongState { .. } => Code::FAILED_PRECONDITION,
-        TaskError::Invalid(_) => Code::INVALID_ARGUMENT,
+        TaskError::Invalid(_) | TaskError::Annotation(_) => Code::INVALID_ARGUMENT,
+        TaskError::Confined(_) => Code::PERMISSION_DENIED,
         _ => Code::UNKNOWN,
     };
     let message = err.to_string();

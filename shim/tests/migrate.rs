@@ -79,17 +79,13 @@ fn migrate_in_background(
     })
 }
 
-fn key_file(dir: &Path) -> String {
-    let path = dir.join("migration.key");
-    fs::write(&path, b"0123456789abcdef0123456789abcdef").unwrap();
-    path.display().to_string()
-}
-
-/// Starts the receiving container on `dst` (ctr blocks until it runs: in the background).
+/// Starts the receiving container on `dst` (ctr blocks until it runs: in the background). With
+/// `key` (the source's key file), the destination authenticates with its own copy of the key
+/// ([`Containerd::key`]): annotations may only name files in the host's allowed directories.
 fn receive(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: Option<&str>) -> Guarded {
     let listen = format!("{}={listen}", annotations::RECEIVE_LISTEN);
     let auth = match key {
-        Some(k) => format!("{}={k}", annotations::RECEIVE_KEY_FILE),
+        Some(_) => format!("{}={}", annotations::RECEIVE_KEY_FILE, dst.key()),
         None => format!("{}=true", annotations::RECEIVE_INSECURE),
     };
     let rootfs = rootfs.display().to_string();
@@ -121,12 +117,14 @@ fn receive(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: Option<
 
 /// Starts the receiving container on `dst` in eager mode with `pclive receive --eager` (it
 /// blocks until the migrated container runs: in the background).
-fn receive_eagerly(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: &str) -> Guarded {
+fn receive_eagerly(dst: &Containerd, id: &str, rootfs: &Path, listen: &str) -> Guarded {
     let rootfs = rootfs.display().to_string();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
-        .args(["receive", id, "--listen", listen, "--key-file", key])
+        .args(["receive", id, "--listen", listen, "--key-file", &dst.key()])
         .args(["--rootfs", &rootfs, "--eager"])
         .args(["--address", &dst.address, "--namespace", &dst.namespace])
+        .arg("--state-dir")
+        .arg(dst.state_base())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -163,9 +161,9 @@ fn checksummed_memory_migrates_with_an_eager_restore() {
         memcheck_status(&s1).is_some_and(|s| s.pass >= 1)
             && memcheck_status(&s2).is_some_and(|s| s.pass >= 1)
     });
-    let key = key_file(&src.dir);
+    let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive_eagerly(dst, "app", &rootfs, &listen, &key);
+    let receiver = receive_eagerly(dst, "app", &rootfs, &listen);
 
     let started = Instant::now();
     let (b1, b2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
@@ -235,7 +233,7 @@ fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
     wait_for("memcheck to verify", Duration::from_secs(120), || {
         memcheck_status(&status).is_some_and(|s| s.pass >= 1)
     });
-    let key = key_file(&src.dir);
+    let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive(dst, "app", &rootfs, &listen, Some(&key));
 
@@ -283,9 +281,9 @@ fn a_wrong_key_is_refused_and_the_source_keeps_running() {
         ],
     );
     src.wait_status("app", "RUNNING");
-    let right = key_file(&dst.dir);
+    let right = dst.key();
     let wrong = src.dir.join("wrong.key");
-    fs::write(&wrong, b"fedcba9876543210fedcba9876543210").unwrap();
+    write_private(&wrong, b"fedcba9876543210fedcba9876543210");
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive(dst, "app", &rootfs, &listen, Some(&right));
     let err = migrate(src, "app", &listen, &wrong.display().to_string()).unwrap_err();
@@ -363,7 +361,7 @@ impl InterruptedMigration {
     fn start_with(rate: &str, options: &[&str]) -> Self {
         let hosts = TwoHosts::up(rate);
         let rootfs = counter(&hosts.src);
-        let key = key_file(&hosts.src.dir);
+        let key = hosts.src.key();
         let destination = format!("{}:{}", hosts.dst_ip, free_port());
         let receiver = receive(&hosts.dst, "app", &rootfs, &destination, Some(&key));
         let migration = Some(migrate_in_background(
@@ -417,7 +415,7 @@ fn a_failed_restore_on_the_destination_resumes_the_source() {
     let hosts = TwoHosts::up("10gbit");
     let (src, dst) = (&hosts.src, &hosts.dst);
     let rootfs = counter(src);
-    let key = key_file(&src.dir);
+    let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     // The destination restores into a root filesystem that lacks the container's files: CRIU
     // cannot reopen them and the restore fails after the source was frozen and dumped.
@@ -438,13 +436,13 @@ fn a_failed_eager_restore_resumes_the_source_and_leaves_nothing_behind() {
     let hosts = TwoHosts::up("10gbit");
     let (src, dst) = (&hosts.src, &hosts.dst);
     let rootfs = counter(src);
-    let key = key_file(&src.dir);
+    let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     // As in the lazy case: the destination's root filesystem lacks the container's files, so
     // CRIU fails after the images were completed, with the source frozen.
     let wrong_rootfs = dst.rootfs("empty-root");
     fs::remove_dir_all(wrong_rootfs.join("usr/local/bin")).unwrap();
-    let receiver = receive_eagerly(dst, "app", &wrong_rootfs, &listen, &key);
+    let receiver = receive_eagerly(dst, "app", &wrong_rootfs, &listen);
     let err = migrate(src, "app", &listen, &key).unwrap_err();
     assert!(
         err.contains("keeps running here") && err.contains("restore"),
@@ -499,7 +497,7 @@ fn forking_processes_and_changing_mappings_migrate_correctly() {
         memcheck_status(&s1).is_some_and(|s| s.pass >= 1)
             && memcheck_status(&s2).is_some_and(|s| s.pass >= 1)
     });
-    let key = key_file(&src.dir);
+    let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive(dst, "family", &rootfs, &listen, Some(&key));
     let (b1, b2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
@@ -593,7 +591,7 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     wait_for("the load to write", Duration::from_secs(30), || {
         writes(src, "w0") > 10
     });
-    let key = key_file(&src.dir);
+    let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive(dst, "redis", &rootfs, &listen, Some(&key));
     let writes_before = writes(src, "w1");
@@ -713,7 +711,7 @@ fn a_mapping_with_prot_none_pages_migrates() {
     wait_for("memcheck to verify", Duration::from_secs(60), || {
         memcheck_status(&src_rootfs.join("status")).is_some_and(|s| s.pass >= 1)
     });
-    let key = key_file(&src.dir);
+    let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive(dst, "app", &dst_rootfs, &listen, Some(&key));
     let report = migrate(src, "app", &listen, &key).unwrap_or_else(|e| {

@@ -15,6 +15,8 @@ use super::{
     Tasks,
 };
 use crate::annotations::{self, RestoreAnnotations};
+use crate::config::Config;
+use crate::confine;
 use crate::io as pio;
 use crate::runc::CreateOpts;
 use crate::tools;
@@ -33,7 +35,19 @@ impl Tasks {
         )))?;
 
         // Where to restore from, if anywhere: containerd's checkpoint, runc options, annotations.
-        let asked = annotations::parse(&annotations::of_bundle(&bundle))?;
+        let raw = annotations::of_bundle(&bundle);
+        let asked = annotations::parse(&raw)?;
+        // Annotations name host paths and listeners the shim acts on as root: only what the
+        // host's settings allow.
+        let config = Config::load()?;
+        confine::check(
+            &asked,
+            &raw,
+            &config.annotations,
+            std::slice::from_ref(&self.config.state_dir),
+            &Config::path(),
+        )
+        .map_err(Box::new)?;
         let restore = restore_source(&params, &asked, &self.config.state_dir)?;
 
         let rootfs_mounted = self.mount_rootfs(&bundle, &params.rootfs)?;

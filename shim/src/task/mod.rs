@@ -61,6 +61,11 @@ pub enum TaskError {
     Invalid(String),
     #[error(transparent)]
     Annotation(#[from] AnnotationError),
+    /// The annotations ask for what this host's settings do not allow.
+    #[error(transparent)]
+    Confined(#[from] Box<crate::confine::ConfineError>),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Runc(#[from] RuncError),
     #[error(transparent)]

@@ -112,6 +112,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
             ),
         )
         .unwrap();
+        // The host's pclive settings: annotations may name files in this test's directory, and
+        // containers may receive migrations.
+        fs::write(
+            dir.join("pclive-config.toml"),
+            format!(
+                "[annotations]\nread_dirs = [\"{d}\"]\nwrite_dirs = [\"{d}\"]\nallow_receive = true\nallow_insecure = true\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
         let mut this = Containerd {
             dir,
             address,
@@ -135,6 +145,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
             .arg(&self.config)
             .env("PATH", &self.path_env)
             .env("PCLIVE_STATE_DIR", self.state_base())
+            .env("PCLIVE_CONFIG", self.pclive_config())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -363,6 +374,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
             }
             let _ = self.ctr(&["container", "rm", id]);
         }
+    }
+}
+
+impl Containerd {
+    /// This host's pclive settings (tests may rewrite them; the shim reads them at each Create).
+    pub fn pclive_config(&self) -> PathBuf {
+        self.dir.join("pclive-config.toml")
+    }
+
+    /// This host's copy of the migration key (root's, 0600; the same bytes on every host).
+    pub fn key(&self) -> String {
+        let path = self.dir.join("migration.key");
+        write_private(&path, b"0123456789abcdef0123456789abcdef");
+        path.display().to_string()
     }
 }
 
@@ -694,4 +719,17 @@ impl Drop for Guarded {
             let _ = child.wait();
         }
     }
+}
+
+/// Writes a file only root may read (as key files must be: pclive refuses others).
+pub fn write_private(path: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    std::io::Write::write_all(&mut file, bytes).unwrap();
 }

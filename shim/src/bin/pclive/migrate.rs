@@ -174,7 +174,10 @@ pub fn run(args: MigrateArgs) -> ExitCode {
     // shim writes the final dump's logs and the migration report into the work path, which must
     // be absolute (the shim runs elsewhere) and private (mkdtemp, 0700).
     let (work, _temporary) = match &args.work_dir {
-        Some(dir) => match std::path::absolute(dir) {
+        Some(dir) => match std::path::absolute(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|dir| private_dir(&dir).map(|()| dir))
+        {
             Ok(dir) => (dir, None),
             Err(e) => return fail(2, format!("--work-dir {}: {e}", dir.display())),
         },
@@ -298,5 +301,30 @@ pub fn run(args: MigrateArgs) -> ExitCode {
             exit::FAILED,
             format!("containerd reported success but the migration's record says {phase:?}"),
         ),
+    }
+}
+
+/// A work directory given by the user: created 0700 if missing; if it exists, a directory (not
+/// a link) of our own that nobody else may write to, since the shim writes into it as root and
+/// someone else's directory could hold links planted there.
+fn private_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create it: {e}")),
+        Err(e) => Err(e.to_string()),
+        Ok(meta) if !meta.is_dir() => Err("not a directory (a symbolic link is not accepted)".into()),
+        Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() => Err(format!(
+            "owned by uid {}, not by us: use a directory of your own, or none (pclive makes a private one)",
+            meta.uid()
+        )),
+        Ok(meta) if meta.mode() & 0o022 != 0 => Err(format!(
+            "mode {:04o} lets others write into it: chmod 700 it, or give none (pclive makes a private one)",
+            meta.mode() & 0o7777
+        )),
+        Ok(_) => Ok(()),
     }
 }

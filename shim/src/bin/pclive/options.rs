@@ -44,11 +44,16 @@ pub struct Containerd {
 impl Containerd {
     /// The records of this containerd instance and namespace.
     pub fn store(&self) -> Store {
-        let dir = match &self.state_dir {
+        Store::new(&self.dir())
+    }
+
+    /// The shim's state directory for this containerd instance and namespace (annotations may
+    /// always name files there).
+    pub fn dir(&self) -> PathBuf {
+        match &self.state_dir {
             Some(base) => base.join(&self.namespace),
             None => containerd_shim_pclive::paths::state_dir(&self.address, &self.namespace),
-        };
-        Store::new(&dir)
+        }
     }
 
     /// A request to containerd in our namespace.

@@ -1,6 +1,7 @@
 //! `pclive receive CONTAINER --listen ADDR`: creates the receiving container, which waits for
 //! its source and then runs the migrated container.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -161,8 +162,23 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
         );
     }
     // The receiving shim appends its progress here; we follow it while ctr waits. A private
-    // directory (mkdtemp, 0700).
-    let progress_dir = match tempfile::Builder::new().prefix("pclive-receive-").tempdir() {
+    // directory (mkdtemp, 0700) in the shim's state directory, where the host's settings let
+    // annotations name files (README, "Trust").
+    let state_dir = args.containerd.dir();
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+    {
+        return fail(
+            exit::FAILED,
+            format!("cannot create {}: {e}", state_dir.display()),
+        );
+    }
+    let progress_dir = match tempfile::Builder::new()
+        .prefix("receive-")
+        .tempdir_in(&state_dir)
+    {
         Ok(d) => d,
         Err(e) => {
             return fail(
