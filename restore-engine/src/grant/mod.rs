@@ -218,6 +218,9 @@ impl Grant {
     }
 }
 
+/// The file in the receiving server's work directory that holds its grant (JSON, mode 0600).
+pub const GRANT_FILE: &str = "grant.json";
+
 /// How many violations an error spells out.
 const SHOWN: usize = 6;
 
