@@ -9,6 +9,7 @@
 pub mod annotations;
 pub mod cgroups;
 pub mod eager_restore;
+pub mod grant;
 pub mod io;
 pub mod lazy_restore;
 pub mod migrate;
