@@ -17,6 +17,7 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use crate::destination::txn::GateRefused;
 use crate::destination::{gate, receive_and_serve, Cancel, DestinationTxn};
 use crate::events::ServerEvent;
+use crate::grant::Grant;
 use crate::lazy::socket::{RESTORE_FINISHED, SOCKET_NAME};
 use crate::lazy::ServerConfig;
 use crate::page::SIZE_U64 as PAGE;
@@ -55,6 +56,7 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
         let stats = receive_and_serve(
             &mut session,
             &config,
+            &Grant::default(),
             None,
             &dst_txn,
             &Cancel::default(),
@@ -193,6 +195,7 @@ fn a_failing_destination_tells_the_source_to_abort_and_why() {
         receive_and_serve(
             &mut session,
             &config,
+            &Grant::default(),
             None,
             &dst_txn,
             &Cancel::default(),
@@ -261,6 +264,7 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
             let result = receive_and_restore_eagerly(
                 &mut session,
                 &dst_images2,
+                &Grant::default(),
                 &txn,
                 &Cancel::default(),
                 |event| assembled |= matches!(event, ServerEvent::Assembled(_)),

@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::cancel::Cancel;
 use crate::destination::{self, ReceiveOptions, RestoreOutcome};
 use crate::events::{ServerEvent, ShimMessage};
+use crate::grant::{Grant, GRANT_FILE};
 use crate::lazy::{self, ImageSource, ServerConfig};
 use crate::record::Store;
 use crate::staging::StagingStore;
@@ -30,7 +31,9 @@ use crate::wire;
 ///
 /// With `--receive` it first receives a migration on ADDR (rounds into the staging store, the
 /// image files into `--images`), recording its phases under `--state-dir`, then serves the
-/// restore from the staging store. The restore's CRIU must ask the resume gate
+/// restore from the staging store. The images are refused unless they stay within what the
+/// receiving container's spec grants: `grant.json` in `--work-dir` ([`crate::grant`]), which the
+/// shim writes. The restore's CRIU must ask the resume gate
 /// ([`destination::gate`]) before the tasks resume. When every page is installed it emits
 /// `fill-complete` and waits for the shim's verdict on stdin ([`ShimMessage`]: `alive` or
 /// `died`); then it tells the source the outcome (`concluded`). With `--eager` as well it serves
@@ -150,6 +153,14 @@ pub fn server_main(args: &[String]) -> i32 {
             eprintln!("--receive needs --state-dir DIR (where the migration is recorded)");
             return 2;
         };
+        // What the receiving container's spec grants: the images must not exceed it.
+        let grant = match Grant::read(&config.work_dir.join(GRANT_FILE)) {
+            Ok(grant) => grant,
+            Err(message) => {
+                emit(ServerEvent::Error { message });
+                return 1;
+            }
+        };
         crate::fault::load();
         let mut options = ReceiveOptions::new(&address, auth, Store::new(&state_dir));
         if let Some(seconds) = accept_timeout {
@@ -166,6 +177,7 @@ pub fn server_main(args: &[String]) -> i32 {
             cancel,
             messages,
             &config,
+            &grant,
             supervisor.as_ref(),
             eager,
         );
@@ -228,6 +240,7 @@ fn receive_migration(
     cancel: Cancel,
     messages: Receiver<ShimMessage>,
     config: &ServerConfig,
+    grant: &Grant,
     supervisor: Option<&UnixStream>,
     eager: bool,
 ) -> i32 {
@@ -254,6 +267,7 @@ fn receive_migration(
         destination::receive_and_restore_eagerly(
             &mut session,
             &config.images,
+            grant,
             &txn,
             &cancel,
             emit,
@@ -275,6 +289,7 @@ fn receive_migration(
         destination::receive_and_serve(
             &mut session,
             config,
+            grant,
             supervisor,
             &txn,
             &cancel,

@@ -18,9 +18,11 @@ use crate::wire::Auth;
 
 /// Writes the images a `--lazy-pages` dump of task `pid` with one private anonymous mapping
 /// `[base, base + pages)` would contain as far as memory goes: pstree, mm, and a pagemap whose
-/// range is PE_LAZY without data.
+/// range is PE_LAZY without data; and as far as the grant check goes (inventory, core, ids): a
+/// task of uid 0 without capabilities in namespaces of its own, within `Grant::default()`.
 pub fn write_lazy_images(dir: &Path, pid: u32, base: u64, pages: u64) {
     let page = PAGE;
+    write_task_images(dir, pid);
     fs::write(
         dir.join("pstree.img"),
         encode_entries(
@@ -67,6 +69,54 @@ pub fn write_lazy_images(dir: &Path, pid: u32, base: u64, pages: u64) {
             }],
         }
         .encode(),
+    )
+    .unwrap();
+}
+
+/// The images the grant check reads for task `pid` ([`crate::grant::check`]).
+pub fn write_task_images(dir: &Path, pid: u32) {
+    use crate::grant::creds::{CoreEntry, CredsEntry, TaskCoreEntry, ThreadCoreEntry};
+    use crate::grant::namespaces::IDS_MAGIC;
+    use crate::images::{InventoryEntry, TaskKobjIdsEntry, CORE_MAGIC};
+    let ids = |ns: u32| TaskKobjIdsEntry {
+        vm_id: 1,
+        files_id: 1,
+        fs_id: 1,
+        sighand_id: 1,
+        pid_ns_id: Some(ns),
+        net_ns_id: Some(ns + 1),
+        ..Default::default()
+    };
+    let inventory = InventoryEntry {
+        img_version: 2,
+        root_ids: Some(ids(1)),
+        ..Default::default()
+    };
+    fs::write(
+        dir.join("inventory.img"),
+        encode_entries(Header::Inventory, &[inventory]),
+    )
+    .unwrap();
+    fs::write(
+        dir.join(format!("ids-{pid}.img")),
+        encode_entries(Header::Common(IDS_MAGIC), &[ids(10)]),
+    )
+    .unwrap();
+    let core = CoreEntry {
+        mtype: 1,
+        tc: Some(TaskCoreEntry {
+            comm: "writer".into(),
+            old_seccomp_mode: None,
+        }),
+        ids: None,
+        thread_core: Some(ThreadCoreEntry {
+            creds: Some(CredsEntry::default()),
+            seccomp_mode: None,
+        }),
+    };
+    fs::write(
+        dir.join(format!("core-{pid}.img")),
+        encode_entries(Header::Common(CORE_MAGIC), &[core]),
     )
     .unwrap();
 }

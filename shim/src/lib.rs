@@ -12,6 +12,7 @@ pub mod cgroups;
 pub mod config;
 pub mod confine;
 pub mod eager_restore;
+pub mod grant;
 pub mod io;
 pub mod lazy_restore;
 pub mod migrate;

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::assemble::{self, AssembleError, AssembleReport};
 pub use crate::cancel::Cancel;
 use crate::events::{FillStats, ServerEvent};
+use crate::grant::{self, Grant, GrantError};
 use crate::lazy::{self, LazyError, ServerConfig};
 use crate::record::{Phase, RecordError, Store};
 use crate::staging::StagingStore;
@@ -48,6 +49,8 @@ pub enum DestinationError {
     Handshake(#[from] WireError),
     #[error("receiving the migration: {0}")]
     Receive(#[from] ReceiveError),
+    #[error("refused: {0}")]
+    Refused(#[from] GrantError),
     #[error("installing the memory: {0}")]
     Install(#[from] LazyError),
     #[error("completing the images from the staging store: {0}")]
@@ -350,11 +353,13 @@ fn answer_until_stopped(
 /// in `config.work_dir` after [`ServerEvent::Ready`], and its CRIU must ask the resume gate
 /// ([`gate`]) before the tasks resume. Once every page is installed, `verdict` says whether the
 /// container is alive; then the source is told the outcome: `Committed`, `Abort` (nothing ran
-/// here: it resumes) or `Lost` (it ran here and died).
+/// here: it resumes) or `Lost` (it ran here and died). The images are refused unless they stay
+/// within `grant`, what the receiving container's spec grants ([`grant::check`]).
 #[allow(clippy::too_many_arguments)]
 pub fn receive_and_serve<S: Read + Write + Timeouts>(
     session: &mut Session<S>,
     config: &ServerConfig,
+    grant: &Grant,
     supervisor: Option<&UnixStream>,
     txn: &DestinationTxn,
     cancel: &Cancel,
@@ -369,6 +374,7 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
             })?;
         fault("destination::after-rounds")?;
         let image_bytes = receive::receive_images(session, &config.images)?;
+        grant::check(&config.images, grant)?;
         fault("destination::after-images")?;
         check(cancel)?;
         txn.enter(Phase::Restoring, None)?;
@@ -404,10 +410,13 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
 /// the staging store and the image files into `images`, which are then completed from the store
 /// ([`assemble::assemble`]). The store is freed before `restore` runs (the restored tasks need
 /// that memory). `restore` restores from `images` (its CRIU asking the resume gate) and says how
-/// it went; the source is then told the outcome, as in [`receive_and_serve`].
+/// it went; the source is then told the outcome, as in [`receive_and_serve`]. The images are
+/// refused unless they stay within `grant`.
+#[allow(clippy::too_many_arguments)]
 pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
     session: &mut Session<S>,
     images: &Path,
+    grant: &Grant,
     txn: &DestinationTxn,
     cancel: &Cancel,
     mut events: impl FnMut(ServerEvent),
@@ -421,6 +430,7 @@ pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
             })?;
         fault("destination::after-rounds")?;
         let image_bytes = receive::receive_images(session, images)?;
+        grant::check(images, grant)?;
         fault("destination::after-images")?;
         events(ServerEvent::ImagesReady {
             rounds: received.rounds,

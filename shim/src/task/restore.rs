@@ -46,6 +46,21 @@ impl Tasks {
             work_path.display()
         )))?;
         let received = (|| -> Result<_, TaskError> {
+            let receiving = source.receive_eagerly.is_some()
+                || source.lazy.as_ref().is_some_and(|o| o.receive.is_some());
+            if receiving {
+                // The receiving server checks the images against it once they arrived.
+                crate::grant::write_for_server(&container.bundle, &work_path)
+                    .map_err(|e| TaskError::Invalid(e.to_string()))?;
+            } else {
+                // CRIU takes credentials, capabilities, namespaces and mounts from the images,
+                // not from this container's spec: they must not exceed it.
+                let grant = crate::grant::of_bundle(&container.bundle)
+                    .map_err(|e| TaskError::Invalid(e.to_string()))?;
+                restore_engine::grant::check(&source.image_path, &grant).map_err(|e| {
+                    TaskError::Invalid(format!("{}: {e}", source.image_path.display()))
+                })?;
+            }
             let eager_receiver = match &source.receive_eagerly {
                 Some(spec) => Some(EagerReceiver::receive(
                     &container.id,

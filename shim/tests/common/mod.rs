@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod migration;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::symlink;

@@ -1,0 +1,175 @@
+//! The receiving container's [`Grant`]: what its OCI spec (config.json in the bundle) grants its
+//! processes, the ceiling for the CRIU images it restores (restore-engine/src/grant). Written
+//! as `grant.json` (mode 0600) into the receiving server's work directory.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{Capabilities as CapSet, LinuxNamespaceType, Spec};
+use restore_engine::grant::{self, Capabilities, Grant, GrantedMount, Namespace, GRANT_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantSpecError {
+    #[error("cannot read the receiving container's spec {path}: {message}; images cannot be checked against it")]
+    Spec { path: PathBuf, message: String },
+    #[error("the receiving container's spec {path}: {message}; fix its capabilities")]
+    Capability { path: PathBuf, message: String },
+    #[error("cannot write the receiving container's grant {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn mask(path: &Path, set: &Option<CapSet>) -> Result<u64, GrantSpecError> {
+    let names: Vec<String> = set
+        .iter()
+        .flatten()
+        .map(|cap| {
+            serde_json::to_value(cap)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| cap.to_string())
+        })
+        .collect();
+    grant::mask_of(names.iter().map(String::as_str)).map_err(|message| GrantSpecError::Capability {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+fn namespace(typ: LinuxNamespaceType) -> Namespace {
+    match typ {
+        LinuxNamespaceType::Pid => Namespace::Pid,
+        LinuxNamespaceType::Network => Namespace::Network,
+        LinuxNamespaceType::Ipc => Namespace::Ipc,
+        LinuxNamespaceType::Uts => Namespace::Uts,
+        LinuxNamespaceType::Mount => Namespace::Mount,
+        LinuxNamespaceType::User => Namespace::User,
+        LinuxNamespaceType::Cgroup => Namespace::Cgroup,
+        LinuxNamespaceType::Time => Namespace::Time,
+    }
+}
+
+/// The grant of `spec` (read from `path`, for messages).
+pub fn of_spec(spec: &Spec, path: &Path) -> Result<Grant, GrantSpecError> {
+    let process = spec.process().clone().unwrap_or_default();
+    let caps = process.capabilities().clone().unwrap_or_default();
+    let user = process.user();
+    let linux = spec.linux().clone().unwrap_or_default();
+    Ok(Grant {
+        capabilities: Capabilities {
+            bounding: mask(path, caps.bounding())?,
+            effective: mask(path, caps.effective())?,
+            permitted: mask(path, caps.permitted())?,
+            inheritable: mask(path, caps.inheritable())?,
+            ambient: mask(path, caps.ambient())?,
+        },
+        no_new_privileges: process.no_new_privileges().unwrap_or(false),
+        uid: user.uid(),
+        gid: user.gid(),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        seccomp: linux.seccomp().is_some(),
+        namespaces: linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .map(|ns| namespace(ns.typ()))
+            .collect(),
+        mounts: spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| GrantedMount {
+                destination: m.destination().display().to_string(),
+                typ: m.typ().clone().unwrap_or_default(),
+                readonly: m.options().iter().flatten().any(|o| o == "ro"),
+            })
+            .collect(),
+        masked_paths: linux.masked_paths().clone().unwrap_or_default(),
+        readonly_paths: linux.readonly_paths().clone().unwrap_or_default(),
+    })
+}
+
+/// The grant of the container whose bundle is `bundle`.
+pub fn of_bundle(bundle: &Path) -> Result<Grant, GrantSpecError> {
+    let path = bundle.join("config.json");
+    let spec = Spec::load(&path).map_err(|e| GrantSpecError::Spec {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    of_spec(&spec, &path)
+}
+
+/// Writes the grant of `bundle`'s container as `grant.json` (mode 0600) into the receiving
+/// server's `work_dir`, where it reads it.
+pub fn write_for_server(bundle: &Path, work_dir: &Path) -> Result<(), GrantSpecError> {
+    let grant = of_bundle(bundle)?;
+    let path = work_dir.join(GRANT_FILE);
+    let write = || -> std::io::Result<()> {
+        // A stale file of an earlier receive would keep its own mode: start afresh.
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(&serde_json::to_vec_pretty(&grant).map_err(std::io::Error::other)?)?;
+        file.sync_all()
+    };
+    write().map_err(|source| GrantSpecError::Write {
+        path: path.clone(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_becomes_its_grant() {
+        let mut spec = Spec::default();
+        let mut process = spec.process().clone().unwrap();
+        let mut caps = process.capabilities().clone().unwrap();
+        let bounding: CapSet = [oci_spec::runtime::Capability::NetRaw]
+            .into_iter()
+            .collect();
+        caps.set_bounding(Some(bounding));
+        process.set_capabilities(Some(caps));
+        spec.set_process(Some(process));
+        let grant = of_spec(&spec, Path::new("config.json")).unwrap();
+        assert_eq!(grant.capabilities.bounding, 1 << 13);
+        assert!(grant.has_own(Namespace::Pid) && grant.has_own(Namespace::Mount));
+        assert!(!grant.has_own(Namespace::User));
+        assert!(grant
+            .mounts
+            .iter()
+            .any(|m| m.destination == "/proc" && m.typ == "proc"));
+        assert!(grant.readonly_paths.iter().any(|p| p == "/proc/sys"));
+        assert!(grant.no_new_privileges);
+    }
+
+    #[test]
+    fn the_grant_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        Spec::default()
+            .save(dir.path().join("config.json"))
+            .unwrap();
+        write_for_server(dir.path(), dir.path()).unwrap();
+        write_for_server(dir.path(), dir.path()).unwrap();
+        let file = dir.path().join(GRANT_FILE);
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        Grant::read(&file).unwrap();
+    }
+}

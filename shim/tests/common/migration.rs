@@ -1,0 +1,128 @@
+//! Migration helpers for tests that migrate between the two containerds of a [`TwoHosts`]:
+//! `pclive migrate` on the source, receiving containers on the destination.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use containerd_shim_pclive::annotations;
+
+use super::*;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A migration key file (mode 0600) in `dir`.
+pub fn key_file(dir: &Path) -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("migration.key");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, b"0123456789abcdef0123456789abcdef").unwrap();
+    path.display().to_string()
+}
+
+/// `pclive migrate` through the source containerd's API; the JSON report on success, stderr on
+/// failure.
+pub fn migrate(
+    src: &Containerd,
+    id: &str,
+    destination: &str,
+    key: &str,
+) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
+        .args(["migrate", id, destination, "--key-file", key, "--json"])
+        .args(["--address", &src.address, "--namespace", &src.namespace])
+        .arg("--state-dir")
+        .arg(src.state_base())
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Starts a (lazy) receiving container on `dst` with `ctr run` and `extra` ctr options (ctr
+/// blocks until it runs: in the background).
+pub fn receive_with(
+    dst: &Containerd,
+    id: &str,
+    rootfs: &Path,
+    listen: &str,
+    key: &str,
+    extra: &[&str],
+) -> Guarded {
+    let listen = format!("{}={listen}", annotations::RECEIVE_LISTEN);
+    let auth = format!("{}={key}", annotations::RECEIVE_KEY_FILE);
+    let rootfs = rootfs.display().to_string();
+    let mut args = vec!["run", "-d", "--null-io", "--runtime", RUNTIME];
+    args.extend_from_slice(&["--annotation", &listen, "--annotation", &auth]);
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--rootfs", &rootfs, id, "/bin/true"]);
+    let child = dst
+        .ctr_command(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the receiver to listen", Duration::from_secs(30), || {
+        dst.log().contains("receiving a migration on")
+    });
+    Guarded(Some(child))
+}
+
+/// A container `app` on `src` that counts in /tmp/count and checks 64 MiB of memory
+/// (/status); its rootfs.
+pub fn counter(src: &Containerd) -> PathBuf {
+    let rootfs = src.rootfs("app");
+    src.run_detached(
+        "app",
+        &rootfs,
+        &[],
+        &[
+            "/bin/sh",
+            "-c",
+            "/usr/local/bin/memcheck 64 --status /status & \
+             i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done",
+        ],
+    );
+    src.wait_status("app", "RUNNING");
+    wait_for("memcheck to verify", Duration::from_secs(60), || {
+        memcheck_status(&rootfs.join("status")).is_some_and(|s| s.pass >= 1)
+    });
+    rootfs
+}
+
+/// The source's `app` runs, keeps counting, and its memory checks out.
+pub fn assert_keeps_running(src: &Containerd, rootfs: &Path) {
+    assert_eq!(src.task("app").unwrap().1, "RUNNING");
+    let count = rootfs.join("tmp/count");
+    let now = read_number(&count).unwrap();
+    wait_for(
+        "the source to keep counting",
+        Duration::from_secs(10),
+        || read_number(&count).is_some_and(|n| n > now + 3),
+    );
+    let status = rootfs.join("status");
+    let before = memcheck_status(&status).unwrap();
+    wait_for(
+        "another verified memcheck pass on the source",
+        Duration::from_secs(60),
+        || memcheck_status(&status).is_some_and(|s| s.pass > before.pass),
+    );
+    assert_eq!(memcheck_status(&status).unwrap().errors, 0);
+}
