@@ -8,6 +8,7 @@ use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
+use common::migration::free_port;
 use common::*;
 use containerd_shim_pclive::annotations;
 
@@ -52,14 +53,6 @@ fn refused(c: &Containerd, annotations: &[String], expect: &str) -> String {
 
 fn listen_here() -> String {
     format!("{}=127.0.0.1:{}", annotations::RECEIVE_LISTEN, free_port())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn annotation(key: &str, value: &Path) -> String {

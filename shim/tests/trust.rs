@@ -18,17 +18,18 @@ fn images_with_a_capability_the_receiving_container_lacks_are_refused() {
     let hosts = TwoHosts::up("10gbit");
     let (src, dst) = (&hosts.src, &hosts.dst);
     let rootfs = counter(src);
-    let key = key_file(&src.dir);
+    // Each host has its own root filesystem and its own copy of the key.
+    let dst_rootfs = dst.rootfs("app");
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let receiver = receive_with(
         dst,
         "app",
-        &rootfs,
+        &dst_rootfs,
         &listen,
-        &key,
+        &dst.key(),
         &["--cap-drop", "CAP_NET_RAW"],
     );
-    let err = migrate(src, "app", &listen, &key).unwrap_err();
+    let err = migrate(src, "app", &listen, &src.key()).unwrap_err();
     assert!(
         err.contains("holds CAP_NET_RAW")
             && err.contains("which the receiving container's spec does not grant"),

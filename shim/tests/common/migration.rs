@@ -1,7 +1,6 @@
 //! Migration helpers for tests that migrate between the two containerds of a [`TwoHosts`]:
 //! `pclive migrate` on the source, receiving containers on the destination.
 
-use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -17,21 +16,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A migration key file (mode 0600) in `dir`.
-pub fn key_file(dir: &Path) -> String {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("migration.key");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap();
-    std::io::Write::write_all(&mut file, b"0123456789abcdef0123456789abcdef").unwrap();
-    path.display().to_string()
 }
 
 /// `pclive migrate` through the source containerd's API; the JSON report on success, stderr on
