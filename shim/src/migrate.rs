@@ -21,7 +21,7 @@ use restore_engine::source::{
 };
 use restore_engine::wire::{self, Auth};
 
-use crate::runc::{CheckpointOpts, CriuOpts, Runc, RuncError};
+use crate::runc::{CheckpointOpts, CriuOpts, DumpNetwork, Runc, RuncError};
 
 /// CRIU's page-server command that ends a lazy dump's serving session.
 const PS_IOV_CLOSE: u32 = 0x1023;
@@ -165,6 +165,7 @@ struct RuncHooks<'a> {
     runc: &'a Runc,
     id: &'a str,
     work_dir: &'a Path,
+    network: DumpNetwork,
 }
 
 impl SourceHooks for RuncHooks<'_> {
@@ -192,6 +193,7 @@ impl SourceHooks for RuncHooks<'_> {
             self.id,
             image_dir,
             self.work_dir,
+            self.network,
         )?)
     }
 
@@ -223,6 +225,144 @@ impl SourceHooks for RuncHooks<'_> {
     }
 }
 
+/// Firewall rules that keep CRIU's page server (listening on every address of the host's
+/// network namespace) to root on this host: other hosts are dropped, other local users refused.
+/// Removed when dropped (in the background: not part of the container's downtime).
+struct PageServerFence {
+    rules: Vec<Vec<String>>,
+}
+
+impl PageServerFence {
+    fn raise(port: u16) -> Result<PageServerFence, DumpError> {
+        let port = port.to_string();
+        let rules: Vec<Vec<String>> = [
+            vec![
+                "INPUT", "-p", "tcp", "--dport", &port, "!", "-i", "lo", "-j", "DROP",
+            ],
+            vec![
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-o",
+                "lo",
+                "--dport",
+                &port,
+                "-m",
+                "owner",
+                "!",
+                "--uid-owner",
+                "0",
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ],
+        ]
+        .iter()
+        .map(|r| r.iter().map(|s| s.to_string()).collect())
+        .collect();
+        let mut fence = PageServerFence { rules: Vec::new() };
+        for rule in rules {
+            iptables("-I", &rule).map_err(|source| DumpError::Io {
+                what: format!(
+                    "fencing CRIU's page server with iptables ({}); install iptables (scripts/setup.sh does)",
+                    rule.join(" ")
+                ),
+                source,
+            })?;
+            fence.rules.push(rule);
+        }
+        Ok(fence)
+    }
+}
+
+impl Drop for PageServerFence {
+    fn drop(&mut self) {
+        let rules = std::mem::take(&mut self.rules);
+        thread::spawn(move || {
+            for rule in rules {
+                if let Err(e) = iptables("-D", &rule) {
+                    log::warn!("removing iptables rule {}: {e}", rule.join(" "));
+                }
+            }
+        });
+    }
+}
+
+/// Runs iptables through the shim's reaper (which owns every child's exit status).
+fn iptables(action: &str, rule: &[String]) -> io::Result<()> {
+    let mut command = std::process::Command::new("iptables");
+    command
+        .args(["-w", action])
+        .args(rule)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = crate::reaper::run(command, None).map_err(io::Error::other)?;
+    if out.status == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+/// Connects to CRIU's page server: from the shim, or, when the dump runs in a network
+/// namespace of its own, from a thread that joined it (the page server is reachable there only).
+struct Connector {
+    streams: std::sync::mpsc::Receiver<TcpStream>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Connector {
+    fn start(runc_pid: Arc<AtomicI32>, port: u16, network: DumpNetwork) -> Connector {
+        let (tx, streams) = std::sync::mpsc::channel();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = Arc::clone(&stop);
+        thread::spawn(move || {
+            let running = || !halt.load(Ordering::SeqCst);
+            if network == DumpNetwork::Private {
+                // runc (and CRIU, its child) run in the new namespace: join it.
+                let mut pid = 0;
+                while pid <= 0 && running() {
+                    pid = runc_pid.load(Ordering::SeqCst);
+                    thread::sleep(Duration::from_millis(1));
+                }
+                let joined = fs::File::open(format!("/proc/{pid}/ns/net")).and_then(|ns| {
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(io::Error::from)
+                });
+                if let Err(e) = joined {
+                    log::warn!("cannot join the final dump's network namespace: {e}");
+                    return;
+                }
+            }
+            while running() {
+                match TcpStream::connect(("127.0.0.1", port)) {
+                    Ok(s) => {
+                        let _ = tx.send(s);
+                        return;
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Connector { streams, stop }
+    }
+
+    /// The connection, if made; waits a moment otherwise.
+    fn poll(&self) -> Option<TcpStream> {
+        self.streams.recv_timeout(Duration::from_millis(5)).ok()
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Why the final dump failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
@@ -246,6 +386,7 @@ fn lazy_final_dump(
     id: &str,
     image_dir: &Path,
     work_dir: &Path,
+    network: DumpNetwork,
 ) -> Result<(), DumpError> {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -273,6 +414,12 @@ fn lazy_final_dump(
         // clients see a reset and reconnect to the destination) instead of failing the move.
         tcp_skip_in_flight: true,
     };
+    // CRIU's lazy page server ignores runc's address and listens on every address: in the
+    // host's namespace (host-network containers) a firewall keeps it to root on this host.
+    let _fence = match network {
+        DumpNetwork::Host => Some(PageServerFence::raise(port)?),
+        DumpNetwork::Private => None,
+    };
     let runc = runc.clone();
     let id = id.to_owned();
     // runc and its CRIU run in a process group of their own: a dump that does not end in time
@@ -281,7 +428,9 @@ fn lazy_final_dump(
     let dump = {
         let group = Arc::clone(&group);
         thread::spawn(move || {
-            runc.checkpoint_in_group(&id, &opts, |pgid| group.store(pgid, Ordering::SeqCst))
+            runc.checkpoint_in_group(&id, &opts, network, |pgid| {
+                group.store(pgid, Ordering::SeqCst)
+            })
         })
     };
     let give_up = |what: String| {
@@ -295,6 +444,10 @@ fn lazy_final_dump(
         ))
     };
     let deadline = Instant::now() + DUMP_START_TIMEOUT;
+    // Fault point for the test that CRIU's page server is reachable from nowhere else: a
+    // stall here leaves it listening for a while.
+    let _ = restore_engine::fault::point("source::before-page-server-connect");
+    let connector = Connector::start(Arc::clone(&group), port, network);
     let mut stream = loop {
         if dump.is_finished() {
             return match dump.join() {
@@ -305,10 +458,10 @@ fn lazy_final_dump(
                 Err(_) => Err(DumpError::Server("the dump thread panicked".into())),
             };
         }
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            Err(_) => {
+        match connector.poll() {
+            Some(s) => break s,
+            None if Instant::now() < deadline => {}
+            None => {
                 let error = give_up(format!(
                     "CRIU did not finish the final dump within {DUMP_START_TIMEOUT:?}"
                 ));
@@ -346,7 +499,8 @@ fn lazy_final_dump(
 }
 
 /// Migrates container `id` to `request.destination`; `work_dir` holds the final dump and its
-/// logs. On success the caller removes the (frozen) source and records that; on
+/// logs; `network` says where the final dump runs (a private namespace for a container with
+/// its own network, so that CRIU's page server is reachable from nowhere else). On success the caller removes the (frozen) source and records that; on
 /// [`SourceError::InDoubt`] it stays frozen; on any other error it has been resumed.
 pub fn migrate_out(
     runc: &Runc,
@@ -354,9 +508,15 @@ pub fn migrate_out(
     request: &MigrateRequest,
     work_dir: &Path,
     state_dir: &Path,
+    network: DumpNetwork,
 ) -> Result<MigrationReport, MigrateError> {
     let params = request.params(id, work_dir, state_dir)?;
-    let mut hooks = RuncHooks { runc, id, work_dir };
+    let mut hooks = RuncHooks {
+        runc,
+        id,
+        work_dir,
+        network,
+    };
     let processes = hooks.tasks().map(|t| t.len()).unwrap_or(0);
     info!(
         "{id}: migrating {processes} process(es) to {}",

@@ -149,6 +149,47 @@ pub struct CheckpointOpts {
     pub tcp_skip_in_flight: bool,
 }
 
+/// Which network namespace `runc checkpoint` (and its CRIU) runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpNetwork {
+    /// The shim's (the host's).
+    Host,
+    /// A new one with only `lo` (up): CRIU's page server listens where nothing else on the
+    /// host can connect. Only for containers with a network namespace of their own: CRIU
+    /// dumps the namespaces in which the container differs from CRIU, so a host-network
+    /// container dumped from a private namespace would carry the host's network with it.
+    Private,
+}
+
+/// In a child before exec: a new network namespace whose loopback is up.
+fn private_network() -> std::io::Result<()> {
+    // SAFETY: unshare, socket, ioctl and close on a zeroed ifreq we own; plain system calls.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let mut rc = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(sock);
+        if rc != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 impl CheckpointOpts {
     fn push_args(&self, args: &mut Args) {
         self.criu.push_args(args);
@@ -294,7 +335,7 @@ impl Runc {
     }
 
     pub fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<(), RuncError> {
-        self.checkpoint_in_group(id, opts, |_| {})
+        self.checkpoint_in_group(id, opts, DumpNetwork::Host, |_| {})
     }
 
     /// `runc checkpoint` in a process group of its own (runc and the CRIU it starts), whose id
@@ -303,6 +344,7 @@ impl Runc {
         &self,
         id: &str,
         opts: &CheckpointOpts,
+        network: DumpNetwork,
         started: impl FnOnce(i32),
     ) -> Result<(), RuncError> {
         let mut args = self.global_args();
@@ -315,6 +357,7 @@ impl Runc {
             RuncStdio::Capture,
             None,
             Some(Box::new(started)),
+            network,
         )
         .map_err(|e| with_criu_log(e, opts.criu.work_path.as_deref(), "dump.log"))
         .map(drop)
@@ -338,7 +381,7 @@ impl Runc {
         stdio: RuncStdio,
         stdin_data: Option<&[u8]>,
     ) -> Result<Vec<u8>, RuncError> {
-        self.run_in(subcommand, args, stdio, stdin_data, None)
+        self.run_in(subcommand, args, stdio, stdin_data, None, DumpNetwork::Host)
     }
 
     /// [`Self::run`]; with `group`, in a new process group whose id `group` learns.
@@ -349,11 +392,19 @@ impl Runc {
         stdio: RuncStdio,
         stdin_data: Option<&[u8]>,
         group: Option<Box<dyn FnOnce(i32) + '_>>,
+        network: DumpNetwork,
     ) -> Result<Vec<u8>, RuncError> {
         let mut command = Command::new(&self.binary);
         command.args(&args.0);
         if group.is_some() {
             std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
+        if network == DumpNetwork::Private {
+            // SAFETY: the hook runs in the child between fork and exec and makes only system
+            // calls (unshare, socket, ioctl, close): no allocation, no locks.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, || private_network())
+            };
         }
         let capture = matches!(stdio, RuncStdio::Capture);
         match stdio {

@@ -62,3 +62,189 @@ fn images_with_a_capability_the_receiving_container_lacks_are_refused() {
         .collect();
     assert!(left.is_empty(), "mounts left behind: {left:?}");
 }
+
+/// The listeners of a host's network namespace that belong to CRIU (`ss -ltnp`).
+fn criu_listeners(hosts: &TwoHosts, side: &str) -> Vec<String> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}-{side}", hosts.name()))
+        .args(["ss", "-Hltnp"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"criu\""))
+        .map(str::to_string)
+        .collect()
+}
+
+/// During the final dump CRIU serves the container's memory on a TCP port (its page server).
+/// For a container with a network namespace of its own, the dump runs in a private namespace:
+/// nothing on the source host can connect and read pages or hold the dump. A fault point
+/// stalls the shim before it connects, so the page server listens for two seconds; the host's
+/// namespace is sampled all along. The migration then completes.
+#[test]
+fn crius_page_server_is_not_reachable_from_the_source_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let failpoints = dir.path().join("failpoints");
+    fs::write(
+        &failpoints,
+        "source::before-page-server-connect=sleep(2000)\n",
+    )
+    .unwrap();
+    let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    counter(src);
+    let dst_rootfs = dst.rootfs("app");
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive_with(dst, "app", &dst_rootfs, &listen, &dst.key(), &[]);
+    let key = src.key();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let migration = {
+        let (hosts, listen, key, done) = (&hosts, &listen, &key, &done);
+        std::thread::scope(|scope| {
+            let sampler = scope.spawn(|| {
+                let mut seen = Vec::new();
+                let mut samples = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    seen.extend(criu_listeners(hosts, "src"));
+                    samples += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                (seen, samples)
+            });
+            let result = migrate(&hosts.src, "app", listen, key);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            (result, sampler.join().unwrap())
+        })
+    };
+    let (result, (seen, samples)) = migration;
+    let report = result.unwrap_or_else(|e| panic!("migration failed: {e}"));
+    assert!(samples > 50, "sampled only {samples} times");
+    assert!(
+        seen.is_empty(),
+        "CRIU listened in the source host's network namespace: {seen:?}"
+    );
+    assert!(
+        report["final_dump_seconds"].as_f64().unwrap() >= 2.0,
+        "{report:#}"
+    );
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    let status = dst_rootfs.join("status");
+    let before = memcheck_status(&status).map_or(0, |s| s.pass);
+    wait_for(
+        "memcheck to verify every page on the destination",
+        Duration::from_secs(60),
+        || memcheck_status(&status).is_some_and(|s| s.pass > before),
+    );
+}
+
+/// A host-network container is dumped from the host's namespace, where CRIU's page server
+/// listens on every address (it ignores the address runc passes): a firewall keeps it to root
+/// on the source host. While it listens (stalled two seconds), neither the destination host
+/// nor an unprivileged user of the source host can connect; the migration then completes.
+#[test]
+fn crius_page_server_of_a_host_network_container_is_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let failpoints = dir.path().join("failpoints");
+    fs::write(
+        &failpoints,
+        "source::before-page-server-connect=sleep(2000)\n",
+    )
+    .unwrap();
+    let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let memcheck = workload_binary("memcheck");
+    let src_rootfs = src.rootfs_with("app", &[&memcheck]);
+    let dst_rootfs = dst.rootfs_with("app", &[&memcheck]);
+    src.run_detached(
+        "app",
+        &src_rootfs,
+        &["--net-host"],
+        &["/usr/local/bin/memcheck", "16", "--status", "/status"],
+    );
+    wait_for("memcheck to verify", Duration::from_secs(60), || {
+        memcheck_status(&src_rootfs.join("status")).is_some_and(|s| s.pass >= 1)
+    });
+    let src_ip = hosts
+        .dst_ip
+        .rsplit_once('.')
+        .map(|(net, _)| format!("{net}.1"))
+        .unwrap();
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive_with(
+        dst,
+        "app",
+        &dst_rootfs,
+        &listen,
+        &dst.key(),
+        &["--net-host"],
+    );
+    let key = src.key();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (result, probes) = {
+        let (hosts, listen, key, done, src_ip) = (&hosts, &listen, &key, &done, &src_ip);
+        std::thread::scope(|scope| {
+            let prober = scope.spawn(move || {
+                let mut probes = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::SeqCst) && probes.is_empty() {
+                    let port = criu_listeners(hosts, "src").iter().find_map(|l| {
+                        l.split_whitespace()
+                            .nth(3)
+                            .and_then(|a| a.rsplit_once(':'))
+                            .map(|(_, p)| p.to_string())
+                    });
+                    if let Some(port) = port {
+                        let from_dst = std::process::Command::new("nsenter")
+                            .arg(format!("--net=/run/netns/{}-dst", hosts.name()))
+                            .args(["nc", "-z", "-w", "1", src_ip, &port])
+                            .status()
+                            .unwrap()
+                            .success();
+                        let as_nobody = std::process::Command::new("nsenter")
+                            .arg(format!("--net=/run/netns/{}-src", hosts.name()))
+                            .args(["setpriv", "--reuid", "65534", "--regid", "65534"])
+                            .args(["--clear-groups", "nc", "-z", "-w", "1", "127.0.0.1", &port])
+                            .status()
+                            .unwrap()
+                            .success();
+                        probes.push((port, from_dst, as_nobody));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                probes
+            });
+            let result = migrate(&hosts.src, "app", listen, key);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            (result, prober.join().unwrap())
+        })
+    };
+    let report = result.unwrap_or_else(|e| panic!("migration failed: {e}"));
+    let [(port, from_dst, as_nobody)] = probes.as_slice() else {
+        panic!("CRIU's page server was never seen listening: {probes:?}\n{report:#}");
+    };
+    assert!(
+        !from_dst,
+        "the destination host reached CRIU's page server on port {port}"
+    );
+    assert!(
+        !as_nobody,
+        "an unprivileged user reached CRIU's page server on port {port}"
+    );
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    let status = dst_rootfs.join("status");
+    let before = memcheck_status(&status).map_or(0, |s| s.pass);
+    wait_for(
+        "memcheck to verify every page on the destination",
+        Duration::from_secs(60),
+        || memcheck_status(&status).is_some_and(|s| s.pass > before),
+    );
+    // The rules went away with the dump.
+    wait_for("the firewall rules to go", Duration::from_secs(10), || {
+        let rules = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}-src", hosts.name()))
+            .args(["iptables", "-S"])
+            .output()
+            .unwrap();
+        !String::from_utf8_lossy(&rules.stdout).contains(&format!("--dport {port}"))
+    });
+}

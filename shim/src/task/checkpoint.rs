@@ -96,6 +96,7 @@ impl Tasks {
             request,
             work_path,
             &self.config.state_dir,
+            dump_network(&container.bundle),
         );
         let report = match migrated {
             Ok(report) => report,
@@ -151,5 +152,26 @@ impl Tasks {
         self.events
             .publish(TaskEvent::Checkpointed { id: id.clone() });
         Ok(())
+    }
+}
+
+/// Where the final dump of a migration runs: a container with a network namespace of its own
+/// (a new one, or one joined by path, e.g. CNI's) is dumped from a private namespace, so that
+/// CRIU's page server cannot be reached from the host; a host-network container from the
+/// host's (CRIU would otherwise take the host's network for the container's).
+fn dump_network(bundle: &std::path::Path) -> crate::runc::DumpNetwork {
+    let own = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+        .ok()
+        .and_then(|spec| spec.linux().clone())
+        .and_then(|linux| linux.namespaces().clone())
+        .is_some_and(|namespaces| {
+            namespaces
+                .iter()
+                .any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        });
+    if own {
+        crate::runc::DumpNetwork::Private
+    } else {
+        crate::runc::DumpNetwork::Host
     }
 }
