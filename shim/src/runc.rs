@@ -402,9 +402,7 @@ impl Runc {
         if network == DumpNetwork::Private {
             // SAFETY: the hook runs in the child between fork and exec and makes only system
             // calls (unshare, socket, ioctl, close): no allocation, no locks.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut command, || private_network())
-            };
+            unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, private_network) };
         }
         let capture = matches!(stdio, RuncStdio::Capture);
         match stdio {
