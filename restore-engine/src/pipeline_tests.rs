@@ -15,7 +15,7 @@ use std::thread;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use crate::destination::txn::GateRefused;
-use crate::destination::{gate, receive_and_serve, Cancel, DestinationTxn};
+use crate::destination::{gate, receive_and_serve, Cancel, DestinationTxn, Limits};
 use crate::events::ServerEvent;
 use crate::grant::Grant;
 use crate::lazy::socket::{RESTORE_FINISHED, SOCKET_NAME};
@@ -55,6 +55,7 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
         let mut verdicts = 0;
         let stats = receive_and_serve(
             &mut session,
+            &Limits::unlimited(),
             &config,
             &Grant::default(),
             None,
@@ -194,6 +195,7 @@ fn a_failing_destination_tells_the_source_to_abort_and_why() {
         let config = ServerConfig::new(dst_images, work);
         receive_and_serve(
             &mut session,
+            &Limits::unlimited(),
             &config,
             &Grant::default(),
             None,
@@ -263,6 +265,7 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
             let mut assembled = false;
             let result = receive_and_restore_eagerly(
                 &mut session,
+                &Limits::unlimited(),
                 &dst_images2,
                 &Grant::default(),
                 &txn,

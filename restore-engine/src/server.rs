@@ -26,14 +26,19 @@ use crate::wire;
 /// lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N]
 ///                   [--chunk-kib N] [--page-source images|staging]
 ///                   [--receive ADDR (--key-file FILE | --insecure) --state-dir DIR [--eager]
+///                    --max-memory-mib N --max-image-files N
 ///                    [--accept-timeout-seconds N] [--linger-seconds N]]
 /// ```
 ///
 /// With `--receive` it first receives a migration on ADDR (rounds into the staging store, the
 /// image files into `--images`), recording its phases under `--state-dir`, then serves the
-/// restore from the staging store. The images are refused unless they stay within what the
-/// receiving container's spec grants: `grant.json` in `--work-dir` ([`crate::grant`]), which the
-/// shim writes. The restore's CRIU must ask the resume gate
+/// restore from the staging store. What the source may make this host store is limited
+/// ([`destination::Limits`]): the staging store to `--max-memory-mib` (the receiving
+/// container's memory limit plus a margin), the image files to `--max-image-files` files and
+/// `--max-memory-mib` MiB together; over a limit the migration aborts (the source resumes).
+/// The images are refused unless they stay within what the receiving container's spec grants:
+/// `grant.json` in `--work-dir` ([`crate::grant`]), which the shim writes. The restore's CRIU
+/// must ask the resume gate
 /// ([`destination::gate`]) before the tasks resume. When every page is installed it emits
 /// `fill-complete` and waits for the shim's verdict on stdin ([`ShimMessage`]: `alive` or
 /// `died`); then it tells the source the outcome (`concluded`). With `--eager` as well it serves
@@ -49,6 +54,64 @@ use crate::wire;
 /// Progress goes to stdout as JSON lines ([`ServerEvent`]). Exit code 0 once every page is
 /// installed, 1 on failure, 2 on a usage error.
 /// Log lines go to stderr (the shim sends it to `lazy-pages-server.log` in the work directory).
+#[derive(Debug, clap::Parser)]
+#[command(name = "lazy-pages-server", disable_version_flag = true)]
+struct Args {
+    /// The CRIU image directory (a migration's image files are received into it).
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// The restore's CRIU work directory (the lazy-pages socket).
+    #[arg(long, value_name = "DIR")]
+    work_dir: PathBuf,
+    /// A socket the shim passed: every userfaultfd received is copied to it.
+    #[arg(long, value_name = "N")]
+    supervisor_fd: Option<RawFd>,
+    /// Background fill limit in MiB/s.
+    #[arg(long, value_name = "N")]
+    fill_rate_mib: Option<u64>,
+    #[arg(long, value_name = "N")]
+    chunk_kib: Option<usize>,
+    #[arg(long, value_enum, default_value_t = PageSource::Images)]
+    page_source: PageSource,
+    /// Receive a migration on this address first.
+    #[arg(long, value_name = "ADDR")]
+    receive: Option<String>,
+    /// The pre-shared key that authenticates the source.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "receive",
+        conflicts_with = "insecure"
+    )]
+    key_file: Option<PathBuf>,
+    /// Accept an unauthenticated source (both ends must ask for it).
+    #[arg(long, requires = "receive")]
+    insecure: bool,
+    /// Where the migration is recorded.
+    #[arg(long, value_name = "DIR", requires = "receive")]
+    state_dir: Option<PathBuf>,
+    /// Complete the images from the staging store for a plain restore; serve no pages.
+    #[arg(long, requires = "receive")]
+    eager: bool,
+    #[arg(long, value_name = "N", requires = "receive")]
+    accept_timeout_seconds: Option<u64>,
+    #[arg(long, value_name = "N", requires = "receive")]
+    linger_seconds: Option<u64>,
+    /// The most memory the source may make this host stage, and the most bytes of image files
+    /// (the receiving container's memory limit plus a margin).
+    #[arg(long, value_name = "N", requires = "receive")]
+    max_memory_mib: Option<u64>,
+    /// The most image files the source may send.
+    #[arg(long, value_name = "N", requires = "receive")]
+    max_image_files: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PageSource {
+    Images,
+    Staging,
+}
+
 struct StderrLog;
 
 impl log::Log for StderrLog {
@@ -72,59 +135,35 @@ pub fn server_main(args: &[String]) -> i32 {
     if log::set_logger(&StderrLog).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }
-    let usage = "usage: lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N] [--chunk-kib N] [--page-source images|staging] [--receive ADDR (--key-file FILE | --insecure) --state-dir DIR [--eager] [--accept-timeout-seconds N] [--linger-seconds N]]";
-    let mut images = None;
-    let mut work_dir = None;
-    let mut supervisor_fd = None;
-    let mut fill_rate_mib = None;
-    let mut chunk_kib = None;
-    let mut staging = false;
-    let mut receive: Option<String> = None;
-    let mut key_file: Option<PathBuf> = None;
-    let mut insecure = false;
-    let mut eager = false;
-    let mut state_dir: Option<PathBuf> = None;
-    let mut accept_timeout: Option<u64> = None;
-    let mut linger: Option<u64> = None;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        if flag == "--insecure" {
-            insecure = true;
-            continue;
+    let args = match <Args as clap::Parser>::try_parse_from(
+        std::iter::once("lazy-pages-server").chain(args.iter().map(String::as_str)),
+    ) {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
         }
-        if flag == "--eager" {
-            eager = true;
-            continue;
-        }
-        let Some(value) = it.next() else {
-            eprintln!("{usage}");
-            return 2;
-        };
-        match flag.as_str() {
-            "--receive" => receive = Some(value.clone()),
-            "--key-file" => key_file = Some(PathBuf::from(value)),
-            "--state-dir" => state_dir = Some(PathBuf::from(value)),
-            "--accept-timeout-seconds" => accept_timeout = value.parse().ok(),
-            "--linger-seconds" => linger = value.parse().ok(),
-            "--images" => images = Some(PathBuf::from(value)),
-            "--work-dir" => work_dir = Some(PathBuf::from(value)),
-            "--supervisor-fd" => supervisor_fd = value.parse::<RawFd>().ok(),
-            "--fill-rate-mib" => fill_rate_mib = value.parse::<u64>().ok(),
-            "--chunk-kib" => chunk_kib = value.parse::<usize>().ok(),
-            "--page-source" if value == "images" => staging = false,
-            "--page-source" if value == "staging" => staging = true,
-            _ => {
-                eprintln!("{usage}");
-                return 2;
-            }
-        }
-    }
-    let (Some(images), Some(work_dir)) = (images, work_dir) else {
-        eprintln!("{usage}");
-        return 2;
     };
+    let Args {
+        images,
+        work_dir,
+        supervisor_fd,
+        fill_rate_mib,
+        chunk_kib,
+        page_source,
+        receive,
+        key_file,
+        insecure,
+        state_dir,
+        eager,
+        accept_timeout_seconds: accept_timeout,
+        linger_seconds: linger,
+        max_memory_mib,
+        max_image_files,
+    } = args;
+    let staging = page_source == PageSource::Staging;
     if eager && receive.is_none() {
-        eprintln!("--eager restores a received migration: it needs --receive\n{usage}");
+        eprintln!("--eager restores a received migration: it needs --receive");
         return 2;
     }
     let mut config = ServerConfig::new(images.clone(), work_dir);
@@ -153,6 +192,19 @@ pub fn server_main(args: &[String]) -> i32 {
             eprintln!("--receive needs --state-dir DIR (where the migration is recorded)");
             return 2;
         };
+        let (Some(memory_mib), Some(image_files)) = (max_memory_mib, max_image_files) else {
+            eprintln!(
+                "--receive needs --max-memory-mib N and --max-image-files N: what the source \
+                 may make this host store (the receiving container's memory limit plus a \
+                 margin, and a few thousand files)"
+            );
+            return 2;
+        };
+        let limits = destination::Limits {
+            memory_bytes: memory_mib << 20,
+            image_files,
+            image_bytes: memory_mib << 20,
+        };
         // What the receiving container's spec grants: the images must not exceed it.
         let grant = match Grant::read(&config.work_dir.join(GRANT_FILE)) {
             Ok(grant) => grant,
@@ -174,6 +226,7 @@ pub fn server_main(args: &[String]) -> i32 {
         config.cancel = cancel.clone();
         return receive_migration(
             options,
+            &limits,
             cancel,
             messages,
             &config,
@@ -237,6 +290,7 @@ const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
 /// assembles the memory, concludes, and answers the source's questions for a while.
 fn receive_migration(
     options: ReceiveOptions,
+    limits: &destination::Limits,
     cancel: Cancel,
     messages: Receiver<ShimMessage>,
     config: &ServerConfig,
@@ -266,6 +320,7 @@ fn receive_migration(
     let result = if eager {
         destination::receive_and_restore_eagerly(
             &mut session,
+            limits,
             &config.images,
             grant,
             &txn,
@@ -288,6 +343,7 @@ fn receive_migration(
     } else {
         destination::receive_and_serve(
             &mut session,
+            limits,
             config,
             grant,
             supervisor,

@@ -14,6 +14,19 @@ use crate::page;
 
 /// Pages per slab (4 MiB): large enough for 1 MiB+ copies, small enough to free memory early.
 pub const SLAB_PAGES: usize = 1024;
+/// Bytes of one slab.
+const SLAB_BYTES: u64 = (SLAB_PAGES * page::SIZE) as u64;
+/// What one index entry costs in the hash map: the key and slot, plus hashbrown's control byte.
+const INDEX_ENTRY_BYTES: u64 = (std::mem::size_of::<((TaskPid, u64), Slot)>() + 1) as u64;
+
+/// Bytes a hash map with room for `capacity` entries holds (hashbrown keeps at most 7/8 of its
+/// buckets full, and has a power of two of them).
+fn index_bytes(capacity: usize) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    (capacity as u64 * 8).div_ceil(7).next_power_of_two() * INDEX_ENTRY_BYTES
+}
 
 /// A task pid as CRIU's images name it (inside the container's pid namespace).
 pub type TaskPid = u32;
@@ -97,6 +110,42 @@ impl StagingStore {
     /// Bytes of page data currently held.
     pub fn data_bytes(&self) -> usize {
         self.data_pages * page::SIZE
+    }
+
+    /// Bytes the store holds: every live slab whole (a partly used slab is counted in full), the
+    /// index at its capacity and the slab table. What a receiver limits
+    /// ([`crate::destination::limits`]).
+    pub fn footprint(&self) -> u64 {
+        let live = self.slabs.iter().filter(|s| s.is_some()).count() as u64;
+        live * SLAB_BYTES
+            + index_bytes(self.index.capacity())
+            + (self.slabs.capacity() * std::mem::size_of::<Option<Slab>>()) as u64
+    }
+
+    /// An upper bound of [`Self::footprint`] after storing `data_pages` pages of data and
+    /// `zero_pages` zero markers, all assumed new (a page stored again reuses its slot): new
+    /// slabs, and the index grown (while it grows, the old and the new table are both held).
+    pub fn footprint_after(&self, data_pages: usize, zero_pages: usize) -> u64 {
+        let slots = self.next_slot as u64 + data_pages as u64;
+        let new_slabs = slots
+            .div_ceil(SLAB_PAGES as u64)
+            .saturating_sub(self.slabs.len() as u64);
+        let entries = self.index.len() + data_pages + zero_pages;
+        let index = if entries > self.index.capacity() {
+            let grown = entries.max(self.index.capacity().saturating_mul(2));
+            index_bytes(self.index.capacity()) + index_bytes(grown)
+        } else {
+            0
+        };
+        let table = if new_slabs > 0 {
+            (self.slabs.len() + new_slabs as usize) * std::mem::size_of::<Option<Slab>>() * 2
+        } else {
+            0
+        };
+        self.footprint()
+            .saturating_add(new_slabs.saturating_mul(SLAB_BYTES))
+            .saturating_add(index)
+            .saturating_add(table as u64)
     }
 
     fn slot_location(slot: u32) -> (usize, usize) {
@@ -325,6 +374,29 @@ mod tests {
             .run_at(1, (SLAB_PAGES * page::SIZE) as u64, usize::MAX)
             .unwrap();
         assert_eq!(second.pages, 10);
+    }
+
+    #[test]
+    fn the_footprint_counts_slabs_and_the_index_and_bounds_what_comes() {
+        let mut store = StagingStore::default();
+        let empty = store.footprint();
+        assert!(empty < 4096, "{empty}");
+        let before = store.footprint_after(SLAB_PAGES + 1, 1000);
+        assert!(
+            before >= 2 * SLAB_BYTES + 1000 * INDEX_ENTRY_BYTES,
+            "{before}"
+        );
+        store
+            .put(1, 0, &vec![1u8; (SLAB_PAGES + 1) * page::SIZE])
+            .unwrap();
+        store.put_zero(1, 1 << 30, 1000).unwrap();
+        let held = store.footprint();
+        assert!(held >= 2 * SLAB_BYTES + 2025 * INDEX_ENTRY_BYTES, "{held}");
+        assert!(held <= before, "{held} > {before}: the bound was not one");
+        // Pages stored again take no new room; freed slabs are no longer counted.
+        assert_eq!(store.footprint_after(0, 0), held);
+        store.release(1, 0, SLAB_PAGES);
+        assert!(store.footprint() <= held - SLAB_BYTES);
     }
 
     #[test]

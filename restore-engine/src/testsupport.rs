@@ -286,3 +286,48 @@ pub fn params(work_dir: &std::path::Path, key: &Auth) -> MigrateParams {
         work_dir: work_dir.to_owned(),
     }
 }
+
+/// The largest single allocation this thread made since the last call (and resets it): lets a
+/// test check that a decoder never allocates what a hostile peer merely claims.
+pub fn largest_allocation_reset() -> usize {
+    LARGEST_ALLOCATION.with(|l| l.replace(0))
+}
+
+thread_local! {
+    static LARGEST_ALLOCATION: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The system allocator, noting each thread's largest allocation (tests only).
+struct Tracking;
+
+fn note(size: usize) {
+    let _ = LARGEST_ALLOCATION.try_with(|l| l.set(l.get().max(size)));
+}
+
+// SAFETY: every call is passed on unchanged to the system allocator, which upholds
+// GlobalAlloc's contract; noting the size touches only a const-initialised thread-local Cell
+// (no allocation, no reentrancy).
+unsafe impl std::alloc::GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: the caller's layout is passed on as GlobalAlloc::alloc requires.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note(layout.size());
+        // SAFETY: as in alloc.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: ptr was allocated by System with this layout (every allocation goes there).
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        // SAFETY: ptr was allocated by System with layout; the caller upholds realloc's contract.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Tracking = Tracking;

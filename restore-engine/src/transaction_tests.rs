@@ -9,6 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::cancel::Cancel;
+use crate::destination::limits::{Budget, Limits};
 use crate::destination::receive::{receive_images, receive_rounds};
 use crate::destination::{ReceiveOptions, Receiver};
 use crate::events::ServerEvent;
@@ -82,8 +83,18 @@ fn the_source_learns_a_commit_it_missed_by_asking() {
     let mut session = receiver.accept_source(|_| {}).unwrap();
     let images = dst_dir.path().join("images");
     std::fs::create_dir(&images).unwrap();
-    receive_rounds(&mut session, &mut StagingStore::default()).unwrap();
-    receive_images(&mut session, &images).unwrap();
+    receive_rounds(
+        &mut session,
+        &mut StagingStore::default(),
+        &Limits::unlimited(),
+    )
+    .unwrap();
+    receive_images(
+        &mut session,
+        &images,
+        &mut Budget::new(&Limits::unlimited()),
+    )
+    .unwrap();
     // The connection is lost right after the images; the destination goes on alone.
     drop(session);
     let txn = receiver.txn().clone();
@@ -113,8 +124,18 @@ fn a_destination_that_lost_the_container_leaves_the_source_frozen_in_doubt() {
     let mut session = receiver.accept_source(|_| {}).unwrap();
     let images = dst_dir.path().join("images");
     std::fs::create_dir(&images).unwrap();
-    receive_rounds(&mut session, &mut StagingStore::default()).unwrap();
-    receive_images(&mut session, &images).unwrap();
+    receive_rounds(
+        &mut session,
+        &mut StagingStore::default(),
+        &Limits::unlimited(),
+    )
+    .unwrap();
+    receive_images(
+        &mut session,
+        &images,
+        &mut Budget::new(&Limits::unlimited()),
+    )
+    .unwrap();
     let txn = receiver.txn().clone();
     txn.enter(Phase::Restoring, None).unwrap();
     txn.decide_resume().unwrap();
@@ -156,8 +177,18 @@ fn an_unanswered_question_leaves_the_source_in_doubt() {
     let mut session = receiver.accept_source(|_| {}).unwrap();
     let images = dst_dir.path().join("images");
     std::fs::create_dir(&images).unwrap();
-    receive_rounds(&mut session, &mut StagingStore::default()).unwrap();
-    receive_images(&mut session, &images).unwrap();
+    receive_rounds(
+        &mut session,
+        &mut StagingStore::default(),
+        &Limits::unlimited(),
+    )
+    .unwrap();
+    receive_images(
+        &mut session,
+        &images,
+        &mut Budget::new(&Limits::unlimited()),
+    )
+    .unwrap();
     // The destination vanishes with the images (nobody answers on its address any more).
     drop(session);
     receiver.linger();

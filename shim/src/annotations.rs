@@ -151,6 +151,7 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<RestoreAnnotations
                 accept_timeout_seconds,
                 // The shim's own (not an annotation's).
                 state_dir: PathBuf::new(),
+                limits: Default::default(),
             })
         }
     };

@@ -4,12 +4,13 @@
 //! before the source learnt the outcome: it records the truth and answers the source itself.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use log::{info, warn};
+use restore_engine::destination::limits::MEMORY_MARGIN_MIB;
 use restore_engine::destination::{self, ReceiveOptions};
 use restore_engine::events::ShimMessage;
 use restore_engine::record::{Phase, Role, Store};
@@ -28,6 +29,55 @@ pub struct ReceiveSpec {
     pub accept_timeout_seconds: Option<u64>,
     /// Where this host records migrations (the shim's state directory).
     pub state_dir: PathBuf,
+    /// What the source may make this host store ([`limits_for`]; the shim's, not an
+    /// annotation's).
+    pub limits: ReceiveLimits,
+}
+
+/// What a source may make the receiving host store: the staging store (and the image files
+/// together) at most `memory_mib`, at most `image_files` image files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReceiveLimits {
+    pub memory_mib: u64,
+    pub image_files: usize,
+}
+
+/// Image files a migration may bring: a CRIU image set has a handful per task and a few more
+/// per container, far fewer than this.
+pub const MAX_IMAGE_FILES: usize = 4096;
+
+/// The limits of a receive into the container of `bundle`: its memory limit
+/// (`linux.resources.memory.limit`) plus the engine's margin, or, without a limit, the host's
+/// available memory (MemAvailable in /proc/meminfo).
+pub fn limits_for(bundle: &Path) -> Result<ReceiveLimits, String> {
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+        .map_err(|e| format!("cannot read {}/config.json: {e}", bundle.display()))?;
+    let limit = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|&l| l > 0);
+    let memory_mib = match limit {
+        Some(bytes) => (bytes as u64).div_ceil(1 << 20) + MEMORY_MARGIN_MIB,
+        None => mem_available_mib()?,
+    };
+    Ok(ReceiveLimits {
+        memory_mib,
+        image_files: MAX_IMAGE_FILES,
+    })
+}
+
+fn mem_available_mib() -> Result<u64, String> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| format!("cannot read /proc/meminfo: {e}"))?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .ok_or_else(|| "/proc/meminfo has no MemAvailable: cannot limit the receive".into())
 }
 
 impl ReceiveSpec {
@@ -54,6 +104,8 @@ pub(crate) fn add_receive_args(command: &mut Command, spec: &ReceiveSpec) {
     if let Some(seconds) = spec.accept_timeout_seconds {
         command.args(["--accept-timeout-seconds", &seconds.to_string()]);
     }
+    command.args(["--max-memory-mib", &spec.limits.memory_mib.to_string()]);
+    command.args(["--max-image-files", &spec.limits.image_files.to_string()]);
 }
 
 /// The shim's line to a receiving server: its stdin. Closing it tells the server that the shim

@@ -8,6 +8,7 @@
 //! - this file: the listener and the conversation with the source.
 
 pub mod gate;
+pub mod limits;
 pub mod receive;
 pub mod txn;
 
@@ -30,6 +31,7 @@ use crate::lazy::{self, LazyError, ServerConfig};
 use crate::record::{Phase, RecordError, Store};
 use crate::staging::StagingStore;
 use crate::wire::{self, Auth, Control, ControlCode, Kind, Session, Timeouts, WireError, RESTORED};
+pub use limits::Limits;
 use receive::{ReceiveError, ReceiveReport};
 pub use txn::DestinationTxn;
 
@@ -353,11 +355,13 @@ fn answer_until_stopped(
 /// in `config.work_dir` after [`ServerEvent::Ready`], and its CRIU must ask the resume gate
 /// ([`gate`]) before the tasks resume. Once every page is installed, `verdict` says whether the
 /// container is alive; then the source is told the outcome: `Committed`, `Abort` (nothing ran
-/// here: it resumes) or `Lost` (it ran here and died). The images are refused unless they stay
-/// within `grant`, what the receiving container's spec grants ([`grant::check`]).
+/// here: it resumes) or `Lost` (it ran here and died). What the source sends must stay within
+/// `limits`, and the images within `grant`, what the receiving container's spec grants
+/// ([`grant::check`]); otherwise the migration aborts (the source resumes).
 #[allow(clippy::too_many_arguments)]
 pub fn receive_and_serve<S: Read + Write + Timeouts>(
     session: &mut Session<S>,
+    limits: &Limits,
     config: &ServerConfig,
     grant: &Grant,
     supervisor: Option<&UnixStream>,
@@ -368,12 +372,16 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
 ) -> Result<FillStats, DestinationError> {
     let result = (|| -> Result<FillStats, DestinationError> {
         let mut store = StagingStore::default();
-        let received =
-            receive::receive_rounds_reporting(session, &mut store, cancel, |end, so_far| {
-                events(round_received(end, so_far))
-            })?;
+        let mut budget = limits::Budget::new(limits);
+        let received = receive::receive_rounds_reporting(
+            session,
+            &mut store,
+            &budget,
+            cancel,
+            |end, so_far| events(round_received(end, so_far)),
+        )?;
         fault("destination::after-rounds")?;
-        let image_bytes = receive::receive_images(session, &config.images)?;
+        let image_bytes = receive::receive_images(session, &config.images, &mut budget)?;
         grant::check(&config.images, grant)?;
         fault("destination::after-images")?;
         check(cancel)?;
@@ -410,11 +418,12 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
 /// the staging store and the image files into `images`, which are then completed from the store
 /// ([`assemble::assemble`]). The store is freed before `restore` runs (the restored tasks need
 /// that memory). `restore` restores from `images` (its CRIU asking the resume gate) and says how
-/// it went; the source is then told the outcome, as in [`receive_and_serve`]. The images are
-/// refused unless they stay within `grant`.
+/// it went; the source is then told the outcome, as in [`receive_and_serve`] (`limits` and
+/// `grant` as there).
 #[allow(clippy::too_many_arguments)]
 pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
     session: &mut Session<S>,
+    limits: &Limits,
     images: &Path,
     grant: &Grant,
     txn: &DestinationTxn,
@@ -424,12 +433,16 @@ pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
 ) -> Result<AssembleReport, DestinationError> {
     let result = (|| -> Result<AssembleReport, DestinationError> {
         let mut store = StagingStore::default();
-        let received =
-            receive::receive_rounds_reporting(session, &mut store, cancel, |end, so_far| {
-                events(round_received(end, so_far))
-            })?;
+        let mut budget = limits::Budget::new(limits);
+        let received = receive::receive_rounds_reporting(
+            session,
+            &mut store,
+            &budget,
+            cancel,
+            |end, so_far| events(round_received(end, so_far)),
+        )?;
         fault("destination::after-rounds")?;
-        let image_bytes = receive::receive_images(session, images)?;
+        let image_bytes = receive::receive_images(session, images, &mut budget)?;
         grant::check(images, grant)?;
         fault("destination::after-images")?;
         events(ServerEvent::ImagesReady {

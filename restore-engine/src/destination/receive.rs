@@ -1,12 +1,15 @@
 //! Receiving a migration: pre-copy rounds into the staging store (returning flow-control credit
 //! as they are staged), then the final dump's image files. Everything that arrives is checked
-//! before it is stored: page runs must be whole pages, image names plain file names.
+//! before it is stored: page runs must be whole pages, image names plain file names, and what
+//! the source sends must stay within the receiver's [`Limits`] (checked before anything is
+//! decompressed or allocated for it).
 
 use std::io::{Read, Write};
 use std::path::Path;
 
 use serde::Serialize;
 
+use super::limits::{Budget, Limits};
 use crate::cancel::Cancel;
 use crate::page;
 use crate::staging::{StagingError, StagingStore};
@@ -36,15 +39,21 @@ pub enum ReceiveError {
     Aborted(String),
     #[error("{0}")]
     Cancelled(String),
+    /// The source sent more than the receiver may store (see [`super::limits`]).
+    #[error("over a limit of the receiving host: {0}")]
+    Limit(String),
 }
 
 /// Receives image files into `dir` until `ImagesDone`. File names must be plain names (no
-/// directories, no `..`): a hostile peer cannot write outside `dir`.
+/// directories, no `..`): a hostile peer cannot write outside `dir`; files are created mode 0600
+/// and a symlink planted in `dir` is not followed. The number and size of the files and each
+/// write's offset are checked against `budget` before anything is written.
 pub fn receive_images<S: Read + Write>(
     session: &mut Session<S>,
     dir: &Path,
+    budget: &mut Budget,
 ) -> Result<u64, ReceiveError> {
-    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let mut total = 0u64;
     loop {
         let frame = session.receive()?;
@@ -59,11 +68,14 @@ pub fn receive_images<S: Read + Write>(
                 if !plain {
                     return Err(ReceiveError::ImageName(file.name));
                 }
+                budget.image_write(&file.name, file.offset, file.data.len() as u64)?;
                 let path = dir.join(&file.name);
                 let out = std::fs::OpenOptions::new()
                     .create(true)
                     .write(true)
                     .truncate(file.offset == 0)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(|source| ReceiveError::ImageFile {
                         name: file.name.clone(),
@@ -114,14 +126,23 @@ pub struct ReceiveReport {
 pub fn receive_rounds<S: Read + Write>(
     session: &mut Session<S>,
     store: &mut StagingStore,
+    limits: &Limits,
 ) -> Result<ReceiveReport, ReceiveError> {
-    receive_rounds_reporting(session, store, &Cancel::default(), |_, _| {})
+    receive_rounds_reporting(
+        session,
+        store,
+        &Budget::new(limits),
+        &Cancel::default(),
+        |_, _| {},
+    )
 }
 
 /// [`receive_rounds`], calling `on_round` with each round's end marker and the report so far.
+/// Each frame is checked against `budget` before it is decoded, and the store after.
 pub fn receive_rounds_reporting<S: Read + Write>(
     session: &mut Session<S>,
     store: &mut StagingStore,
+    budget: &Budget,
     cancel: &Cancel,
     mut on_round: impl FnMut(&RoundEnd, &ReceiveReport),
 ) -> Result<ReceiveReport, ReceiveError> {
@@ -135,6 +156,7 @@ pub fn receive_rounds_reporting<S: Read + Write>(
         match frame.kind {
             Kind::Pages => {
                 let pages: Pages = frame.decode()?;
+                budget.check_pages(&pages, store)?;
                 let (mut bytes, mut wire) = (0u64, 0u64);
                 for run in &pages.runs {
                     let data = decode_run(pages.pid, run)?;
@@ -145,6 +167,7 @@ pub fn receive_rounds_reporting<S: Read + Write>(
                 for &addr in &pages.zero_pages {
                     store.put_zero(pages.pid, addr, 1)?;
                 }
+                budget.check_staged(store)?;
                 report.pages += bytes / page::SIZE_U64;
                 report.zero_pages += pages.zero_pages.len() as u64;
                 report.bytes += bytes;
@@ -199,7 +222,11 @@ mod tests {
         let dst_path = dst.path().to_owned();
         let receiver = thread::spawn(move || {
             let mut session = accept(b, &k2).unwrap();
-            receive_images(&mut session, &dst_path)
+            receive_images(
+                &mut session,
+                &dst_path,
+                &mut Budget::new(&Limits::unlimited()),
+            )
         });
         let mut session = connect(a, &key, &Intent::default()).unwrap();
         let sent = send_images(&mut session, src.path()).unwrap();
@@ -215,7 +242,11 @@ mod tests {
         let dst_path = dst.path().to_owned();
         let receiver = thread::spawn(move || {
             let mut session = accept(b, &k2).unwrap();
-            receive_images(&mut session, &dst_path)
+            receive_images(
+                &mut session,
+                &dst_path,
+                &mut Budget::new(&Limits::unlimited()),
+            )
         });
         let mut session = connect(a, &key, &Intent::default()).unwrap();
         session

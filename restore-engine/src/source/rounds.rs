@@ -293,7 +293,12 @@ mod tests {
         let receiver = thread::spawn(move || {
             let mut session = accept(b, &server_key).unwrap();
             let mut store = StagingStore::default();
-            let report = receive_rounds(&mut session, &mut store).unwrap();
+            let report = receive_rounds(
+                &mut session,
+                &mut store,
+                &crate::destination::Limits::unlimited(),
+            )
+            .unwrap();
             (store, report)
         });
         let mut session = connect(a, &key, &Intent::default()).unwrap();

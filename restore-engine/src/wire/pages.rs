@@ -53,12 +53,18 @@ pub fn decode_run<'r>(pid: u32, run: &'r PageRun) -> Result<Cow<'r, [u8]>, WireE
         if len > BATCH_BYTES {
             return Err(bad(format!("{len} bytes claimed, over the batch limit")));
         }
-        let data =
-            lz4_flex::block::decompress(&run.lz4, len).map_err(|e| bad(format!("LZ4: {e}")))?;
-        if data.len() != len {
+        if len == 0 || len % page::SIZE != 0 {
+            return Err(bad(format!("{len} bytes claimed: not whole pages")));
+        }
+        // Bounded by the declared size: exactly that much is allocated, a block that would
+        // decompress to more fails (the output is full), one that decompresses to less is
+        // corrupt too.
+        let mut data = vec![0u8; len];
+        let decompressed = lz4_flex::block::decompress_into(&run.lz4, &mut data)
+            .map_err(|e| bad(format!("LZ4: {e} ({len} bytes claimed)")))?;
+        if decompressed != len {
             return Err(bad(format!(
-                "{} bytes decompressed, {len} claimed",
-                data.len()
+                "{decompressed} bytes decompressed, {len} claimed"
             )));
         }
         Cow::Owned(data)
@@ -117,7 +123,61 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_lz4_bomb_is_refused_within_its_declared_size() {
+        // 8 MiB of zeros in a block of about 32 KiB, declared as one page: decompression stops
+        // when the declared page is full, and only that page was allocated.
+        let bomb = lz4_flex::block::compress(&vec![0u8; BATCH_BYTES]);
+        assert!(bomb.len() < 64 << 10);
+        let run = PageRun {
+            vaddr: 0x10000,
+            lz4: bomb.clone(),
+            lz4_len: page::SIZE as u32,
+            ..Default::default()
+        };
+        let before = crate::testsupport::largest_allocation_reset();
+        assert!(matches!(decode_run(1, &run), Err(WireError::BadRun { .. })));
+        let largest = crate::testsupport::largest_allocation_reset();
+        assert!(
+            largest <= 2 * page::SIZE,
+            "{largest} bytes allocated for a run declaring one page (before: {before})"
+        );
+        // Declaring more than a batch is refused before anything is allocated for it.
+        let run = PageRun {
+            lz4_len: u32::MAX & !(page::SIZE as u32 - 1),
+            ..run
+        };
+        crate::testsupport::largest_allocation_reset();
+        assert!(matches!(decode_run(1, &run), Err(WireError::BadRun { .. })));
+        assert!(crate::testsupport::largest_allocation_reset() < 64 << 10);
+        // Declared truthfully, it is a valid (if odd) run of 8 MiB.
+        let run = PageRun {
+            lz4_len: BATCH_BYTES as u32,
+            ..run
+        };
+        assert_eq!(decode_run(1, &run).unwrap().len(), BATCH_BYTES);
+    }
+
     proptest::proptest! {
+        #[test]
+        fn decoded_runs_are_exactly_their_declared_size(
+            data in proptest::collection::vec(0u8..3, 0..(3 * page::SIZE)),
+            pages in 0u32..4,
+            slack in 0u32..8,
+        ) {
+            // Real blocks with a right or wrong declared size: what decodes is exactly the
+            // declared size, and never more than what was declared is allocated.
+            let lz4 = lz4_flex::block::compress(&data);
+            let lz4_len = pages * page::SIZE as u32 + slack;
+            let run = PageRun { vaddr: 0, data: Vec::new(), lz4, lz4_len };
+            crate::testsupport::largest_allocation_reset();
+            if let Ok(decoded) = decode_run(1, &run) {
+                proptest::prop_assert_eq!(decoded.len(), lz4_len as usize);
+                proptest::prop_assert_eq!(&decoded[..], &data[..]);
+            }
+            proptest::prop_assert!(crate::testsupport::largest_allocation_reset() <= (lz4_len as usize).max(page::SIZE) + 4096);
+        }
+
         #[test]
         fn the_run_decoder_never_panics(
             lz4 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),

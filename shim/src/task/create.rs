@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -181,9 +182,13 @@ fn restore_source(
     if let Some(spec) = &asked.receive {
         let mut spec = spec.clone();
         spec.state_dir = state_dir.to_owned();
+        spec.limits = crate::receive::limits_for(&params.bundle).map_err(TaskError::Invalid)?;
         let image_path = params.bundle.join("migration-images");
         fs::create_dir_all(&image_path)
             .map_err(os_err(format!("cannot create {}", image_path.display())))?;
+        // Only root reads what the source sends.
+        fs::set_permissions(&image_path, fs::Permissions::from_mode(0o700))
+            .map_err(os_err(format!("cannot restrict {}", image_path.display())))?;
         // Lazy unless the annotation says false explicitly: migration has always restored
         // lazily.
         return Ok(Some(if asked.eager {
