@@ -288,6 +288,7 @@ const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The receiving server: waits for the source, receives, has the shim restore, serves or
 /// assembles the memory, concludes, and answers the source's questions for a while.
+#[allow(clippy::too_many_arguments)]
 fn receive_migration(
     options: ReceiveOptions,
     limits: &destination::Limits,
