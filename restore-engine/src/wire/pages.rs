@@ -144,7 +144,7 @@ mod tests {
         );
         // Declaring more than a batch is refused before anything is allocated for it.
         let run = PageRun {
-            lz4_len: u32::MAX & !(page::SIZE as u32 - 1),
+            lz4_len: !(page::SIZE as u32 - 1),
             ..run
         };
         crate::testsupport::largest_allocation_reset();
