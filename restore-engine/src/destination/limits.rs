@@ -2,7 +2,7 @@
 //! still be broken or hostile: without limits it could fill the receiving host's memory (the
 //! staging store) and its /run (the image files), and an LZ4 run can expand about 255:1. The
 //! receive loop asks a [`Budget`] before it decompresses or stores anything; exceeding a limit
-//! ends the migration with [`ReceiveError::Limit`] (the source is told to resume, the staging
+//! ends the migration with `ReceiveError::Limit` (the source is told to resume, the staging
 //! store is dropped and the received images are removed with the container).
 
 use std::collections::HashMap;
@@ -12,7 +12,11 @@ use crate::staging::StagingStore;
 use crate::wire::pages::BATCH_BYTES;
 use crate::wire::Pages;
 
-use super::receive::ReceiveError;
+/// A limit the source exceeded: what, the limit, and what to do (the receive turns it into
+/// [`super::receive::ReceiveError::Limit`]).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct LimitExceeded(pub String);
 
 /// The most page data one `Pages` frame carries: a pclive source never builds a frame over its
 /// batch size ([`BATCH_BYTES`], see `source::rounds`).
@@ -20,11 +24,16 @@ pub const MAX_FRAME_PAGE_BYTES: u64 = BATCH_BYTES as u64;
 
 const MIB: u64 = 1 << 20;
 
+/// What receiving frames holds besides the store: the frame as read, its decoded copy, and
+/// what the allocator keeps of the previous ones (the memory limit covers them too).
+pub const FRAME_BYTES_IN_FLIGHT: u64 = 3 * crate::wire::MAX_PAYLOAD as u64;
+
 /// What the receiving end of one migration may be made to store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Bytes the staging store may hold (page data, plus its index and slab table, see
-    /// [`StagingStore::footprint`]). The shim sets the receiving container's memory limit plus
+    /// Bytes the receive may hold in memory: the staging store (page data, plus its index and
+    /// slab table, see [`StagingStore::footprint`]) and the frame being received
+    /// ([`FRAME_BYTES_IN_FLIGHT`]). The shim sets the receiving container's memory limit plus
     /// a margin (or, without one, the host's available memory): the container could not use
     /// more anyway.
     pub memory_bytes: u64,
@@ -76,7 +85,7 @@ impl Budget {
     /// claims to decompress to) and the frame's sum must be within one sender batch, and the
     /// staging store with all of it must stay within [`Limits::memory_bytes`]. Nothing has been
     /// allocated for the frame's pages yet.
-    pub fn check_pages(&self, pages: &Pages, store: &StagingStore) -> Result<(), ReceiveError> {
+    pub fn check_pages(&self, pages: &Pages, store: &StagingStore) -> Result<(), LimitExceeded> {
         let mut frame = 0u64;
         for run in &pages.runs {
             let declared = if run.lz4.is_empty() {
@@ -85,7 +94,7 @@ impl Budget {
                 u64::from(run.lz4_len)
             };
             if declared > MAX_FRAME_PAGE_BYTES {
-                return Err(ReceiveError::Limit(format!(
+                return Err(LimitExceeded(format!(
                     "a page run of task {} at {:#x} declares {declared} bytes, over the \
                      {MAX_FRAME_PAGE_BYTES}-byte maximum of a frame a pclive source sends: \
                      the source is corrupt or hostile; check it (and that both hosts run the \
@@ -96,7 +105,7 @@ impl Budget {
             frame += declared;
         }
         if frame > MAX_FRAME_PAGE_BYTES {
-            return Err(ReceiveError::Limit(format!(
+            return Err(LimitExceeded(format!(
                 "a page frame of task {} declares {frame} bytes of pages in {} runs, over the \
                  {MAX_FRAME_PAGE_BYTES}-byte maximum of a frame a pclive source sends: the \
                  source is corrupt or hostile; check it (and that both hosts run the same \
@@ -111,15 +120,16 @@ impl Budget {
     }
 
     /// After a frame was staged: the store's actual footprint within the limit.
-    pub fn check_staged(&self, store: &StagingStore) -> Result<(), ReceiveError> {
+    pub fn check_staged(&self, store: &StagingStore) -> Result<(), LimitExceeded> {
         self.memory(store.footprint())
     }
 
-    fn memory(&self, need: u64) -> Result<(), ReceiveError> {
+    fn memory(&self, store: u64) -> Result<(), LimitExceeded> {
+        let need = store.saturating_add(FRAME_BYTES_IN_FLIGHT);
         if need <= self.limits.memory_bytes {
             return Ok(());
         }
-        Err(ReceiveError::Limit(format!(
+        Err(LimitExceeded(format!(
             "the source sent more memory than the receiving container may use: staging it \
              would take {} MiB, over the limit of {} MiB (the container's memory limit + {} \
              MiB margin, or the host's available memory if it has none); raise the \
@@ -134,10 +144,10 @@ impl Budget {
     /// truncates the file first, as the receiver does): within the number of files, without a
     /// hole after the file's end (a source writes each file in order), within the bytes of all
     /// files together. Counts the write.
-    pub fn image_write(&mut self, name: &str, offset: u64, len: u64) -> Result<(), ReceiveError> {
+    pub fn image_write(&mut self, name: &str, offset: u64, len: u64) -> Result<(), LimitExceeded> {
         let end = self.files.get(name).copied();
         if end.is_none() && self.files.len() >= self.limits.image_files {
-            return Err(ReceiveError::Limit(format!(
+            return Err(LimitExceeded(format!(
                 "the source sent more than {} image files (--max-image-files), far more than \
                  the CRIU image set of a container has: check the source, or raise the limit \
                  if the container really has that many tasks and files",
@@ -147,7 +157,7 @@ impl Budget {
         let size = end.unwrap_or(0);
         let base = if offset == 0 { 0 } else { size };
         if offset > base {
-            return Err(ReceiveError::Limit(format!(
+            return Err(LimitExceeded(format!(
                 "image file {name}: a write at offset {offset} would leave a hole after its \
                  {size} bytes (a pclive source writes each file in order): the source is \
                  corrupt or hostile; check it"
@@ -156,12 +166,12 @@ impl Budget {
         let new_size = offset
             .checked_add(len)
             .ok_or_else(|| {
-                ReceiveError::Limit(format!("image file {name}: offset {offset} + {len} bytes"))
+                LimitExceeded(format!("image file {name}: offset {offset} + {len} bytes"))
             })?
             .max(base);
         let total = self.image_bytes - size + new_size;
         if total > self.limits.image_bytes {
-            return Err(ReceiveError::Limit(format!(
+            return Err(LimitExceeded(format!(
                 "the source sent more than {} MiB of image files (the limit of the receiving \
                  container: its memory limit + {MEMORY_MARGIN_MIB} MiB margin): raise the \
                  container's memory limit or check the source",
@@ -210,9 +220,9 @@ mod tests {
         }
     }
 
-    fn is_limit(r: Result<(), ReceiveError>, what: &str) {
+    fn is_limit(r: Result<(), LimitExceeded>, what: &str) {
         match r {
-            Err(ReceiveError::Limit(m)) => assert!(m.contains(what), "{m}"),
+            Err(LimitExceeded(m)) => assert!(m.contains(what), "{m}"),
             other => panic!("expected a limit about {what}, got {other:?}"),
         }
     }
@@ -262,7 +272,7 @@ mod tests {
                 }
             }
         }
-        assert!((48 << 20..=64 << 20).contains(&staged), "{staged}");
+        assert!((32 << 20..=64 << 20).contains(&staged), "{staged}");
         assert!(store.footprint() <= 64 << 20);
         // Zero pages cost index room: millions of them are refused too.
         let zeros = (0..4_000_000u64).map(|i| (i + (1 << 20)) << 12).collect();

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::limits::{Budget, Limits};
+use super::limits::{Budget, LimitExceeded, Limits};
 use crate::cancel::Cancel;
 use crate::page;
 use crate::staging::{StagingError, StagingStore};
@@ -42,6 +42,12 @@ pub enum ReceiveError {
     /// The source sent more than the receiver may store (see [`super::limits`]).
     #[error("over a limit of the receiving host: {0}")]
     Limit(String),
+}
+
+impl From<LimitExceeded> for ReceiveError {
+    fn from(e: LimitExceeded) -> Self {
+        ReceiveError::Limit(e.0)
+    }
 }
 
 /// Receives image files into `dir` until `ImagesDone`. File names must be plain names (no
