@@ -329,7 +329,8 @@ type Scenario = fn(&mut Session<TcpStream>) -> Result<(), WireError>;
 fn a_hostile_source_cannot_exhaust_the_destination() {
     let hosts = TwoHosts::up("10gbit");
     let dir = tempfile::tempdir().unwrap();
-    let (key_path, key) = key_file(dir.path());
+    // The destination's own copy of the key (annotations may only name the host's files).
+    let (key_path, key) = key_file(&hosts.dst.dir);
     let rootfs = hosts.dst.rootfs("receiver");
     let scenarios: [(&str, Scenario); 3] = [
         ("1 GiB of pages", too_much_memory),

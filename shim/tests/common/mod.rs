@@ -393,12 +393,39 @@ impl Containerd {
     }
 }
 
+impl Containerd {
+    /// Lazy-pages servers of this host's containers still running: a receive that ended
+    /// without the source's acknowledgement keeps answering its questions for minutes (by
+    /// design); at the end of a test they are ours to stop.
+    pub fn stop_lingering_servers(&self) {
+        let dir = format!("{}/", self.dir.display());
+        let ours = |pid: &i32| {
+            let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.iter().any(|a| a.starts_with(&dir))
+        };
+        for pid in processes_with_args(&["lazy-pages-server"])
+            .into_iter()
+            .filter(ours)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         if self.daemon.is_some() {
             self.remove_everything();
         }
         self.stop_daemon();
+        self.stop_lingering_servers();
         // Shims started by this daemon that did not shut down (a bug, reported by the tests
         // that check shutdown) are ours to stop.
         for pid in self.live_shims() {
@@ -572,6 +599,8 @@ impl Drop for TwoHosts {
     fn drop(&mut self) {
         self.src.remove_everything();
         self.dst.remove_everything();
+        self.src.stop_lingering_servers();
+        self.dst.stop_lingering_servers();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed.sh");
         let _ = Command::new("bash")
             .arg(script)
