@@ -29,6 +29,8 @@ use crate::wire::{accept, connect, Auth, Control, ControlCode, Intent, Kind};
 #[test]
 fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
     let writer = Writer::start();
+    // This process's memory gets a userfaultfd below: no other test may fork meanwhile.
+    let _no_forks = crate::testsupport::own_memory_uffd();
     let (base, len, pid) = (writer.base, writer.len, writer.pid);
     let dir = tempfile::tempdir().unwrap();
     let (dst_images, work) = (dir.path().join("dst-images"), dir.path().join("work"));

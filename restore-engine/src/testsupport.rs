@@ -6,6 +6,19 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
+/// Tests that register a userfaultfd over this test process's own memory, and tests that fork
+/// it, must not overlap. A fork waits until the reader of such a userfaultfd has read the fork
+/// event (`userfaultfd_event_wait_completion`); when that reader has stopped reading, or the
+/// child kept a copy of the descriptor, the fork waits forever (seen: a test thread stuck in
+/// clone for minutes). Userfaultfd tests hold this exclusively for their whole run, forks
+/// shared.
+pub static OWN_MEMORY_UFFD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Holds off forks of this process while a test registers its own memory with a userfaultfd.
+pub fn own_memory_uffd() -> std::sync::RwLockWriteGuard<'static, ()> {
+    OWN_MEMORY_UFFD.write().unwrap_or_else(|e| e.into_inner())
+}
+
 use crate::images::{
     encode_entries, Header, MmEntry, PageRange, Pagemap, PstreeEntry, VmaEntry, MM_MAGIC, PE_LAZY,
     PSTREE_MAGIC,
@@ -146,9 +159,12 @@ impl Writer {
         // Populate every page before the fork: the child starts with 16 MiB resident.
         // SAFETY: within the mapping we just made.
         unsafe { std::ptr::write_bytes(base as *mut u8, 0x5a, len) };
-        // SAFETY: the child only writes its own memory and sleeps (async-signal-safe work)
-        // until it is killed; it never returns into the test harness.
-        let pid = unsafe { libc::fork() };
+        let pid = {
+            let _no_userfaultfd = OWN_MEMORY_UFFD.read().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: the child only writes its own memory and sleeps (async-signal-safe work)
+            // until it is killed; it never returns into the test harness.
+            unsafe { libc::fork() }
+        };
         assert!(pid >= 0);
         if pid == 0 {
             // The child only writes its memory: it must not keep the test's sockets open.

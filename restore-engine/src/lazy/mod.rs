@@ -386,6 +386,8 @@ mod tests {
 
     fn fill_region(prot_none: &[usize]) {
         use std::sync::mpsc;
+        // This process's memory gets a userfaultfd: no other test may fork meanwhile.
+        let _no_forks = crate::testsupport::own_memory_uffd();
 
         const PAGES: usize = 256;
         let page = crate::page::SIZE;
