@@ -88,6 +88,10 @@ dst_ns=$bed-dst
 port=6379
 seed=7
 work=$(mktemp -d /tmp/pclive-bench.XXXXXX)
+# The baseline's images on the destination host go where its pclive settings let annotations
+# name files (README, "Trust"): /var/lib/pclive.
+mkdir -p /var/lib/pclive
+dst_images=$(mktemp -d /var/lib/pclive/bench.XXXXXX)
 mkdir -p "$out/runs"
 out=$(cd "$out" && pwd)
 background=()
@@ -97,7 +101,7 @@ cleanup() {
   for pid in "${background[@]}"; do kill "$pid" 2>/dev/null; done
   wait 2>/dev/null
   tb down --name "$bed" >/dev/null 2>&1
-  rm -rf "$work"
+  rm -rf "$work" "$dst_images"
 }
 trap cleanup EXIT
 
@@ -174,7 +178,7 @@ run_one() {
   start=$(now)
   case "$mode" in
     baseline)
-      local simg=$work/$tag-src dimg=$work/$tag-dst ps_port=7412 img_port=7413 t0 t1
+      local simg=$work/$tag-src dimg=$dst_images/$tag ps_port=7412 img_port=7413 t0 t1
       mkdir -p "$simg" "$dimg"
       on dst criu page-server --images-dir "$dimg" --address "$dst_addr" --port "$ps_port" \
         -o "$dimg/page-server.log" -v2 &
@@ -243,7 +247,7 @@ run_one() {
     --seed "$seed" --state "$dir/client.state" > "$dir/verify.json" || true
   remove_container dst "$id"
   remove_container src "$id"
-  rm -rf "$work/$tag-src" "$work/$tag-dst"
+  rm -rf "$work/$tag-src" "$dst_images/$tag"
 
   jq -nc \
     --arg mode "$mode" --arg link "$link" --argjson records "$records" --argjson read_ratio "$read_ratio" \
