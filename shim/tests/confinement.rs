@@ -194,3 +194,38 @@ fn an_insecure_receive_needs_the_hosts_consent() {
         "allow_insecure = true",
     );
 }
+
+/// `pclive migrate --work-dir`: the shim writes the final dump's logs and the report there as
+/// root, so a directory someone else owns or may write to (a predictable /tmp path prepared by
+/// another user, or a link) is refused before anything is written or asked of containerd.
+#[test]
+fn a_work_directory_someone_else_controls_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let out = outside();
+    let open = out.path().join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    let theirs = out.path().join("theirs");
+    fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let link = out.path().join("link");
+    std::os::unix::fs::symlink(&open, &link).unwrap();
+    for (dir, expect) in [
+        (&open, "lets others write"),
+        (&theirs, "owned by uid 65534"),
+        (&link, "symbolic link"),
+    ] {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
+            .args(["migrate", "app", "127.0.0.1:9", "--insecure", "--work-dir"])
+            .arg(dir)
+            .args(["--address", "/nonexistent/containerd.sock"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{}: {stderr}", dir.display());
+        assert!(stderr.contains(expect), "{}: {stderr}", dir.display());
+    }
+    for dir in [&open, &theirs] {
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 0, "nothing written");
+    }
+}
