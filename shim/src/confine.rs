@@ -8,11 +8,10 @@
 //! a listener on the host's network. runc lists its own such annotations as unsafe.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
+use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
 use crate::annotations::{
@@ -20,6 +19,7 @@ use crate::annotations::{
     RECEIVE_PROGRESS_FILE, RESTORE_IMAGE_PATH, RESTORE_WORK_PATH,
 };
 use crate::config::AnnotationPolicy;
+use crate::nofollow::open_no_symlinks;
 
 /// Whether the shim reads or writes what a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,34 +155,11 @@ fn allowed(path: &Path, dirs: &[&Path]) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens `path` (absolute) without following any symbolic link on the way (openat2 with
-/// RESOLVE_NO_SYMLINKS; the kernel refuses with ELOOP).
-pub fn open_no_symlinks(path: &Path, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
-    openat2(
-        AT_FDCWD,
-        path,
-        OpenHow::new()
-            .flags(flags | OFlag::O_CLOEXEC)
-            .mode(mode)
-            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS),
-    )
-}
-
-/// Opens (creates, 0600) a file to append to, without following symbolic links.
-pub fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
-    open_no_symlinks(
-        path,
-        OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT,
-        Mode::from_bits_truncate(0o600),
-    )
-    .map(std::fs::File::from)
-    .map_err(std::io::Error::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::annotations;
+    use crate::nofollow::open_append;
 
     fn policy(dir: &Path) -> AnnotationPolicy {
         AnnotationPolicy {

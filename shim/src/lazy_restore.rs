@@ -352,7 +352,7 @@ pub(crate) fn forward_events(
     // Named by an annotation (checked against the host's settings at Create): created 0600,
     // never through a symbolic link.
     let mut progress = progress.and_then(|path| {
-        crate::confine::open_append(&path)
+        crate::nofollow::open_append(&path)
             .map_err(|e| warn!("progress file {}: {e}; going on without it", path.display()))
             .ok()
     });

@@ -17,6 +17,7 @@ pub mod io;
 pub mod lazy_restore;
 pub mod migrate;
 pub mod netns;
+pub mod nofollow;
 pub mod paths;
 pub mod reaper;
 pub mod receive;
