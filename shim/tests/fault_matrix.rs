@@ -527,6 +527,9 @@ fn run_cell(cell: Cell) {
         run.pclive(Host::Src)
             .args(["migrate", ID, &run.listen, "--key-file"])
             .arg(&run.key)
+            // In the host's directory (removed with it): a killed CLI cannot remove its own.
+            .arg("--work-dir")
+            .arg(run.hosts.src.dir.join("migrate-work"))
             .args(["--resolve-timeout", "15"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -181,7 +181,7 @@ pub fn run(args: MigrateArgs) -> ExitCode {
             Ok(dir) => (dir, None),
             Err(e) => return fail(2, format!("--work-dir {}: {e}", dir.display())),
         },
-        None => match tempfile::Builder::new().prefix("pclive-migrate-").tempdir() {
+        None => match crate::options::private_tempdir("pclive-migrate-", &std::env::temp_dir()) {
             Ok(t) => (t.path().to_owned(), Some(t)),
             Err(e) => return fail(exit::FAILED, format!("cannot create a work directory: {e}")),
         },

@@ -129,3 +129,27 @@ pub fn ago(unix: f64) -> String {
         s => format!("{:.0}h ago", s / 3600.0),
     }
 }
+
+/// A new directory in `parent` only we may enter (mkdtemp, 0700: tempfile's default follows the
+/// umask, 0755 here), removed when dropped.
+pub fn private_tempdir(prefix: &str, parent: &Path) -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = private_tempdir("t-", parent.path()).unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+}

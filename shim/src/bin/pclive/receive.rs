@@ -175,10 +175,7 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
             format!("cannot create {}: {e}", state_dir.display()),
         );
     }
-    let progress_dir = match tempfile::Builder::new()
-        .prefix("receive-")
-        .tempdir_in(&state_dir)
-    {
+    let progress_dir = match crate::options::private_tempdir("receive-", &state_dir) {
         Ok(d) => d,
         Err(e) => {
             return fail(
