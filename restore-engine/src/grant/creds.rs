@@ -105,8 +105,10 @@ pub(crate) fn check(
     grant: &Grant,
     violations: &mut Vec<String>,
 ) -> Result<(), ImageError> {
+    let mut checked = std::collections::HashSet::new();
     for task in tasks {
         let leader = read_core(dir, task.pid)?;
+        checked.insert(task.pid);
         let comm = leader
             .tc
             .as_ref()
@@ -117,9 +119,14 @@ pub(crate) fn check(
         for &tid in &task.threads {
             let core = if tid == task.pid {
                 leader.clone()
-            } else {
+            } else if dir.join(format!("core-{tid}.img")).exists() {
                 read_core(dir, tid)?
+            } else {
+                // CRIU cannot restore a thread without its core file; every core file that
+                // exists is checked below.
+                continue;
             };
+            checked.insert(tid);
             let thread = core.thread_core.unwrap_or_default();
             let mut found = Vec::new();
             match &thread.creds {
@@ -140,6 +147,41 @@ pub(crate) fn check(
                 if !violations.contains(&v) {
                     violations.push(v);
                 }
+            }
+        }
+    }
+    // Every core file CRIU could restore is checked, whatever pstree.img lists (a thread list
+    // that names other threads must not leave one unchecked).
+    let entries = std::fs::read_dir(dir).map_err(|source| ImageError::Io {
+        file: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(tid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("core-"))
+            .and_then(|n| n.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if checked.contains(&tid) {
+            continue;
+        }
+        let core = read_core(dir, tid)?;
+        let who = format!("thread {tid}");
+        let mut found = Vec::new();
+        match core.thread_core.as_ref().and_then(|t| t.creds.as_ref()) {
+            Some(creds) => check_creds(&who, creds, grant, &mut found),
+            None => found.push(format!(
+                "{who} has no credentials in core-{tid}.img, so they cannot be checked; \
+                 dump the source with CRIU 4.2"
+            )),
+        }
+        for v in found {
+            if !violations.contains(&v) {
+                violations.push(v);
             }
         }
     }
