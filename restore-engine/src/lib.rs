@@ -23,6 +23,7 @@ pub mod clock;
 pub mod destination;
 pub mod events;
 pub mod fault;
+pub mod fixups;
 pub mod grant;
 pub mod host;
 pub mod images;

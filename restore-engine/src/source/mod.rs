@@ -311,6 +311,8 @@ fn migrate_over_txn<S: Read + Write>(
             &mut quiesce,
             &params.policy,
             || {
+                // (Tests stall here to change the container between the rounds and the freeze.)
+                fault("source::before-freeze")?;
                 txn_cell.borrow_mut().enter(Phase::Frozen, None)?;
                 hooks_cell
                     .borrow_mut()
@@ -325,6 +327,14 @@ fn migrate_over_txn<S: Read + Write>(
         let last_round_seconds = paused_at.elapsed().as_secs_f64();
         let dump_start = Instant::now();
         hooks.final_dump(&image_dir).map_err(SourceError::Dump)?;
+        let timers = crate::fixups::fix_overdue_timerfds(&image_dir)
+            .map_err(|e| SourceError::Dump(e.into()))?;
+        if timers > 0 {
+            log::info!(
+                "{}: {timers} overdue periodic timerfd(s) set to expire at once (CRIU would disarm them)",
+                params.container
+            );
+        }
         let final_dump_seconds = dump_start.elapsed().as_secs_f64();
         fault("source::after-dump")?;
         let images_start = Instant::now();
