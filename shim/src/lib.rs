@@ -22,6 +22,7 @@ pub mod paths;
 pub mod reaper;
 pub mod receive;
 pub mod runc;
+pub mod seizable;
 pub mod service;
 pub mod task;
 pub mod tools;

@@ -22,6 +22,7 @@ use restore_engine::source::{
 use restore_engine::wire::{self, Auth};
 
 use crate::runc::{CheckpointOpts, CriuOpts, DumpNetwork, Runc, RuncError};
+use crate::seizable;
 
 /// CRIU's page-server command that ends a lazy dump's serving session.
 const PS_IOV_CLOSE: u32 = 0x1023;
@@ -38,6 +39,8 @@ pub const MIGRATE_FIELD: u32 = 1000;
 pub enum MigrateError {
     #[error("migration request: {0}")]
     Request(String),
+    #[error("cannot migrate: {0}. Nothing was sent; the container keeps running here")]
+    Unseizable(String),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("{what}: {source}")]
@@ -168,6 +171,45 @@ struct RuncHooks<'a> {
     network: DumpNetwork,
 }
 
+/// How often the freeze is retried while a task is blocked in vfork for a moment.
+const FREEZE_ATTEMPTS: u32 = 25;
+/// How long to wait between looks at tasks CRIU cannot seize.
+const UNSEIZABLE_POLL: Duration = Duration::from_millis(20);
+/// How long a task may stay blocked in vfork before a migration is refused up front.
+const VFORK_PATIENCE: Duration = Duration::from_secs(1);
+
+impl RuncHooks<'_> {
+    fn host_pids(&self) -> Result<Vec<u32>, RuncError> {
+        Ok(self
+            .runc
+            .ps(self.id)?
+            .into_iter()
+            .map(|p| p as u32)
+            .collect())
+    }
+
+    /// Refuses, before anything is sent, a container with a task CRIU cannot seize: a stopped
+    /// one at once, one blocked in vfork if it stays so for [`VFORK_PATIENCE`].
+    fn check_seizable(&self) -> Result<(), MigrateError> {
+        let since = Instant::now();
+        loop {
+            let pids = self.host_pids().map_err(|e| MigrateError::Io {
+                what: "listing the container's processes".into(),
+                source: io::Error::other(e.to_string()),
+            })?;
+            let blocked = seizable::find(&pids);
+            if blocked.is_empty() {
+                return Ok(());
+            }
+            let only_vfork = blocked.iter().all(|t| t.why == seizable::Why::Vfork);
+            if !only_vfork || since.elapsed() >= VFORK_PATIENCE {
+                return Err(MigrateError::Unseizable(seizable::describe(&blocked)));
+            }
+            thread::sleep(UNSEIZABLE_POLL);
+        }
+    }
+}
+
 impl SourceHooks for RuncHooks<'_> {
     fn tasks(&mut self) -> Result<Vec<TaskIds>, HookError> {
         let pids = self.runc.ps(self.id)?;
@@ -184,7 +226,23 @@ impl SourceHooks for RuncHooks<'_> {
     }
 
     fn freeze(&mut self) -> Result<(), HookError> {
-        Ok(self.runc.pause(self.id)?)
+        // Frozen with a task CRIU cannot seize, the final dump would hang or fail after the
+        // downtime began: thaw and, for a vfork of a moment, try again.
+        for attempt in 1.. {
+            self.runc.pause(self.id)?;
+            let blocked = seizable::find(&self.host_pids()?);
+            if blocked.is_empty() {
+                return Ok(());
+            }
+            self.runc.resume(self.id)?;
+            let only_vfork = blocked.iter().all(|t| t.why == seizable::Why::Vfork);
+            if !only_vfork || attempt == FREEZE_ATTEMPTS {
+                let why = seizable::describe(&blocked);
+                return Err(format!("{why}. Thawed: the container keeps running here").into());
+            }
+            thread::sleep(UNSEIZABLE_POLL);
+        }
+        unreachable!()
     }
 
     fn final_dump(&mut self, image_dir: &Path) -> Result<(), HookError> {
@@ -517,6 +575,7 @@ pub fn migrate_out(
         work_dir,
         network,
     };
+    hooks.check_seizable()?;
     let processes = hooks.tasks().map(|t| t.len()).unwrap_or(0);
     info!(
         "{id}: migrating {processes} process(es) to {}",

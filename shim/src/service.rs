@@ -33,7 +33,11 @@ fn to_status(err: TaskError) -> ttrpc::Error {
     let code = match &err {
         TaskError::NoContainer(_) | TaskError::NoProcess { .. } => Code::NOT_FOUND,
         TaskError::ContainerExists(_) | TaskError::ProcessExists { .. } => Code::ALREADY_EXISTS,
-        TaskError::WrongState { .. } => Code::FAILED_PRECONDITION,
+        TaskError::WrongState { .. }
+        | TaskError::Unseizable(_)
+        | TaskError::Migrate(crate::migrate::MigrateError::Unseizable(_)) => {
+            Code::FAILED_PRECONDITION
+        }
         TaskError::Invalid(_) | TaskError::Annotation(_) => Code::INVALID_ARGUMENT,
         TaskError::Confined(_) => Code::PERMISSION_DENIED,
         _ => Code::UNKNOWN,

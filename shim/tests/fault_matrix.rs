@@ -687,14 +687,6 @@ fn wait_output(mut guarded: Guarded, timeout: Duration) -> Option<Output> {
     }
 }
 
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
 /// A tiny tmpfs under the destination containerd's task directory, so that a receiving
 /// container's bundle (and its image files) cannot grow past it. Unmounted on drop.
 struct TinyBundles(PathBuf);

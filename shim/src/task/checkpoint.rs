@@ -60,8 +60,24 @@ impl Tasks {
             page_server: None,
             tcp_skip_in_flight: false,
         };
+        let pids: Vec<u32> = container
+            .runc
+            .ps(id)?
+            .into_iter()
+            .map(|p| p as u32)
+            .collect();
+        let blocked = crate::seizable::find(&pids);
+        if !blocked.is_empty() {
+            return Err(TaskError::Unseizable(crate::seizable::describe(&blocked)));
+        }
         let started = Instant::now();
         container.runc.checkpoint(&container.id, &opts)?;
+        restore_engine::fixups::fix_overdue_timerfds(&params.image_path).map_err(|e| {
+            TaskError::Os {
+                what: format!("correcting the timerfds of {}", params.image_path.display()),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
         info!(
             "{id}: checkpointed to {} in {:.3}s{}",
             params.image_path.display(),

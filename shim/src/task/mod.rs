@@ -80,6 +80,9 @@ pub enum TaskError {
     Eager(#[from] EagerRestoreError),
     #[error("migration: {0}")]
     Migrate(#[from] crate::migrate::MigrateError),
+    /// A task CRIU cannot checkpoint (crate::seizable).
+    #[error("cannot checkpoint: {0}")]
+    Unseizable(String),
     #[error("{what}: {source}")]
     Os {
         what: String,

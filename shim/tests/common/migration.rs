@@ -26,11 +26,23 @@ pub fn migrate(
     destination: &str,
     key: &str,
 ) -> Result<serde_json::Value, String> {
+    migrate_with(src, id, destination, key, &[])
+}
+
+/// `pclive migrate` with more options.
+pub fn migrate_with(
+    src: &Containerd,
+    id: &str,
+    destination: &str,
+    key: &str,
+    options: &[&str],
+) -> Result<serde_json::Value, String> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
         .args(["migrate", id, destination, "--key-file", key, "--json"])
         .args(["--address", &src.address, "--namespace", &src.namespace])
         .arg("--state-dir")
         .arg(src.state_base())
+        .args(options)
         .output()
         .unwrap();
     if out.status.success() {

@@ -764,3 +764,12 @@ pub fn write_private(path: &Path, bytes: &[u8]) {
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
     std::io::Write::write_all(&mut file, bytes).unwrap();
 }
+
+/// A file removed when dropped (a test's fault configuration, say).
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
