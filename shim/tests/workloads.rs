@@ -100,77 +100,152 @@ fn migration_failed(hosts: &TwoHosts, e: &str) -> ! {
     )
 }
 
+/// A container whose statecheck programs write their status to a volume both hosts mount.
+struct Checked<'a> {
+    hosts: &'a TwoHosts,
+    id: &'static str,
+    rootfs: std::path::PathBuf,
+    status: std::path::PathBuf,
+    volume: String,
+    kinds: Vec<String>,
+}
+
+impl<'a> Checked<'a> {
+    /// Runs `script` (a shell command line that starts the `kinds`) in container `id` on the
+    /// source, with `binaries` in its root filesystem; returns once every kind verified once.
+    fn start(
+        hosts: &'a TwoHosts,
+        id: &'static str,
+        binaries: &[&Path],
+        kinds: Vec<String>,
+        script: &str,
+    ) -> Self {
+        let rootfs = hosts.src.rootfs_with(id, binaries);
+        // The status files live on a volume both hosts mount (as shared storage would be): the
+        // programs rewrite them all the time, so one is open whenever the container freezes.
+        let status = hosts.src.dir.join(format!("{id}-status"));
+        fs::create_dir_all(&status).unwrap();
+        fs::create_dir_all(rootfs.join("status")).unwrap();
+        let volume = format!(
+            "type=bind,src={},dst=/status,options=rbind:rw",
+            status.display()
+        );
+        hosts.src.run_detached(
+            id,
+            &rootfs,
+            &["--mount", &volume],
+            &["/bin/sh", "-c", script],
+        );
+        let checked = Checked {
+            hosts,
+            id,
+            rootfs,
+            status,
+            volume,
+            kinds,
+        };
+        checked.wait(&format!("every program of {id} to verify once"), 0, None);
+        checked
+    }
+
+    /// Waits until each kind made `more` rounds beyond `since` (or at least one).
+    fn wait(&self, what: &str, more: u64, since: Option<&[Option<u64>]>) {
+        let wanted: Vec<u64> = match since {
+            Some(since) => since.iter().map(|r| r.unwrap_or(0) + more).collect(),
+            None => vec![1; self.kinds.len()],
+        };
+        wait_rounds(what, &self.status, &self.kinds, &wanted);
+    }
+
+    /// Migrates the container to the destination (which gets its own copy of the root
+    /// filesystem, made before the migration: carrying files is issue #7's work, not this
+    /// test's) and checks that every program goes on verifying its state there.
+    fn migrate(&self) {
+        let (src, dst) = (&self.hosts.src, &self.hosts.dst);
+        let dst_rootfs = copy_rootfs(&self.rootfs, dst, self.id);
+        let listen = format!("{}:{}", self.hosts.dst_ip, free_port());
+        let receiver = receive_with(
+            dst,
+            self.id,
+            &dst_rootfs,
+            &listen,
+            &dst.key(),
+            &["--mount", &self.volume],
+        );
+        let before = rounds(&self.status, &self.kinds);
+        migrate(src, self.id, &listen, &src.key())
+            .unwrap_or_else(|e| migration_failed(self.hosts, &e));
+        let code = receiver.wait_code(Duration::from_secs(60));
+        assert_eq!(
+            code,
+            0,
+            "the receiving ctr failed\n--- destination log ---\n{}",
+            tail(&dst.log(), 40)
+        );
+        rounds(&self.status, &self.kinds); // (fails on a FAIL line)
+        assert_eq!(dst.task(self.id).unwrap().1, "RUNNING");
+        // Every program goes on verifying its state on the destination (rounds are 20 ms
+        // apart: 25 more is half a second of work after the restore).
+        self.wait(
+            "every program to verify its state 25 more times on the destination",
+            25,
+            Some(&before),
+        );
+        let source = src.task(self.id);
+        assert!(
+            source
+                .as_ref()
+                .is_none_or(|(_, status)| status == "STOPPED"),
+            "the source copy still runs: {source:?}"
+        );
+    }
+}
+
 #[test]
 fn every_program_of_the_workload_suite_verifies_its_state_after_a_migration() {
     let hosts = TwoHosts::up("10gbit");
-    let (src, dst) = (&hosts.src, &hosts.dst);
-    let rootfs = src.rootfs_with("suite", &[&workload_binary("statecheck")]);
-    // The status files live on a volume both hosts mount (as shared storage would be): the
-    // programs rewrite them all the time, so one is open whenever the container freezes.
-    let status = hosts.src.dir.join("suite-status");
-    fs::create_dir_all(&status).unwrap();
-    fs::create_dir_all(rootfs.join("status")).unwrap();
-    let volume = format!(
-        "type=bind,src={},dst=/status,options=rbind:rw",
-        status.display()
-    );
     let kinds = suite_kinds();
     let script = format!(
         "cd /usr/local/bin; for k in {}; do ./statecheck $k --status /status & done; wait",
         kinds.join(" ")
     );
-    src.run_detached(
-        "suite",
-        &rootfs,
-        &["--mount", &volume],
-        &["/bin/sh", "-c", &script],
+    let statecheck = workload_binary("statecheck");
+    Checked::start(&hosts, "suite", &[&statecheck], kinds, &script).migrate();
+}
+
+#[test]
+fn redis_and_a_client_on_one_loopback_connection_migrate_and_the_connection_keeps_working() {
+    let hosts = TwoHosts::up("10gbit");
+    let (server, cli) = (find_on_path("redis-server"), find_on_path("redis-cli"));
+    let statecheck = workload_binary("statecheck");
+    // Redis with 200k keys, and in the same container a client that keeps one TCP connection
+    // to it over 127.0.0.1: INCR on its own key must count on, and CLIENT ID stay the same
+    // (a reconnect would get another), or statecheck fails.
+    let script = "cd /usr/local/bin; \
+        ./redis-server --save '' --appendonly no --bind 127.0.0.1 --port 6379 \
+          --enable-debug-command yes >/dev/null & \
+        until ./redis-cli PING 2>/dev/null | grep -q PONG; do sleep 0.1; done; \
+        ./redis-cli DEBUG POPULATE 200000 key 256 >/dev/null; \
+        ./statecheck redis-conn 6379 --status /status & wait";
+    let checked = Checked::start(
+        &hosts,
+        "redis",
+        &[&server, &cli, &statecheck],
+        vec!["redis-conn".to_string()],
+        script,
     );
-    wait_rounds(
-        "every program to verify once",
-        &status,
-        &kinds,
-        &vec![1; kinds.len()],
-    );
-    // Each host has its own root filesystem; the container's files reach the destination by a
-    // copy made before the migration (carrying them is issue #7's work, not this test's).
-    let dst_rootfs = copy_rootfs(&rootfs, dst, "suite");
-    let key = src.key();
-    let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive_with(
-        dst,
-        "suite",
-        &dst_rootfs,
-        &listen,
-        &dst.key(),
-        &["--mount", &volume],
-    );
-    let before = rounds(&status, &kinds);
-    migrate(src, "suite", &listen, &key).unwrap_or_else(|e| migration_failed(&hosts, &e));
-    let code = receiver.wait_code(Duration::from_secs(60));
-    assert_eq!(
-        code,
-        0,
-        "the receiving ctr failed\n--- destination log ---\n{}",
-        tail(&dst.log(), 40)
-    );
-    rounds(&status, &kinds); // (fails on a FAIL line)
-    assert_eq!(dst.task("suite").unwrap().1, "RUNNING");
-    // Every program goes on verifying its state on the destination (rounds are 20 ms apart; 25
-    // more is half a second of work after the restore).
-    let wanted: Vec<u64> = before.iter().map(|r| r.unwrap_or(0) + 25).collect();
-    wait_rounds(
-        "every program to verify its state 25 more times on the destination",
-        &status,
-        &kinds,
-        &wanted,
-    );
-    let source = src.task("suite");
-    assert!(
-        source
-            .as_ref()
-            .is_none_or(|(_, status)| status == "STOPPED"),
-        "the source copy still runs: {source:?}"
-    );
+    checked.migrate();
+    let keys = hosts.dst.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "n",
+        "redis",
+        "/usr/local/bin/redis-cli",
+        "DBSIZE",
+    ]);
+    // 200000 populated keys and the client's counter.
+    assert_eq!(keys.trim(), "200001");
 }
 
 /// A container on `src` running one statecheck `kind` (with `args`); its status directory once
@@ -225,6 +300,14 @@ fn a_stopped_task_or_one_blocked_in_vfork_is_refused_up_front_and_keeps_running(
             "the refusal does not name the stopped task, the cause and the way out: {err}"
         );
         assert_eq!(src.task("stopped").unwrap().1, "RUNNING");
+        assert_keeps_verifying(&stopped, "stopped");
+        // A local checkpoint refuses it the same way instead of hanging in CRIU.
+        let out = src.ctr(&["task", "checkpoint", "stopped"]);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && text.contains("is stopped"),
+            "ctr task checkpoint: {text}"
+        );
         assert_keeps_verifying(&stopped, "stopped");
     } else {
         eprintln!("SKIPPED (cgroup v2 host): the stopped-task refusal applies to cgroup v1 only");
