@@ -48,6 +48,9 @@ pub struct CredsEntry {
 
 #[derive(Clone, PartialEq, Message)]
 pub struct TaskCoreEntry {
+    /// [`TASK_DEAD`] for a zombie.
+    #[prost(uint32, required, tag = "1")]
+    pub task_state: u32,
     #[prost(string, required, tag = "6")]
     pub comm: String,
     #[prost(int32, optional, tag = "11")]
@@ -73,6 +76,10 @@ pub struct CoreEntry {
     #[prost(message, optional, tag = "5")]
     pub thread_core: Option<ThreadCoreEntry>,
 }
+
+/// A zombie's task_state (compel/include/uapi/task-state.h): CRIU dumps only its core (comm,
+/// exit code), no credentials and no namespace ids, and restores it as a task that exits.
+pub const TASK_DEAD: u32 = 0x02;
 
 /// SECCOMP_MODE_STRICT and SECCOMP_MODE_FILTER.
 const SECCOMP_STRICT: i32 = 1;
@@ -170,6 +177,9 @@ pub(crate) fn check(
             continue;
         }
         let core = read_core(dir, tid)?;
+        if core.tc.as_ref().map(|tc| tc.task_state) == Some(TASK_DEAD) {
+            continue; // a zombie: restored as a task that only exits
+        }
         let who = format!("thread {tid}");
         let mut found = Vec::new();
         match core.thread_core.as_ref().and_then(|t| t.creds.as_ref()) {

@@ -257,17 +257,23 @@ pub(crate) struct Task {
 /// Checks the images in `images_dir` against `grant`: every violation is listed in
 /// [`GrantError::Exceeds`].
 pub fn check(images_dir: &Path, grant: &Grant) -> Result<(), GrantError> {
-    let tasks: Vec<Task> = images::read_pstree(images_dir)?
-        .into_iter()
-        .map(|e| Task {
+    let mut tasks = Vec::new();
+    for e in images::read_pstree(images_dir)? {
+        // A zombie runs nothing and holds nothing: it has only a core file, with no
+        // credentials or namespaces to check (a forking workload has some at any moment).
+        let leader = creds::read_core(images_dir, e.pid)?;
+        if leader.tc.as_ref().map(|tc| tc.task_state) == Some(creds::TASK_DEAD) {
+            continue;
+        }
+        tasks.push(Task {
             pid: e.pid,
             threads: if e.threads.is_empty() {
                 vec![e.pid]
             } else {
                 e.threads
             },
-        })
-        .collect();
+        });
+    }
     let mut violations = Vec::new();
     creds::check(images_dir, &tasks, grant, &mut violations)?;
     let host = namespaces::check(images_dir, &tasks, grant, &mut violations)?;

@@ -84,6 +84,7 @@ fn write_images(dir: &Path, caps: u64, net: u32, extra: &[MntEntry]) {
     let core = CoreEntry {
         mtype: 1,
         tc: Some(TaskCoreEntry {
+            task_state: 1,
             comm: "sh".into(),
             old_seccomp_mode: None,
         }),
@@ -176,6 +177,59 @@ fn images_within_the_grant_pass() {
     // Fewer capabilities than granted are fine too.
     write_images(dir.path(), DEFAULT_CAPS & !NET_RAW, 10, &[]);
     check(dir.path(), &grant(DEFAULT_CAPS)).unwrap();
+}
+
+#[test]
+fn a_zombie_with_only_a_core_file_passes_but_a_live_task_without_ids_does_not() {
+    // As CRIU dumps a zombie (a forking workload has some at any moment): a pstree entry and a
+    // core file with task_state TASK_DEAD, no credentials, no ids-PID.img.
+    let dir = tempfile::tempdir().unwrap();
+    write_images(dir.path(), DEFAULT_CAPS, 10, &[]);
+    let mut entries = images::read_pstree(dir.path()).unwrap();
+    entries.push(PstreeEntry {
+        pid: 7,
+        ppid: 1,
+        pgid: 1,
+        sid: 1,
+        threads: vec![7],
+    });
+    fs::write(
+        dir.path().join("pstree.img"),
+        encode_entries(Header::Common(PSTREE_MAGIC), &entries),
+    )
+    .unwrap();
+    let zombie = |state: u32| CoreEntry {
+        mtype: 1,
+        tc: Some(TaskCoreEntry {
+            task_state: state,
+            comm: "child".into(),
+            old_seccomp_mode: None,
+        }),
+        ids: None,
+        thread_core: None,
+    };
+    fs::write(
+        dir.path().join("core-7.img"),
+        encode_entries(
+            Header::Common(CORE_MAGIC),
+            &[zombie(super::creds::TASK_DEAD)],
+        ),
+    )
+    .unwrap();
+    check(dir.path(), &grant(DEFAULT_CAPS)).unwrap();
+    // The same task alive is refused: nothing about it can be checked.
+    fs::write(
+        dir.path().join("core-7.img"),
+        encode_entries(Header::Common(CORE_MAGIC), &[zombie(1)]),
+    )
+    .unwrap();
+    let found = violations(dir.path(), &grant(DEFAULT_CAPS));
+    assert!(
+        found
+            .iter()
+            .any(|v| v.contains("task 7 (child) has no credentials")),
+        "{found:?}"
+    );
 }
 
 #[test]
