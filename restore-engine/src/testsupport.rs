@@ -118,6 +118,7 @@ pub fn write_task_images(dir: &Path, pid: u32) {
     let core = CoreEntry {
         mtype: 1,
         tc: Some(TaskCoreEntry {
+            task_state: 1,
             comm: "writer".into(),
             old_seccomp_mode: None,
         }),

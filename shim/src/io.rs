@@ -19,6 +19,7 @@ use log::warn;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use nix::unistd::pipe;
 
+use crate::logger::LoggerProcess;
 use crate::runc::RuncStdio;
 
 /// Errors while wiring a process's stdio.
@@ -37,8 +38,12 @@ pub enum IoError {
         #[source]
         source: io::Error,
     },
-    #[error("stdio URI '{0}' is not supported: use a FIFO path or file:///absolute/path")]
+    #[error("stdio URI '{0}' is not supported: use a FIFO path, file:///absolute/path or binary:///absolute/logger")]
     UnsupportedUri(String),
+    #[error("log URI '{uri}': {why}")]
+    BadLogUri { uri: String, why: String },
+    #[error("the logging binary {program} did not say it was ready within {timeout:?} (it must write a byte to fd 5 or close it)")]
+    LoggerNotReady { program: String, timeout: Duration },
     #[error("console socket {path}: {source}")]
     Console {
         path: PathBuf,
@@ -56,6 +61,24 @@ pub struct StdioConfig {
     pub stdout: String,
     pub stderr: String,
     pub terminal: bool,
+    /// For a `binary://` logger's environment: the container and its containerd namespace.
+    pub container_id: String,
+    pub namespace: String,
+}
+
+impl StdioConfig {
+    /// The `binary://` logger the output URIs name, started; None for FIFOs and files.
+    fn start_logger(&self) -> Result<Option<crate::logger::Logger>, IoError> {
+        match [&self.stdout, &self.stderr]
+            .into_iter()
+            .find_map(|uri| crate::logger::parse(uri))
+        {
+            None => Ok(None),
+            Some(command) => {
+                crate::logger::start(&command?, &self.container_id, &self.namespace).map(Some)
+            }
+        }
+    }
 }
 
 /// An output destination: a FIFO containerd reads, or a file (`file://` log URI).
@@ -97,6 +120,7 @@ pub struct ProcessIo {
     stdin: Arc<Mutex<Option<File>>>,
     console: Option<File>,
     output_copiers: Vec<JoinHandle<()>>,
+    logger: Option<LoggerProcess>,
     console_socket_dir: Option<tempfile_dir::TempDir>,
 }
 
@@ -152,6 +176,7 @@ enum ProcessIoPending {
         stdin_writer: Option<File>,
         stdin_fifo: String,
         outputs: Vec<(File, File)>,
+        logger: Option<LoggerProcess>,
     },
     Console {
         listener: UnixListener,
@@ -201,6 +226,11 @@ pub fn prepare(config: &StdioConfig) -> Result<PreparedIo, IoError> {
     }
     let mut outputs = Vec::new();
     let mut container_out = [None, None];
+    let logger = config.start_logger()?;
+    let (mut to_logger, logger) = match logger {
+        Some(l) => ([Some(l.stdout), Some(l.stderr)], Some(l.process)),
+        None => ([None, None], None),
+    };
     for (slot, (stream, target)) in [("stdout", &config.stdout), ("stderr", &config.stderr)]
         .into_iter()
         .enumerate()
@@ -208,7 +238,10 @@ pub fn prepare(config: &StdioConfig) -> Result<PreparedIo, IoError> {
         if target.is_empty() {
             continue;
         }
-        let destination = open_output(target)?;
+        let destination = match to_logger[slot].take() {
+            Some(pipe) if target.starts_with("binary://") => pipe,
+            _ => open_output(target)?,
+        };
         let (r, w) = make_pipe(stream)?;
         container_out[slot] = Some(OwnedFd::from(w));
         outputs.push((r, destination));
@@ -225,6 +258,7 @@ pub fn prepare(config: &StdioConfig) -> Result<PreparedIo, IoError> {
             stdin_writer,
             stdin_fifo: config.stdin.clone(),
             outputs,
+            logger,
         }),
     })
 }
@@ -245,9 +279,11 @@ impl PendingIo {
                 stdin_writer,
                 stdin_fifo,
                 outputs,
+                logger,
             } => {
                 let mut io = ProcessIo {
                     stdin: Arc::new(Mutex::new(stdin_writer)),
+                    logger,
                     ..Default::default()
                 };
                 if !stdin_fifo.is_empty() {
@@ -273,7 +309,13 @@ impl PendingIo {
                     source,
                 })?;
                 if !config.stdout.is_empty() {
-                    let destination = open_output(&config.stdout)?;
+                    let destination = match config.start_logger()? {
+                        Some(logger) => {
+                            io.logger = Some(logger.process);
+                            logger.stdout
+                        }
+                        None => open_output(&config.stdout)?,
+                    };
                     io.output_copiers
                         .push(spawn_output_copier(reader, destination));
                 }
@@ -451,5 +493,9 @@ impl ProcessIo {
             }
         }
         self.console_socket_dir.take();
+        // The logger has had EOF on every output it gets (unless a grandchild holds one open).
+        if let Some(logger) = self.logger.take() {
+            logger.stop();
+        }
     }
 }

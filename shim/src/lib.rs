@@ -15,6 +15,7 @@ pub mod eager_restore;
 pub mod grant;
 pub mod io;
 pub mod lazy_restore;
+pub mod logger;
 pub mod migrate;
 pub mod netns;
 pub mod nofollow;

@@ -367,6 +367,7 @@ impl containerd_shim::Shim for Service {
                 sink,
             ),
             exit: Arc::clone(&self.exit),
+            namespace: self.namespace.clone(),
         }
     }
 }
@@ -375,6 +376,8 @@ impl containerd_shim::Shim for Service {
 pub struct TaskService {
     tasks: Arc<Tasks>,
     exit: Arc<ExitSignal>,
+    /// The containerd namespace (a `binary://` logger's CONTAINER_NAMESPACE).
+    namespace: String,
 }
 
 fn state_response(state: ProcessState) -> api::StateResponse {
@@ -463,6 +466,8 @@ impl containerd_shim::Task for TaskService {
                 stdout: req.stdout.clone(),
                 stderr: req.stderr.clone(),
                 terminal: req.terminal,
+                container_id: req.id.clone(),
+                namespace: self.namespace.clone(),
             },
             checkpoint: (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint)),
             options,
@@ -599,6 +604,8 @@ impl containerd_shim::Task for TaskService {
                     stdout: req.stdout.clone(),
                     stderr: req.stderr.clone(),
                     terminal: req.terminal,
+                    container_id: req.id.clone(),
+                    namespace: self.namespace.clone(),
                 },
                 &spec.value,
             )

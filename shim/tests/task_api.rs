@@ -360,3 +360,62 @@ fn a_missing_runc_is_named_with_the_fix() {
         "unclear error: {err}"
     );
 }
+
+#[test]
+fn a_binary_log_uri_delivers_output_to_the_logger_as_containerd_runs_it() {
+    let ctd = Containerd::start();
+    let rootfs = ctd.rootfs("logged");
+    let logs = ctd.dir.join("logger-out");
+    fs::create_dir_all(&logs).unwrap();
+    // A logger as containerd's runc shim runs one: fd 3 stdout, fd 4 stderr, fd 5 closed when
+    // ready; arguments from the URI's query; CONTAINER_ID and CONTAINER_NAMESPACE only.
+    let logger = ctd.dir.join("logger.sh");
+    fs::write(
+        &logger,
+        "#!/bin/sh\nexec 5>&-\n\
+         echo \"$CONTAINER_ID $CONTAINER_NAMESPACE $1\" > \"$2/env\"\n\
+         /bin/cat <&3 > \"$2/stdout.tmp\" & /bin/cat <&4 > \"$2/stderr.tmp\" & wait\n\
+         mv \"$2/stdout.tmp\" \"$2/stdout\"; mv \"$2/stderr.tmp\" \"$2/stderr\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}?--out={}", logger.display(), logs.display());
+    let rootfs_arg = rootfs.display().to_string();
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--log-uri",
+        &uri,
+        "--runtime",
+        RUNTIME,
+        "--rootfs",
+        &rootfs_arg,
+        "logged",
+        "/bin/sh",
+        "-c",
+        "echo to-stdout; echo to-stderr >&2; sleep 0.2",
+    ]);
+    // The task ends, the logger gets EOF on both streams and finishes its files.
+    wait_for(
+        "the logger to write its files",
+        Duration::from_secs(30),
+        || logs.join("stdout").exists() && logs.join("stderr").exists(),
+    );
+    assert_eq!(
+        fs::read_to_string(logs.join("stdout")).unwrap(),
+        "to-stdout\n"
+    );
+    assert_eq!(
+        fs::read_to_string(logs.join("stderr")).unwrap(),
+        "to-stderr\n"
+    );
+    assert_eq!(
+        fs::read_to_string(logs.join("env")).unwrap().trim(),
+        format!("logged {} --out", ctd.namespace)
+    );
+    wait_for("the logger to exit", Duration::from_secs(20), || {
+        processes_with_args(&[&logger.display().to_string()]).is_empty()
+    });
+    ctd.ctr_ok(&["task", "delete", "logged"]);
+    ctd.ctr_ok(&["container", "delete", "logged"]);
+}
