@@ -11,6 +11,7 @@ pub mod annotations;
 pub mod cgroups;
 pub mod config;
 pub mod confine;
+pub mod cri_options;
 pub mod eager_restore;
 pub mod grant;
 pub mod io;

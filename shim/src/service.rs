@@ -92,10 +92,14 @@ fn runtime_options(any: Option<&Any>) -> Result<RuntimeOptions, ttrpc::Error> {
     let Some(any) = any.filter(|a| !(a.type_url.is_empty() && a.value.is_empty())) else {
         return Ok(RuntimeOptions::default());
     };
+    if type_name(any) == crate::cri_options::CRI_OPTIONS_TYPE {
+        return crate::cri_options::parse(&any.value).map_err(invalid);
+    }
     if type_name(any) != RUNC_OPTIONS_TYPE {
         return Err(invalid(format!(
-            "task options of type '{}' are not understood by {RUNTIME_ID}: send {RUNC_OPTIONS_TYPE}",
-            any.type_url
+            "task options of type '{}' are not understood by {RUNTIME_ID}: send {RUNC_OPTIONS_TYPE} or {}",
+            any.type_url,
+            crate::cri_options::CRI_OPTIONS_TYPE
         )));
     }
     let o = RuncOptions::parse_from_bytes(&any.value)
