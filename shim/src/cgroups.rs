@@ -34,8 +34,9 @@ pub enum CgroupError {
 }
 
 /// Which cgroup hierarchy a container lives in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CgroupVersion {
+    #[default]
     V1,
     V2,
 }
@@ -63,6 +64,26 @@ pub struct ContainerStats {
     pub cpu_per_core_ns: Vec<u64>,
     pub pids_current: u64,
     pub pids_limit: u64,
+    /// Which hierarchy these came from (containerd wants the matching Metrics type).
+    pub version: CgroupVersion,
+    /// What only v2 reports here (the fields kubelet's working set, page fault and OOM
+    /// figures come from): memory.stat's inactive_file, pgfault, pgmajfault, file_mapped,
+    /// shmem, slab; memory.events; cpu.stat's throttling.
+    pub memory_inactive_file: u64,
+    pub memory_active_file: u64,
+    pub memory_pgfault: u64,
+    pub memory_pgmajfault: u64,
+    pub memory_file_mapped: u64,
+    pub memory_shmem: u64,
+    pub memory_slab: u64,
+    pub memory_swap_usage: u64,
+    pub memory_swap_limit: u64,
+    pub memory_events_high: u64,
+    pub memory_events_oom: u64,
+    pub memory_events_oom_kill: u64,
+    pub cpu_nr_periods: u64,
+    pub cpu_nr_throttled: u64,
+    pub cpu_throttled_ns: u64,
 }
 
 /// The cgroup paths of one process: controller name → path under its hierarchy.
@@ -207,23 +228,48 @@ fn read_stats_v2(pid: i32, cgroups: &ProcCgroups) -> Result<ContainerStats, Cgro
         pid,
         controller: "unified",
     })?;
+    read_stats_v2_dir(&dir)
+}
+
+/// The statistics of one cgroup v2 directory.
+pub fn read_stats_v2_dir(dir: &Path) -> Result<ContainerStats, CgroupError> {
     let mut stats = ContainerStats {
+        version: CgroupVersion::V2,
         memory_usage: read_u64(&dir.join("memory.current"))?,
         memory_limit: read_u64(&dir.join("memory.max"))?,
         ..Default::default()
     };
     stats.memory_max_usage = read_u64(&dir.join("memory.peak")).unwrap_or(0);
     let memory_stat = read_keyed(&dir.join("memory.stat"))?;
-    stats.memory_rss = keyed(&memory_stat, "anon");
-    stats.memory_cache = keyed(&memory_stat, "file");
+    let m = |key| keyed(&memory_stat, key);
+    stats.memory_rss = m("anon");
+    stats.memory_cache = m("file");
+    stats.memory_inactive_file = m("inactive_file");
+    stats.memory_active_file = m("active_file");
+    stats.memory_pgfault = m("pgfault");
+    stats.memory_pgmajfault = m("pgmajfault");
+    stats.memory_file_mapped = m("file_mapped");
+    stats.memory_shmem = m("shmem");
+    stats.memory_slab = m("slab");
+    stats.memory_swap_usage = read_u64(&dir.join("memory.swap.current")).unwrap_or(0);
+    stats.memory_swap_limit = read_u64(&dir.join("memory.swap.max")).unwrap_or(0);
     let events = read_keyed(&dir.join("memory.events")).unwrap_or_default();
     stats.memory_failcnt = keyed(&events, "max");
+    stats.memory_events_high = keyed(&events, "high");
+    stats.memory_events_oom = keyed(&events, "oom");
+    stats.memory_events_oom_kill = keyed(&events, "oom_kill");
     let cpu = read_keyed(&dir.join("cpu.stat"))?;
     stats.cpu_total_ns = keyed(&cpu, "usage_usec") * 1000;
     stats.cpu_user_ns = keyed(&cpu, "user_usec") * 1000;
     stats.cpu_kernel_ns = keyed(&cpu, "system_usec") * 1000;
+    stats.cpu_nr_periods = keyed(&cpu, "nr_periods");
+    stats.cpu_nr_throttled = keyed(&cpu, "nr_throttled");
+    stats.cpu_throttled_ns = keyed(&cpu, "throttled_usec") * 1000;
     stats.pids_current = read_u64(&dir.join("pids.current")).unwrap_or(0);
     stats.pids_limit = read_u64(&dir.join("pids.max")).unwrap_or(0);
+    if stats.pids_limit == u64::MAX {
+        stats.pids_limit = 0; // "max", as for v1
+    }
     Ok(stats)
 }
 

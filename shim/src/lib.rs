@@ -17,6 +17,7 @@ pub mod grant;
 pub mod io;
 pub mod lazy_restore;
 pub mod logger;
+pub mod metrics;
 pub mod migrate;
 pub mod netns;
 pub mod nofollow;

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim::api::{self, Empty};
-use containerd_shim::protos::cgroups::metrics as v1metrics;
 use containerd_shim::protos::events::task as ev;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -402,49 +401,6 @@ fn state_response(state: ProcessState) -> api::StateResponse {
     }
 }
 
-fn stats_any(stats: crate::cgroups::ContainerStats) -> Result<Any, ttrpc::Error> {
-    let metrics = v1metrics::Metrics {
-        memory: MessageField::some(v1metrics::MemoryStat {
-            rss: stats.memory_rss,
-            cache: stats.memory_cache,
-            total_rss: stats.memory_rss,
-            total_cache: stats.memory_cache,
-            usage: MessageField::some(v1metrics::MemoryEntry {
-                usage: stats.memory_usage,
-                limit: stats.memory_limit,
-                max: stats.memory_max_usage,
-                failcnt: stats.memory_failcnt,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        cpu: MessageField::some(v1metrics::CPUStat {
-            usage: MessageField::some(v1metrics::CPUUsage {
-                total: stats.cpu_total_ns,
-                kernel: stats.cpu_kernel_ns,
-                user: stats.cpu_user_ns,
-                per_cpu: stats.cpu_per_core_ns,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        pids: MessageField::some(v1metrics::PidsStat {
-            current: stats.pids_current,
-            limit: stats.pids_limit,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let value = metrics
-        .write_to_bytes()
-        .map_err(|e| ttrpc::Error::Others(format!("encode metrics: {e}")))?;
-    Ok(Any {
-        type_url: "io.containerd.cgroups.v1.Metrics".into(),
-        value,
-        ..Default::default()
-    })
-}
-
 impl containerd_shim::Task for TaskService {
     fn create(
         &self,
@@ -670,7 +626,9 @@ impl containerd_shim::Task for TaskService {
     ) -> TtrpcResult<api::StatsResponse> {
         let stats = self.tasks.stats(&req.id).map_err(to_status)?;
         Ok(api::StatsResponse {
-            stats: MessageField::some(stats_any(stats)?),
+            stats: MessageField::some(
+                crate::metrics::stats_any(&stats).map_err(ttrpc::Error::Others)?,
+            ),
             ..Default::default()
         })
     }
