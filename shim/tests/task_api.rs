@@ -419,3 +419,77 @@ fn a_binary_log_uri_delivers_output_to_the_logger_as_containerd_runs_it() {
     ctd.ctr_ok(&["task", "delete", "logged"]);
     ctd.ctr_ok(&["container", "delete", "logged"]);
 }
+
+#[test]
+fn a_waiting_receive_is_listed_as_created_and_kill_ends_it_within_a_second() {
+    use containerd_shim_pclive::annotations;
+    use std::time::Instant;
+    let ctd = Containerd::start();
+    let rootfs = ctd.rootfs("recv");
+    let port = common::migration::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let rootfs_arg = rootfs.display().to_string();
+    let listen_annotation = format!("{}={listen}", annotations::RECEIVE_LISTEN);
+    let insecure = format!("{}=true", annotations::RECEIVE_INSECURE);
+    let receiving = ctd
+        .ctr_command(&[
+            "run",
+            "-d",
+            "--null-io",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            &listen_annotation,
+            "--annotation",
+            &insecure,
+            "--rootfs",
+            &rootfs_arg,
+            "recv",
+            "/bin/true",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let receiving = Guarded(Some(receiving));
+    wait_for("the receiver to listen", Duration::from_secs(30), || {
+        ctd.log().contains("receiving a migration on")
+    });
+    // The shim answers while it waits: the task is listed, as CREATED, at once.
+    let asked = Instant::now();
+    let listed = ctd.ctr_ok(&["task", "ls"]);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "ctr task ls took {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("recv ") && l.trim_end().ends_with("CREATED")),
+        "the waiting receive is not listed as CREATED: {listed}"
+    );
+    // Kill cancels the receive: ctr run fails within a second, the server is gone, the port
+    // is free, and deleting the container leaves no bundle.
+    let killed = Instant::now();
+    ctd.ctr_ok(&["task", "kill", "recv"]);
+    let code = receiving.wait_code(Duration::from_secs(10));
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "the receive ended {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_ne!(code, 0, "ctr run of a cancelled receive succeeded");
+    wait_for(
+        "the receiving server to exit",
+        Duration::from_secs(5),
+        || processes_with_args(&["--receive", &listen]).is_empty(),
+    );
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "the receive's port is still taken"
+    );
+    let _ = ctd.ctr(&["task", "delete", "recv"]);
+    let _ = ctd.ctr(&["container", "delete", "recv"]);
+    assert!(!ctd.bundle("recv").exists(), "the bundle is left behind");
+}
