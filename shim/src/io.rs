@@ -40,10 +40,8 @@ pub enum IoError {
     },
     #[error("stdio URI '{0}' is not supported: use a FIFO path, file:///absolute/path or binary:///absolute/logger")]
     UnsupportedUri(String),
-    #[error("log URI '{uri}': {why}")]
-    BadLogUri { uri: String, why: String },
-    #[error("the logging binary {program} did not say it was ready within {timeout:?} (it must write a byte to fd 5 or close it)")]
-    LoggerNotReady { program: String, timeout: Duration },
+    #[error(transparent)]
+    Logger(#[from] crate::logger::LoggerError),
     #[error("console socket {path}: {source}")]
     Console {
         path: PathBuf,
@@ -74,9 +72,11 @@ impl StdioConfig {
             .find_map(|uri| crate::logger::parse(uri))
         {
             None => Ok(None),
-            Some(command) => {
-                crate::logger::start(&command?, &self.container_id, &self.namespace).map(Some)
-            }
+            Some(command) => Ok(Some(crate::logger::start(
+                &command?,
+                &self.container_id,
+                &self.namespace,
+            )?)),
         }
     }
 }

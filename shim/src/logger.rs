@@ -23,7 +23,22 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::pipe2;
 
-use crate::io::IoError;
+/// Why a `binary://` logger cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoggerError {
+    #[error("log URI '{uri}': {why}")]
+    BadUri { uri: String, why: String },
+    #[error("cannot create a pipe for the logging binary: {0}")]
+    Pipe(#[source] nix::Error),
+    #[error("cannot start the logging binary {program}: {source}")]
+    Start {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the logging binary {program} did not say it was ready within {timeout:?} (it must write a byte to fd 5 or close it)")]
+    NotReady { program: String, timeout: Duration },
+}
 
 /// How long the logger may take to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,11 +53,11 @@ pub struct LoggerCommand {
 }
 
 /// Parses a `binary://` URI; `None` if it is not one.
-pub fn parse(uri: &str) -> Option<Result<LoggerCommand, IoError>> {
+pub fn parse(uri: &str) -> Option<Result<LoggerCommand, LoggerError>> {
     if !uri.starts_with("binary://") {
         return None;
     }
-    let bad = |why: &str| IoError::BadLogUri {
+    let bad = |why: &str| LoggerError::BadUri {
         uri: uri.to_string(),
         why: why.to_string(),
     };
@@ -79,20 +94,14 @@ pub struct LoggerProcess {
     program: String,
 }
 
-fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd), IoError> {
-    pipe2(OFlag::O_CLOEXEC).map_err(|source| IoError::Pipe {
-        stream: "logger",
-        source,
-    })
+fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd), LoggerError> {
+    pipe2(OFlag::O_CLOEXEC).map_err(LoggerError::Pipe)
 }
 
 /// A copy of `fd` numbered 10 or above (so that placing the copies at 3, 4 and 5 in the child
 /// cannot overwrite one another).
-fn high_copy(fd: &OwnedFd) -> Result<OwnedFd, IoError> {
-    let raw = fcntl(fd.as_fd(), FcntlArg::F_DUPFD_CLOEXEC(10)).map_err(|source| IoError::Pipe {
-        stream: "logger",
-        source,
-    })?;
+fn high_copy(fd: &OwnedFd) -> Result<OwnedFd, LoggerError> {
+    let raw = fcntl(fd.as_fd(), FcntlArg::F_DUPFD_CLOEXEC(10)).map_err(LoggerError::Pipe)?;
     // SAFETY: fcntl returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
@@ -109,15 +118,14 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 
 /// Starts the logger of `command` for container `id` in containerd namespace `namespace`, and
 /// waits until it is ready.
-pub fn start(command: &LoggerCommand, id: &str, namespace: &str) -> Result<Logger, IoError> {
+pub fn start(command: &LoggerCommand, id: &str, namespace: &str) -> Result<Logger, LoggerError> {
     let (out_r, out_w) = cloexec_pipe()?;
     let (err_r, err_w) = cloexec_pipe()?;
     let (ready_r, ready_w) = cloexec_pipe()?;
     let child_fds = [high_copy(&out_r)?, high_copy(&err_r)?, high_copy(&ready_w)?];
     let raw: Vec<RawFd> = child_fds.iter().map(|f| f.as_raw_fd()).collect();
-    let failed = |source: io::Error| IoError::Open {
-        what: "logging binary",
-        path: command.program.clone(),
+    let failed = |source: io::Error| LoggerError::Start {
+        program: command.program.clone(),
         source,
     };
     let mut cmd = Command::new(&command.program);
@@ -163,7 +171,7 @@ pub fn start(command: &LoggerCommand, id: &str, namespace: &str) -> Result<Logge
     };
     if !ready {
         process.kill();
-        return Err(IoError::LoggerNotReady {
+        return Err(LoggerError::NotReady {
             program: command.program.clone(),
             timeout: READY_TIMEOUT,
         });
