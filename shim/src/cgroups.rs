@@ -175,6 +175,24 @@ fn keyed(values: &[(String, u64)], key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The processes of the cgroup that `pid` (the container's init) belongs to: its freezer
+/// cgroup's (v1) or its cgroup's (v2) `cgroup.procs`. Cheaper than `runc ps` (no process to
+/// start), for the frozen phase of a migration.
+pub fn container_procs(pid: i32) -> Result<Vec<u32>, CgroupError> {
+    let cgroups = ProcCgroups::of(pid)?;
+    let dir = match host_cgroup_version() {
+        CgroupVersion::V1 => cgroups.v1_dir("freezer"),
+        CgroupVersion::V2 => cgroups.v2_dir(),
+    }
+    .ok_or(CgroupError::NoController {
+        pid,
+        controller: "freezer",
+    })?;
+    let path = dir.join("cgroup.procs");
+    let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
+    Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
 /// Reads the statistics of the cgroup that `pid` (the container's init) belongs to.
 pub fn read_stats(pid: i32) -> Result<ContainerStats, CgroupError> {
     let cgroups = ProcCgroups::of(pid)?;

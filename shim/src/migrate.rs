@@ -167,6 +167,8 @@ pub fn namespace_pid(host_pid: i32) -> io::Result<u32> {
 struct RuncHooks<'a> {
     runc: &'a Runc,
     id: &'a str,
+    /// The container's init (host pid): its cgroup lists the processes while frozen.
+    init_pid: u32,
     work_dir: &'a Path,
     network: DumpNetwork,
 }
@@ -230,7 +232,15 @@ impl SourceHooks for RuncHooks<'_> {
         // downtime began: thaw and, for a vfork of a moment, try again.
         for attempt in 1.. {
             self.runc.pause(self.id)?;
-            let blocked = seizable::find(&self.host_pids()?);
+            // Read from the cgroup rather than `runc ps`: this is downtime.
+            let pids = match crate::cgroups::container_procs(self.init_pid as i32) {
+                Ok(pids) => pids,
+                Err(e) => {
+                    log::warn!("{}: {e}; listing the processes with runc ps", self.id);
+                    self.host_pids()?
+                }
+            };
+            let blocked = seizable::find(&pids);
             if blocked.is_empty() {
                 return Ok(());
             }
@@ -563,6 +573,7 @@ fn lazy_final_dump(
 pub fn migrate_out(
     runc: &Runc,
     id: &str,
+    init_pid: u32,
     request: &MigrateRequest,
     work_dir: &Path,
     state_dir: &Path,
@@ -572,6 +583,7 @@ pub fn migrate_out(
     let mut hooks = RuncHooks {
         runc,
         id,
+        init_pid,
         work_dir,
         network,
     };

@@ -106,9 +106,11 @@ impl Tasks {
         }
         fs::create_dir_all(work_path)
             .map_err(os_err(format!("cannot create {}", work_path.display())))?;
+        let init_pid = container.init.lock().pid;
         let migrated = crate::migrate::migrate_out(
             &container.runc,
             id,
+            init_pid,
             request,
             work_path,
             &self.config.state_dir,
