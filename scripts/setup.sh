@@ -124,5 +124,10 @@ if [ "$build" = 1 ]; then
   install -m 0755 "$here/target/release/containerd-shim-pclive-v2" /usr/local/bin/
   install -m 0755 "$here/target/release/pclive" /usr/local/bin/
   log "installed /usr/local/bin/containerd-shim-pclive-v2 and /usr/local/bin/pclive"
+  # Shell completion and man pages, generated from the command line's definition.
+  mkdir -p /usr/share/bash-completion/completions /usr/local/share/man/man1
+  /usr/local/bin/pclive completions bash > /usr/share/bash-completion/completions/pclive
+  /usr/local/bin/pclive man /usr/local/share/man/man1
+  log "installed bash completion (/usr/share/bash-completion/completions/pclive) and man pages (man pclive)"
 fi
 log "done"

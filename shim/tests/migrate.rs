@@ -117,16 +117,17 @@ fn receive(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: Option<
 
 /// Starts the receiving container on `dst` in eager mode with `pclive receive --eager` (it
 /// blocks until the migrated container runs: in the background).
+/// (`--json`: its stdout is piped; read it with [`Guarded::wait_output`].)
 fn receive_eagerly(dst: &Containerd, id: &str, rootfs: &Path, listen: &str) -> Guarded {
     let rootfs = rootfs.display().to_string();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
         .args(["receive", id, "--listen", listen, "--key-file", &dst.key()])
-        .args(["--rootfs", &rootfs, "--eager"])
+        .args(["--rootfs", &rootfs, "--eager", "--json"])
         .args(["--address", &dst.address, "--namespace", &dst.namespace])
         .arg("--state-dir")
         .arg(dst.state_base())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -175,7 +176,17 @@ fn checksummed_memory_migrates_with_an_eager_restore() {
         )
     });
     eprintln!("eager migration took {:?}", started.elapsed());
-    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    let (code, json) = receiver.wait_output(Duration::from_secs(60));
+    assert_eq!(code, 0);
+    // --json: the outcome and the receiving side's events, nothing else on stdout.
+    let received: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("pclive receive --json printed no JSON ({e}): {json}"));
+    assert_eq!(received["outcome"], "committed", "{received:#}");
+    let events = received["events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["event"] == "round-received"),
+        "no rounds among the events: {received:#}"
+    );
     dst.wait_status("app", "RUNNING");
     src.wait_status("app", "STOPPED");
     // Every page verified on the destination, twice over (memcheck stops with CORRUPT, which
@@ -443,6 +454,7 @@ fn a_failed_eager_restore_resumes_the_source_and_leaves_nothing_behind() {
     let wrong_rootfs = dst.rootfs("empty-root");
     fs::remove_dir_all(wrong_rootfs.join("usr/local/bin")).unwrap();
     let receiver = receive_eagerly(dst, "app", &wrong_rootfs, &listen);
+    // (Its --json output is small: a failed receive has few events.)
     let err = migrate(src, "app", &listen, &key).unwrap_err();
     assert!(
         err.contains("keeps running here") && err.contains("restore"),

@@ -735,6 +735,25 @@ impl Guarded {
         }
     }
 
+    /// [`Guarded::wait_code`] and what the process printed on its (piped) stdout, read as it
+    /// comes so that a long output cannot block it.
+    pub fn wait_output(mut self, timeout: Duration) -> (i32, String) {
+        let mut stdout = self
+            .0
+            .as_mut()
+            .unwrap()
+            .stdout
+            .take()
+            .expect("stdout piped");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
+        let code = self.wait_code(timeout);
+        (code, reader.join().unwrap())
+    }
+
     pub fn write_stdin(&mut self, data: &[u8]) {
         let child = self.0.as_mut().unwrap();
         let mut stdin = child.stdin.take().expect("stdin piped");

@@ -2,6 +2,7 @@
 
 mod check;
 mod dirty_rate;
+mod docs;
 mod migrate;
 mod options;
 mod receive;
@@ -36,7 +37,7 @@ does not grow with their memory: memory is copied while the container runs, and 
 userfaultfd on the destination after a short final dump.",
     after_help = AFTER_HELP
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +50,8 @@ enum Command {
     Resolve(resolve::ResolveArgs),
     Check(check::CheckArgs),
     DirtyRate(dirty_rate::DirtyRateArgs),
+    Completions(docs::CompletionsArgs),
+    Man(docs::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,5 +62,7 @@ fn main() -> ExitCode {
         Command::Resolve(args) => resolve::run(args),
         Command::Check(args) => check::run(args),
         Command::DirtyRate(args) => dirty_rate::run(args),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
 }

@@ -56,15 +56,28 @@ pub struct ReceiveArgs {
     /// How long to wait for the source
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub accept_timeout: u64,
+    /// Print the outcome and every event of the receiving side as JSON on stdout (progress
+    /// still goes to stderr)
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub containerd: Containerd,
 }
 
+/// What the receiving shim reported: its events, and the migration's conclusion (phase and
+/// reason) if it came.
+#[derive(Default)]
+struct Followed {
+    events: Vec<serde_json::Value>,
+    concluded: Option<(String, Option<String>)>,
+}
+
 /// Prints the receiving shim's events (JSON lines in `path`) as they come, until the migration
-/// concluded (its phase and reason) or `done`.
-fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Option<(String, Option<String>)> {
+/// concluded or `done`.
+fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let mut shown = 0usize;
+    let mut followed = Followed::default();
     loop {
         let finished = done.load(Ordering::SeqCst);
         let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -73,6 +86,9 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Option<(String, Op
             let Ok(event) = serde_json::from_str::<ServerEvent>(line) else {
                 continue;
             };
+            if let Ok(value) = serde_json::from_str(line) {
+                followed.events.push(value);
+            }
             match event {
                 ServerEvent::Listening { address } => eprintln!("  listening on {address}"),
                 ServerEvent::SourceArrived {
@@ -117,14 +133,15 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Option<(String, Op
                         Some(reason) => eprintln!("  concluded: {phase}: {reason}"),
                         None => eprintln!("  concluded: {phase}"),
                     }
-                    return Some((phase, reason));
+                    followed.concluded = Some((phase, reason));
+                    return followed;
                 }
                 ServerEvent::Error { message } => eprintln!("  failed: {message}"),
                 ServerEvent::Ready { .. } | ServerEvent::Task { .. } | ServerEvent::Committed => {}
             }
         }
         if finished {
-            return None;
+            return followed;
         }
         thread::sleep(Duration::from_millis(200));
     }
@@ -265,8 +282,23 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
     if !status.as_ref().is_ok_and(|s| s.success()) {
         done.store(true, Ordering::SeqCst);
     }
-    let concluded = follower.join().ok().flatten();
+    let followed = follower.join().unwrap_or_default();
+    let concluded = followed.concluded.clone();
+    // --json: the outcome and the events, whatever happened.
+    let report = |outcome: &str, reason: Option<&str>| {
+        if args.json {
+            let value = serde_json::json!({
+                "container": args.container,
+                "listen": args.listen,
+                "outcome": outcome,
+                "reason": reason,
+                "events": followed.events,
+            });
+            println!("{value:#}");
+        }
+    };
     let failed = |why: String| {
+        report("failed", Some(&why));
         // The task never ran here (the source resumes, or is in doubt): remove what ctr
         // created.
         ctr(&["task", "delete", "--force", &args.container]);
@@ -277,10 +309,16 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
     match status {
         Ok(status) if status.success() => match concluded {
             Some((phase, _)) if phase == "committed" => {
-                println!(
+                let done = format!(
                     "received {}: it runs here now, every page installed",
                     args.container
                 );
+                if args.json {
+                    eprintln!("{done}");
+                    report("committed", None);
+                } else {
+                    println!("{done}");
+                }
                 ExitCode::SUCCESS
             }
             Some((phase, reason)) => failed(format!(
@@ -289,13 +327,16 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
                     reason.unwrap_or_default()
             )),
             // Never deleted here: it may run.
-            None => fail(
+            None => {
+                report("unknown", None);
+                fail(
                 exit::FAILED,
                 format!(
                     "{}: the migration's outcome was not reported; see `pclive status {}`",
                     args.container, args.container
                 ),
-            ),
+            )
+            }
         },
         Ok(status) => failed(format!(
             "the receiving container failed ({status}); see containerd's log and `pclive status {}`. It was removed.",
