@@ -173,6 +173,10 @@ struct RuncHooks<'a> {
     network: DumpNetwork,
 }
 
+/// How often `runc pause` is tried before the migration fails (the source keeps running).
+const PAUSE_ATTEMPTS: u32 = 5;
+/// How long to wait before trying to freeze again.
+const PAUSE_RETRY: Duration = Duration::from_millis(50);
 /// How often the freeze is retried while a task is blocked in vfork for a moment.
 const FREEZE_ATTEMPTS: u32 = 25;
 /// How long to wait between looks at tasks CRIU cannot seize.
@@ -181,6 +185,28 @@ const UNSEIZABLE_POLL: Duration = Duration::from_millis(20);
 const VFORK_PATIENCE: Duration = Duration::from_secs(1);
 
 impl RuncHooks<'_> {
+    /// `runc pause`, tried again when it fails: on cgroup v1 a container whose processes fork
+    /// fast can stay FREEZING past runc's patience ("unable to freeze"; measured with the
+    /// workload suite on a loaded host). runc thaws on that failure; so does this, to be sure.
+    fn pause(&self) -> Result<(), RuncError> {
+        let mut attempt = 1;
+        loop {
+            match self.runc.pause(self.id) {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < PAUSE_ATTEMPTS => {
+                    log::warn!(
+                        "{}: freezing failed (attempt {attempt} of {PAUSE_ATTEMPTS}): {e}; trying again",
+                        self.id
+                    );
+                    let _ = self.runc.resume(self.id);
+                    thread::sleep(PAUSE_RETRY);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn host_pids(&self) -> Result<Vec<u32>, RuncError> {
         Ok(self
             .runc
@@ -231,7 +257,7 @@ impl SourceHooks for RuncHooks<'_> {
         // Frozen with a task CRIU cannot seize, the final dump would hang or fail after the
         // downtime began: thaw and, for a vfork of a moment, try again.
         for attempt in 1.. {
-            self.runc.pause(self.id)?;
+            self.pause()?;
             // Read from the cgroup rather than `runc ps`: this is downtime.
             let pids = match crate::cgroups::container_procs(self.init_pid as i32) {
                 Ok(pids) => pids,
