@@ -5,6 +5,7 @@ mod dirty_rate;
 mod docs;
 mod migrate;
 mod options;
+mod progress;
 mod receive;
 mod resolve;
 mod status;

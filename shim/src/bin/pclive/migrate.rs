@@ -18,6 +18,7 @@ use containerd_shim_pclive::migrate::{progress_path, report_path, MigrateRequest
 use restore_engine::record::{self, Phase, Record, Role, Store};
 
 use crate::options::{exit, runtime, Containerd, KeyArgs};
+use crate::progress::Progress;
 
 #[derive(Args, Debug)]
 #[command(
@@ -97,6 +98,7 @@ fn describe_round(round: &serde_json::Value) -> String {
 fn follow_rounds(progress: PathBuf, done: Arc<AtomicBool>) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let mut shown = 0usize;
+        let status = Progress::new("pre-copy: round 1, the container runs");
         loop {
             let finished = done.load(Ordering::SeqCst);
             let text = std::fs::read_to_string(&progress).unwrap_or_default();
@@ -105,9 +107,15 @@ fn follow_rounds(progress: PathBuf, done: Arc<AtomicBool>) -> thread::JoinHandle
                 let Ok(round) = serde_json::from_str::<serde_json::Value>(line) else {
                     continue;
                 };
-                eprintln!("  {}", describe_round(&round));
+                status.line(&format!("  {}", describe_round(&round)));
                 if round["frozen"].as_bool().unwrap_or(false) {
-                    eprintln!("  final dump, image files, restore on the destination...");
+                    status.line("  final dump, image files, restore on the destination...");
+                    status.status("paused: final dump, images, restore on the destination");
+                } else {
+                    status.status(&format!(
+                        "pre-copy: round {}, the container runs",
+                        round["round"].as_u64().unwrap_or(0) + 1
+                    ));
                 }
             }
             if finished {

@@ -14,6 +14,7 @@ use containerd_shim_pclive::annotations;
 use restore_engine::events::ServerEvent;
 
 use crate::options::{exit, Containerd, KeyArgs};
+use crate::progress::Progress;
 
 #[derive(Args, Debug)]
 #[command(
@@ -78,6 +79,10 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let mut shown = 0usize;
     let mut followed = Followed::default();
+    let progress = Progress::new("waiting for the source");
+    macro_rules! say {
+        ($($t:tt)*) => { progress.line(&format!($($t)*)) };
+    }
     loop {
         let finished = done.load(Ordering::SeqCst);
         let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -90,14 +95,17 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
                 followed.events.push(value);
             }
             match event {
-                ServerEvent::Listening { address } => eprintln!("  listening on {address}"),
+                ServerEvent::Listening { address } => say!("  listening on {address}"),
                 ServerEvent::SourceArrived {
                     migration_id,
                     container,
                     peer,
-                } => eprintln!("  source {peer} arrived: {container}, migration {migration_id}"),
+                } => {
+                    say!("  source {peer} arrived: {container}, migration {migration_id}");
+                    progress.status("receiving memory while the source runs");
+                }
                 ServerEvent::Refused { peer, reason } => {
-                    eprintln!("  refused a connection from {peer}: {reason}; still waiting")
+                    say!("  refused a connection from {peer}: {reason}; still waiting")
                 }
                 ServerEvent::RoundReceived {
                     round,
@@ -105,24 +113,28 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
                     staged_bytes,
                     last,
                     ..
-                } => eprintln!(
+                } => say!(
                     "  round {round:>2}{}: {:>8.1} MiB received, {:.1} MiB staged",
                     if last { " (source paused)" } else { "" },
                     mib(bytes),
                     mib(staged_bytes)
                 ),
-                ServerEvent::ImagesReady { image_bytes, .. } => eprintln!(
-                    "  image files received ({:.1} KiB): restoring",
-                    image_bytes as f64 / 1024.0
-                ),
-                ServerEvent::Assembled(report) => eprintln!(
+                ServerEvent::ImagesReady { image_bytes, .. } => {
+                    say!(
+                        "  image files received ({:.1} KiB): restoring",
+                        image_bytes as f64 / 1024.0
+                    );
+                    progress.status("restoring");
+                }
+                ServerEvent::Assembled(report) => say!(
                     "  images completed from the staged memory in {:.3}s",
                     report.seconds
                 ),
                 ServerEvent::RestoreFinished { after_seconds } => {
-                    eprintln!("  restored in {after_seconds:.3}s: the container runs here")
+                    say!("  restored in {after_seconds:.3}s: the container runs here");
+                    progress.status("installing the rest of the memory");
                 }
-                ServerEvent::Done(stats) | ServerEvent::FillComplete(stats) => eprintln!(
+                ServerEvent::Done(stats) | ServerEvent::FillComplete(stats) => say!(
                     "  every page installed ({:.1} MiB: {} by fault, {} in the background)",
                     mib(stats.bytes),
                     stats.pages_by_fault,
@@ -130,13 +142,13 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
                 ),
                 ServerEvent::Concluded { phase, reason } => {
                     match &reason {
-                        Some(reason) => eprintln!("  concluded: {phase}: {reason}"),
-                        None => eprintln!("  concluded: {phase}"),
+                        Some(reason) => say!("  concluded: {phase}: {reason}"),
+                        None => say!("  concluded: {phase}"),
                     }
                     followed.concluded = Some((phase, reason));
                     return followed;
                 }
-                ServerEvent::Error { message } => eprintln!("  failed: {message}"),
+                ServerEvent::Error { message } => say!("  failed: {message}"),
                 ServerEvent::Ready { .. } | ServerEvent::Task { .. } | ServerEvent::Committed => {}
             }
         }
