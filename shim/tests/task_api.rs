@@ -368,11 +368,13 @@ fn a_binary_log_uri_delivers_output_to_the_logger_as_containerd_runs_it() {
     let logs = ctd.dir.join("logger-out");
     fs::create_dir_all(&logs).unwrap();
     // A logger as containerd's runc shim runs one: fd 3 stdout, fd 4 stderr, fd 5 closed when
-    // ready; arguments from the URI's query; CONTAINER_ID and CONTAINER_NAMESPACE only.
+    // ready; arguments from the URI's query; CONTAINER_ID and CONTAINER_NAMESPACE only. It
+    // finishes its files on EOF and ignores the SIGTERM that follows the EOF at once (as
+    // containerd sends it): a logger that died of it would lose what it had not written yet.
     let logger = ctd.dir.join("logger.sh");
     fs::write(
         &logger,
-        "#!/bin/sh\nexec 5>&-\n\
+        "#!/bin/sh\ntrap '' TERM\nexec 5>&-\n\
          echo \"$CONTAINER_ID $CONTAINER_NAMESPACE $1\" > \"$2/env\"\n\
          /bin/cat <&3 > \"$2/stdout.tmp\" & /bin/cat <&4 > \"$2/stderr.tmp\" & wait\n\
          mv \"$2/stdout.tmp\" \"$2/stdout\"; mv \"$2/stderr.tmp\" \"$2/stderr\"\n",
