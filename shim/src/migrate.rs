@@ -240,13 +240,13 @@ impl RuncHooks<'_> {
 
 impl SourceHooks for RuncHooks<'_> {
     fn tasks(&mut self) -> Result<Vec<TaskIds>, HookError> {
-        let pids = self.runc.ps(self.id)?;
         // A process that exits between the listing and here is skipped.
-        Ok(pids
+        Ok(self
+            .host_pids()?
             .into_iter()
             .filter_map(|pid| {
-                namespace_pid(pid).ok().map(|ns_pid| TaskIds {
-                    host_pid: pid as u32,
+                namespace_pid(pid as i32).ok().map(|ns_pid| TaskIds {
+                    host_pid: pid,
                     ns_pid,
                 })
             })

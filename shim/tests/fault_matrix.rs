@@ -433,13 +433,7 @@ fn assert_runs_verified(run: &Run, host: Host) {
 }
 
 fn run_cell(cell: Cell) {
-    let failpoints = std::env::temp_dir().join(format!(
-        "pclive-failpoints-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    fs::write(&failpoints, "").unwrap();
-    let _cleanup = RemoveOnDrop(failpoints.clone());
+    let (failpoints, _cleanup) = failpoints_file("");
     let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
     let memcheck = workload_binary("memcheck");
     let src_rootfs = hosts.src.rootfs_with(ID, &[&memcheck]);

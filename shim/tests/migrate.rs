@@ -5,79 +5,13 @@
 mod common;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::migration::{free_port, migrate, migrate_in_background, migrate_with};
 use common::*;
 use containerd_shim_pclive::annotations;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `pclive migrate` through the source containerd's API; the JSON report on success.
-fn migrate(
-    src: &Containerd,
-    id: &str,
-    destination: &str,
-    key: &str,
-) -> Result<serde_json::Value, String> {
-    migrate_with(src, id, destination, key, &[])
-}
-
-/// `pclive migrate` with more options.
-fn migrate_with(
-    src: &Containerd,
-    id: &str,
-    destination: &str,
-    key: &str,
-    options: &[&str],
-) -> Result<serde_json::Value, String> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
-        .args(["migrate", id, destination, "--key-file", key, "--json"])
-        .args(["--address", &src.address, "--namespace", &src.namespace])
-        .arg("--state-dir")
-        .arg(src.state_base())
-        .args(options)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(serde_json::from_slice(&out.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-/// `pclive migrate` on a thread of its own: its output and how long it took.
-fn migrate_in_background(
-    src: &Containerd,
-    destination: &str,
-    key: &str,
-    options: &[&str],
-) -> std::thread::JoinHandle<(std::process::Output, Duration)> {
-    let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
-    let (address, namespace) = (src.address.clone(), src.namespace.clone());
-    let (destination, key) = (destination.to_string(), key.to_string());
-    let state = src.state_base();
-    std::thread::spawn(move || {
-        let started = Instant::now();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
-            .args(["migrate", "app", &destination, "--key-file", &key])
-            .args(["--address", &address, "--namespace", &namespace])
-            .arg("--state-dir")
-            .arg(&state)
-            .args(&options)
-            .output()
-            .unwrap();
-        (out, started.elapsed())
-    })
-}
 
 /// Starts the receiving container on `dst` (ctr blocks until it runs: in the background). With
 /// `key` (the source's key file), the destination authenticates with its own copy of the key
@@ -377,6 +311,7 @@ impl InterruptedMigration {
         let receiver = receive(&hosts.dst, "app", &rootfs, &destination, Some(&key));
         let migration = Some(migrate_in_background(
             &hosts.src,
+            "app",
             &destination,
             &key,
             options,

@@ -344,14 +344,8 @@ fn a_stopped_task_or_one_blocked_in_vfork_is_refused_up_front_and_keeps_running(
 
 #[test]
 fn a_task_stopped_just_before_the_freeze_fails_the_migration_and_the_source_resumes() {
-    let failpoints = std::env::temp_dir().join(format!(
-        "pclive-failpoints-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
     // The migration stalls for 4 s between its rounds and the freeze.
-    fs::write(&failpoints, "source::before-freeze=sleep(4000)\n").unwrap();
-    let _cleanup = RemoveOnDrop(failpoints.clone());
+    let (failpoints, _cleanup) = failpoints_file("source::before-freeze=sleep(4000)\n");
     let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
     let (src, dst) = (&hosts.src, &hosts.dst);
     if containerd_shim_pclive::cgroups::host_cgroup_version()
@@ -365,20 +359,7 @@ fn a_task_stopped_just_before_the_freeze_fails_the_migration_and_the_source_resu
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let rootfs = status.parent().unwrap().to_path_buf();
     let receiver = receive_with(dst, "app", &rootfs, &listen, &dst.key(), &[]);
-    let migration = {
-        let (src_address, src_namespace, state) =
-            (src.address.clone(), src.namespace.clone(), src.state_base());
-        let (listen, key) = (listen.clone(), key.clone());
-        std::thread::spawn(move || {
-            Command::new(env!("CARGO_BIN_EXE_pclive"))
-                .args(["migrate", "app", &listen, "--key-file", &key])
-                .args(["--address", &src_address, "--namespace", &src_namespace])
-                .arg("--state-dir")
-                .arg(state)
-                .output()
-                .unwrap()
-        })
-    };
+    let migration = migrate_in_background(src, "app", &listen, &key, &[]);
     // After the first round (the up-front check passed), stop the container's process.
     wait_for("the first round", Duration::from_secs(30), || {
         src.log().contains("app: round 1:")
@@ -389,7 +370,7 @@ fn a_task_stopped_just_before_the_freeze_fails_the_migration_and_the_source_resu
         nix::sys::signal::Signal::SIGSTOP,
     )
     .unwrap();
-    let out = migration.join().unwrap();
+    let (out, _) = migration.join().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

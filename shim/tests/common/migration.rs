@@ -52,6 +52,32 @@ pub fn migrate_with(
     }
 }
 
+/// `pclive migrate` of container `id` on a thread of its own: its output and how long it took.
+pub fn migrate_in_background(
+    src: &Containerd,
+    id: &str,
+    destination: &str,
+    key: &str,
+    options: &[&str],
+) -> std::thread::JoinHandle<(std::process::Output, Duration)> {
+    let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+    let (address, namespace) = (src.address.clone(), src.namespace.clone());
+    let (id, destination, key) = (id.to_string(), destination.to_string(), key.to_string());
+    let state = src.state_base();
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
+            .args(["migrate", &id, &destination, "--key-file", &key])
+            .args(["--address", &address, "--namespace", &namespace])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(&options)
+            .output()
+            .unwrap();
+        (out, started.elapsed())
+    })
+}
+
 /// Starts a (lazy) receiving container on `dst` with `ctr run` and `extra` ctr options (ctr
 /// blocks until it runs: in the background).
 pub fn receive_with(

@@ -784,6 +784,18 @@ pub fn write_private(path: &Path, bytes: &[u8]) {
     std::io::Write::write_all(&mut file, bytes).unwrap();
 }
 
+/// A fault configuration file (PCLIVE_FAILPOINTS) holding `lines`, removed when the guard
+/// drops.
+pub fn failpoints_file(lines: &str) -> (PathBuf, RemoveOnDrop) {
+    let path = std::env::temp_dir().join(format!(
+        "pclive-failpoints-{}-{}",
+        std::process::id(),
+        migration::free_port()
+    ));
+    fs::write(&path, lines).unwrap();
+    (path.clone(), RemoveOnDrop(path))
+}
+
 /// A file removed when dropped (a test's fault configuration, say).
 pub struct RemoveOnDrop(pub PathBuf);
 
