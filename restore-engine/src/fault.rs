@@ -4,7 +4,9 @@
 //! name, configured from the file named by `PCLIVE_FAILPOINTS` (lines `name=actions`, e.g.
 //! `source::after-dump=return(error)`; see [`load`]). Actions that return carry what to do:
 //! `error` (the default) makes the point fail like an I/O error, `kill` kills this process with
-//! SIGKILL right there, `exit` ends it without any cleanup. Without the feature every point is
+//! SIGKILL right there, `exit` ends it without any cleanup, `wait:FILE` creates `FILE.reached`
+//! and holds the migration there until FILE exists (at most two minutes), so that a test can
+//! change the container at an exact phase. Without the feature every point is
 //! a no-op and this module costs nothing.
 
 use std::io;
@@ -30,6 +32,16 @@ fn act(name: &str, arg: Option<&str>) -> io::Result<()> {
         }
         // SAFETY: _exit ends the process at once, as a crash would.
         Some("exit") => unsafe { libc::_exit(137) },
+        Some(wait) if wait.starts_with("wait:") => {
+            let file = std::path::Path::new(&wait["wait:".len()..]);
+            let reached = format!("{}.reached", file.display());
+            std::fs::write(&reached, name)?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !file.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(())
+        }
         _ => Err(io::Error::other(format!("fault injected at {name}"))),
     }
 }

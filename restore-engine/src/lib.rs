@@ -27,6 +27,7 @@ pub mod fixups;
 pub mod grant;
 pub mod host;
 pub mod images;
+pub mod layer;
 pub mod lazy;
 pub mod memory;
 pub mod page;

@@ -61,6 +61,7 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
             &config,
             &Grant::default(),
             None,
+            None,
             &dst_txn,
             &Cancel::default(),
             |event| {
@@ -201,6 +202,7 @@ fn a_failing_destination_tells_the_source_to_abort_and_why() {
             &config,
             &Grant::default(),
             None,
+            None,
             &dst_txn,
             &Cancel::default(),
             |_| {},
@@ -216,6 +218,7 @@ fn a_failing_destination_tells_the_source_to_abort_and_why() {
                 pages: 0,
                 bytes: 0,
                 last: true,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -270,6 +273,7 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
                 &Limits::unlimited(),
                 &dst_images2,
                 &Grant::default(),
+                None,
                 &txn,
                 &Cancel::default(),
                 |event| assembled |= matches!(event, ServerEvent::Assembled(_)),

@@ -26,7 +26,7 @@ use crate::wire;
 /// lazy-pages-server --images DIR --work-dir DIR [--supervisor-fd N] [--fill-rate-mib N]
 ///                   [--chunk-kib N] [--page-source images|staging]
 ///                   [--receive ADDR (--key-file FILE | --insecure) --state-dir DIR [--eager]
-///                    --max-memory-mib N --max-image-files N
+///                    --max-memory-mib N --max-image-files N [--rootfs DIR [--shared-rootfs]]
 ///                    [--accept-timeout-seconds N] [--linger-seconds N]]
 /// ```
 ///
@@ -104,6 +104,15 @@ struct Args {
     /// The most image files the source may send.
     #[arg(long, value_name = "N", requires = "receive")]
     max_image_files: Option<usize>,
+    /// The receiving container's root filesystem (mounted): the source's filesystem changes
+    /// are applied to it before the restore ([`crate::layer`]). Without it a source that sends
+    /// them is refused.
+    #[arg(long, value_name = "DIR", requires = "receive")]
+    rootfs: Option<std::path::PathBuf>,
+    /// Both hosts share the root filesystem's storage: nothing is copied, and its digest must
+    /// be the source's.
+    #[arg(long, requires = "rootfs")]
+    shared_rootfs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -160,6 +169,8 @@ pub fn server_main(args: &[String]) -> i32 {
         linger_seconds: linger,
         max_memory_mib,
         max_image_files,
+        rootfs,
+        shared_rootfs,
     } = args;
     let staging = page_source == PageSource::Staging;
     if eager && receive.is_none() {
@@ -213,6 +224,19 @@ pub fn server_main(args: &[String]) -> i32 {
                 return 1;
             }
         };
+        let layer = match rootfs
+            .as_deref()
+            .map(crate::layer::Applier::open)
+            .transpose()
+        {
+            Ok(applier) => applier.map(|a| destination::DestinationLayer::new(a, shared_rootfs)),
+            Err(e) => {
+                emit(ServerEvent::Error {
+                    message: e.to_string(),
+                });
+                return 1;
+            }
+        };
         crate::fault::load();
         let mut options = ReceiveOptions::new(&address, auth, Store::new(&state_dir));
         if let Some(seconds) = accept_timeout {
@@ -231,6 +255,7 @@ pub fn server_main(args: &[String]) -> i32 {
             messages,
             &config,
             &grant,
+            layer,
             supervisor.as_ref(),
             eager,
         );
@@ -296,6 +321,7 @@ fn receive_migration(
     messages: Receiver<ShimMessage>,
     config: &ServerConfig,
     grant: &Grant,
+    mut layer: Option<destination::DestinationLayer>,
     supervisor: Option<&UnixStream>,
     eager: bool,
 ) -> i32 {
@@ -324,6 +350,7 @@ fn receive_migration(
             limits,
             &config.images,
             grant,
+            layer.as_mut(),
             &txn,
             &cancel,
             emit,
@@ -347,6 +374,7 @@ fn receive_migration(
             limits,
             config,
             grant,
+            layer.as_mut(),
             supervisor,
             &txn,
             &cancel,

@@ -294,6 +294,8 @@ pub fn params(work_dir: &std::path::Path, key: &Auth) -> MigrateParams {
         key_file: None,
         store: Store::new(&work_dir.join("state")),
         resolve_timeout: Duration::from_secs(2),
+        layer: None,
+        external_mounts: Vec::new(),
         policy: ConvergencePolicy {
             max_rounds: 3,
             ..Default::default()

@@ -46,6 +46,9 @@ pub const RECEIVE_ACCEPT_TIMEOUT: &str = "io.containerd.pclive.receive.accept-ti
 /// Optional: a file the receiving shim appends its progress to (JSON lines: rounds as they
 /// arrive, images, restore, commit), which `pclive receive` follows.
 pub const RECEIVE_PROGRESS_FILE: &str = "io.containerd.pclive.receive.progress-file";
+/// `true`: both hosts share the container's root filesystem storage; nothing of it is copied
+/// (the source must say `--shared-rootfs` too, and the trees must be the same).
+pub const RECEIVE_SHARED_ROOTFS: &str = "io.containerd.pclive.receive.shared-rootfs";
 
 /// An annotation with a value pclive cannot use.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -152,6 +155,8 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<RestoreAnnotations
                 // The shim's own (not an annotation's).
                 state_dir: PathBuf::new(),
                 limits: Default::default(),
+                rootfs: None,
+                shared_rootfs: boolean(annotations, RECEIVE_SHARED_ROOTFS)? == Some(true),
             })
         }
     };

@@ -41,6 +41,10 @@ pub enum MigrateError {
     Request(String),
     #[error("cannot migrate: {0}. Nothing was sent; the container keeps running here")]
     Unseizable(String),
+    #[error("cannot migrate: host paths are bind-mounted into the container: {0}. pclive does not copy them: make them exist on the destination and pass --external-mounts-ok, or move the data into the container's filesystem. Nothing was sent; the container keeps running here")]
+    ExternalMounts(String),
+    #[error("cannot migrate: the container's root filesystem: {0}. Nothing was sent; the container keeps running here")]
+    Filesystem(String),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("{what}: {source}")]
@@ -82,6 +86,14 @@ pub struct MigrateRequest {
     /// destination for the outcome before declaring the migration in doubt (0: 120 s).
     #[prost(uint32, tag = "9")]
     pub resolve_timeout_seconds: u32,
+    /// Both hosts see the container's root filesystem on the same storage: do not copy it (the
+    /// destination checks that its tree is the same).
+    #[prost(bool, tag = "10")]
+    pub shared_rootfs: bool,
+    /// The container's bind mounts from the host exist on the destination too (they are not
+    /// copied); without this a container with any is refused.
+    #[prost(bool, tag = "11")]
+    pub external_mounts_ok: bool,
 }
 
 impl MigrateRequest {
@@ -119,7 +131,16 @@ impl MigrateRequest {
         id: &str,
         work_dir: &Path,
         state_dir: &Path,
+        bundle: &Path,
     ) -> Result<MigrateParams, MigrateError> {
+        let external_mounts =
+            crate::rootfs::external_mounts(bundle).map_err(MigrateError::Filesystem)?;
+        if !external_mounts.is_empty() && !self.external_mounts_ok {
+            return Err(MigrateError::ExternalMounts(external_mounts.join(", ")));
+        }
+        let root = crate::rootfs::root_dir(bundle).map_err(MigrateError::Filesystem)?;
+        let layer = crate::rootfs::layer_plan(&root, self.shared_rootfs)
+            .map_err(MigrateError::Filesystem)?;
         let migration_id = if self.migration_id.is_empty() {
             record::new_migration_id().map_err(|source| MigrateError::Io {
                 what: "choosing a migration id".into(),
@@ -143,6 +164,8 @@ impl MigrateRequest {
             tracker: (!self.tracker.is_empty()).then(|| self.tracker.clone()),
             compress: self.compress,
             work_dir: work_dir.to_owned(),
+            layer: Some(layer),
+            external_mounts,
         })
     }
 }
@@ -596,16 +619,18 @@ fn lazy_final_dump(
 /// logs; `network` says where the final dump runs (a private namespace for a container with
 /// its own network, so that CRIU's page server is reachable from nowhere else). On success the caller removes the (frozen) source and records that; on
 /// [`SourceError::InDoubt`] it stays frozen; on any other error it has been resumed.
+#[allow(clippy::too_many_arguments)]
 pub fn migrate_out(
     runc: &Runc,
     id: &str,
     init_pid: u32,
+    bundle: &Path,
     request: &MigrateRequest,
     work_dir: &Path,
     state_dir: &Path,
     network: DumpNetwork,
 ) -> Result<MigrationReport, MigrateError> {
-    let params = request.params(id, work_dir, state_dir)?;
+    let params = request.params(id, work_dir, state_dir, bundle)?;
     let mut hooks = RuncHooks {
         runc,
         id,

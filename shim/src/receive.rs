@@ -32,6 +32,11 @@ pub struct ReceiveSpec {
     /// What the source may make this host store ([`limits_for`]; the shim's, not an
     /// annotation's).
     pub limits: ReceiveLimits,
+    /// The receiving container's root filesystem, where the source's is applied (the shim's,
+    /// from the bundle).
+    pub rootfs: Option<PathBuf>,
+    /// Both hosts share the root filesystem's storage: nothing is copied, its tree is checked.
+    pub shared_rootfs: bool,
 }
 
 /// What a source may make the receiving host store: the staging store (and the image files
@@ -106,6 +111,12 @@ pub(crate) fn add_receive_args(command: &mut Command, spec: &ReceiveSpec) {
     }
     command.args(["--max-memory-mib", &spec.limits.memory_mib.to_string()]);
     command.args(["--max-image-files", &spec.limits.image_files.to_string()]);
+    if let Some(rootfs) = &spec.rootfs {
+        command.arg("--rootfs").arg(rootfs);
+        if spec.shared_rootfs {
+            command.arg("--shared-rootfs");
+        }
+    }
 }
 
 /// The shim's line to a receiving server: its stdin. Closing it tells the server that the shim

@@ -34,7 +34,9 @@ fn to_status(err: TaskError) -> ttrpc::Error {
         TaskError::ContainerExists(_) | TaskError::ProcessExists { .. } => Code::ALREADY_EXISTS,
         TaskError::WrongState { .. }
         | TaskError::Unseizable(_)
-        | TaskError::Migrate(crate::migrate::MigrateError::Unseizable(_)) => {
+        | TaskError::Migrate(crate::migrate::MigrateError::Unseizable(_))
+        | TaskError::Migrate(crate::migrate::MigrateError::ExternalMounts(_))
+        | TaskError::Migrate(crate::migrate::MigrateError::Filesystem(_)) => {
             Code::FAILED_PRECONDITION
         }
         TaskError::Invalid(_) | TaskError::Annotation(_) => Code::INVALID_ARGUMENT,

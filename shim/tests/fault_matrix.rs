@@ -437,12 +437,18 @@ fn run_cell(cell: Cell) {
     let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
     let memcheck = workload_binary("memcheck");
     let src_rootfs = hosts.src.rootfs_with(ID, &[&memcheck]);
-    let mut dst_rootfs = hosts.dst.rootfs_with(ID, &[&memcheck]);
-    if matches!(cell.fault, Fault::FailedRestore) {
-        // The container's binaries are missing here: CRIU cannot reopen them.
-        dst_rootfs = hosts.dst.rootfs("empty-root");
-        fs::remove_dir_all(dst_rootfs.join("usr/local/bin")).unwrap();
-    }
+    let dst_rootfs = hosts.dst.rootfs_with(ID, &[&memcheck]);
+    // FailedRestore: the container holds a file open on a volume from its host, and the
+    // destination's volume lacks it (the user said --external-mounts-ok, wrongly): CRIU cannot
+    // reopen it, and the restore fails.
+    let failed_restore = matches!(cell.fault, Fault::FailedRestore);
+    let volume = |host: &Containerd| {
+        let dir = host.dir.join("volume");
+        fs::create_dir_all(&dir).unwrap();
+        format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display())
+    };
+    let (src_volume, dst_volume) = (volume(&hosts.src), volume(&hosts.dst));
+    fs::write(hosts.src.dir.join("volume/held"), b"data").unwrap();
     let _tiny = matches!(cell.fault, Fault::FullImageDir).then(|| TinyBundles::mount(&hosts.dst));
     // Each host has its own copy of the key (annotations may only name the host's files).
     let key = PathBuf::from(hosts.src.key());
@@ -456,12 +462,23 @@ fn run_cell(cell: Cell) {
         key,
         listen,
     };
-    run.hosts.src.run_detached(
-        ID,
-        &run.src_rootfs,
-        &[],
-        &["/usr/local/bin/memcheck", MIB, "--status", "/status"],
-    );
+    if failed_restore {
+        let script =
+            format!("exec 3</data/held; exec /usr/local/bin/memcheck {MIB} --status /status");
+        run.hosts.src.run_detached(
+            ID,
+            &run.src_rootfs,
+            &["--mount", &src_volume],
+            &["/bin/sh", "-c", &script],
+        );
+    } else {
+        run.hosts.src.run_detached(
+            ID,
+            &run.src_rootfs,
+            &[],
+            &["/usr/local/bin/memcheck", MIB, "--status", "/status"],
+        );
+    }
     wait_for("memcheck to verify", Duration::from_secs(60), || {
         verified_passes(&run.src_rootfs).is_some_and(|p| p >= 1)
     });
@@ -481,6 +498,9 @@ fn run_cell(cell: Cell) {
         .arg(&run.dst_rootfs)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if failed_restore {
+        receive.args(["--mount", &dst_volume]);
+    }
     let receiver = if let Some(rate) = cell.fill_rate_mib {
         // pclive receive has no fill limit: the annotation, with ctr.
         let _ = receive;
@@ -525,6 +545,7 @@ fn run_cell(cell: Cell) {
             .arg("--work-dir")
             .arg(run.hosts.src.dir.join("migrate-work"))
             .args(["--resolve-timeout", "15"])
+            .args(failed_restore.then_some("--external-mounts-ok"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

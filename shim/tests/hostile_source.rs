@@ -1,7 +1,9 @@
 //! A hostile (but authenticated: it has the key) source cannot make the receiving host store
 //! more than the receiving container may use: too much memory, an LZ4 bomb, thousands of image
 //! files. Each receive fails with a clear limit error, the source is told to resume, and the
-//! receiving host's memory comes back to where it was.
+//! receiving host's memory comes back to where it was. Nor can it write outside the receiving
+//! container's root filesystem (a `..` path, a symlink to the host's directory, a hard link
+//! through one).
 //!
 //! The hostile source speaks the engine's wire protocol itself, from the source host's network
 //! namespace (a thread that joined it), to a receiving container on the destination host of a
@@ -24,8 +26,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use containerd_shim_pclive::annotations;
 use restore_engine::wire::{
-    self, Auth, Control, ControlCode, ImageFile, Intent, Kind, PageRun, Pages, RoundEnd, Session,
-    WireError,
+    self, Auth, Control, ControlCode, ImageFile, Intent, Kind, LayerBlock, LayerEntry, LayerKind,
+    LayerSync, PageRun, Pages, RoundEnd, Session, WireError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -247,6 +249,8 @@ fn last_round(session: &mut Session<TcpStream>) -> Result<(), WireError> {
             pages: 0,
             bytes: 0,
             last: true,
+            layer: LayerSync::Sent as i32,
+            ..Default::default()
         },
     )
 }
@@ -455,5 +459,149 @@ fn a_hostile_source_cannot_exhaust_the_destination() {
             "{what}: host memory after the receive: {:+} MiB",
             (after as i64 - before as i64) / MIB as i64
         );
+    }
+}
+
+/// The host directory the filesystem scenarios aim at (a symlink in the container's root
+/// filesystem points there).
+fn host_target() -> String {
+    std::env::var("PCLIVE_HOSTILE_TARGET").expect("set by the test")
+}
+
+fn layer_file(session: &mut Session<TcpStream>, path: &str, data: &[u8]) -> Result<(), WireError> {
+    session.send(
+        Kind::LayerEntry,
+        &LayerEntry {
+            path: path.as_bytes().to_vec(),
+            kind: LayerKind::File as i32,
+            mode: 0o644,
+            size: data.len() as u64,
+            ..Default::default()
+        },
+    )?;
+    session.send(
+        Kind::LayerBlock,
+        &LayerBlock {
+            offset: 0,
+            data: data.to_vec(),
+            zero_len: 0,
+        },
+    )
+}
+
+/// A file named `../../..` up to the host's directory.
+fn dotdot_path(session: &mut Session<TcpStream>) -> Result<(), WireError> {
+    let target = host_target();
+    let path = format!("../../../../../../../..{target}/planted");
+    layer_file(session, &path, b"pwned")?;
+    last_round(session)
+}
+
+/// A symlink to the host's directory, then a file written through it.
+fn through_a_symlink(session: &mut Session<TcpStream>) -> Result<(), WireError> {
+    session.send(
+        Kind::LayerEntry,
+        &LayerEntry {
+            path: b"evil".to_vec(),
+            kind: LayerKind::Symlink as i32,
+            target: host_target().into_bytes(),
+            ..Default::default()
+        },
+    )?;
+    layer_file(session, "evil/planted", b"pwned")?;
+    last_round(session)
+}
+
+/// A hard link to the host's file, named through a symlink.
+fn hard_link_through_a_symlink(session: &mut Session<TcpStream>) -> Result<(), WireError> {
+    session.send(
+        Kind::LayerEntry,
+        &LayerEntry {
+            path: b"evil".to_vec(),
+            kind: LayerKind::Symlink as i32,
+            target: host_target().into_bytes(),
+            ..Default::default()
+        },
+    )?;
+    session.send(
+        Kind::LayerEntry,
+        &LayerEntry {
+            path: b"stolen".to_vec(),
+            kind: LayerKind::HardLink as i32,
+            target: b"evil/secret".to_vec(),
+            ..Default::default()
+        },
+    )?;
+    last_round(session)
+}
+
+#[test]
+fn a_hostile_source_cannot_write_outside_the_receiving_root_filesystem() {
+    let hosts = TwoHosts::up("10gbit");
+    let dir = tempfile::tempdir().unwrap();
+    let (key_path, key) = key_file(&hosts.dst.dir);
+    // A directory of the destination host that the scenarios aim at.
+    let target = hosts.dst.dir.join("host-secrets");
+    fs::create_dir_all(&target).unwrap();
+    fs::write(target.join("secret"), b"host").unwrap();
+    std::env::set_var("PCLIVE_HOSTILE_TARGET", &target);
+    let scenarios: [(&str, Scenario, &str); 3] = [
+        ("a .. path", dotdot_path, "not a plain relative path"),
+        (
+            "a write through a symlink",
+            through_a_symlink,
+            "evil/planted",
+        ),
+        (
+            "a hard link through a symlink",
+            hard_link_through_a_symlink,
+            "evil/secret",
+        ),
+    ];
+    for (n, (what, scenario, error)) in scenarios.into_iter().enumerate() {
+        let id = format!("fs{n}");
+        let rootfs = hosts.dst.rootfs(&id);
+        let port = 7600 + n as u16 + (std::process::id() % 1000) as u16;
+        let listen = format!("{}:{port}", hosts.dst_ip);
+        let stderr_path = dir.path().join(format!("ctr-fs-{n}.err"));
+        let mut ctr = receive(
+            &hosts.dst,
+            &id,
+            &rootfs,
+            &listen,
+            &key_path,
+            File::create(&stderr_path).unwrap(),
+        );
+        wait_for("the receiver to listen", Duration::from_secs(60), || {
+            hosts
+                .dst
+                .log()
+                .contains(&format!("receiving a migration on {listen}"))
+        });
+        let answer = hostile_source(hosts.name(), listen.clone(), key.clone(), scenario)
+            .join()
+            .unwrap();
+        let status = ctr.wait().unwrap();
+        assert!(!status.success(), "{what}: the receive succeeded");
+        assert!(
+            answer.starts_with("abort:")
+                && answer.contains("the container's filesystem")
+                && answer.contains(error),
+            "{what}: the source was not told why: {answer}"
+        );
+        let mut names: Vec<_> = fs::read_dir(&target)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["secret"],
+            "{what}: something landed outside the root"
+        );
+        assert_eq!(fs::read(target.join("secret")).unwrap(), b"host");
+        let _ = hosts.dst.ctr(&["task", "rm", "-f", &id]);
+        let _ = hosts.dst.ctr(&["container", "rm", &id]);
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::migration::{free_port, migrate, migrate_in_background, migrate_with};
+use common::migration::{free_port, migrate, migrate_in_background, migrate_with, receive_with};
 use common::*;
 use containerd_shim_pclive::annotations;
 
@@ -52,11 +52,18 @@ fn receive(dst: &Containerd, id: &str, rootfs: &Path, listen: &str, key: Option<
 /// Starts the receiving container on `dst` in eager mode with `pclive receive --eager` (it
 /// blocks until the migrated container runs: in the background).
 /// (`--json`: its stdout is piped; read it with [`Guarded::wait_output`].)
-fn receive_eagerly(dst: &Containerd, id: &str, rootfs: &Path, listen: &str) -> Guarded {
+fn receive_eagerly(
+    dst: &Containerd,
+    id: &str,
+    rootfs: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> Guarded {
     let rootfs = rootfs.display().to_string();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
         .args(["receive", id, "--listen", listen, "--key-file", &dst.key()])
         .args(["--rootfs", &rootfs, "--eager", "--json"])
+        .args(extra)
         .args(["--address", &dst.address, "--namespace", &dst.namespace])
         .arg("--state-dir")
         .arg(dst.state_base())
@@ -98,7 +105,9 @@ fn checksummed_memory_migrates_with_an_eager_restore() {
     });
     let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive_eagerly(dst, "app", &rootfs, &listen);
+    // The destination has its own root filesystem: the source's files travel with it.
+    let dst_rootfs = dst.rootfs("app");
+    let receiver = receive_eagerly(dst, "app", &dst_rootfs, &listen, &[]);
 
     let started = Instant::now();
     let (b1, b2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
@@ -125,6 +134,7 @@ fn checksummed_memory_migrates_with_an_eager_restore() {
     src.wait_status("app", "STOPPED");
     // Every page verified on the destination, twice over (memcheck stops with CORRUPT, which
     // memcheck_status refuses, at the first wrong checksum).
+    let (s1, s2) = (dst_rootfs.join("s1"), dst_rootfs.join("s2"));
     wait_for(
         "two verified passes of both memchecks on the destination",
         Duration::from_secs(120),
@@ -180,7 +190,8 @@ fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
     });
     let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive(dst, "app", &rootfs, &listen, Some(&key));
+    let dst_rootfs = dst.rootfs("app");
+    let receiver = receive(dst, "app", &dst_rootfs, &listen, Some(&key));
 
     let started = Instant::now();
     let before = memcheck_status(&status).unwrap();
@@ -195,6 +206,7 @@ fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
     assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
     dst.wait_status("app", "RUNNING");
     src.wait_status("app", "STOPPED");
+    let status = dst_rootfs.join("status");
     wait_for(
         "two verified passes on the destination",
         Duration::from_secs(120),
@@ -230,7 +242,7 @@ fn a_wrong_key_is_refused_and_the_source_keeps_running() {
     let wrong = src.dir.join("wrong.key");
     write_private(&wrong, b"fedcba9876543210fedcba9876543210");
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive(dst, "app", &rootfs, &listen, Some(&right));
+    let receiver = receive(dst, "app", &dst.rootfs("app"), &listen, Some(&right));
     let err = migrate(src, "app", &listen, &wrong.display().to_string()).unwrap_err();
     assert!(err.contains("authentication failed"), "{err}");
     assert_eq!(src.task("app").unwrap().1, "RUNNING");
@@ -254,18 +266,17 @@ fn a_wrong_key_is_refused_and_the_source_keeps_running() {
 
 /// A counting container on `src` whose count file is in its rootfs.
 fn counter(src: &Containerd) -> std::path::PathBuf {
+    counter_with(src, &[], "")
+}
+
+/// [`counter`] with more `ctr run` options, its script after `prefix`.
+fn counter_with(src: &Containerd, extra: &[&str], prefix: &str) -> std::path::PathBuf {
     let rootfs = src.rootfs("app");
-    src.run_detached(
-        "app",
-        &rootfs,
-        &[],
-        &[
-            "/bin/sh",
-            "-c",
-            "/usr/local/bin/memcheck 256 --status /status & \
-             i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done",
-        ],
+    let script = format!(
+        "{prefix}/usr/local/bin/memcheck 256 --status /status & \
+         i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done"
     );
+    src.run_detached("app", &rootfs, extra, &["/bin/sh", "-c", &script]);
     src.wait_status("app", "RUNNING");
     wait_for(
         "memcheck to fill its memory",
@@ -308,7 +319,8 @@ impl InterruptedMigration {
         let rootfs = counter(&hosts.src);
         let key = hosts.src.key();
         let destination = format!("{}:{}", hosts.dst_ip, free_port());
-        let receiver = receive(&hosts.dst, "app", &rootfs, &destination, Some(&key));
+        let dst_rootfs = hosts.dst.rootfs("app");
+        let receiver = receive(&hosts.dst, "app", &dst_rootfs, &destination, Some(&key));
         let migration = Some(migrate_in_background(
             &hosts.src,
             "app",
@@ -356,19 +368,43 @@ fn a_destination_killed_during_precopy_leaves_the_source_running() {
     run.finish_failed();
 }
 
+/// [`counter`] holding a file open (`/data/held`) on a volume bind-mounted from the source host;
+/// its rootfs and the `--mount` option of a destination volume that lacks the file (the user
+/// said `--external-mounts-ok`, wrongly): CRIU cannot reopen it, and the restore fails after
+/// the source was frozen and dumped.
+fn counter_holding_a_file_the_destination_lacks(hosts: &TwoHosts) -> (std::path::PathBuf, String) {
+    let volume = |host: &Containerd| {
+        let dir = host.dir.join("volume");
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let mount = |dir: &Path| format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let src_volume = volume(&hosts.src);
+    fs::write(src_volume.join("held"), b"data").unwrap();
+    let rootfs = counter_with(
+        &hosts.src,
+        &["--mount", &mount(&src_volume)],
+        "exec 3</data/held; ",
+    );
+    (rootfs, mount(&volume(&hosts.dst)))
+}
+
 #[test]
 fn a_failed_restore_on_the_destination_resumes_the_source() {
     let hosts = TwoHosts::up("10gbit");
     let (src, dst) = (&hosts.src, &hosts.dst);
-    let rootfs = counter(src);
+    let (rootfs, dst_volume) = counter_holding_a_file_the_destination_lacks(&hosts);
     let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    // The destination restores into a root filesystem that lacks the container's files: CRIU
-    // cannot reopen them and the restore fails after the source was frozen and dumped.
-    let wrong_rootfs = dst.rootfs("empty-root");
-    fs::remove_dir_all(wrong_rootfs.join("usr/local/bin")).unwrap();
-    let receiver = receive(dst, "app", &wrong_rootfs, &listen, Some(&key));
-    let err = migrate(src, "app", &listen, &key).unwrap_err();
+    let receiver = receive_with(
+        dst,
+        "app",
+        &dst.rootfs("app"),
+        &listen,
+        &dst.key(),
+        &["--mount", &dst_volume],
+    );
+    let err = migrate_with(src, "app", &listen, &key, &["--external-mounts-ok"]).unwrap_err();
     assert!(
         err.contains("keeps running here"),
         "the error does not say the source resumed: {err}"
@@ -381,16 +417,20 @@ fn a_failed_restore_on_the_destination_resumes_the_source() {
 fn a_failed_eager_restore_resumes_the_source_and_leaves_nothing_behind() {
     let hosts = TwoHosts::up("10gbit");
     let (src, dst) = (&hosts.src, &hosts.dst);
-    let rootfs = counter(src);
+    // As in the lazy case: the destination's volume lacks the file the container holds open,
+    // so CRIU fails after the images were completed, with the source frozen.
+    let (rootfs, dst_volume) = counter_holding_a_file_the_destination_lacks(&hosts);
     let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    // As in the lazy case: the destination's root filesystem lacks the container's files, so
-    // CRIU fails after the images were completed, with the source frozen.
-    let wrong_rootfs = dst.rootfs("empty-root");
-    fs::remove_dir_all(wrong_rootfs.join("usr/local/bin")).unwrap();
-    let receiver = receive_eagerly(dst, "app", &wrong_rootfs, &listen);
+    let receiver = receive_eagerly(
+        dst,
+        "app",
+        &dst.rootfs("app"),
+        &listen,
+        &["--mount", &dst_volume],
+    );
     // (Its --json output is small: a failed receive has few events.)
-    let err = migrate(src, "app", &listen, &key).unwrap_err();
+    let err = migrate_with(src, "app", &listen, &key, &["--external-mounts-ok"]).unwrap_err();
     assert!(
         err.contains("keeps running here") && err.contains("restore"),
         "the error does not say the restore failed and the source resumed: {err}"
@@ -446,7 +486,8 @@ fn forking_processes_and_changing_mappings_migrate_correctly() {
     });
     let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive(dst, "family", &rootfs, &listen, Some(&key));
+    let dst_rootfs = dst.rootfs("family");
+    let receiver = receive(dst, "family", &dst_rootfs, &listen, Some(&key));
     let (b1, b2) = (memcheck_status(&s1).unwrap(), memcheck_status(&s2).unwrap());
     migrate(src, "family", &listen, &key).unwrap_or_else(|e| {
         panic!(
@@ -456,6 +497,7 @@ fn forking_processes_and_changing_mappings_migrate_correctly() {
         )
     });
     assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    let (s1, s2) = (dst_rootfs.join("s1"), dst_rootfs.join("s2"));
     wait_for(
         "both children to verify on the destination",
         Duration::from_secs(60),
@@ -492,7 +534,7 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     // The write load is part of the container (a child of its init), so it migrates with it:
     // processes started with `ctr task exec` are not in the init's tree and CRIU leaves them
     // behind, as `runc checkpoint` always has. It stops when told to (a file in the rootfs,
-    // which both hosts' containers share here).
+    // which travels with the container).
     let load = format!(
         "/usr/local/bin/redis-server --save '' --appendonly no --bind 127.0.0.1 \
            --enable-debug-command yes >/dev/null & \
@@ -540,7 +582,8 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     });
     let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let receiver = receive(dst, "redis", &rootfs, &listen, Some(&key));
+    let dst_rootfs = dst.rootfs_with("redis", &[&server, &cli]);
+    let receiver = receive(dst, "redis", &dst_rootfs, &listen, Some(&key));
     let writes_before = writes(src, "w1");
     // Compressed: DEBUG POPULATE's values are mostly padding, so this also proves LZ4 runs
     // arrive intact.
@@ -567,9 +610,9 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     // Stop it and compare the whole dataset with a reference Redis that replays the same
     // writes onto the same populated dataset: the destination holds exactly the state at the
     // freeze plus the writes after it, nothing lost, nothing torn.
-    fs::write(rootfs.join("tmp/stop"), b"stop").unwrap();
+    fs::write(dst_rootfs.join("tmp/stop"), b"stop").unwrap();
     wait_for("the load to stop", Duration::from_secs(30), || {
-        rootfs.join("tmp/stopped").exists()
+        dst_rootfs.join("tmp/stopped").exists()
     });
     let total_writes = writes(dst, "w3");
     assert_eq!(redis(dst, "n", &["DBSIZE"]), "1000001");

@@ -65,32 +65,6 @@ fn wait_rounds(what: &str, status: &Path, kinds: &[String], min: &[u64]) {
     }
 }
 
-/// The destination's own copy of a running container's root filesystem, made with `cp -a`
-/// while the container runs (FIFOs and socket files become new inodes, as on another machine:
-/// a FIFO shared by both "hosts" would carry its data twice). Files that vanish during the
-/// copy (the workloads create and remove some) are skipped.
-fn copy_rootfs(from: &Path, dst: &Containerd, name: &str) -> std::path::PathBuf {
-    let to = dst.dir.join("rootfs").join(name);
-    fs::create_dir_all(to.parent().unwrap()).unwrap();
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(&to)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success()
-            || stderr
-                .lines()
-                .all(|l| l.contains("No such file or directory")),
-        "cp -a {} {}: {stderr}",
-        from.display(),
-        to.display()
-    );
-    to
-}
-
 fn migration_failed(hosts: &TwoHosts, e: &str) -> ! {
     let _ = fs::write("/tmp/last-dst.log", hosts.dst.log());
     panic!(
@@ -104,7 +78,7 @@ fn migration_failed(hosts: &TwoHosts, e: &str) -> ! {
 struct Checked<'a> {
     hosts: &'a TwoHosts,
     id: &'static str,
-    rootfs: std::path::PathBuf,
+    binaries: Vec<std::path::PathBuf>,
     status: std::path::PathBuf,
     volume: String,
     kinds: Vec<String>,
@@ -139,7 +113,7 @@ impl<'a> Checked<'a> {
         let checked = Checked {
             hosts,
             id,
-            rootfs,
+            binaries: binaries.iter().map(|b| b.to_path_buf()).collect(),
             status,
             volume,
             kinds,
@@ -157,12 +131,16 @@ impl<'a> Checked<'a> {
         wait_rounds(what, &self.status, &self.kinds, &wanted);
     }
 
-    /// Migrates the container to the destination (which gets its own copy of the root
-    /// filesystem, made before the migration: carrying files is issue #7's work, not this
-    /// test's) and checks that every program goes on verifying its state there.
+    /// Migrates the container to the destination (whose root filesystem is its own, built
+    /// there: the source's files travel with the migration) and checks that every program
+    /// goes on verifying its state there. The status volume is bind-mounted from the host: the
+    /// migration is refused, naming it, until `--external-mounts-ok` says the destination has
+    /// it too.
     fn migrate(&self) {
         let (src, dst) = (&self.hosts.src, &self.hosts.dst);
-        let dst_rootfs = copy_rootfs(&self.rootfs, dst, self.id);
+        let binaries: Vec<&Path> = self.binaries.iter().map(|b| b.as_path()).collect();
+        let dst_rootfs = dst.rootfs_with(self.id, &binaries);
+        fs::create_dir_all(dst_rootfs.join("status")).unwrap();
         let listen = format!("{}:{}", self.hosts.dst_ip, free_port());
         let receiver = receive_with(
             dst,
@@ -172,8 +150,16 @@ impl<'a> Checked<'a> {
             &dst.key(),
             &["--mount", &self.volume],
         );
+        let refused = migrate(src, self.id, &listen, &src.key()).unwrap_err();
+        assert!(
+            refused.contains("/status (from ")
+                && refused.contains("--external-mounts-ok")
+                && refused.contains("keeps running"),
+            "the refusal does not name the bind mount and the way out: {refused}"
+        );
+        assert_eq!(src.task(self.id).unwrap().1, "RUNNING");
         let before = rounds(&self.status, &self.kinds);
-        migrate(src, self.id, &listen, &src.key())
+        migrate_with(src, self.id, &listen, &src.key(), &["--external-mounts-ok"])
             .unwrap_or_else(|e| migration_failed(self.hosts, &e));
         let code = receiver.wait_code(Duration::from_secs(60));
         assert_eq!(
@@ -357,8 +343,8 @@ fn a_task_stopped_just_before_the_freeze_fails_the_migration_and_the_source_resu
     let status = run_one(src, "app", "pipe", "");
     let key = src.key();
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let rootfs = status.parent().unwrap().to_path_buf();
-    let receiver = receive_with(dst, "app", &rootfs, &listen, &dst.key(), &[]);
+    let dst_rootfs = dst.rootfs_with("app", &[&workload_binary("statecheck")]);
+    let receiver = receive_with(dst, "app", &dst_rootfs, &listen, &dst.key(), &[]);
     let migration = migrate_in_background(src, "app", &listen, &key, &[]);
     // After the first round (the up-front check passed), stop the container's process.
     wait_for("the first round", Duration::from_secs(30), || {

@@ -32,6 +32,7 @@ use crate::record::{Phase, RecordError, Store};
 use crate::staging::StagingStore;
 use crate::wire::{self, Auth, Control, ControlCode, Kind, Session, Timeouts, WireError, RESTORED};
 pub use limits::Limits;
+pub use receive::DestinationLayer;
 use receive::{ReceiveError, ReceiveReport};
 pub use txn::DestinationTxn;
 
@@ -357,13 +358,15 @@ fn answer_until_stopped(
 /// container is alive; then the source is told the outcome: `Committed`, `Abort` (nothing ran
 /// here: it resumes) or `Lost` (it ran here and died). What the source sends must stay within
 /// `limits`, and the images within `grant`, what the receiving container's spec grants
-/// ([`grant::check`]); otherwise the migration aborts (the source resumes).
+/// ([`grant::check`]); otherwise the migration aborts (the source resumes). The container's
+/// filesystem goes to `layer`, before the images (the restore opens its files by path).
 #[allow(clippy::too_many_arguments)]
 pub fn receive_and_serve<S: Read + Write + Timeouts>(
     session: &mut Session<S>,
     limits: &Limits,
     config: &ServerConfig,
     grant: &Grant,
+    layer: Option<&mut DestinationLayer>,
     supervisor: Option<&UnixStream>,
     txn: &DestinationTxn,
     cancel: &Cancel,
@@ -376,6 +379,7 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
         let received = receive::receive_rounds_reporting(
             session,
             &mut store,
+            layer,
             &budget,
             cancel,
             |end, so_far| events(round_received(end, so_far)),
@@ -426,6 +430,7 @@ pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
     limits: &Limits,
     images: &Path,
     grant: &Grant,
+    layer: Option<&mut DestinationLayer>,
     txn: &DestinationTxn,
     cancel: &Cancel,
     mut events: impl FnMut(ServerEvent),
@@ -437,6 +442,7 @@ pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
         let received = receive::receive_rounds_reporting(
             session,
             &mut store,
+            layer,
             &budget,
             cancel,
             |end, so_far| events(round_received(end, so_far)),

@@ -11,11 +11,13 @@ use serde::Serialize;
 
 use super::limits::{Budget, LimitExceeded, Limits};
 use crate::cancel::Cancel;
+use crate::layer::{Applier, LayerError};
 use crate::page;
 use crate::staging::{StagingError, StagingStore};
 use crate::wire::pages::decode_run;
 use crate::wire::{
-    Control, ControlCode, Credit, ImageFile, Kind, Pages, RoundEnd, Session, WireError,
+    Control, ControlCode, Credit, ImageFile, Kind, LayerBlock, LayerEntry, LayerSync, Pages,
+    RoundEnd, Session, WireError,
 };
 
 /// The flow-control window (see [`crate::wire::INITIAL_CREDIT`]).
@@ -42,6 +44,59 @@ pub enum ReceiveError {
     /// The source sent more than the receiver may store (see [`super::limits`]).
     #[error("over a limit of the receiving host: {0}")]
     Limit(String),
+    #[error("the container's filesystem: {0}")]
+    Layer(#[from] LayerError),
+    #[error("the container's filesystem: {0}")]
+    LayerMismatch(String),
+}
+
+/// Where the container's filesystem goes on the receiving end.
+pub struct DestinationLayer {
+    applier: Applier,
+    /// The user said both hosts share the storage: nothing may arrive but a digest to check.
+    shared: bool,
+}
+
+impl DestinationLayer {
+    /// The source's filesystem is applied to `applier`'s root (or, `shared`, checked against
+    /// it).
+    pub fn new(applier: Applier, shared: bool) -> Self {
+        DestinationLayer { applier, shared }
+    }
+
+    fn accepting(&mut self) -> Result<&mut Applier, ReceiveError> {
+        if self.shared {
+            return Err(ReceiveError::LayerMismatch(
+                "the source sends the container's filesystem, but this receiver was told both hosts share it (--shared-rootfs): use --shared-rootfs on both hosts or on neither".into(),
+            ));
+        }
+        Ok(&mut self.applier)
+    }
+
+    /// The last round said how the filesystem travelled: it must be how this end expects.
+    fn check_last(&self, end: &RoundEnd) -> Result<(), ReceiveError> {
+        let sync = LayerSync::try_from(end.layer).unwrap_or(LayerSync::NotSent);
+        match (self.shared, sync) {
+            (false, LayerSync::Sent) => Ok(()),
+            (true, LayerSync::Shared) => {
+                let ours = self.applier.digest()?;
+                if ours == end.layer_digest {
+                    Ok(())
+                } else {
+                    Err(ReceiveError::LayerMismatch(format!(
+                        "--shared-rootfs, but {} here is not the source's root filesystem (their trees differ): the hosts do not share this storage; drop --shared-rootfs on both hosts to copy it",
+                        self.applier.dir().display()
+                    )))
+                }
+            }
+            (false, LayerSync::Shared) => Err(ReceiveError::LayerMismatch(
+                "the source was told both hosts share the container's root filesystem (--shared-rootfs) and sent none of it, but this receiver was not: use --shared-rootfs on both hosts or on neither".into(),
+            )),
+            (true, _) | (false, LayerSync::NotSent) => Err(ReceiveError::LayerMismatch(
+                "the source did not say how the container's filesystem travels: is it an older pclive? Use the same pclive on both hosts".into(),
+            )),
+        }
+    }
 }
 
 impl From<LimitExceeded> for ReceiveError {
@@ -126,6 +181,9 @@ pub struct ReceiveReport {
     pub pages: u64,
     pub zero_pages: u64,
     pub bytes: u64,
+    /// Paths of the container's filesystem applied, and their file data.
+    pub layer_entries: u64,
+    pub layer_bytes: u64,
 }
 
 /// Receives rounds into `store` until the last (frozen) round has arrived.
@@ -137,6 +195,7 @@ pub fn receive_rounds<S: Read + Write>(
     receive_rounds_reporting(
         session,
         store,
+        None,
         &Budget::new(limits),
         &Cancel::default(),
         |_, _| {},
@@ -144,10 +203,12 @@ pub fn receive_rounds<S: Read + Write>(
 }
 
 /// [`receive_rounds`], calling `on_round` with each round's end marker and the report so far.
-/// Each frame is checked against `budget` before it is decoded, and the store after.
+/// Each frame is checked against `budget` before it is decoded, and the store after. The
+/// container's filesystem goes to `layer` (without one, a source that sends it is refused).
 pub fn receive_rounds_reporting<S: Read + Write>(
     session: &mut Session<S>,
     store: &mut StagingStore,
+    mut layer: Option<&mut DestinationLayer>,
     budget: &Budget,
     cancel: &Cancel,
     mut on_round: impl FnMut(&RoundEnd, &ReceiveReport),
@@ -185,8 +246,42 @@ pub fn receive_rounds_reporting<S: Read + Write>(
                     consumed = 0;
                 }
             }
+            Kind::LayerEntry => {
+                let entry: LayerEntry = frame.decode()?;
+                let Some(layer) = layer.as_deref_mut() else {
+                    return Err(ReceiveError::LayerMismatch(
+                        "the source sends the container's filesystem, but this receiver has no root filesystem to apply it to".into(),
+                    ));
+                };
+                layer.accepting()?.entry(entry)?;
+                report.layer_entries += 1;
+            }
+            Kind::LayerBlock => {
+                let block: LayerBlock = frame.decode()?;
+                let Some(layer) = layer.as_deref_mut() else {
+                    return Err(WireError::Unexpected {
+                        expected: Kind::Pages,
+                        found: Kind::LayerBlock,
+                    }
+                    .into());
+                };
+                report.layer_bytes += layer.accepting()?.block(&block)?;
+                consumed += block.data.len() as u64;
+                if consumed >= CREDIT_WINDOW / 2 {
+                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
+                    consumed = 0;
+                }
+            }
             Kind::RoundEnd => {
                 let end: RoundEnd = frame.decode()?;
+                if let Some(layer) = layer.as_deref_mut() {
+                    if !layer.shared {
+                        layer.applier.end_round()?;
+                    }
+                    if end.last {
+                        layer.check_last(&end)?;
+                    }
+                }
                 report.rounds = end.round;
                 on_round(&end, &report);
                 if consumed > 0 {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub use crate::clock::unix_now;
-pub use rounds::{RoundStats, Sender, SourceReport, TaskIds};
+pub use rounds::{RoundStats, Sender, SourceLayer, SourceReport, TaskIds};
 
 use crate::memory::{self, Quiesce, TrackError};
 use crate::policy::ConvergencePolicy;
@@ -62,6 +62,8 @@ pub enum SourceError {
     Track(#[from] TrackError),
     #[error(transparent)]
     Record(#[from] RecordError),
+    #[error("the container's filesystem: {0}")]
+    Layer(#[from] crate::layer::LayerError),
     #[error("listing the container's processes: {0}")]
     Tasks(#[source] HookError),
     #[error("freezing the container failed: {0}")]
@@ -117,6 +119,20 @@ pub struct MigrateParams {
     /// After losing the connection once the images went out, how long to keep trying to ask
     /// the destination how the migration ended before declaring it in doubt.
     pub resolve_timeout: Duration,
+    /// The container's filesystem: what to move, or `Shared` (None: it does not travel, as in
+    /// the engine's own tests of the memory path).
+    pub layer: Option<LayerPlan>,
+    /// Host paths bind-mounted into the container that the user said exist on the destination
+    /// (they are not copied); listed in the report.
+    pub external_mounts: Vec<String>,
+}
+
+/// What happens to the container's filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerPlan {
+    Copy(crate::layer::LayerSource),
+    /// Both hosts see this root filesystem directory (`--shared-rootfs`).
+    Shared(PathBuf),
 }
 
 impl MigrateParams {
@@ -169,6 +185,11 @@ pub struct MigrationReport {
     pub committed_unix: f64,
     /// The commit was learnt by asking the destination after the connection was lost.
     pub learnt_by_query: bool,
+    /// How the filesystem travelled: `copied`, `shared` or `none`.
+    pub filesystem: &'static str,
+    /// Host paths bind-mounted into the container, not copied (the user said the destination
+    /// has them).
+    pub external_mounts: Vec<String>,
 }
 
 /// Connects to the receiving end and authenticates the session.
@@ -305,24 +326,33 @@ fn migrate_over_txn<S: Read + Write>(
         let hooks_cell = std::cell::RefCell::new(&mut *hooks);
         let txn_cell = std::cell::RefCell::new(&mut txn);
         let mut quiesce = HooksQuiesce(&hooks_cell);
-        let precopy = Sender::new(&mut session).compress(params.compress).run(
-            || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),
-            tracker.as_mut(),
-            &mut quiesce,
-            &params.policy,
-            || {
-                // (Tests stall here to change the container between the rounds and the freeze.)
-                fault("source::before-freeze")?;
-                txn_cell.borrow_mut().enter(Phase::Frozen, None)?;
-                hooks_cell
-                    .borrow_mut()
-                    .freeze()
-                    .map_err(SourceError::Freeze)?;
-                paused = Some((Instant::now(), unix_now()));
-                fault("source::after-freeze")
-            },
-            |round| hooks_cell.borrow_mut().round_done(round),
-        )?;
+        let layer = params.layer.as_ref().map(|plan| match plan {
+            LayerPlan::Copy(source) => {
+                rounds::SourceLayer::Copy(crate::layer::Scanner::new(source.clone()))
+            }
+            LayerPlan::Shared(root) => rounds::SourceLayer::Shared(root.clone()),
+        });
+        let precopy = Sender::new(&mut session)
+            .compress(params.compress)
+            .layer(layer)
+            .run(
+                || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),
+                tracker.as_mut(),
+                &mut quiesce,
+                &params.policy,
+                || {
+                    // (Tests stall here to change the container between the rounds and the freeze.)
+                    fault("source::before-freeze")?;
+                    txn_cell.borrow_mut().enter(Phase::Frozen, None)?;
+                    hooks_cell
+                        .borrow_mut()
+                        .freeze()
+                        .map_err(SourceError::Freeze)?;
+                    paused = Some((Instant::now(), unix_now()));
+                    fault("source::after-freeze")
+                },
+                |round| hooks_cell.borrow_mut().round_done(round),
+            )?;
         let (paused_at, _) = paused.expect("the last round follows the freeze");
         let last_round_seconds = paused_at.elapsed().as_secs_f64();
         let dump_start = Instant::now();
@@ -455,6 +485,12 @@ fn migrate_over_txn<S: Read + Write>(
                 restored_unix,
                 committed_unix: unix_now(),
                 learnt_by_query,
+                filesystem: match params.layer {
+                    Some(LayerPlan::Copy(_)) => "copied",
+                    Some(LayerPlan::Shared(_)) => "shared",
+                    None => "none",
+                },
+                external_mounts: params.external_mounts.clone(),
             })
         }
         // The destination never resumed the container and never will: it runs here again.

@@ -9,11 +9,12 @@ use serde::Serialize;
 
 use super::SourceError;
 use crate::clock::unix_now;
+use crate::layer::{self, Item, LayerRoundStats, Scanner};
 use crate::memory::{Delta, DirtyTracker, Quiesce, TrackError};
 use crate::page;
 use crate::policy::{ConvergencePolicy, StopReason};
 use crate::wire::pages::{encode_run, BATCH_BYTES};
-use crate::wire::{Kind, Pages, RoundEnd, Session};
+use crate::wire::{Kind, LayerSync, Pages, RoundEnd, Session};
 
 /// Statistics of one round.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -40,6 +41,18 @@ pub struct RoundStats {
     pub eta_seconds: Option<f64>,
     /// Unix time the round ended (to line rounds up with a client's view of the service).
     pub end_unix: f64,
+    /// The container's filesystem in this round (None: it does not travel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerRoundStats>,
+}
+
+/// What happens to the container's filesystem during pre-copy.
+pub enum SourceLayer {
+    /// Its changes travel each round ([`Scanner`]).
+    Copy(Scanner),
+    /// Both hosts see the same storage: only its digest travels, at the end, for the
+    /// destination to check.
+    Shared(std::path::PathBuf),
 }
 
 /// CPU time (user + system) of this process: the sending thread and the tracker's hashing
@@ -76,6 +89,7 @@ pub struct TaskIds {
 pub struct Sender<'a, S: Read + Write> {
     session: &'a mut Session<S>,
     compress: bool,
+    layer: Option<SourceLayer>,
 }
 
 impl<'a, S: Read + Write> Sender<'a, S> {
@@ -83,6 +97,35 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         Sender {
             session,
             compress: false,
+            layer: None,
+        }
+    }
+
+    /// Moves the container's filesystem too, as `layer` says.
+    pub fn layer(mut self, layer: Option<SourceLayer>) -> Self {
+        self.layer = layer;
+        self
+    }
+
+    /// Sends what changed in the filesystem since the last round.
+    fn send_layer(&mut self, scanner: &mut Scanner) -> Result<LayerRoundStats, SourceError> {
+        let mut failed: Option<SourceError> = None;
+        let mut sink = |item: Item| {
+            let sent = match item {
+                Item::Entry(entry) => self.session.send(Kind::LayerEntry, &entry),
+                Item::Block(block) => self
+                    .session
+                    .spend(block.data.len() as u64)
+                    .and_then(|()| self.session.send(Kind::LayerBlock, &block)),
+            };
+            sent.map_err(|e| failed = Some(e.into()))
+        };
+        match scanner.round(&mut sink) {
+            Ok(stats) => Ok(stats),
+            Err(layer::LayerError::Stopped) => {
+                Err(failed.expect("a stopped round has the sink's error"))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -188,6 +231,26 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 Err(e) => return Err(e.into()),
             }
         }
+        // The filesystem after the memory: in the last round, while frozen.
+        let (mut sync, mut layer_digest) = (LayerSync::NotSent, Vec::new());
+        match self.layer.take() {
+            Some(SourceLayer::Copy(mut scanner)) => {
+                let sent = self.send_layer(&mut scanner);
+                self.layer = Some(SourceLayer::Copy(scanner));
+                let sent = sent?;
+                stats.wire_bytes += sent.bytes;
+                stats.layer = Some(sent);
+                sync = LayerSync::Sent;
+            }
+            Some(SourceLayer::Shared(root)) => {
+                if frozen {
+                    layer_digest = layer::tree_digest(&root)?;
+                }
+                self.layer = Some(SourceLayer::Shared(root));
+                sync = LayerSync::Shared;
+            }
+            None => {}
+        }
         self.session.send(
             Kind::RoundEnd,
             &RoundEnd {
@@ -195,6 +258,8 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 pages: stats.pages,
                 bytes: stats.bytes,
                 last: frozen,
+                layer: sync as i32,
+                layer_digest,
             },
         )?;
         stats.scan_seconds = scan.as_secs_f64();

@@ -125,6 +125,102 @@ pub struct RoundEnd {
     /// The last round: the source is frozen and the images follow.
     #[prost(bool, tag = "4")]
     pub last: bool,
+    /// What the source did with the container's filesystem (the last round says).
+    #[prost(enumeration = "LayerSync", tag = "5")]
+    pub layer: i32,
+    /// [`LayerSync::Shared`]: the digest of the source's root filesystem while frozen
+    /// ([`crate::layer::tree_digest`]), for the destination to compare with its own.
+    #[prost(bytes = "vec", tag = "6")]
+    pub layer_digest: Vec<u8>,
+}
+
+/// What the source did with the container's writable filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum LayerSync {
+    /// Nothing (an engine without a filesystem to move: tests of the memory path).
+    NotSent = 0,
+    /// Its changes went out as [`LayerEntry`] frames, the last ones while frozen.
+    Sent = 1,
+    /// Both hosts see the same storage (`--shared-rootfs`): nothing was copied.
+    Shared = 2,
+}
+
+/// What a [`LayerEntry`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum LayerKind {
+    Unspecified = 0,
+    /// The path is gone (deleted, or an overlay whiteout): remove it, whatever it is.
+    Remove = 1,
+    Dir = 2,
+    /// A regular file of `size` bytes; its changed blocks follow as [`LayerBlock`]s.
+    File = 3,
+    Symlink = 4,
+    Fifo = 5,
+    Socket = 6,
+    CharDevice = 7,
+    BlockDevice = 8,
+    /// Another name of the file at `target` (sent earlier).
+    HardLink = 9,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Xattr {
+    #[prost(bytes = "vec", tag = "1")]
+    pub name: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// One path of the container's filesystem that changed since the last round, relative to its
+/// root (`""` is the root itself; components are never empty, `.` or `..`).
+#[derive(Clone, PartialEq, Message)]
+pub struct LayerEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    pub path: Vec<u8>,
+    #[prost(enumeration = "LayerKind", tag = "2")]
+    pub kind: i32,
+    /// Permission bits (with setuid, setgid, sticky).
+    #[prost(uint32, tag = "3")]
+    pub mode: u32,
+    #[prost(uint32, tag = "4")]
+    pub uid: u32,
+    #[prost(uint32, tag = "5")]
+    pub gid: u32,
+    #[prost(int64, tag = "6")]
+    pub mtime_sec: i64,
+    #[prost(uint32, tag = "7")]
+    pub mtime_nsec: u32,
+    /// A file's size.
+    #[prost(uint64, tag = "8")]
+    pub size: u64,
+    /// A symlink's target, or the path a hard link names.
+    #[prost(bytes = "vec", tag = "9")]
+    pub target: Vec<u8>,
+    /// A device's number.
+    #[prost(uint64, tag = "10")]
+    pub rdev: u64,
+    #[prost(message, repeated, tag = "11")]
+    pub xattrs: Vec<Xattr>,
+    /// A directory whose every child is named in `children`: others are removed (an opaque
+    /// overlay directory, or any directory of a whole root filesystem).
+    #[prost(bool, tag = "12")]
+    pub exact: bool,
+    #[prost(bytes = "vec", repeated, tag = "13")]
+    pub children: Vec<Vec<u8>>,
+}
+
+/// A block of the file named by the [`LayerEntry`] just before it: `data` at `offset`, or
+/// `zero_len` bytes of zeros (a hole) when `data` is empty.
+#[derive(Clone, PartialEq, Message)]
+pub struct LayerBlock {
+    #[prost(uint64, tag = "1")]
+    pub offset: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub data: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    pub zero_len: u64,
 }
 
 /// A chunk of a CRIU image file of the final dump.

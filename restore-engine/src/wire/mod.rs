@@ -35,8 +35,9 @@ pub use messages::*;
 
 pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
 /// 2: page runs may be LZ4-compressed (`PageRun::lz4`). 3: migration ids, outcome queries,
-/// `Lost` and `Ack` (the migration transaction).
-pub const VERSION: u16 = 3;
+/// `Lost` and `Ack` (the migration transaction). 4: the container's filesystem travels
+/// (`LayerEntry`, `LayerBlock`, `RoundEnd::layer`).
+pub const VERSION: u16 = 4;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 20;
 pub const MAC_LEN: usize = 32;
@@ -108,6 +109,8 @@ pub enum Kind {
     Control = 19,
     Credit = 20,
     Outcome = 21,
+    LayerEntry = 22,
+    LayerBlock = 23,
 }
 
 impl Kind {
@@ -124,6 +127,8 @@ impl Kind {
             19 => Kind::Control,
             20 => Kind::Credit,
             21 => Kind::Outcome,
+            22 => Kind::LayerEntry,
+            23 => Kind::LayerBlock,
             _ => return None,
         })
     }

@@ -111,6 +111,7 @@ impl Tasks {
             &container.runc,
             id,
             init_pid,
+            &container.bundle,
             request,
             work_path,
             &self.config.state_dir,

@@ -183,6 +183,7 @@ fn restore_source(
         let mut spec = spec.clone();
         spec.state_dir = state_dir.to_owned();
         spec.limits = crate::receive::limits_for(&params.bundle).map_err(TaskError::Invalid)?;
+        spec.rootfs = Some(crate::rootfs::root_dir(&params.bundle).map_err(TaskError::Invalid)?);
         let image_path = params.bundle.join("migration-images");
         fs::create_dir_all(&image_path)
             .map_err(os_err(format!("cannot create {}", image_path.display())))?;

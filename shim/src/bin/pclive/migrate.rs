@@ -56,6 +56,16 @@ pub struct MigrateArgs {
     /// destination how the migration ended before declaring it in doubt
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub resolve_timeout: u32,
+    /// Both hosts see the container's root filesystem on the same storage (the receiver says
+    /// --shared-rootfs too): do not copy it. Without it the filesystem's changes (an image
+    /// container's writable layer, or a --rootfs container's whole directory) travel with the
+    /// memory, the last ones while paused
+    #[arg(long)]
+    pub shared_rootfs: bool,
+    /// The container's bind mounts from this host exist on the destination too: migrate
+    /// without copying them (without this flag a container with any is refused, naming them)
+    #[arg(long)]
+    pub external_mounts_ok: bool,
     /// Keep the final dump's CRIU logs, images and report in DIR (default: a private temporary
     /// directory, removed at the end)
     #[arg(long, value_name = "DIR")]
@@ -85,6 +95,14 @@ fn describe_round(round: &serde_json::Value) -> String {
         round["zero_pages"].as_u64().unwrap_or(0),
         round["cpu_seconds"].as_f64().unwrap_or(0.0),
     );
+    let layer = &round["layer"];
+    if layer.is_object() {
+        line += &format!(
+            ", filesystem {} path(s) {:.1} MiB",
+            layer["entries"].as_u64().unwrap_or(0),
+            layer["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+        );
+    }
     if let Some(dirty) = mb(&round["dirty_bytes_per_second"]) {
         line += &format!(", dirtied {dirty:.1} MB/s");
     }
@@ -177,6 +195,8 @@ pub fn run(args: MigrateArgs) -> ExitCode {
         compress: args.compress,
         migration_id: migration_id.clone(),
         resolve_timeout_seconds: args.resolve_timeout,
+        shared_rootfs: args.shared_rootfs,
+        external_mounts_ok: args.external_mounts_ok,
     };
     // containerd writes no checkpoint image when CheckpointOptions names an image path; the
     // shim writes the final dump's logs and the migration report into the work path, which must

@@ -54,6 +54,17 @@ pub struct ReceiveArgs {
     /// with it, e.g. host networking: its clients reconnect)
     #[arg(long)]
     pub tcp_close: bool,
+    /// A mount as the source container's (`ctr run --mount`: type=bind,src=DIR,dst=PATH,
+    /// options=rbind:rw); repeat for each. A bind mount's source must exist here with the
+    /// files the container uses: pclive does not copy it
+    #[arg(long = "mount", value_name = "SPEC")]
+    pub mounts: Vec<String>,
+    /// Both hosts see the container's root filesystem on the same storage (the source says
+    /// --shared-rootfs too): nothing of it is copied, and the receive checks that this host's
+    /// tree is the source's. Without it the source's filesystem changes (its writable layer,
+    /// or the whole --rootfs directory) are copied into this container's
+    #[arg(long)]
+    pub shared_rootfs: bool,
     /// How long to wait for the source
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub accept_timeout: u64,
@@ -251,6 +262,15 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
     // network must find its sockets' host network here too.
     if args.net_host {
         command.arg("--net-host");
+    }
+    for mount in &args.mounts {
+        command.args(["--mount", mount]);
+    }
+    if args.shared_rootfs {
+        command.args([
+            "--annotation",
+            &format!("{}=true", annotations::RECEIVE_SHARED_ROOTFS),
+        ]);
     }
     if args.tcp_close {
         command.args([
