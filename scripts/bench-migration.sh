@@ -105,8 +105,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rootfs=$work/rootfs
+# Each host has its own root filesystem, as two machines do (pclive copies the source's
+# changes; the baseline relies on both having the same files).
+rootfs=$work/rootfs-src
+dst_rootfs=$work/rootfs-dst
 bash testdata/build-rootfs.sh "$rootfs" "$(command -v redis-server)" >/dev/null
+bash testdata/build-rootfs.sh "$dst_rootfs" "$(command -v redis-server)" >/dev/null
 
 ctr_src() { tb ctr src --name "$bed" -n "$src_ns" "$@"; }
 ctr_dst() { tb ctr dst --name "$bed" -n "$dst_ns" "$@"; }
@@ -205,7 +209,7 @@ run_one() {
         --annotation "io.containerd.pclive.restore.image-path=$dimg" \
         --annotation "io.containerd.pclive.restore.work-path=$dimg" \
         --annotation io.containerd.pclive.restore.tcp-close=true \
-        --rootfs "$rootfs" "$id" "${redis_cmd[@]}"
+        --rootfs "$dst_rootfs" "$id" "${redis_cmd[@]}"
       restored=$(now)
       remove_container src "$id"
       ;;
@@ -213,7 +217,7 @@ run_one() {
       local listen=$dst_addr:7411 extra=() send=()
       [ "$mode" = pclive-eager ] && extra=(--eager)
       [ "$mode" = pclive-lz4 ] && send=(--compress)
-      pclive receive "$id" --listen "$listen" --key-file "/run/pclive-testbed/$bed/dst/migration.key" --rootfs "$rootfs" \
+      pclive receive "$id" --listen "$listen" --key-file "/run/pclive-testbed/$bed/dst/migration.key" --rootfs "$dst_rootfs" \
         --address "/run/pclive-testbed/$bed/dst/containerd.sock" --namespace "$dst_ns" \
         --state-dir "/run/pclive-testbed/$bed/dst/pclive" --net-host --tcp-close "${extra[@]}" > "$dir/receive.log" 2>&1 &
       local receiver=$!
