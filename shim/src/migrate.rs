@@ -133,11 +133,18 @@ impl MigrateRequest {
         state_dir: &Path,
         bundle: &Path,
     ) -> Result<MigrateParams, MigrateError> {
-        let external_mounts =
-            crate::rootfs::external_mounts(bundle).map_err(MigrateError::Filesystem)?;
-        if !external_mounts.is_empty() && !self.external_mounts_ok {
-            return Err(MigrateError::ExternalMounts(external_mounts.join(", ")));
+        let mounts = crate::rootfs::external_mounts(bundle).map_err(MigrateError::Filesystem)?;
+        let refused: Vec<&str> = mounts
+            .iter()
+            .filter(|m| !m.host_config)
+            .map(|m| m.text.as_str())
+            .collect();
+        if !refused.is_empty() && !self.external_mounts_ok {
+            return Err(MigrateError::ExternalMounts(refused.join(", ")));
         }
+        // The host's own configuration files are the destination's there (reported, not
+        // refused).
+        let external_mounts = mounts.into_iter().map(|m| m.text).collect();
         let root = crate::rootfs::root_dir(bundle).map_err(MigrateError::Filesystem)?;
         let layer = crate::rootfs::layer_plan(&root, self.shared_rootfs)
             .map_err(MigrateError::Filesystem)?;

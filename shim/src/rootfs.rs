@@ -101,8 +101,26 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The host paths bind-mounted into the container, as `DESTINATION (from SOURCE)`.
-pub fn external_mounts(bundle: &Path) -> Result<Vec<String>, String> {
+/// A host path bind-mounted into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalMount {
+    /// `DESTINATION (from SOURCE)`.
+    pub text: String,
+    /// One of the host's own configuration files at its own path (`/etc/hosts`,
+    /// `/etc/resolv.conf`, `/etc/hostname`, `/etc/localtime`, as `ctr run --net-host` mounts
+    /// them): every host has its own, and the container is meant to see the host it runs on.
+    pub host_config: bool,
+}
+
+const HOST_CONFIG_FILES: [&str; 4] = [
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/hostname",
+    "/etc/localtime",
+];
+
+/// The host paths bind-mounted into the container.
+pub fn external_mounts(bundle: &Path) -> Result<Vec<ExternalMount>, String> {
     let spec = spec(bundle)?;
     let mut out = Vec::new();
     for m in spec.mounts().iter().flatten() {
@@ -111,15 +129,18 @@ pub fn external_mounts(bundle: &Path) -> Result<Vec<String>, String> {
                 .iter()
                 .flatten()
                 .any(|o| o == "bind" || o == "rbind");
-        if bind {
-            out.push(format!(
-                "{} (from {})",
-                m.destination().display(),
-                m.source()
-                    .as_ref()
-                    .map_or_else(|| "?".into(), |s| s.display().to_string())
-            ));
+        if !bind {
+            continue;
         }
+        let source = m
+            .source()
+            .as_ref()
+            .map_or_else(|| "?".into(), |s| s.display().to_string());
+        let destination = m.destination().display().to_string();
+        out.push(ExternalMount {
+            host_config: source == destination && HOST_CONFIG_FILES.contains(&source.as_str()),
+            text: format!("{destination} (from {source})"),
+        });
     }
     Ok(out)
 }
@@ -127,6 +148,35 @@ pub fn external_mounts(bundle: &Path) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_mounts_are_external_and_the_hosts_own_config_files_are_told_apart() {
+        let bundle = tempfile::tempdir().unwrap();
+        std::fs::write(
+            bundle.path().join("config.json"),
+            r#"{"ociVersion": "1.1.0", "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts", "options": ["rbind", "ro"]},
+                {"destination": "/etc/resolv.conf", "source": "/srv/resolv.conf", "options": ["rbind"]},
+                {"destination": "/data", "type": "none", "source": "/srv/data", "options": ["bind", "rw"]},
+                {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs"}
+            ]}"#,
+        )
+        .unwrap();
+        let mounts = external_mounts(bundle.path()).unwrap();
+        let seen: Vec<(&str, bool)> = mounts
+            .iter()
+            .map(|m| (m.text.as_str(), m.host_config))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("/etc/hosts (from /etc/hosts)", true),
+                ("/etc/resolv.conf (from /srv/resolv.conf)", false),
+                ("/data (from /srv/data)", false),
+            ]
+        );
+    }
 
     #[test]
     fn the_overlay_upper_directory_is_found_in_mountinfo() {
