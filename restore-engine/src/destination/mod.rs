@@ -561,9 +561,21 @@ fn conclude<S: Read + Write + Timeouts, T>(
     );
     if sent.is_ok() {
         let _ = session.stream().set_read_timeout(Some(ACK_TIMEOUT));
-        let acknowledged = session
-            .expect::<Control>(Kind::Control)
-            .is_ok_and(|c| c.code == ControlCode::Ack as i32);
+        // A source still sending (an abort during its images) reads the answer only when it
+        // is done: what it sends meanwhile is skipped, so that closing does not reset the
+        // connection and discard the answer before it was read.
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        let acknowledged = loop {
+            match session.receive() {
+                Ok(frame) if frame.kind == Kind::Control => {
+                    break frame
+                        .decode::<Control>()
+                        .is_ok_and(|c| c.code == ControlCode::Ack as i32)
+                }
+                Ok(_) if Instant::now() < deadline => continue,
+                _ => break false,
+            }
+        };
         if acknowledged {
             txn.acknowledge();
         }
