@@ -25,7 +25,7 @@ const IMAGE: &str = "docker.io/library/pclive-fs:1";
 /// The container's program: the files of phase A, then a log appended to through one open
 /// descriptor and a 200 MiB file rewritten 1 MiB at a time until `/phase-b` appears; then it
 /// deletes, renames and links (phase B) and stops rewriting, and the log goes on.
-const SCRIPT: &str = "cd / && \
+const SCRIPT: &str = "cd / && echo in-tmpfs > /scratch/kept && \
     echo written > /data.txt && ln /data.txt /data-hard && mkfifo /fifo && \
     mkdir -p /st && /usr/local/bin/statecheck unix --status /st & \
     dd if=/dev/urandom of=/big bs=1M count=200 2>/dev/null; \
@@ -41,6 +41,9 @@ const SCRIPT: &str = "cd / && \
       fi; \
       sleep 0.05; \
     done";
+
+/// A tmpfs inside the container: its files are CRIU's to move (in the images), not the layer's.
+const TMPFS: &str = "type=tmpfs,src=tmpfs,dst=/scratch,options=rw";
 
 /// Paths that keep changing on both hosts (checked on their own).
 const LIVE: [&str; 2] = ["var/app.log", "st"];
@@ -183,6 +186,8 @@ fn migrate_a_container_that_writes(from: From) {
                 "--null-io",
                 "--runtime",
                 RUNTIME,
+                "--mount",
+                TMPFS,
                 IMAGE,
                 id,
                 "/bin/sh",
@@ -198,7 +203,7 @@ fn migrate_a_container_that_writes(from: From) {
         }
         From::Rootfs => {
             let (s, d) = (rootfs(src, id), rootfs(dst, id));
-            src.run_detached(id, &s, &[], &["/bin/sh", "-c", SCRIPT]);
+            src.run_detached(id, &s, &["--mount", TMPFS], &["/bin/sh", "-c", SCRIPT]);
             (vec!["--rootfs".to_string(), d.display().to_string()], s, d)
         }
     };
@@ -213,6 +218,7 @@ fn migrate_a_container_that_writes(from: From) {
         std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
             .args(["receive", id, "--listen", &listen, "--key-file", &dst.key()])
             .args(&receive_from)
+            .args(["--mount", TMPFS])
             .args(["--address", &dst.address, "--namespace", &dst.namespace])
             .arg("--state-dir")
             .arg(dst.state_base())
@@ -293,6 +299,17 @@ fn migrate_a_container_that_writes(from: From) {
             && there.values().any(|v| v.ends_with(" socket")),
         "the unix socket's file is missing: {there:#?}"
     );
+    // The tmpfs came in CRIU's images.
+    let kept = dst.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "t",
+        id,
+        "/bin/cat",
+        "/scratch/kept",
+    ]);
+    assert_eq!(kept.trim(), "in-tmpfs");
     // The log goes on from where it was, line after line, and the socket's program verifies.
     let log = dst_root.join("var/app.log");
     let lines = log_lines(&log);
@@ -322,4 +339,84 @@ fn an_image_based_container_that_writes_migrates_with_its_writable_layer() {
 #[test]
 fn a_rootfs_container_that_writes_migrates_into_the_destinations_own_directory() {
     migrate_a_container_that_writes(From::Rootfs);
+}
+
+/// `--shared-rootfs`: nothing is copied, and the receive checks the hosts really share the
+/// directory; said on one side only, or about directories that differ, the migration is
+/// refused and the source runs on.
+#[test]
+fn shared_storage_is_checked_instead_of_copied() {
+    let hosts = TwoHosts::up("10gbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let rootfs = counter(src);
+    let key = src.key();
+    let shared = format!(
+        "{}=true",
+        containerd_shim_pclive::annotations::RECEIVE_SHARED_ROOTFS
+    );
+
+    // The source says the storage is shared, the receiver was not told.
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive_with(dst, "app", &rootfs, &listen, &dst.key(), &[]);
+    let err = migrate_with(src, "app", &listen, &key, &["--shared-rootfs"]).unwrap_err();
+    assert!(
+        err.contains("--shared-rootfs on both hosts or on neither")
+            && err.contains("keeps running"),
+        "{err}"
+    );
+    assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+    assert_keeps_running(src, &rootfs);
+    dst.ctr(&["task", "rm", "-f", "app"]);
+    dst.ctr(&["container", "rm", "app"]);
+
+    // Both say so, but the destination's directory is another one.
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let other = dst.rootfs("app");
+    let receiver = receive_with(
+        dst,
+        "app",
+        &other,
+        &listen,
+        &dst.key(),
+        &["--annotation", &shared],
+    );
+    let err = migrate_with(src, "app", &listen, &key, &["--shared-rootfs"]).unwrap_err();
+    assert!(
+        err.contains("the hosts do not share this storage") && err.contains("keeps running"),
+        "{err}"
+    );
+    assert_ne!(receiver.wait_code(Duration::from_secs(30)), 0);
+    assert_keeps_running(src, &rootfs);
+    dst.ctr(&["task", "rm", "-f", "app"]);
+    dst.ctr(&["container", "rm", "app"]);
+
+    // Both say so, about the same directory: it migrates, and nothing of it travels.
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let receiver = receive_with(
+        dst,
+        "app",
+        &rootfs,
+        &listen,
+        &dst.key(),
+        &["--annotation", &shared],
+    );
+    let report = migrate_with(src, "app", &listen, &key, &["--shared-rootfs"]).unwrap();
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    assert_eq!(report["filesystem"], "shared", "{report:#}");
+    assert!(
+        report["precopy"]["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["layer"].is_null()),
+        "files travelled: {report:#}"
+    );
+    assert_eq!(dst.task("app").unwrap().1, "RUNNING");
+    let count = rootfs.join("tmp/count");
+    let now = read_number(&count).unwrap();
+    wait_for(
+        "the destination to count on",
+        Duration::from_secs(10),
+        || read_number(&count).is_some_and(|n| n > now + 3),
+    );
 }

@@ -88,6 +88,7 @@ pub fn receive_with(
     key: &str,
     extra: &[&str],
 ) -> Guarded {
+    let address = listen;
     let listen = format!("{}={listen}", annotations::RECEIVE_LISTEN);
     let auth = format!("{}={key}", annotations::RECEIVE_KEY_FILE);
     let rootfs = rootfs.display().to_string();
@@ -101,8 +102,9 @@ pub fn receive_with(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let listening = format!("receiving a migration on {address}");
     wait_for("the receiver to listen", Duration::from_secs(30), || {
-        dst.log().contains("receiving a migration on")
+        dst.log().contains(&listening)
     });
     Guarded(Some(child))
 }
