@@ -112,6 +112,44 @@ fn describe_round(round: &serde_json::Value) -> String {
     line
 }
 
+/// How the container's filesystem travelled, for people.
+fn describe_filesystem(report: &serde_json::Value) -> String {
+    let rounds = report["precopy"]["rounds"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let sum = |field: &str| -> u64 {
+        rounds
+            .iter()
+            .map(|r| r["layer"][field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let mut line = match report["filesystem"].as_str() {
+        Some("copied") => format!(
+            "filesystem: copied ({} path(s), {:.1} MiB of file data; {} path(s) while paused)",
+            sum("entries"),
+            sum("bytes") as f64 / (1 << 20) as f64,
+            rounds
+                .last()
+                .and_then(|r| r["layer"]["entries"].as_u64())
+                .unwrap_or(0)
+        ),
+        Some("shared") => {
+            "filesystem: shared storage, not copied (the destination checked it sees the same tree)"
+                .into()
+        }
+        _ => "filesystem: not moved".into(),
+    };
+    if let Some(mounts) = report["external_mounts"]
+        .as_array()
+        .filter(|m| !m.is_empty())
+    {
+        let names: Vec<&str> = mounts.iter().filter_map(|m| m.as_str()).collect();
+        line += &format!("; not copied (--external-mounts-ok): {}", names.join(", "));
+    }
+    line
+}
+
 /// Prints the rounds the source shim appends to `progress` until `done`.
 fn follow_rounds(progress: PathBuf, done: Arc<AtomicBool>) -> thread::JoinHandle<()> {
     thread::spawn(move || {
@@ -306,6 +344,7 @@ pub fn run(args: MigrateArgs) -> ExitCode {
                     report["frozen_until_commit_seconds"].as_f64().unwrap_or(0.0),
                     report["precopy"]["rounds"].as_array().map(Vec::len).unwrap_or(0)
                 );
+                println!("{}", describe_filesystem(&report));
             }
             ExitCode::SUCCESS
         }
