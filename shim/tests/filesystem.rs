@@ -165,10 +165,12 @@ enum From {
 
 fn migrate_a_container_that_writes(from: From) {
     let dir = tempfile::tempdir().unwrap();
-    let go = dir.path().join("go");
+    // The migration holds before the freeze (for phase B) and once frozen (for the manifest).
+    let (go, frozen) = (dir.path().join("go"), dir.path().join("frozen"));
     let (failpoints, _cleanup) = failpoints_file(&format!(
-        "source::before-freeze=return(wait:{})\n",
-        go.display()
+        "source::before-freeze=return(wait:{})\nsource::after-freeze=return(wait:{})\n",
+        go.display(),
+        frozen.display()
     ));
     let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
     let (src, dst) = (&hosts.src, &hosts.dst);
@@ -244,9 +246,14 @@ fn migrate_a_container_that_writes(from: From) {
     wait_for("phase B", Duration::from_secs(30), || {
         src_root.join("phase-b-done").exists()
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let at_freeze = manifest(&src_root);
     fs::write(&go, b"").unwrap();
+    // Frozen: the manifest of every path, and the log as it is.
+    wait_for("the freeze", Duration::from_secs(60), || {
+        dir.path().join("frozen.reached").exists()
+    });
+    let at_freeze = manifest(&src_root);
+    let frozen_log = fs::read(src_root.join("var/app.log")).unwrap();
+    fs::write(&frozen, b"").unwrap();
 
     let (out, _) = migration.join().unwrap();
     assert!(
@@ -312,6 +319,10 @@ fn migrate_a_container_that_writes(from: From) {
     assert_eq!(kept.trim(), "in-tmpfs");
     // The log goes on from where it was, line after line, and the socket's program verifies.
     let log = dst_root.join("var/app.log");
+    assert!(
+        fs::read(&log).unwrap().starts_with(&frozen_log),
+        "the destination's log does not begin with the frozen source's"
+    );
     let lines = log_lines(&log);
     let rounds = unix_rounds(&dst_root.join("st"));
     wait_for("the log to keep growing", Duration::from_secs(10), || {

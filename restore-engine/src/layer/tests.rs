@@ -50,6 +50,8 @@ fn manifest(root: &Path) -> BTreeMap<String, String> {
             } else if ft.is_dir() {
                 stack.push(path.clone());
                 line = line.split(" mtime").next().unwrap().to_string();
+            } else {
+                line += &format!(" rdev={}", md.rdev());
             }
             if !ft.is_symlink() {
                 if let Ok(names) = xattr::list(&path) {
@@ -114,6 +116,11 @@ fn a_whole_tree_goes_over_then_only_its_changes() {
     fs::hard_link(s.join("etc/app/conf"), s.join("conf-hard")).unwrap();
     mknod(&s.join("fifo"), nix::sys::stat::SFlag::S_IFIFO, 0);
     mknod(&s.join("sock"), nix::sys::stat::SFlag::S_IFSOCK, 0);
+    mknod(
+        &s.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::makedev(1, 3),
+    );
     xattr::set(s.join("big"), "user.pclive", b"yes").unwrap();
     nix::unistd::chown(
         &s.join("etc/app/conf"),
