@@ -189,6 +189,28 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             frozen,
             ..Default::default()
         };
+        // The filesystem first, the memory last: the next round's (and the frozen round's)
+        // memory is what was dirtied since this round read it, so the time spent on files here
+        // does not add to it. In the last round, while frozen.
+        let (mut sync, mut layer_digest) = (LayerSync::NotSent, Vec::new());
+        match self.layer.take() {
+            Some(SourceLayer::Copy(mut scanner)) => {
+                let sent = self.send_layer(&mut scanner);
+                self.layer = Some(SourceLayer::Copy(scanner));
+                let sent = sent?;
+                stats.wire_bytes += sent.bytes;
+                stats.layer = Some(sent);
+                sync = LayerSync::Sent;
+            }
+            Some(SourceLayer::Shared(root)) => {
+                if frozen {
+                    layer_digest = layer::tree_digest(&root)?;
+                }
+                self.layer = Some(SourceLayer::Shared(root));
+                sync = LayerSync::Shared;
+            }
+            None => {}
+        }
         let mut scan = Duration::ZERO;
         // The task list is taken anew each round: processes come and go while the container
         // runs (once frozen, the list is the one CRIU dumps).
@@ -230,26 +252,6 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 Err(e) if e.task_vanished() && !frozen => continue,
                 Err(e) => return Err(e.into()),
             }
-        }
-        // The filesystem after the memory: in the last round, while frozen.
-        let (mut sync, mut layer_digest) = (LayerSync::NotSent, Vec::new());
-        match self.layer.take() {
-            Some(SourceLayer::Copy(mut scanner)) => {
-                let sent = self.send_layer(&mut scanner);
-                self.layer = Some(SourceLayer::Copy(scanner));
-                let sent = sent?;
-                stats.wire_bytes += sent.bytes;
-                stats.layer = Some(sent);
-                sync = LayerSync::Sent;
-            }
-            Some(SourceLayer::Shared(root)) => {
-                if frozen {
-                    layer_digest = layer::tree_digest(&root)?;
-                }
-                self.layer = Some(SourceLayer::Shared(root));
-                sync = LayerSync::Shared;
-            }
-            None => {}
         }
         self.session.send(
             Kind::RoundEnd,
@@ -296,8 +298,11 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         let mut round = 1u32;
         loop {
             let mut stats = self.round(round, &mut tasks, tracker, quiesce, false)?;
+            // What the round moved (memory and file data) over its time: the rate at which the
+            // frozen round will move what is left.
+            let layer_bytes = stats.layer.as_ref().map_or(0, |l| l.bytes);
             let bandwidth = if stats.seconds > 0.0 {
-                stats.bytes as f64 / stats.seconds
+                (stats.bytes + layer_bytes) as f64 / stats.seconds
             } else {
                 f64::INFINITY
             };
