@@ -143,8 +143,8 @@ impl Drop for Watch {
     }
 }
 
-/// The receiving container (64 MiB memory limit), started by `ctr run -d` in the background:
-/// ctr returns when the receive ended. Its stderr goes to `stderr`.
+/// The receiving container (64 MiB memory limit), started by `ctr run -d` in the background
+/// (ctr returns when the receive ended), once it listens. Its stderr goes to `stderr`.
 fn receive(
     dst: &Containerd,
     id: &str,
@@ -153,6 +153,7 @@ fn receive(
     key: &str,
     stderr: File,
 ) -> Child {
+    let address = listen;
     let listen = format!("{}={listen}", annotations::RECEIVE_LISTEN);
     let auth = format!("{}={key}", annotations::RECEIVE_KEY_FILE);
     let rootfs = rootfs.display().to_string();
@@ -179,6 +180,10 @@ fn receive(
         .stderr(stderr)
         .spawn()
         .unwrap();
+    let listening = format!("receiving a migration on {address}");
+    wait_for("the receiver to listen", Duration::from_secs(60), || {
+        dst.log().contains(&listening)
+    });
     child
 }
 
@@ -363,12 +368,6 @@ fn a_hostile_source_cannot_exhaust_the_destination() {
             &key_path,
             File::create(&stderr_path).unwrap(),
         );
-        wait_for("the receiver to listen", Duration::from_secs(60), || {
-            hosts
-                .dst
-                .log()
-                .contains(&format!("receiving a migration on {listen}"))
-        });
         let source = hostile_source(hosts.name(), listen.clone(), key.clone(), scenario);
         let deadline = Instant::now() + Duration::from_secs(180);
         let status = loop {
@@ -572,12 +571,6 @@ fn a_hostile_source_cannot_write_outside_the_receiving_root_filesystem() {
             &key_path,
             File::create(&stderr_path).unwrap(),
         );
-        wait_for("the receiver to listen", Duration::from_secs(60), || {
-            hosts
-                .dst
-                .log()
-                .contains(&format!("receiving a migration on {listen}"))
-        });
         let answer = hostile_source(hosts.name(), listen.clone(), key.clone(), scenario)
             .join()
             .unwrap();

@@ -64,16 +64,7 @@ fn protocol(path: &[u8], problem: impl Into<String>) -> LayerError {
 impl Applier {
     /// Applies into `dir` (the receiving container's root filesystem, mounted).
     pub fn open(dir: &Path) -> Result<Applier, LayerError> {
-        let root = nix::fcntl::open(
-            dir,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| LayerError::Io {
-            path: dir.display().to_string(),
-            what: "opening the receiving container's root filesystem",
-            source: e.into(),
-        })?;
+        let root = beneath::open_root(dir, "opening the receiving container's root filesystem")?;
         Ok(Applier {
             dir: dir.to_owned(),
             root,

@@ -65,6 +65,20 @@ pub fn check_name(name: &[u8]) -> Result<(), LayerError> {
     }
 }
 
+/// Opens a root directory (the host's path, trusted) for what follows beneath it.
+pub fn open_root(dir: &std::path::Path, what: &'static str) -> Result<OwnedFd, LayerError> {
+    nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::Io {
+        path: dir.display().to_string(),
+        what,
+        source: e.into(),
+    })
+}
+
 fn resolve() -> ResolveFlag {
     ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_XDEV
 }

@@ -177,19 +177,6 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     }
 }
 
-fn open_root(dir: &Path) -> Result<OwnedFd, LayerError> {
-    nix::fcntl::open(
-        dir,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| LayerError::Io {
-        path: dir.display().to_string(),
-        what: "opening the container's filesystem",
-        source: e.into(),
-    })
-}
-
 /// The source's view of the layer between rounds.
 pub struct Scanner {
     source: LayerSource,
@@ -222,7 +209,7 @@ impl Scanner {
     ) -> Result<LayerRoundStats, LayerError> {
         let started = Instant::now();
         let walk_start = crate::clock::unix_now();
-        let root = open_root(self.dir())?;
+        let root = beneath::open_root(self.dir(), "opening the container's filesystem")?;
         let root_dev = fstat(root.as_fd())
             .map_err(|e| LayerError::nix(b"", "stat", e))?
             .st_dev;
@@ -346,41 +333,27 @@ impl Scanner {
                     }
                 }
             }
+            let mut hashes = Vec::new();
             if entry.kind == LayerKind::File as i32 {
                 let old = before
                     .filter(|b| b.stamp.ino == f.st.st_ino)
                     .map(|b| b.blocks.as_slice());
-                let (pieces, hashes) = read_changed(root.as_fd(), &f.path, entry.size, old)?;
-                if unchanged && pieces.is_empty() {
-                    // Racy, but it did not change after all.
-                    next.insert(
-                        f.path.clone(),
-                        Seen {
-                            stamp,
-                            blocks: hashes,
-                            racy,
-                        },
-                    );
-                    continue;
-                }
+                let (pieces, read) = read_changed(root.as_fd(), &f.path, entry.size, old)?;
+                hashes = read;
                 blocks = pieces;
-                next.insert(
-                    f.path.clone(),
-                    Seen {
-                        stamp,
-                        blocks: hashes,
-                        racy,
-                    },
-                );
-            } else {
-                next.insert(
-                    f.path.clone(),
-                    Seen {
-                        stamp,
-                        blocks: Vec::new(),
-                        racy,
-                    },
-                );
+            }
+            let racy_but_same = unchanged && blocks.is_empty();
+            next.insert(
+                f.path.clone(),
+                Seen {
+                    stamp,
+                    blocks: hashes,
+                    racy,
+                },
+            );
+            if racy_but_same {
+                // Read again as racy, but it did not change after all.
+                continue;
             }
             send(Item::Entry(entry))?;
             stats.entries += 1;
@@ -535,7 +508,7 @@ fn read_changed(
 /// A digest of a root filesystem's tree: every path with its type, owner, mode, size, times
 /// and symlink target. Two hosts that really share the storage compute the same.
 pub fn tree_digest(dir: &Path) -> Result<Vec<u8>, LayerError> {
-    let root = open_root(dir)?;
+    let root = beneath::open_root(dir, "opening the root filesystem")?;
     let root_dev = fstat(root.as_fd())
         .map_err(|e| LayerError::nix(b"", "stat", e))?
         .st_dev;
