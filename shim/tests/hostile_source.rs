@@ -496,8 +496,8 @@ fn dotdot_path(session: &mut Session<TcpStream>) -> Result<(), WireError> {
     last_round(session)
 }
 
-/// A symlink to the host's directory, then a file written through it.
-fn through_a_symlink(session: &mut Session<TcpStream>) -> Result<(), WireError> {
+/// A symlink `evil` in the receiving root filesystem to the host's directory.
+fn plant_symlink(session: &mut Session<TcpStream>) -> Result<(), WireError> {
     session.send(
         Kind::LayerEntry,
         &LayerEntry {
@@ -506,22 +506,19 @@ fn through_a_symlink(session: &mut Session<TcpStream>) -> Result<(), WireError> 
             target: host_target().into_bytes(),
             ..Default::default()
         },
-    )?;
+    )
+}
+
+/// A symlink to the host's directory, then a file written through it.
+fn through_a_symlink(session: &mut Session<TcpStream>) -> Result<(), WireError> {
+    plant_symlink(session)?;
     layer_file(session, "evil/planted", b"pwned")?;
     last_round(session)
 }
 
 /// A hard link to the host's file, named through a symlink.
 fn hard_link_through_a_symlink(session: &mut Session<TcpStream>) -> Result<(), WireError> {
-    session.send(
-        Kind::LayerEntry,
-        &LayerEntry {
-            path: b"evil".to_vec(),
-            kind: LayerKind::Symlink as i32,
-            target: host_target().into_bytes(),
-            ..Default::default()
-        },
-    )?;
+    plant_symlink(session)?;
     session.send(
         Kind::LayerEntry,
         &LayerEntry {
