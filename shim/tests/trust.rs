@@ -248,3 +248,164 @@ fn crius_page_server_of_a_host_network_container_is_fenced() {
         !String::from_utf8_lossy(&rules.stdout).contains(&format!("--dport {port}"))
     });
 }
+
+/// Captures the migration link (the source side of the veth) with tcpdump until dropped.
+struct Capture {
+    tcpdump: Guarded,
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+    file: tempfile::NamedTempFile,
+}
+
+impl Capture {
+    fn start(hosts: &TwoHosts, port: u16) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &format!("{}-src", hosts.name()), "tcpdump"])
+            .args([
+                "-i",
+                &format!("{}s", hosts.name()),
+                "-s",
+                "0",
+                "-U",
+                "-n",
+                "-w",
+            ])
+            .arg(file.path())
+            .args(["tcp", "port", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tcpdump (scripts/setup.sh installs it)");
+        let mut tcpdump = Guarded(Some(child));
+        // tcpdump says "listening on" once it captures.
+        let mut stderr =
+            std::io::BufReader::new(tcpdump.0.as_mut().unwrap().stderr.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(
+            line.contains("listening on"),
+            "tcpdump did not start: {line}"
+        );
+        Capture {
+            tcpdump,
+            stderr,
+            file,
+        }
+    }
+
+    /// Stops the capture: what crossed the link.
+    fn stop(mut self) -> Vec<u8> {
+        // Let tcpdump write out what the kernel holds for it: packets still queued when it stops
+        // are not in the file.
+        std::thread::sleep(Duration::from_secs(1));
+        let child = self.tcpdump.0.as_mut().unwrap();
+        // SAFETY: kill(2) on the tcpdump this test started and has not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let mut summary = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.stderr, &mut summary);
+        self.tcpdump.wait_code(Duration::from_secs(10));
+        assert!(
+            summary
+                .lines()
+                .any(|l| l.trim() == "0 packets dropped by kernel")
+                && summary
+                    .lines()
+                    .filter_map(|l| l.trim().split_once(' '))
+                    .filter(|(_, what)| what.starts_with("packets captured")
+                        || what.starts_with("packets received by filter"))
+                    .map(|(n, _)| n)
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+                    == 1,
+            "tcpdump lost packets: {summary}"
+        );
+        fs::read(self.file.path()).unwrap()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A container whose memory holds `marker` (in its environment, a shell variable and every
+/// `sleep` child's), migrated with a key and then without one: the capture of the link shows the
+/// marker only when the user said --insecure.
+#[test]
+fn container_memory_crosses_the_link_encrypted_unless_insecure() {
+    // A link tcpdump keeps up with: the test must see every packet.
+    let hosts = TwoHosts::up("200mbit");
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let mut random = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .unwrap();
+    let marker = format!(
+        "pclive-marker-{}",
+        random
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    for (id, insecure) in [("sealed", false), ("clear", true)] {
+        let rootfs = src.rootfs(id);
+        let env = format!("PCLIVE_MARKER={marker}");
+        src.run_detached(
+            id,
+            &rootfs,
+            &["--env", &env],
+            &[
+                "/bin/sh",
+                "-c",
+                "held=\"$PCLIVE_MARKER\"; while true; do sleep 0.05; done",
+            ],
+        );
+        src.wait_status(id, "RUNNING");
+        let port = free_port();
+        let listen = format!("{}:{port}", hosts.dst_ip);
+        let dst_rootfs = dst.rootfs(id);
+        let receiver = if insecure {
+            receive_insecure(dst, id, &dst_rootfs, &listen)
+        } else {
+            receive_with(dst, id, &dst_rootfs, &listen, &dst.key(), &[])
+        };
+        let capture = Capture::start(&hosts, port);
+        let report = if insecure {
+            migrate_insecure(src, id, &listen)
+        } else {
+            migrate(src, id, &listen, &src.key())
+        }
+        .unwrap_or_else(|e| {
+            panic!(
+                "migration of {id} failed: {e}\n--- destination log ---\n{}",
+                tail(&dst.log(), 30)
+            )
+        });
+        drop(receiver);
+        let captured = capture.stop();
+        if std::env::var_os("PCLIVE_KEEP_CAPTURE").is_some() {
+            fs::write(format!("/tmp/capture-{id}.pcap"), &captured).unwrap();
+        }
+        dst.wait_status(id, "RUNNING");
+        assert!(
+            captured.len() > 100_000,
+            "the capture holds {} bytes: tcpdump did not see the migration",
+            captured.len()
+        );
+        if insecure {
+            assert!(report["encryption"].as_str().unwrap().contains("insecure"));
+            assert!(
+                contains(&captured, marker.as_bytes()),
+                "the unencrypted migration's capture ({} bytes) lacks the marker: the test \
+                 cannot tell encrypted from clear",
+                captured.len()
+            );
+        } else {
+            assert_eq!(report["encryption"], "AES-256-GCM", "{report:#}");
+            assert!(
+                !contains(&captured, marker.as_bytes()),
+                "the container's memory crossed the link in the clear"
+            );
+            assert!(!contains(&captured, b"PCLIVE_MARKER"));
+        }
+    }
+}

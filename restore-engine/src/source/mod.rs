@@ -190,6 +190,8 @@ pub struct MigrationReport {
     /// Host paths bind-mounted into the container, not copied (the user said the destination
     /// has them).
     pub external_mounts: Vec<String>,
+    /// What protected the migration's frames on the link: `AES-256-GCM`, or none (`--insecure`).
+    pub encryption: &'static str,
 }
 
 /// Connects to the receiving end and authenticates the session.
@@ -305,11 +307,13 @@ fn migrate_over_txn<S: Read + Write>(
     mut txn: Txn,
 ) -> Result<MigrationReport, SourceError> {
     let mut tracker = memory::tracker(params.tracker.as_deref())?;
+    let encryption = session.protection();
     log::info!(
-        "{}: pre-copy to {} with the {} tracker (migration {})",
+        "{}: pre-copy to {} with the {} tracker, frames protected by {} (migration {})",
         params.container,
         params.destination,
         tracker.name(),
+        encryption,
         params.migration_id
     );
     let started_unix = unix_now();
@@ -491,6 +495,7 @@ fn migrate_over_txn<S: Read + Write>(
                     None => "none",
                 },
                 external_mounts: params.external_mounts.clone(),
+                encryption,
             })
         }
         // The destination never resumed the container and never will: it runs here again.

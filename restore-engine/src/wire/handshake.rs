@@ -1,40 +1,123 @@
-//! The handshake: both peers prove they hold the pre-shared key (challenge–response on fresh
-//! nonces) and derive one key per direction; or, with explicit consent on both ends, an
-//! unauthenticated session.
+//! The handshake: both peers prove they hold the pre-shared key and derive one key per
+//! direction; or, with explicit consent on both ends, an unauthenticated session.
+//!
+//! ```text
+//! connecting side (source)                listening side (destination)
+//!   Hello {versions, nonce, X25519 pub}  ->                              in the clear
+//!                                        <-  Challenge {version, nonce, X25519 pub}  in the clear
+//!   keys = HKDF-SHA256(salt = SHA-256(Hello frame | Challenge frame),
+//!                      ikm = pre-shared key | X25519 shared secret)
+//!   Proof {migration, purpose, container} ->                         sealed (seq 1, c2s key)
+//!                                        <-  Accept {version}         sealed (seq 1, s2c key)
+//! ```
+//!
+//! A Proof that opens proves the connecting side holds the key; an Accept that opens proves the
+//! listening side does. The listening side says nothing sealed or MAC'd with the key before the
+//! Proof has opened (a refusal before that point is a clear `Reject` that reveals nothing about
+//! the key), so a client without the key learns nothing to guess it from offline. The ephemeral
+//! X25519 exchange gives forward secrecy (a key file stolen later does not decrypt a recorded
+//! migration) and keeps a passive observer from testing guesses against the Proof. The session's
+//! frames continue at sequence number 2 under the same keys.
 
 use std::io::{self, Read, Write};
 
 use prost::Message;
+use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::{digest, hkdf};
 
 use super::{
-    constant_time_eq, derive, encode_frame, read_frame, Challenge, Hello, Intent, Kind, Proof,
-    Purpose, Reject, Session, WireError, INITIAL_CREDIT, VERSION,
+    encode_frame, read_sealed, Accept, Challenge, FrameKey, Hello, Intent, Kind, Proof, Purpose,
+    Reject, Session, WireError, VERSION,
 };
 
 const NONCE_LEN: usize = 32;
-const INSECURE_KEY: &[u8] = b"pclive unauthenticated session: integrity only";
+/// The session's first sequence number in each direction: 0 and 1 belong to the handshake (and
+/// 1 was already sealed under the session's keys, so it must not be reused as a nonce).
+pub(super) const FIRST_SESSION_SEQ: u64 = 2;
 
 /// Authentication settings of one end.
 #[derive(Clone)]
 pub enum Auth {
-    /// A pre-shared key (at least 16 bytes).
+    /// A pre-shared key (at least 32 bytes).
     Key(Vec<u8>),
-    /// No authentication: only when the user explicitly asked for it on both ends.
+    /// No authentication, no encryption: only when the user explicitly asked for it on both ends.
     Insecure,
 }
 
-fn nonce() -> Result<Vec<u8>, WireError> {
-    let mut n = vec![0u8; NONCE_LEN];
-    let mut urandom = std::fs::File::open("/dev/urandom")?;
-    urandom.read_exact(&mut n)?;
-    Ok(n)
+fn random(rng: &SystemRandom) -> Result<Vec<u8>, WireError> {
+    let mut bytes = vec![0u8; NONCE_LEN];
+    rng.fill(&mut bytes)
+        .map_err(|_| io::Error::other("the system's random number generator failed"))?;
+    Ok(bytes)
 }
 
-fn handshake_key(auth: &Auth) -> &[u8] {
-    match auth {
-        Auth::Key(k) => k,
-        Auth::Insecure => INSECURE_KEY,
+/// An ephemeral X25519 key pair, for a keyed session only.
+fn ephemeral(
+    rng: &SystemRandom,
+    auth: &Auth,
+) -> Result<Option<(EphemeralPrivateKey, Vec<u8>)>, WireError> {
+    if matches!(auth, Auth::Insecure) {
+        return Ok(None);
     }
+    let failed = |_| io::Error::other("cannot generate an X25519 key");
+    let private = EphemeralPrivateKey::generate(&X25519, rng).map_err(failed)?;
+    let public = private.compute_public_key().map_err(failed)?;
+    Ok(Some((private, public.as_ref().to_vec())))
+}
+
+/// The connecting-to-listening and listening-to-connecting keys.
+struct Keys {
+    c2s: FrameKey,
+    s2c: FrameKey,
+}
+
+fn session_keys(
+    auth: &Auth,
+    private: Option<(EphemeralPrivateKey, Vec<u8>)>,
+    peer_public: &[u8],
+    transcript: &[u8],
+) -> Result<Keys, WireError> {
+    let (Auth::Key(psk), Some((private, _))) = (auth, private) else {
+        return Ok(Keys {
+            c2s: FrameKey::Plain,
+            s2c: FrameKey::Plain,
+        });
+    };
+    let salt = hkdf::Salt::new(
+        hkdf::HKDF_SHA256,
+        digest::digest(&digest::SHA256, transcript).as_ref(),
+    );
+    agreement::agree_ephemeral(
+        private,
+        &UnparsedPublicKey::new(&X25519, peer_public),
+        |shared| {
+            let mut ikm = Vec::with_capacity(psk.len() + shared.len());
+            ikm.extend_from_slice(psk);
+            ikm.extend_from_slice(shared);
+            let prk = salt.extract(&ikm);
+            ikm.fill(0);
+            Keys {
+                c2s: FrameKey::derive(&prk, b"pclive v5 connecting to listening"),
+                s2c: FrameKey::derive(&prk, b"pclive v5 listening to connecting"),
+            }
+        },
+    )
+    // Not a valid X25519 public key: not a pclive peer holding the key.
+    .map_err(|_| WireError::AuthFailed)
+}
+
+fn refuse_in_clear(stream: &mut impl Write, seq: u64, reason: &str) {
+    // Best effort: the peer may be gone. Nothing in it depends on the key.
+    let _ = stream.write_all(&encode_frame(
+        &FrameKey::Plain,
+        Kind::Reject,
+        seq,
+        &Reject {
+            reason: reason.into(),
+        }
+        .encode_to_vec(),
+    ));
 }
 
 /// The connecting side (the migration source), announcing what it wants.
@@ -43,23 +126,22 @@ pub fn connect<S: Read + Write>(
     auth: &Auth,
     intent: &Intent,
 ) -> Result<Session<S>, WireError> {
-    let key = handshake_key(auth).to_vec();
-    let client_nonce = nonce()?;
+    let rng = SystemRandom::new();
+    let ephemeral = ephemeral(&rng, auth)?;
     let hello = Hello {
         versions: vec![VERSION as u32],
-        nonce: client_nonce.clone(),
+        nonce: random(&rng)?,
         insecure: matches!(auth, Auth::Insecure),
-        migration_id: intent.migration_id.clone(),
-        purpose: intent.purpose.unwrap_or(Purpose::Migrate) as i32,
-        container: intent.container.clone(),
+        public_key: ephemeral
+            .as_ref()
+            .map(|(_, public)| public.clone())
+            .unwrap_or_default(),
     };
-    stream.write_all(&encode_frame(&key, Kind::Hello, 0, &hello.encode_to_vec()))?;
-    let frame = match read_frame(&mut stream, &key, 0) {
-        Ok(f) => f,
-        // A server with another key cannot produce a valid MAC: that is an authentication failure.
-        Err(WireError::BadMac { .. }) => return Err(WireError::AuthFailed),
-        Err(e) => return Err(e),
-    };
+    let mut transcript = encode_frame(&FrameKey::Plain, Kind::Hello, 0, &hello.encode_to_vec());
+    stream.write_all(&transcript)?;
+    let sealed = read_sealed(&mut stream)?;
+    sealed.append_to(&mut transcript);
+    let frame = sealed.open(&FrameKey::Plain, 0)?;
     if frame.kind == Kind::Reject {
         return Err(WireError::Refused(frame.decode::<Reject>()?.reason));
     }
@@ -70,65 +152,57 @@ pub fn connect<S: Read + Write>(
         });
     }
     let challenge: Challenge = frame.decode()?;
+    if challenge.version != VERSION as u32 {
+        return Err(WireError::Version {
+            found: challenge.version as u16,
+            ours: VERSION,
+        });
+    }
+    let keys = session_keys(auth, ephemeral, &challenge.public_key, &transcript)?;
     let proof = Proof {
-        mac: derive(
-            &key,
-            b"pclive client proof",
-            &challenge.nonce,
-            &client_nonce,
-        )
-        .to_vec(),
+        migration_id: intent.migration_id.clone(),
+        purpose: intent.purpose.unwrap_or(Purpose::Migrate) as i32,
+        container: intent.container.clone(),
     };
-    stream.write_all(&encode_frame(&key, Kind::Proof, 1, &proof.encode_to_vec()))?;
-    let frame = read_frame(&mut stream, &key, 1)?;
-    if frame.kind == Kind::Reject {
+    stream.write_all(&encode_frame(
+        &keys.c2s,
+        Kind::Proof,
+        1,
+        &proof.encode_to_vec(),
+    ))?;
+    let sealed = read_sealed(&mut stream)?;
+    if sealed.claimed_kind() == Some(Kind::Reject) {
+        // The listening side refuses in the clear: it could not open the Proof.
+        let frame = sealed.open(&FrameKey::Plain, 1)?;
         return Err(WireError::Refused(frame.decode::<Reject>()?.reason));
     }
-    let accept: Proof = frame.decode()?;
-    let expected = derive(
-        &key,
-        b"pclive server proof",
-        &client_nonce,
-        &challenge.nonce,
-    );
-    if !constant_time_eq(&accept.mac, &expected) {
-        return Err(WireError::AuthFailed);
+    let frame = match sealed.open(&keys.s2c, 1) {
+        Ok(frame) => frame,
+        // The listening side cannot seal with our key: it does not hold it.
+        Err(WireError::BadMac { .. }) => return Err(WireError::AuthFailed),
+        Err(e) => return Err(e),
+    };
+    if frame.kind != Kind::Accept {
+        return Err(WireError::Unexpected {
+            expected: Kind::Accept,
+            found: frame.kind,
+        });
     }
-    Ok(Session {
+    let _: Accept = frame.decode()?;
+    Ok(Session::established(
         stream,
-        send_key: derive(&key, b"pclive c2s", &client_nonce, &challenge.nonce).to_vec(),
-        recv_key: derive(&key, b"pclive s2c", &client_nonce, &challenge.nonce).to_vec(),
-        send_seq: 0,
-        recv_seq: 0,
-        credit: INITIAL_CREDIT,
-        intent: intent.clone(),
-    })
+        keys.c2s,
+        keys.s2c,
+        intent.clone(),
+    ))
 }
 
 /// The listening side (the migration destination).
 pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>, WireError> {
-    let key = handshake_key(auth).to_vec();
-    let reject = |stream: &mut S, seq: u64, reason: &str| {
-        // Best effort: the peer may not be able to check our MAC.
-        let _ = stream.write_all(&encode_frame(
-            &key,
-            Kind::Reject,
-            seq,
-            &Reject {
-                reason: reason.into(),
-            }
-            .encode_to_vec(),
-        ));
-    };
-    let frame = match read_frame(&mut stream, &key, 0) {
-        Ok(f) => f,
-        Err(WireError::BadMac { .. }) => {
-            // Another key, or an unauthenticated client meeting a keyed server (or vice versa).
-            reject(&mut stream, 0, "authentication failed: different keys");
-            return Err(WireError::AuthFailed);
-        }
-        Err(e) => return Err(e),
-    };
+    let sealed = read_sealed(&mut stream)?;
+    let mut transcript = Vec::new();
+    sealed.append_to(&mut transcript);
+    let frame = sealed.open(&FrameKey::Plain, 0)?;
     if frame.kind != Kind::Hello {
         return Err(WireError::Unexpected {
             expected: Kind::Hello,
@@ -137,7 +211,7 @@ pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>,
     }
     let hello: Hello = frame.decode()?;
     if hello.insecure != matches!(auth, Auth::Insecure) {
-        reject(
+        refuse_in_clear(
             &mut stream,
             0,
             "one side is unauthenticated (--insecure) and the other is not",
@@ -145,59 +219,69 @@ pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>,
         return Err(WireError::InsecureRefused);
     }
     if !hello.versions.contains(&(VERSION as u32)) {
-        reject(&mut stream, 0, "no common protocol version");
+        refuse_in_clear(&mut stream, 0, "no common protocol version");
         return Err(WireError::Version {
             found: hello.versions.first().copied().unwrap_or(0) as u16,
             ours: VERSION,
         });
     }
-    let server_nonce = nonce()?;
+    let rng = SystemRandom::new();
+    let ephemeral = ephemeral(&rng, auth)?;
     let challenge = Challenge {
         version: VERSION as u32,
-        nonce: server_nonce.clone(),
+        nonce: random(&rng)?,
+        public_key: ephemeral
+            .as_ref()
+            .map(|(_, public)| public.clone())
+            .unwrap_or_default(),
     };
-    stream.write_all(&encode_frame(
-        &key,
+    let challenge = encode_frame(
+        &FrameKey::Plain,
         Kind::Challenge,
         0,
         &challenge.encode_to_vec(),
-    ))?;
-    let proof: Proof = read_frame(&mut stream, &key, 1).and_then(|f| {
-        if f.kind != Kind::Proof {
-            return Err(WireError::Unexpected {
-                expected: Kind::Proof,
-                found: f.kind,
-            });
+    );
+    stream.write_all(&challenge)?;
+    transcript.extend_from_slice(&challenge);
+    const DIFFERENT_KEYS: &str = "authentication failed: the peers do not share the same key \
+                                  (check --key-file on both hosts)";
+    let keys = match session_keys(auth, ephemeral, &hello.public_key, &transcript) {
+        Ok(keys) => keys,
+        Err(e) => {
+            refuse_in_clear(&mut stream, 1, DIFFERENT_KEYS);
+            return Err(e);
         }
-        f.decode()
-    })?;
-    let expected = derive(&key, b"pclive client proof", &server_nonce, &hello.nonce);
-    if !constant_time_eq(&proof.mac, &expected) {
-        reject(&mut stream, 1, "authentication failed");
-        return Err(WireError::AuthFailed);
-    }
-    let accept = Proof {
-        mac: derive(&key, b"pclive server proof", &hello.nonce, &server_nonce).to_vec(),
     };
+    let frame = match read_sealed(&mut stream).and_then(|sealed| sealed.open(&keys.c2s, 1)) {
+        Ok(frame) => frame,
+        Err(WireError::BadMac { .. }) => {
+            refuse_in_clear(&mut stream, 1, DIFFERENT_KEYS);
+            return Err(WireError::AuthFailed);
+        }
+        Err(e) => return Err(e),
+    };
+    if frame.kind != Kind::Proof {
+        return Err(WireError::Unexpected {
+            expected: Kind::Proof,
+            found: frame.kind,
+        });
+    }
+    let proof: Proof = frame.decode()?;
     stream.write_all(&encode_frame(
-        &key,
+        &keys.s2c,
         Kind::Accept,
         1,
-        &accept.encode_to_vec(),
+        &Accept {
+            version: VERSION as u32,
+        }
+        .encode_to_vec(),
     ))?;
-    Ok(Session {
-        stream,
-        send_key: derive(&key, b"pclive s2c", &hello.nonce, &server_nonce).to_vec(),
-        recv_key: derive(&key, b"pclive c2s", &hello.nonce, &server_nonce).to_vec(),
-        send_seq: 0,
-        recv_seq: 0,
-        credit: INITIAL_CREDIT,
-        intent: Intent {
-            migration_id: hello.migration_id.clone(),
-            purpose: Purpose::try_from(hello.purpose).ok(),
-            container: hello.container.clone(),
-        },
-    })
+    let intent = Intent {
+        migration_id: proof.migration_id,
+        purpose: Purpose::try_from(proof.purpose).ok(),
+        container: proof.container,
+    };
+    Ok(Session::established(stream, keys.s2c, keys.c2s, intent))
 }
 
 /// Makes a migration connection notice a dead peer or a cut link within ~15 s, idle or not:
@@ -357,6 +441,50 @@ mod tests {
             matches!(err, WireError::AuthFailed | WireError::Refused(_)),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_listener_says_nothing_keyed_before_the_proof_opens() {
+        use prost::Message;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || accept(b, &key(1)));
+        // A client that does not hold the key but follows the protocol.
+        let rng = ring::rand::SystemRandom::new();
+        let (_, public) = super::ephemeral(&rng, &key(9)).unwrap().unwrap();
+        let hello = Hello {
+            versions: vec![VERSION as u32],
+            nonce: vec![1; 32],
+            insecure: false,
+            public_key: public,
+        };
+        std::io::Write::write_all(
+            &mut a,
+            &encode_frame(&FrameKey::Plain, Kind::Hello, 0, &hello.encode_to_vec()),
+        )
+        .unwrap();
+        let challenge = read_frame(&mut a, &FrameKey::Plain, 0).unwrap();
+        assert_eq!(challenge.kind, Kind::Challenge);
+        let guess = FrameKey::aes_256_gcm(&[9; 32]);
+        std::io::Write::write_all(
+            &mut a,
+            &encode_frame(&guess, Kind::Proof, 1, &Proof::default().encode_to_vec()),
+        )
+        .unwrap();
+        // The answer opens with no key at all: it carries nothing to test a guess against.
+        let refusal = read_frame(&mut a, &FrameKey::Plain, 1).unwrap();
+        assert_eq!(refusal.kind, Kind::Reject);
+        let reason = refusal.decode::<Reject>().unwrap().reason;
+        assert!(reason.contains("same key"), "{reason}");
+        assert!(matches!(server.join().unwrap(), Err(WireError::AuthFailed)));
+    }
+
+    #[test]
+    fn sessions_are_encrypted_unless_both_ends_said_insecure() {
+        let (client, server) = pair(key(7), key(7));
+        assert_eq!(client.unwrap().protection(), "AES-256-GCM");
+        assert_eq!(server.unwrap().protection(), "AES-256-GCM");
+        let (client, _) = pair(Auth::Insecure, Auth::Insecure);
+        assert!(client.unwrap().protection().contains("insecure"));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use prost::Message;
 
+/// The connecting side's first frame, in the clear (it holds nothing secret; the keys derived
+/// later bind it, so a change on the way makes the handshake fail).
 #[derive(Clone, PartialEq, Message)]
 pub struct Hello {
     #[prost(uint32, repeated, tag = "1")]
@@ -10,14 +12,9 @@ pub struct Hello {
     pub nonce: Vec<u8>,
     #[prost(bool, tag = "3")]
     pub insecure: bool,
-    /// Which migration the session is about (32 hex digits, chosen by the source).
-    #[prost(string, tag = "4")]
-    pub migration_id: String,
-    #[prost(enumeration = "Purpose", tag = "5")]
-    pub purpose: i32,
-    /// The container's name on the source (for the destination's records and logs).
-    #[prost(string, tag = "6")]
-    pub container: String,
+    /// The connecting side's ephemeral X25519 public key (empty in an unauthenticated session).
+    #[prost(bytes = "vec", tag = "4")]
+    pub public_key: Vec<u8>,
 }
 
 /// Why a source connects.
@@ -30,7 +27,7 @@ pub enum Purpose {
     Query = 1,
 }
 
-/// Who connects, and why (the fields of [`Hello`] beyond the handshake).
+/// Who connects, and why (what [`Proof`] carries).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Intent {
     pub migration_id: String,
@@ -60,18 +57,37 @@ impl Intent {
     }
 }
 
+/// The listening side's answer to [`Hello`], in the clear.
 #[derive(Clone, PartialEq, Message)]
 pub struct Challenge {
     #[prost(uint32, tag = "1")]
     pub version: u32,
     #[prost(bytes = "vec", tag = "2")]
     pub nonce: Vec<u8>,
+    /// The listening side's ephemeral X25519 public key (empty in an unauthenticated session).
+    #[prost(bytes = "vec", tag = "3")]
+    pub public_key: Vec<u8>,
 }
 
+/// The connecting side's first encrypted frame: that it decrypts proves the sender holds the
+/// key. It says what the connection is for.
 #[derive(Clone, PartialEq, Message)]
 pub struct Proof {
-    #[prost(bytes = "vec", tag = "1")]
-    pub mac: Vec<u8>,
+    /// Which migration the session is about (32 hex digits, chosen by the source).
+    #[prost(string, tag = "1")]
+    pub migration_id: String,
+    #[prost(enumeration = "Purpose", tag = "2")]
+    pub purpose: i32,
+    /// The container's name on the source (for the destination's records and logs).
+    #[prost(string, tag = "3")]
+    pub container: String,
+}
+
+/// The listening side's first encrypted frame: proves it holds the key too.
+#[derive(Clone, PartialEq, Message)]
+pub struct Accept {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -1,54 +1,53 @@
-//! The migration protocol: versioned, authenticated, integrity-checked frames.
+//! The migration protocol: versioned, encrypted, authenticated frames.
 //!
 //! Every frame is
 //!
 //! ```text
-//! magic u32 "PCLV" | version u16 | kind u16 | seq u64 | len u32 | payload (len bytes) | mac [32]
+//! magic u32 "PCLV" | version u16 | kind u16 | seq u64 | len u32 | payload (len bytes) | tag [16]
 //! ```
 //!
-//! (little-endian). The payload is a protobuf message (prost) named by `kind`. `mac` is
-//! HMAC-SHA256 over header and payload. The handshake authenticates both peers with a pre-shared
-//! key (challenge–response on fresh nonces) and derives one key per direction; every later frame
-//! is MAC'd with its direction's key and carries a sequence number that must increase by one, so
-//! a corrupted, forged, replayed, reordered or truncated stream is refused. Without a key both
-//! sides must explicitly agree to an unauthenticated session (`insecure`); its frames still
-//! carry a MAC under a well-known key, which detects corruption but not tampering.
-
+//! (little-endian). The payload is a protobuf message (prost) named by `kind`, encrypted with
+//! AES-256-GCM under its direction's key; the header is authenticated with it and the sequence
+//! number is the nonce ([`seal`]). The handshake ([`handshake`]) authenticates both peers with a
+//! pre-shared key and an ephemeral X25519 exchange and derives the two keys; every later frame's
+//! sequence number must increase by one, so a corrupted, forged, replayed, reordered or
+//! truncated stream is refused, and what the container's memory and files hold is not readable
+//! on the link. Without a key both sides must explicitly agree to an unauthenticated session
+//! (`insecure`): its frames travel in the clear with a checksum that detects corruption only.
 //!
 //! - [`messages`]: the protobuf messages each frame kind carries,
 //! - [`handshake`]: authentication and the per-direction keys ([`connect`], [`accept`]),
+//! - [`seal`]: what protects a frame,
 //! - [`pages`]: page runs as they travel (raw or LZ4) and their checks,
 //! - this file: frames and the [`Session`] that sends and receives them, with flow control.
 
 mod handshake;
 mod messages;
 pub mod pages;
+mod seal;
 
 use std::io::{self, Read, Write};
 
-use hmac::{Hmac, KeyInit, Mac};
 use prost::Message;
-use sha2::Sha256;
 
 pub use handshake::{accept, connect, harden_tcp, read_key_file, Auth};
 pub use messages::*;
+pub use seal::{FrameKey, TAG_LEN};
 
 pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
 /// 2: page runs may be LZ4-compressed (`PageRun::lz4`). 3: migration ids, outcome queries,
 /// `Lost` and `Ack` (the migration transaction). 4: the container's filesystem travels
-/// (`LayerEntry`, `LayerBlock`, `RoundEnd::layer`).
-pub const VERSION: u16 = 4;
+/// (`LayerEntry`, `LayerBlock`, `RoundEnd::layer`). 5: frames are encrypted (AES-256-GCM), the
+/// handshake adds X25519 and says nothing keyed before the connecting side has proven the key.
+pub const VERSION: u16 = 5;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 20;
-pub const MAC_LEN: usize = 32;
 /// Largest payload accepted: a page batch of 8 MiB plus framing. Anything larger is refused
 /// before it is read, so a hostile length cannot exhaust memory.
 pub const MAX_PAYLOAD: u32 = 9 << 20;
 /// Payload bytes a sender may have in flight before the receiver grants more: bounds what a
 /// slow link makes either side buffer.
 pub const INITIAL_CREDIT: u64 = 64 << 20;
-
-type HmacSha256 = Hmac<Sha256>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -65,7 +64,7 @@ pub enum WireError {
     #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit: corrupt or hostile stream")]
     TooLarge(u32),
     #[error(
-        "frame integrity check failed (frame {seq}): the stream was corrupted or tampered with"
+        "frame {seq} failed its integrity check: the stream was corrupted or tampered with on the way"
     )]
     BadMac { seq: u64 },
     #[error("frame {found} arrived where {expected} was expected: replayed, dropped or reordered frames")]
@@ -151,37 +150,40 @@ impl Frame {
     }
 }
 
-fn mac_of(key: &[u8], header: &[u8], payload: &[u8]) -> [u8; MAC_LEN] {
-    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(header);
-    mac.update(payload);
-    mac.finalize().into_bytes().into()
-}
-
-fn derive(key: &[u8], label: &[u8], a: &[u8], b: &[u8]) -> [u8; MAC_LEN] {
-    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(label);
-    mac.update(a);
-    mac.update(b);
-    mac.finalize().into_bytes().into()
-}
-
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+fn write_header(header: &mut [u8], kind: Kind, seq: u64, len: usize) {
+    header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+    header[8..16].copy_from_slice(&seq.to_le_bytes());
+    header[16..20].copy_from_slice(&(len as u32).to_le_bytes());
+}
+
+/// Seals the payload that follows the header room in `buf` (the first [`HEADER_LEN`] bytes) in
+/// place and appends the tag: the frame is then `buf`, ready to write. One pass over the
+/// payload, no copy.
+fn seal_frame(buf: &mut Vec<u8>, key: &FrameKey, kind: Kind, seq: u64) {
+    let len = buf.len() - HEADER_LEN;
+    debug_assert!(
+        len <= MAX_PAYLOAD as usize,
+        "a {len}-byte frame would be refused"
+    );
+    let (header, payload) = buf.split_at_mut(HEADER_LEN);
+    write_header(header, kind, seq, len);
+    let tag = key.seal(seq, header, payload);
+    buf.extend_from_slice(&tag);
+}
+
 /// Encodes one frame.
-pub fn encode_frame(key: &[u8], kind: Kind, seq: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + MAC_LEN);
-    out.extend_from_slice(&MAGIC.to_le_bytes());
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(kind as u16).to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    let mac = mac_of(key, &out[..HEADER_LEN], payload);
-    out.extend_from_slice(payload);
-    out.extend_from_slice(&mac);
-    out
+pub fn encode_frame(key: &FrameKey, kind: Kind, seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
+    buf.resize(HEADER_LEN, 0);
+    buf.extend_from_slice(payload);
+    seal_frame(&mut buf, key, kind, seq);
+    buf
 }
 
 fn read_full(reader: &mut impl Read, buf: &mut [u8], at_start: bool) -> Result<(), WireError> {
@@ -198,12 +200,59 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8], at_start: bool) -> Result<(
     Ok(())
 }
 
-/// Reads and checks one frame: magic, version, size limit, MAC, sequence number.
-pub fn read_frame(
-    reader: &mut impl Read,
-    key: &[u8],
-    expected_seq: u64,
-) -> Result<Frame, WireError> {
+/// A frame read off the stream whose header is well formed but whose payload is not yet checked
+/// (nor decrypted).
+pub struct Sealed {
+    header: [u8; HEADER_LEN],
+    /// Payload and tag.
+    body: Vec<u8>,
+}
+
+impl Sealed {
+    /// The frame's bytes as they travelled (for the handshake's transcript).
+    fn append_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.header);
+        out.extend_from_slice(&self.body);
+    }
+
+    fn raw_kind(&self) -> u16 {
+        u16::from_le_bytes(self.header[6..8].try_into().expect("2 bytes"))
+    }
+
+    fn seq(&self) -> u64 {
+        u64::from_le_bytes(self.header[8..16].try_into().expect("8 bytes"))
+    }
+
+    /// What the header says the frame is (unauthenticated until [`Self::open`]).
+    pub fn claimed_kind(&self) -> Option<Kind> {
+        Kind::from_u16(self.raw_kind())
+    }
+
+    /// Checks the tag, decrypts, then checks the sequence number and the kind.
+    pub fn open(mut self, key: &FrameKey, expected_seq: u64) -> Result<Frame, WireError> {
+        let seq = self.seq();
+        let len = key
+            .open(seq, &self.header, &mut self.body)
+            .ok_or(WireError::BadMac { seq })?;
+        if seq != expected_seq {
+            return Err(WireError::Sequence {
+                expected: expected_seq,
+                found: seq,
+            });
+        }
+        let raw_kind = self.raw_kind();
+        let kind = Kind::from_u16(raw_kind).ok_or(WireError::UnknownKind(raw_kind))?;
+        self.body.truncate(len);
+        Ok(Frame {
+            kind,
+            seq,
+            payload: self.body,
+        })
+    }
+}
+
+/// Reads one frame's bytes and checks its header: magic, version, size limit.
+pub fn read_sealed(reader: &mut impl Read) -> Result<Sealed, WireError> {
     let mut header = [0u8; HEADER_LEN];
     read_full(reader, &mut header, true)?;
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
@@ -217,27 +266,22 @@ pub fn read_frame(
             ours: VERSION,
         });
     }
-    let raw_kind = u16::from_le_bytes(header[6..8].try_into().expect("2 bytes"));
-    let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let len = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
     if len > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len as usize];
-    read_full(reader, &mut payload, false)?;
-    let mut mac = [0u8; MAC_LEN];
-    read_full(reader, &mut mac, false)?;
-    if !constant_time_eq(&mac, &mac_of(key, &header, &payload)) {
-        return Err(WireError::BadMac { seq });
-    }
-    if seq != expected_seq {
-        return Err(WireError::Sequence {
-            expected: expected_seq,
-            found: seq,
-        });
-    }
-    let kind = Kind::from_u16(raw_kind).ok_or(WireError::UnknownKind(raw_kind))?;
-    Ok(Frame { kind, seq, payload })
+    let mut body = vec![0u8; len as usize + TAG_LEN];
+    read_full(reader, &mut body, false)?;
+    Ok(Sealed { header, body })
+}
+
+/// Reads and checks one frame: magic, version, size limit, tag (and decryption), sequence number.
+pub fn read_frame(
+    reader: &mut impl Read,
+    key: &FrameKey,
+    expected_seq: u64,
+) -> Result<Frame, WireError> {
+    read_sealed(reader)?.open(key, expected_seq)
 }
 
 /// Streams whose reads can time out (what the migration's connections run on).
@@ -260,8 +304,10 @@ impl Timeouts for std::os::unix::net::UnixStream {
 /// One end of an established session: frames in both directions, keys and sequence numbers.
 pub struct Session<S: Read + Write> {
     stream: S,
-    send_key: Vec<u8>,
-    recv_key: Vec<u8>,
+    send_key: FrameKey,
+    recv_key: FrameKey,
+    /// Where frames are encoded and sealed, reused (a page frame is up to 9 MiB).
+    send_buf: Vec<u8>,
     send_seq: u64,
     recv_seq: u64,
     /// Flow-control credit the peer granted and we have not used yet.
@@ -271,19 +317,41 @@ pub struct Session<S: Read + Write> {
 }
 
 impl<S: Read + Write> Session<S> {
+    fn established(stream: S, send_key: FrameKey, recv_key: FrameKey, intent: Intent) -> Self {
+        Session {
+            stream,
+            send_key,
+            recv_key,
+            send_buf: Vec::new(),
+            send_seq: handshake::FIRST_SESSION_SEQ,
+            recv_seq: handshake::FIRST_SESSION_SEQ,
+            credit: INITIAL_CREDIT,
+            intent,
+        }
+    }
+
     /// The migration and purpose the connecting side announced.
     pub fn intent(&self) -> &Intent {
         &self.intent
     }
 
+    /// What protects this session's frames (for reports).
+    pub fn protection(&self) -> &'static str {
+        self.send_key.name()
+    }
+
     pub fn send<M: Message>(&mut self, kind: Kind, message: &M) -> Result<(), WireError> {
-        let frame = encode_frame(
-            &self.send_key,
-            kind,
-            self.send_seq,
-            &message.encode_to_vec(),
-        );
-        self.stream.write_all(&frame)?;
+        let mut buf = std::mem::take(&mut self.send_buf);
+        buf.clear();
+        buf.reserve(HEADER_LEN + message.encoded_len() + TAG_LEN);
+        buf.resize(HEADER_LEN, 0);
+        message
+            .encode(&mut buf)
+            .expect("a Vec grows to hold any message");
+        seal_frame(&mut buf, &self.send_key, kind, self.send_seq);
+        let written = self.stream.write_all(&buf);
+        self.send_buf = buf;
+        written?;
         self.send_seq += 1;
         Ok(())
     }
@@ -365,44 +433,94 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn key(byte: u8) -> FrameKey {
+        FrameKey::aes_256_gcm(&[byte; 32])
+    }
+
     #[test]
-    fn corrupted_replayed_and_truncated_frames_are_refused() {
-        let key = [3u8; 32];
-        let frame = encode_frame(&key, Kind::Credit, 5, &Credit { bytes: 1 }.encode_to_vec());
-        assert!(read_frame(&mut frame.as_slice(), &key, 5).is_ok());
-        let mut flipped = frame.clone();
-        flipped[HEADER_LEN] ^= 1;
+    fn corrupted_replayed_reordered_and_truncated_frames_are_refused() {
+        for key in [key(3), FrameKey::Plain] {
+            let frame = encode_frame(&key, Kind::Credit, 5, &Credit { bytes: 1 }.encode_to_vec());
+            assert!(read_frame(&mut frame.as_slice(), &key, 5).is_ok());
+            for at in [HEADER_LEN, 6, 10, frame.len() - 1] {
+                let mut flipped = frame.clone();
+                flipped[at] ^= 1;
+                assert!(
+                    matches!(
+                        read_frame(&mut flipped.as_slice(), &key, 5),
+                        Err(WireError::BadMac { .. })
+                    ),
+                    "{key:?}: byte {at} flipped"
+                );
+            }
+            // Replayed (an old frame again) or reordered (a later one first).
+            assert!(matches!(
+                read_frame(&mut frame.as_slice(), &key, 6),
+                Err(WireError::Sequence {
+                    expected: 6,
+                    found: 5
+                })
+            ));
+            assert!(matches!(
+                read_frame(&mut frame.as_slice(), &key, 4),
+                Err(WireError::Sequence {
+                    expected: 4,
+                    found: 5
+                })
+            ));
+            assert!(matches!(
+                read_frame(&mut &frame[..frame.len() - 1], &key, 5),
+                Err(WireError::Truncated)
+            ));
+            assert!(matches!(
+                read_frame(&mut &[][..], &key, 5),
+                Err(WireError::Closed)
+            ));
+            let mut big = frame.clone();
+            big[16..20].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+            assert!(matches!(
+                read_frame(&mut big.as_slice(), &key, 5),
+                Err(WireError::TooLarge(_))
+            ));
+            let mut other = frame;
+            other[4] = 9;
+            assert!(read_frame(&mut other.as_slice(), &key, 5)
+                .unwrap_err()
+                .to_string()
+                .contains("same pclive version"));
+        }
+    }
+
+    #[test]
+    fn a_frame_sealed_with_another_key_or_the_other_direction_is_refused() {
+        let frame = encode_frame(
+            &key(1),
+            Kind::Credit,
+            0,
+            &Credit { bytes: 1 }.encode_to_vec(),
+        );
         assert!(matches!(
-            read_frame(&mut flipped.as_slice(), &key, 5),
-            Err(WireError::BadMac { .. })
+            read_frame(&mut frame.as_slice(), &key(2), 0),
+            Err(WireError::BadMac { seq: 0 })
         ));
         assert!(matches!(
-            read_frame(&mut frame.as_slice(), &key, 6),
-            Err(WireError::Sequence {
-                expected: 6,
-                found: 5
-            })
+            read_frame(&mut frame.as_slice(), &FrameKey::Plain, 0),
+            Err(WireError::BadMac { seq: 0 })
         ));
-        assert!(matches!(
-            read_frame(&mut &frame[..frame.len() - 1], &key, 5),
-            Err(WireError::Truncated)
-        ));
-        assert!(matches!(
-            read_frame(&mut &[][..], &key, 5),
-            Err(WireError::Closed)
-        ));
-        let mut big = frame.clone();
-        big[16..20].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
-        assert!(matches!(
-            read_frame(&mut big.as_slice(), &key, 5),
-            Err(WireError::TooLarge(_))
-        ));
-        let mut other = frame;
-        other[4] = 9;
-        assert!(read_frame(&mut other.as_slice(), &key, 5)
-            .unwrap_err()
-            .to_string()
-            .contains("same pclive version"));
+        let plain = encode_frame(&FrameKey::Plain, Kind::Credit, 0, &[1, 2]);
+        assert!(read_frame(&mut plain.as_slice(), &key(1), 0).is_err());
+    }
+
+    #[test]
+    fn encrypted_frames_do_not_show_their_payload() {
+        let marker = b"a secret the container holds in memory";
+        let payload = marker.repeat(100);
+        let sealed = encode_frame(&key(9), Kind::Pages, 0, &payload);
+        assert!(!sealed.windows(marker.len()).any(|w| w == marker));
+        let plain = encode_frame(&FrameKey::Plain, Kind::Pages, 0, &payload);
+        assert!(plain.windows(marker.len()).any(|w| w == marker));
+        let frame = read_frame(&mut sealed.as_slice(), &key(9), 0).unwrap();
+        assert_eq!(frame.payload, payload);
     }
 
     proptest! {
@@ -410,19 +528,28 @@ mod tests {
 
         #[test]
         fn the_frame_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = read_frame(&mut bytes.as_slice(), &[1u8; 32], 0);
+            let _ = read_frame(&mut bytes.as_slice(), &key(1), 0);
+            let _ = read_frame(&mut bytes.as_slice(), &FrameKey::Plain, 0);
         }
 
         #[test]
-        fn mutated_frames_never_pass_the_mac(
+        fn mutated_frames_never_pass_the_tag(
             flip in any::<usize>(),
             value in 1u8..,
+            plain in any::<bool>(),
         ) {
-            let key = [4u8; 32];
+            let key = if plain { FrameKey::Plain } else { key(4) };
             let mut frame = encode_frame(&key, Kind::Pages, 0, &Pages { pid: 1, round: 1, runs: vec![], zero_pages: vec![1, 2, 3] }.encode_to_vec());
             let at = flip % frame.len();
             frame[at] ^= value;
             prop_assert!(read_frame(&mut frame.as_slice(), &key, 0).is_err());
+        }
+
+        #[test]
+        fn truncated_frames_are_refused(cut in 1usize..60) {
+            let frame = encode_frame(&key(4), Kind::Credit, 0, &Credit { bytes: 77 }.encode_to_vec());
+            let cut = cut.min(frame.len());
+            prop_assert!(read_frame(&mut &frame[..frame.len() - cut], &key(4), 0).is_err());
         }
     }
 }

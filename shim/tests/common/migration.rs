@@ -37,8 +37,28 @@ pub fn migrate_with(
     key: &str,
     options: &[&str],
 ) -> Result<serde_json::Value, String> {
+    pclive_migrate(src, id, destination, &["--key-file", key], options)
+}
+
+/// `pclive migrate --insecure` (no key: the frames travel in the clear).
+pub fn migrate_insecure(
+    src: &Containerd,
+    id: &str,
+    destination: &str,
+) -> Result<serde_json::Value, String> {
+    pclive_migrate(src, id, destination, &["--insecure"], &[])
+}
+
+fn pclive_migrate(
+    src: &Containerd,
+    id: &str,
+    destination: &str,
+    auth: &[&str],
+    options: &[&str],
+) -> Result<serde_json::Value, String> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pclive"))
-        .args(["migrate", id, destination, "--key-file", key, "--json"])
+        .args(["migrate", id, destination, "--json"])
+        .args(auth)
         .args(["--address", &src.address, "--namespace", &src.namespace])
         .arg("--state-dir")
         .arg(src.state_base())
@@ -88,12 +108,30 @@ pub fn receive_with(
     key: &str,
     extra: &[&str],
 ) -> Guarded {
+    let auth = format!("{}={key}", annotations::RECEIVE_KEY_FILE);
+    receive_annotated(dst, id, rootfs, listen, &auth, extra)
+}
+
+/// [`receive_with`] for an unauthenticated source (`pclive migrate --insecure`; the test bed's
+/// hosts allow it).
+pub fn receive_insecure(dst: &Containerd, id: &str, rootfs: &Path, listen: &str) -> Guarded {
+    let auth = format!("{}=true", annotations::RECEIVE_INSECURE);
+    receive_annotated(dst, id, rootfs, listen, &auth, &[])
+}
+
+fn receive_annotated(
+    dst: &Containerd,
+    id: &str,
+    rootfs: &Path,
+    listen: &str,
+    auth: &str,
+    extra: &[&str],
+) -> Guarded {
     let address = listen;
     let listen = format!("{}={listen}", annotations::RECEIVE_LISTEN);
-    let auth = format!("{}={key}", annotations::RECEIVE_KEY_FILE);
     let rootfs = rootfs.display().to_string();
     let mut args = vec!["run", "-d", "--null-io", "--runtime", RUNTIME];
-    args.extend_from_slice(&["--annotation", &listen, "--annotation", &auth]);
+    args.extend_from_slice(&["--annotation", &listen, "--annotation", auth]);
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--rootfs", &rootfs, id, "/bin/true"]);
     let child = dst

@@ -345,6 +345,14 @@ pub fn run(args: MigrateArgs) -> ExitCode {
                     report["precopy"]["rounds"].as_array().map(Vec::len).unwrap_or(0)
                 );
                 println!("{}", describe_filesystem(&report));
+                println!(
+                    "link: {}",
+                    match report["encryption"].as_str() {
+                        Some("AES-256-GCM") => "encrypted and authenticated (AES-256-GCM)".into(),
+                        Some(other) => format!("NOT encrypted: {other}"),
+                        None => "protection unknown".into(),
+                    }
+                );
             }
             ExitCode::SUCCESS
         }
