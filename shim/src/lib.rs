@@ -24,6 +24,7 @@ pub mod nofollow;
 pub mod paths;
 pub mod reaper;
 pub mod receive;
+pub mod release;
 pub mod rootfs;
 pub mod runc;
 pub mod seizable;

@@ -17,7 +17,8 @@ use log::info;
 use restore_engine::policy::ConvergencePolicy;
 use restore_engine::record::{self, Store};
 use restore_engine::source::{
-    self, HookError, MigrateParams, MigrationReport, RoundStats, SourceError, SourceHooks, TaskIds,
+    self, ClientsReleased, HookError, MigrateParams, MigrationReport, RoundStats, SourceError,
+    SourceHooks, TaskIds,
 };
 use restore_engine::wire::{self, Auth};
 
@@ -323,6 +324,16 @@ impl SourceHooks for RuncHooks<'_> {
 
     fn resume(&mut self) -> Result<(), HookError> {
         Ok(self.runc.resume(self.id)?)
+    }
+
+    fn release_clients(&mut self) -> Result<ClientsReleased, HookError> {
+        let pids = crate::cgroups::container_procs(self.init_pid as i32)?;
+        let released = crate::release::release(self.id, self.init_pid, &pids)?;
+        info!(
+            "{}: the destination runs it: refused new connections to port(s) {:?} here and reset {} connection(s)",
+            self.id, released.ports, released.connections_reset
+        );
+        Ok(released)
     }
 
     fn round_done(&mut self, round: &RoundStats) {

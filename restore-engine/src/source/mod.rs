@@ -154,6 +154,26 @@ pub trait SourceHooks {
     fn resume(&mut self) -> Result<(), HookError>;
     /// A round ended (progress).
     fn round_done(&mut self, _round: &RoundStats) {}
+    /// The destination runs the container (recorded): the frozen copy here will never serve
+    /// its clients again, so make them fail over now rather than wait on it until the commit.
+    /// It stays frozen and able to resume (an operator may decide so if the outcome is in doubt).
+    fn release_clients(&mut self) -> Result<ClientsReleased, HookError> {
+        Ok(ClientsReleased::default())
+    }
+}
+
+/// What the source did for its clients once the destination ran the container.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClientsReleased {
+    /// TCP ports the container listens on: connection attempts to them are refused here.
+    pub ports: Vec<u16>,
+    /// Its established connections, reset (their clients see the reset and reconnect).
+    pub connections_reset: u32,
+    /// After the destination said it runs the container.
+    pub seconds: f64,
+    /// Why the clients could not be released (they then wait on the frozen copy until the
+    /// commit); the migration goes on.
+    pub error: Option<String>,
 }
 
 /// What a migration did (the shim writes it as JSON next to the final dump's logs).
@@ -190,6 +210,9 @@ pub struct MigrationReport {
     /// Host paths bind-mounted into the container, not copied (the user said the destination
     /// has them).
     pub external_mounts: Vec<String>,
+    /// What the source did for its clients at the switchover (None: the destination never said
+    /// it ran the container before committing).
+    pub clients_released: Option<ClientsReleased>,
     /// What protected the migration's frames on the link: `AES-256-GCM`, or none (`--insecure`).
     pub encryption: &'static str,
 }
@@ -396,6 +419,7 @@ fn migrate_over_txn<S: Read + Write>(
     let mut restored_unix = None;
     let mut resumed_after = None;
     let mut learnt_by_query = false;
+    let mut clients_released = None;
     let conversation = (|| -> Result<Answer, SourceError> {
         session.send(
             Kind::Control,
@@ -412,6 +436,19 @@ fn migrate_over_txn<S: Read + Write>(
                     resumed_after = Some(paused_at.elapsed().as_secs_f64());
                     restored_unix = Some(unix_now());
                     txn.enter(Phase::DestinationRunning, None)?;
+                    let started = Instant::now();
+                    let mut released = hooks.release_clients().unwrap_or_else(|e| {
+                        log::warn!(
+                            "{}: cannot release the clients of the frozen copy: {e}; they wait on it until the commit",
+                            params.container
+                        );
+                        ClientsReleased {
+                            error: Some(e.to_string()),
+                            ..Default::default()
+                        }
+                    });
+                    released.seconds = started.elapsed().as_secs_f64();
+                    clients_released = Some(released);
                     fault("source::after-restored")?;
                 }
                 Ok(ControlCode::Progress) => {}
@@ -495,6 +532,7 @@ fn migrate_over_txn<S: Read + Write>(
                     None => "none",
                 },
                 external_mounts: params.external_mounts.clone(),
+                clients_released,
                 encryption,
             })
         }

@@ -184,6 +184,13 @@ impl Tasks {
                 }));
             }
         }
+        if migration.as_ref().is_some_and(|r| r.resolution.is_some()) {
+            // Resolved after the destination ran it: the rules that sent its clients away go.
+            let pid = container.init.lock().pid;
+            if let Err(e) = crate::release::unrelease(id, pid) {
+                log::warn!("{id}: {e}; connections to its ports may still be refused here");
+            }
+        }
         container.runc.resume(id)?;
         {
             let mut inner = container.init.lock();

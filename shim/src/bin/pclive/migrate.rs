@@ -112,6 +112,30 @@ fn describe_round(round: &serde_json::Value) -> String {
     line
 }
 
+/// What the source did for its clients at the switchover, for people (None: nothing to say).
+fn describe_clients(report: &serde_json::Value) -> Option<String> {
+    let released = report.get("clients_released")?;
+    if let Some(error) = released["error"].as_str() {
+        return Some(format!(
+            "clients: NOT released at the switchover ({error}): they waited on the frozen source until the commit"
+        ));
+    }
+    let ports: Vec<String> = released["ports"]
+        .as_array()?
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    if ports.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "clients: when the destination ran it, this host refused new connections to port(s) {} and reset {} connection(s) (in {:.3}s), so clients moved on instead of waiting for the commit",
+        ports.join(","),
+        released["connections_reset"].as_u64().unwrap_or(0),
+        released["seconds"].as_f64().unwrap_or(0.0)
+    ))
+}
+
 /// How the container's filesystem travelled, for people.
 fn describe_filesystem(report: &serde_json::Value) -> String {
     let rounds = report["precopy"]["rounds"]
@@ -345,6 +369,9 @@ pub fn run(args: MigrateArgs) -> ExitCode {
                     report["precopy"]["rounds"].as_array().map(Vec::len).unwrap_or(0)
                 );
                 println!("{}", describe_filesystem(&report));
+                if let Some(line) = describe_clients(&report) {
+                    println!("{line}");
+                }
                 println!(
                     "link: {}",
                     match report["encryption"].as_str() {

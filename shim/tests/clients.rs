@@ -1,0 +1,195 @@
+//! What a migrated service's clients see at the switchover: once the destination runs the
+//! container, the source's frozen copy sends its clients away (their connections reset, new
+//! connections refused) instead of leaving them waiting on it until the commit.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::migration::*;
+use common::*;
+use containerd_shim_pclive::annotations;
+
+const PORT: u16 = 7777;
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (/run/netns/NS).
+fn in_netns<T: Send + 'static>(
+    ns: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        let netns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        // SAFETY: setns(2) on a descriptor that lives across the call; it moves only this
+        // thread, which exists for `f`.
+        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// How the client's connection ended, and what a new connection attempt found right after.
+#[derive(Debug)]
+struct ClientEnd {
+    failed_unix: f64,
+    error: String,
+    replies: u64,
+    reconnect: std::io::ErrorKind,
+}
+
+/// A client that sends a line every millisecond on one connection and waits for its echo, as
+/// long as the connection lasts (no timeout of its own but a long one), as most clients do.
+fn client(address: SocketAddr, ready: mpsc::Sender<()>) -> ClientEnd {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut replies = 0u64;
+    let mut reply = [0u8; 5];
+    let error = loop {
+        let step = stream
+            .write_all(b"ping\n")
+            .and_then(|()| stream.read_exact(&mut reply));
+        match step {
+            Ok(()) => {
+                assert_eq!(&reply, b"ping\n");
+                replies += 1;
+                if replies == 10 {
+                    ready.send(()).unwrap();
+                }
+            }
+            Err(e) => break e,
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let failed_unix = unix_now();
+    let reconnect = match TcpStream::connect_timeout(&address, Duration::from_secs(2)) {
+        Ok(_) => std::io::ErrorKind::Other,
+        Err(e) => e.kind(),
+    };
+    ClientEnd {
+        failed_unix,
+        error: error.to_string(),
+        replies,
+        reconnect,
+    }
+}
+
+/// An echo service on the source host's network, a client on its one connection, and a
+/// destination that holds its commit for four seconds after it runs the container: the client's
+/// connection breaks within a second of the destination running it (not at the commit), a new
+/// connection to the source is refused at once, and after the commit no rule is left behind.
+#[test]
+fn clients_of_the_frozen_source_are_released_when_the_destination_runs_it() {
+    let (failpoints, _remove) = failpoints_file("destination::before-commit=sleep(4000)\n");
+    let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let service = ["/bin/nc", "-ll", "-p", "7777", "-e", "/bin/cat"];
+    let src_rootfs = src.rootfs("echo");
+    src.run_detached("echo", &src_rootfs, &["--net-host"], &service);
+    src.wait_status("echo", "RUNNING");
+    // The test bed's client namespace reaches src at 10.214.N.1 and dst at 10.215.N.1.
+    let n = hosts.dst_ip.split('.').nth(2).unwrap().to_string();
+    let src_address: SocketAddr = format!("10.214.{n}.1:{PORT}").parse().unwrap();
+    let dst_address: SocketAddr = format!("10.215.{n}.1:{PORT}").parse().unwrap();
+    let cli = format!("{}-cli", hosts.name());
+    wait_for(
+        "the echo service to listen",
+        Duration::from_secs(30),
+        || {
+            in_netns(cli.clone(), move || {
+                TcpStream::connect_timeout(&src_address, Duration::from_secs(1)).is_ok()
+            })
+            .join()
+            .unwrap()
+        },
+    );
+    let (ready, is_ready) = mpsc::channel();
+    let client = in_netns(cli.clone(), move || client(src_address, ready));
+    is_ready
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the client got no echo from the source");
+
+    let listen = format!("{}:{}", hosts.dst_ip, free_port());
+    let dst_rootfs = dst.rootfs("echo");
+    let tcp_close = format!("{}=true", annotations::RESTORE_TCP_CLOSE);
+    let receiver = receive_with(
+        dst,
+        "echo",
+        &dst_rootfs,
+        &listen,
+        &dst.key(),
+        &["--net-host", "--annotation", &tcp_close],
+    );
+    let report = migrate(src, "echo", &listen, &src.key()).unwrap_or_else(|e| {
+        panic!(
+            "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
+            tail(&src.log(), 30),
+            tail(&dst.log(), 30)
+        )
+    });
+    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    let end = client.join().unwrap();
+    eprintln!("client: {end:?}\nreport: {report:#}");
+
+    let released = &report["clients_released"];
+    assert_eq!(released["ports"], serde_json::json!([PORT]), "{report:#}");
+    assert!(
+        released["connections_reset"].as_u64().unwrap() >= 1,
+        "{report:#}"
+    );
+    let restored = report["restored_unix"].as_f64().unwrap();
+    let committed = report["committed_unix"].as_f64().unwrap();
+    assert!(
+        committed - restored > 3.5,
+        "the destination did not hold its commit: {report:#}"
+    );
+    assert!(end.replies >= 10);
+    assert!(
+        end.failed_unix - restored < 1.0 && end.failed_unix < committed - 2.5,
+        "the client's connection broke {:.3}s after the destination ran the container and {:.3}s \
+         before the commit ({}): it waited on the frozen source",
+        end.failed_unix - restored,
+        committed - end.failed_unix,
+        end.error
+    );
+    assert_eq!(
+        end.reconnect,
+        std::io::ErrorKind::ConnectionRefused,
+        "a new connection to the frozen source was not refused"
+    );
+    // Nothing left in the source host's firewall.
+    let rules = std::process::Command::new("ip")
+        .args(["netns", "exec", &format!("{}-src", hosts.name())])
+        .args(["iptables", "-w", "-S", "INPUT"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("pclive-release"),
+        "{}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
+    // The service answers on the destination.
+    let echoed = in_netns(cli, move || {
+        let mut stream = TcpStream::connect_timeout(&dst_address, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"after\n")?;
+        let mut reply = [0u8; 6];
+        stream.read_exact(&mut reply)?;
+        Ok::<_, std::io::Error>(reply)
+    })
+    .join()
+    .unwrap()
+    .expect("the echo service does not answer on the destination");
+    assert_eq!(&echoed, b"after\n");
+}
