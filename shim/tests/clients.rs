@@ -85,14 +85,18 @@ fn client(address: SocketAddr, ready: mpsc::Sender<()>) -> ClientEnd {
     }
 }
 
-/// An echo service on the source host's network, a client on its one connection, and a
-/// destination that holds its commit for four seconds after it runs the container: the client's
-/// connection breaks within a second of the destination running it (not at the commit), a new
-/// connection to the source is refused at once, and after the commit no rule is left behind.
-#[test]
-fn clients_of_the_frozen_source_are_released_when_the_destination_runs_it() {
-    let (failpoints, _remove) = failpoints_file("destination::before-commit=sleep(4000)\n");
-    let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
+/// The echo service on the source host's network, a client on one connection to it, and a
+/// receiving container waiting on the destination.
+struct Setup {
+    src_address: SocketAddr,
+    dst_address: SocketAddr,
+    cli: String,
+    client: std::thread::JoinHandle<ClientEnd>,
+    receiver: Guarded,
+    listen: String,
+}
+
+fn set_up(hosts: &TwoHosts) -> Setup {
     let (src, dst) = (&hosts.src, &hosts.dst);
     let service = ["/bin/nc", "-ll", "-p", "7777", "-e", "/bin/cat"];
     let src_rootfs = src.rootfs("echo");
@@ -119,7 +123,6 @@ fn clients_of_the_frozen_source_are_released_when_the_destination_runs_it() {
     is_ready
         .recv_timeout(Duration::from_secs(30))
         .expect("the client got no echo from the source");
-
     let listen = format!("{}:{}", hosts.dst_ip, free_port());
     let dst_rootfs = dst.rootfs("echo");
     let tcp_close = format!("{}=true", annotations::RESTORE_TCP_CLOSE);
@@ -131,15 +134,59 @@ fn clients_of_the_frozen_source_are_released_when_the_destination_runs_it() {
         &dst.key(),
         &["--net-host", "--annotation", &tcp_close],
     );
-    let report = migrate(src, "echo", &listen, &src.key()).unwrap_or_else(|e| {
+    Setup {
+        src_address,
+        dst_address,
+        cli,
+        client,
+        receiver,
+        listen,
+    }
+}
+
+/// Sends a line to the echo service at `address` from the client namespace: its echo.
+fn echo(cli: &str, address: SocketAddr) -> std::io::Result<[u8; 6]> {
+    in_netns(cli.to_string(), move || {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"hello\n")?;
+        let mut reply = [0u8; 6];
+        stream.read_exact(&mut reply)?;
+        Ok(reply)
+    })
+    .join()
+    .unwrap()
+}
+
+/// The source host's firewall rules (INPUT).
+fn source_rules(hosts: &TwoHosts) -> String {
+    let rules = std::process::Command::new("ip")
+        .args(["netns", "exec", &format!("{}-src", hosts.name())])
+        .args(["iptables", "-w", "-S", "INPUT"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&rules.stdout).into_owned()
+}
+
+/// A client on one connection to a host-network echo service, and a destination that holds
+/// its commit for four seconds after it runs the container: the client's connection breaks
+/// within a second of the destination running it (not at the commit), a new connection to the
+/// source is refused at once, and after the commit no rule is left behind.
+#[test]
+fn clients_of_the_frozen_source_are_released_when_the_destination_runs_it() {
+    let (failpoints, _remove) = failpoints_file("destination::before-commit=sleep(4000)\n");
+    let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let setup = set_up(&hosts);
+    let report = migrate(src, "echo", &setup.listen, &src.key()).unwrap_or_else(|e| {
         panic!(
             "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
             tail(&src.log(), 30),
             tail(&dst.log(), 30)
         )
     });
-    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
-    let end = client.join().unwrap();
+    assert_eq!(setup.receiver.wait_code(Duration::from_secs(60)), 0);
+    let end = setup.client.join().unwrap();
     eprintln!("client: {end:?}\nreport: {report:#}");
 
     let released = &report["clients_released"];
@@ -168,28 +215,54 @@ fn clients_of_the_frozen_source_are_released_when_the_destination_runs_it() {
         std::io::ErrorKind::ConnectionRefused,
         "a new connection to the frozen source was not refused"
     );
-    // Nothing left in the source host's firewall.
-    let rules = std::process::Command::new("ip")
-        .args(["netns", "exec", &format!("{}-src", hosts.name())])
-        .args(["iptables", "-w", "-S", "INPUT"])
+    let rules = source_rules(&hosts);
+    assert!(!rules.contains("pclive-release"), "{rules}");
+    assert_eq!(
+        &echo(&setup.cli, setup.dst_address).expect("no echo from the destination"),
+        b"hello\n"
+    );
+    assert!(echo(&setup.cli, setup.src_address).is_err());
+}
+
+/// The destination fails after running the container and before its commit: the source stays
+/// frozen in doubt and goes on refusing its clients (two copies must never serve); once an
+/// operator resumes it with `pclive resolve --resume-source`, the rule is gone and it serves.
+#[test]
+fn an_in_doubt_source_refuses_clients_until_an_operator_resumes_it() {
+    let (failpoints, _remove) = failpoints_file("destination::before-commit=return(error)\n");
+    let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
+    let src = &hosts.src;
+    let setup = set_up(&hosts);
+    let err = migrate(src, "echo", &setup.listen, &src.key()).unwrap_err();
+    assert!(err.contains("in doubt"), "{err}");
+    let _ = setup.receiver.wait_code(Duration::from_secs(60));
+    let end = setup.client.join().unwrap();
+    assert_eq!(
+        end.reconnect,
+        std::io::ErrorKind::ConnectionRefused,
+        "{end:?}"
+    );
+    assert!(source_rules(&hosts).contains("pclive-release:echo"));
+    assert!(echo(&setup.cli, setup.src_address).is_err());
+
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}-src", hosts.name()))
+        .arg(env!("CARGO_BIN_EXE_pclive"))
+        .args(["resolve", "echo", "--resume-source"])
+        .env("CONTAINERD_ADDRESS", &src.address)
+        .env("CONTAINERD_NAMESPACE", &src.namespace)
+        .env("PCLIVE_STATE_DIR", src.state_base())
         .output()
         .unwrap();
     assert!(
-        !String::from_utf8_lossy(&rules.stdout).contains("pclive-release"),
-        "{}",
-        String::from_utf8_lossy(&rules.stdout)
+        out.status.success(),
+        "pclive resolve: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    // The service answers on the destination.
-    let echoed = in_netns(cli, move || {
-        let mut stream = TcpStream::connect_timeout(&dst_address, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(b"after\n")?;
-        let mut reply = [0u8; 6];
-        stream.read_exact(&mut reply)?;
-        Ok::<_, std::io::Error>(reply)
-    })
-    .join()
-    .unwrap()
-    .expect("the echo service does not answer on the destination");
-    assert_eq!(&echoed, b"after\n");
+    let rules = source_rules(&hosts);
+    assert!(!rules.contains("pclive-release"), "{rules}");
+    assert_eq!(
+        &echo(&setup.cli, setup.src_address).expect("the resumed source does not answer"),
+        b"hello\n"
+    );
 }
