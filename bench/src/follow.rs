@@ -17,6 +17,9 @@ use thiserror::Error;
 use crate::conn::{Conn, ConnError};
 use crate::resp::Value;
 
+/// How long a request waits before looking at the stop flag again.
+const STOP_SLICE: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Error)]
 pub enum FollowError {
     /// The run was stopped while looking for an endpoint; nothing was sent.
@@ -79,7 +82,16 @@ impl Follower {
         let conn = self.conn.as_mut().expect("connected above");
         // Latency starts once a connection answers: the failover time is the probe's to show.
         let sent = Instant::now();
-        match conn.request(command, self.request_timeout) {
+        // Waits in slices, so that a stop is noticed while a patient request waits long.
+        let slice = self.request_timeout.min(STOP_SLICE);
+        let mut result = conn.request(command, slice);
+        while matches!(result, Err(ConnError::Timeout(_)))
+            && sent.elapsed() < self.request_timeout
+            && !self.stop.load(Ordering::Relaxed)
+        {
+            result = conn.read_reply(slice);
+        }
+        match result {
             Ok(value) => Ok(Reply {
                 value,
                 endpoint: self.current,

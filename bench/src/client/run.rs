@@ -1,5 +1,9 @@
-//! `run`: a paced read/write load and a 1 ms PING probe that follow the server through a
-//! migration, until a stop file appears (or a signal arrives).
+//! `run`: a paced read/write load and two 1 ms PING probes that follow the server through a
+//! migration, until a stop file appears (or a signal arrives). The impatient probe gives up on
+//! an endpoint after 20 ms (a client with a short timeout that fails over on its own); the
+//! patient one stays on its connection until the connection itself fails (most clients:
+//! redis-cli, pools without a per-request timeout), so it sees how long the old endpoint keeps
+//! it waiting.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -25,6 +29,10 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(20);
 /// Connect timeout when looking for an answering endpoint (then one PING, same timeout).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(20);
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(1);
+/// The patient probe's request timeout: only a failed connection moves it.
+pub const PATIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The patient probe's connect timeout (a refused connection fails at once anyway).
+pub const PATIENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const BUCKET_US: u64 = 100_000;
 /// "After resume" latency covers load operations completed this long after the gap.
 pub const AFTER_RESUME_US: u64 = 1_000_000;
@@ -65,6 +73,11 @@ pub struct RunSummary {
     pub probes: u64,
     pub load_reconnects: u64,
     pub probe_reconnects: u64,
+    /// The patient probe's longest gap between replies and when it was.
+    pub patient_longest_gap_s: Option<f64>,
+    pub patient_gap_start_unix: Option<f64>,
+    pub patient_gap_end_unix: Option<f64>,
+    pub patient_reconnects: u64,
     pub start_unix: f64,
     pub end_unix: f64,
 }
@@ -97,8 +110,23 @@ pub fn run(config: &RunConfig, external_stop: &AtomicBool) -> Result<RunSummary,
         let (endpoints, stop) = (config.endpoints.clone(), stop.clone());
         std::thread::Builder::new()
             .name("probe".into())
-            .spawn(move || probe_loop(endpoints, clock, stop))
+            .spawn(move || probe_loop(endpoints, clock, stop, PROBE_TIMEOUT, CONNECT_TIMEOUT))
             .expect("spawn probe thread")
+    };
+    let patient = {
+        let (endpoints, stop) = (config.endpoints.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("patient-probe".into())
+            .spawn(move || {
+                probe_loop(
+                    endpoints,
+                    clock,
+                    stop,
+                    PATIENT_TIMEOUT,
+                    PATIENT_CONNECT_TIMEOUT,
+                )
+            })
+            .expect("spawn patient probe thread")
     };
 
     let mut last_progress = Instant::now();
@@ -118,6 +146,7 @@ pub fn run(config: &RunConfig, external_stop: &AtomicBool) -> Result<RunSummary,
     stop.store(true, Ordering::SeqCst);
     let load = load.join().expect("load thread panicked");
     let (probes, probe_reconnects) = probe.join().expect("probe thread panicked");
+    let (patient, patient_reconnects) = patient.join().expect("patient probe panicked");
     let end_us = clock.now_us();
 
     let timeline = stats::buckets(&load.ops, &probes, clock.start_us(), end_us, BUCKET_US);
@@ -128,13 +157,13 @@ pub fn run(config: &RunConfig, external_stop: &AtomicBool) -> Result<RunSummary,
         versions: load.versions.clone(),
     }
     .write(&config.state)?;
-    Ok(summarize(
-        &load,
-        &probes,
-        probe_reconnects,
-        clock.start_us(),
-        end_us,
-    ))
+    let mut summary = summarize(&load, &probes, probe_reconnects, clock.start_us(), end_us);
+    let gap = stats::longest_gap(&patient);
+    summary.patient_longest_gap_s = gap.map(|g| g.seconds());
+    summary.patient_gap_start_unix = gap.map(|g| stats::us_to_unix_seconds(g.start_us));
+    summary.patient_gap_end_unix = gap.map(|g| stats::us_to_unix_seconds(g.end_us));
+    summary.patient_reconnects = patient_reconnects;
+    Ok(summary)
 }
 
 fn summarize(
@@ -166,6 +195,10 @@ fn summarize(
         probes: probes.len() as u64,
         load_reconnects: load.reconnects,
         probe_reconnects,
+        patient_longest_gap_s: None,
+        patient_gap_start_unix: None,
+        patient_gap_end_unix: None,
+        patient_reconnects: 0,
         start_unix: stats::us_to_unix_seconds(start_us),
         end_unix: stats::us_to_unix_seconds(end_us),
     }
@@ -351,8 +384,10 @@ fn probe_loop(
     endpoints: Vec<SocketAddr>,
     clock: Clock,
     stop: Arc<AtomicBool>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
 ) -> (Vec<ProbeSample>, u64) {
-    let mut follower = Follower::new(endpoints, PROBE_TIMEOUT, CONNECT_TIMEOUT, stop.clone());
+    let mut follower = Follower::new(endpoints, request_timeout, connect_timeout, stop.clone());
     let mut samples = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let sent = Instant::now();

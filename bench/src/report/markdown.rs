@@ -5,10 +5,12 @@ use std::fmt::Write;
 use super::results::{Group, ModeSummary};
 use super::targets::{Check, Verdict};
 
-const COLUMNS: [&str; 17] = [
+const COLUMNS: [&str; 19] = [
     "Mode",
     "Runs",
     "Downtime (s)",
+    "Patient client's downtime (s)",
+    "Reported downtime (s)",
     "Freeze (s)",
     "Final dump (s)",
     "Transfer (s)",
@@ -32,7 +34,10 @@ pub fn render(groups: &[Group], checks: &[Check], plots: &[String]) -> String {
     let mut out = String::from("# pclive migration benchmarks\n\n");
     out.push_str(
         "Medians over the runs of each mode. Downtime is what the client saw (longest gap \
-         between successful probe replies, or the runner's measure); times in seconds.\n\n",
+         between successful probe replies, or the runner's measure): a probe that gives up on \
+         an endpoint after 20 ms; the patient client stays on its connection until it fails \
+         (most clients do); the reported downtime is pclive's own (pause to the destination \
+         running the container). Times in seconds.\n\n",
     );
     for group in groups {
         let _ = writeln!(out, "## {}\n", group.key.title());
@@ -57,6 +62,8 @@ fn table(modes: &[ModeSummary]) -> String {
             m.mode.clone(),
             m.runs.to_string(),
             seconds(m.downtime_s),
+            seconds(m.patient_downtime_s),
+            seconds(m.reported_downtime_s),
             seconds(m.freeze_s),
             seconds(m.final_dump_s),
             seconds(m.transfer_s),

@@ -19,6 +19,10 @@ pub struct RunResult {
     pub value_size: Option<u64>,
     pub rate_ops: Option<f64>,
     pub downtime_s: Option<f64>,
+    /// What a client that waits on its connection until it fails saw (the patient probe).
+    pub patient_downtime_s: Option<f64>,
+    /// The downtime pclive itself reported (pause to the destination running the container).
+    pub reported_downtime_s: Option<f64>,
     #[serde(default)]
     pub phases: Phases,
     pub restore_s: Option<f64>,
@@ -195,6 +199,8 @@ pub struct ModeSummary {
     pub mode: String,
     pub runs: usize,
     pub downtime_s: Option<f64>,
+    pub patient_downtime_s: Option<f64>,
+    pub reported_downtime_s: Option<f64>,
     pub freeze_s: Option<f64>,
     pub final_dump_s: Option<f64>,
     pub transfer_s: Option<f64>,
@@ -230,6 +236,8 @@ impl ModeSummary {
             mode: mode.to_string(),
             runs: runs.len(),
             downtime_s: median_of(&|r| r.downtime_s),
+            patient_downtime_s: median_of(&|r| r.patient_downtime_s),
+            reported_downtime_s: median_of(&|r| r.reported_downtime_s),
             freeze_s: median_of(&|r| r.phases.freeze_s),
             final_dump_s: median_of(&|r| r.phases.final_dump_s),
             transfer_s: median_of(&|r| r.phases.transfer_s),
