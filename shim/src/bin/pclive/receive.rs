@@ -121,14 +121,17 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
                 ServerEvent::RoundReceived {
                     round,
                     bytes,
-                    staged_bytes,
+                    received_bytes,
+                    resident_bytes,
+                    cpu_seconds,
                     last,
                     ..
                 } => say!(
-                    "  round {round:>2}{}: {:>8.1} MiB received, {:.1} MiB staged",
+                    "  round {round:>2}{}: {:>8.1} MiB received ({:.1} MiB in all), {:.1} MiB resident in the staging store, {cpu_seconds:.2} CPU-s",
                     if last { " (source paused)" } else { "" },
                     mib(bytes),
-                    mib(staged_bytes)
+                    mib(received_bytes),
+                    mib(resident_bytes)
                 ),
                 ServerEvent::ImagesReady { image_bytes, .. } => {
                     say!(
@@ -167,6 +170,41 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
             return followed;
         }
         thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What ctr says when it loses its connection to containerd (a restart of containerd), as
+/// opposed to an error of the task.
+const LOST_CONTAINERD: [&str; 4] = [
+    "error reading from server",
+    "connection refused",
+    "transport is closing",
+    "Unavailable",
+];
+
+/// How long to wait for containerd to answer again (a restart) before deciding about a task.
+const CONTAINERD_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Whether container `id` has a task that is not stopped, waiting for containerd to answer
+/// (it may be restarting) for up to [`CONTAINERD_PATIENCE`].
+fn task_alive(address: &str, namespace: &str, id: &str) -> bool {
+    let deadline = std::time::Instant::now() + CONTAINERD_PATIENCE;
+    loop {
+        let out = Command::new("ctr")
+            .args(["--address", address, "--namespace", namespace])
+            .args(["task", "ls"])
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                return String::from_utf8_lossy(&out.stdout).lines().any(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    fields.first() == Some(&id) && fields.get(2).is_some_and(|s| *s != "STOPPED")
+                })
+            }
+            _ if std::time::Instant::now() < deadline => thread::sleep(Duration::from_millis(500)),
+            _ => return false,
+        }
     }
 }
 
@@ -308,11 +346,39 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
         let progress_file = progress_file.clone();
         thread::spawn(move || follow_receive_progress(&progress_file, &done))
     };
-    let status = command.status();
+    let output = command.stderr(Stdio::piped()).output();
+    let lost_containerd = output.as_ref().is_ok_and(|out| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprint!("{stderr}");
+        LOST_CONTAINERD.iter().any(|sign| stderr.contains(sign))
+    });
+    let mut status = output.map(|out| out.status);
     // A lazy restore returns as soon as the tasks run: the outcome (every page installed in a
     // live container) comes later. Follow it until the shim concludes.
     if !status.as_ref().is_ok_and(|s| s.success()) {
-        done.store(true, Ordering::SeqCst);
+        // ctr also fails when it loses containerd (a restart) while the receiving container
+        // goes on in its shim: that container must not be removed under the migration.
+        if lost_containerd && task_alive(address, namespace, &args.container) {
+            eprintln!(
+                "pclive: ctr lost containerd, but {} is still receiving in its shim: following the migration",
+                args.container
+            );
+            status = Ok(std::process::ExitStatus::default());
+            let (address, namespace, container) = (
+                address.to_string(),
+                namespace.to_string(),
+                args.container.clone(),
+            );
+            let done = Arc::clone(&done);
+            thread::spawn(move || {
+                while task_alive(&address, &namespace, &container) {
+                    thread::sleep(Duration::from_secs(1));
+                }
+                done.store(true, Ordering::SeqCst);
+            });
+        } else {
+            done.store(true, Ordering::SeqCst);
+        }
     }
     let followed = follower.join().unwrap_or_default();
     let concluded = followed.concluded.clone();
