@@ -33,14 +33,21 @@ pub enum ServerEvent {
         round: u32,
         pages: u64,
         bytes: u64,
-        staged_bytes: u64,
+        /// Page bytes received in all rounds so far (a page sent in several rounds counts
+        /// each time).
+        received_bytes: u64,
+        /// What the staging store holds now (each page once, with its index).
+        resident_bytes: u64,
+        /// CPU the receiving server spent on this round.
+        cpu_seconds: f64,
         last: bool,
     },
     /// Migration: every round and image file arrived; restore now (the lazy-pages socket
     /// follows with `Ready`).
     ImagesReady {
         rounds: u32,
-        staged_bytes: u64,
+        received_bytes: u64,
+        resident_bytes: u64,
         image_bytes: u64,
     },
     /// Eager migration: the images are complete (every page in them); restore them now, then

@@ -53,6 +53,7 @@ pub struct EagerReport {
     pub status: &'static str,
     pub reason: Option<String>,
     pub rounds: Option<u32>,
+    /// What the staging store held when the images arrived (each page once).
     pub staged_bytes: Option<u64>,
     pub image_bytes: Option<u64>,
     /// Images received → `runc restore` started: mostly the assembly of the images.
@@ -203,17 +204,19 @@ impl EagerReceiver {
                 ),
                 Ok(ServerEvent::ImagesReady {
                     rounds,
-                    staged_bytes,
+                    received_bytes,
+                    resident_bytes,
                     image_bytes,
                 }) => {
                     self.images_ready_at = Instant::now();
                     self.report.rounds = Some(rounds);
-                    self.report.staged_bytes = Some(staged_bytes);
+                    self.report.staged_bytes = Some(resident_bytes);
                     self.report.image_bytes = Some(image_bytes);
                     info!(
-                        "{}: migration received: {rounds} rounds, {:.1} MiB staged, {:.1} KiB of images; completing the images",
+                        "{}: migration received: {rounds} rounds, {:.1} MiB of pages received, {:.1} MiB resident, {:.1} KiB of images; completing the images",
                         self.report.container,
-                        staged_bytes as f64 / (1 << 20) as f64,
+                        received_bytes as f64 / (1 << 20) as f64,
+                        resident_bytes as f64 / (1 << 20) as f64,
                         image_bytes as f64 / 1024.0
                     );
                 }

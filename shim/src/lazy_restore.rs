@@ -220,19 +220,27 @@ impl LazyServer {
                     info!("migration concluded here: {phase} ({})", reason.unwrap_or_default());
                 }
                 Ok(ServerEvent::RoundReceived {
-                    round, bytes, last, ..
+                    round,
+                    bytes,
+                    resident_bytes,
+                    cpu_seconds,
+                    last,
+                    ..
                 }) => info!(
-                    "round {round}{} received: {:.1} MiB",
+                    "round {round}{} received: {:.1} MiB ({:.1} MiB resident in the staging store, {cpu_seconds:.3} CPU-s)",
                     if last { " (the source is paused)" } else { "" },
-                    bytes as f64 / (1 << 20) as f64
+                    bytes as f64 / (1 << 20) as f64,
+                    resident_bytes as f64 / (1 << 20) as f64
                 ),
                 Ok(ServerEvent::ImagesReady {
                     rounds,
-                    staged_bytes,
+                    received_bytes,
+                    resident_bytes,
                     image_bytes,
                 }) => info!(
-                    "migration received: {rounds} rounds, {:.1} MiB staged, {:.1} KiB of images; restoring",
-                    staged_bytes as f64 / (1 << 20) as f64,
+                    "migration received: {rounds} rounds, {:.1} MiB of pages received, {:.1} MiB resident, {:.1} KiB of images; restoring",
+                    received_bytes as f64 / (1 << 20) as f64,
+                    resident_bytes as f64 / (1 << 20) as f64,
                     image_bytes as f64 / 1024.0
                 ),
                 Ok(ServerEvent::Error { message }) => {

@@ -396,7 +396,8 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
         })?;
         events(ServerEvent::ImagesReady {
             rounds: received.rounds,
-            staged_bytes: received.bytes,
+            received_bytes: received.bytes,
+            resident_bytes: received.resident_bytes,
             image_bytes,
         });
         // Tell the source when the tasks run here: the end of the service's downtime (the
@@ -453,7 +454,8 @@ pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
         fault("destination::after-images")?;
         events(ServerEvent::ImagesReady {
             rounds: received.rounds,
-            staged_bytes: received.bytes,
+            received_bytes: received.bytes,
+            resident_bytes: received.resident_bytes,
             image_bytes,
         });
         let assembled = assemble::assemble(images, &store)?;
@@ -502,7 +504,9 @@ fn round_received(end: &crate::wire::RoundEnd, so_far: &ReceiveReport) -> Server
         round: end.round,
         pages: end.pages,
         bytes: end.bytes,
-        staged_bytes: so_far.bytes,
+        received_bytes: so_far.bytes,
+        resident_bytes: so_far.resident_bytes,
+        cpu_seconds: so_far.round_cpu_seconds,
         last: end.last,
     }
 }

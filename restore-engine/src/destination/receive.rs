@@ -181,6 +181,10 @@ pub struct ReceiveReport {
     pub pages: u64,
     pub zero_pages: u64,
     pub bytes: u64,
+    /// What the staging store held at the end of the last round received.
+    pub resident_bytes: u64,
+    /// CPU this process spent on the last round received.
+    pub round_cpu_seconds: f64,
     /// Paths of the container's filesystem applied, and their file data.
     pub layer_entries: u64,
     pub layer_bytes: u64,
@@ -215,6 +219,7 @@ pub fn receive_rounds_reporting<S: Read + Write>(
 ) -> Result<ReceiveReport, ReceiveError> {
     let mut report = ReceiveReport::default();
     let mut consumed = 0u64;
+    let mut cpu_at_round_start = crate::clock::process_cpu_seconds();
     loop {
         if let Some(reason) = cancel.reason() {
             return Err(ReceiveError::Cancelled(reason));
@@ -283,6 +288,10 @@ pub fn receive_rounds_reporting<S: Read + Write>(
                     }
                 }
                 report.rounds = end.round;
+                report.resident_bytes = store.footprint();
+                let cpu = crate::clock::process_cpu_seconds();
+                report.round_cpu_seconds = cpu - cpu_at_round_start;
+                cpu_at_round_start = cpu;
                 on_round(&end, &report);
                 if consumed > 0 {
                     session.send(Kind::Credit, &Credit { bytes: consumed })?;

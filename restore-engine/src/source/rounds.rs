@@ -55,17 +55,9 @@ pub enum SourceLayer {
     Shared(std::path::PathBuf),
 }
 
-/// CPU time (user + system) of this process: the sending thread and the tracker's hashing
-/// threads (the shim's other threads are idle during a migration).
-fn process_cpu_seconds() -> f64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_SELF)
-        .map(|u| {
-            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-            t(u.user_time()) + t(u.system_time())
-        })
-        .unwrap_or(0.0)
-}
+/// CPU time of this process: the sending thread and the tracker's hashing threads (the shim's
+/// other threads are idle during a migration).
+use crate::clock::process_cpu_seconds;
 
 /// What a pre-copy did.
 #[derive(Debug, Clone, Default, Serialize)]
