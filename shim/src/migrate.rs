@@ -95,6 +95,9 @@ pub struct MigrateRequest {
     /// copied); without this a container with any is refused.
     #[prost(bool, tag = "11")]
     pub external_mounts_ok: bool,
+    /// Bytes per second the live pre-copy rounds may send (0: no bound).
+    #[prost(uint64, tag = "12")]
+    pub max_bandwidth: u64,
 }
 
 impl MigrateRequest {
@@ -171,6 +174,7 @@ impl MigrateRequest {
             policy: self.policy(),
             tracker: (!self.tracker.is_empty()).then(|| self.tracker.clone()),
             compress: self.compress,
+            max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
             work_dir: work_dir.to_owned(),
             layer: Some(layer),
             external_mounts,

@@ -259,9 +259,18 @@ fn a_wrong_key_is_refused_and_the_source_keeps_running() {
         Duration::from_secs(10),
         || dst.log().contains("refused a connection"),
     );
-    migrate(src, "app", &listen, &right).unwrap();
+    // Bounded to 4 MB/s while it runs (the root filesystem, ~8 MiB, is most of it).
+    let report = migrate_with(src, "app", &listen, &right, &["--max-bandwidth", "4M"]).unwrap();
     assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
     assert_eq!(dst.task("app").unwrap().1, "RUNNING");
+    let first = &report["precopy"]["rounds"][0];
+    // (wire bytes: pages and file data as sent)
+    let sent = first["wire_bytes"].as_f64().unwrap();
+    let seconds = first["seconds"].as_f64().unwrap();
+    assert!(
+        sent > 4e6 && sent / seconds < 4.4e6,
+        "round 1 sent {sent} bytes in {seconds:.2}s over a 4 MB/s bound: {first}"
+    );
 }
 
 /// A counting container on `src` whose count file is in its rootfs.

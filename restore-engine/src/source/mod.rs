@@ -16,6 +16,7 @@
 //! (every page installed in live tasks) lets the caller remove it, `Lost` or an unanswered
 //! question leaves it frozen and in doubt for an operator (`pclive resolve`).
 
+mod pace;
 pub mod query;
 pub mod rounds;
 
@@ -112,6 +113,8 @@ pub struct MigrateParams {
     pub tracker: Option<String>,
     /// LZ4-compress page runs where that pays.
     pub compress: bool,
+    /// Bytes per second the live rounds may put on the link (None: as fast as it goes).
+    pub max_bandwidth: Option<u64>,
     /// Where the final dump's images go (`<work dir>/images`) and its logs stay.
     pub work_dir: PathBuf,
     /// Where this host records its migrations.
@@ -361,6 +364,7 @@ fn migrate_over_txn<S: Read + Write>(
         });
         let precopy = Sender::new(&mut session)
             .compress(params.compress)
+            .max_bandwidth(params.max_bandwidth)
             .layer(layer)
             .run(
                 || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),

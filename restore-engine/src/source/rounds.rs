@@ -82,6 +82,7 @@ pub struct Sender<'a, S: Read + Write> {
     session: &'a mut Session<S>,
     compress: bool,
     layer: Option<SourceLayer>,
+    pacer: super::pace::Pacer,
 }
 
 impl<'a, S: Read + Write> Sender<'a, S> {
@@ -90,7 +91,14 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             session,
             compress: false,
             layer: None,
+            pacer: super::pace::Pacer::new(None),
         }
+    }
+
+    /// Bounds what the live rounds send per second (`--max-bandwidth`).
+    pub fn max_bandwidth(mut self, bytes_per_second: Option<u64>) -> Self {
+        self.pacer = super::pace::Pacer::new(bytes_per_second);
+        self
     }
 
     /// Moves the container's filesystem too, as `layer` says.
@@ -105,10 +113,12 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         let mut sink = |item: Item| {
             let sent = match item {
                 Item::Entry(entry) => self.session.send(Kind::LayerEntry, &entry),
-                Item::Block(block) => self
-                    .session
-                    .spend(block.data.len() as u64)
-                    .and_then(|()| self.session.send(Kind::LayerBlock, &block)),
+                Item::Block(block) => {
+                    self.pacer.pace(block.data.len() as u64);
+                    self.session
+                        .spend(block.data.len() as u64)
+                        .and_then(|()| self.session.send(Kind::LayerBlock, &block))
+                }
             };
             sent.map_err(|e| failed = Some(e.into()))
         };
@@ -128,6 +138,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     }
 
     fn wait_for_credit(&mut self, bytes: u64) -> Result<(), SourceError> {
+        self.pacer.pace(bytes);
         Ok(self.session.spend(bytes)?)
     }
 
@@ -176,6 +187,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     ) -> Result<RoundStats, SourceError> {
         let started = Instant::now();
         let cpu_start = process_cpu_seconds();
+        self.pacer.frozen(frozen);
         let mut stats = RoundStats {
             round,
             frozen,

@@ -52,6 +52,11 @@ pub struct MigrateArgs {
     /// raw if it saves less than 1/8)
     #[arg(long)]
     pub compress: bool,
+    /// Bound what the live pre-copy rounds send, in bytes per second with k, M or G (powers
+    /// of 1000): 100M is 800 Mbit/s. Leaves the link and the CPU to the host's other work; the
+    /// frozen last round is not bound (it is downtime), as with QEMU's max-bandwidth
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_bandwidth: Option<u64>,
     /// If the connection is lost after the images went out, how long to keep asking the
     /// destination how the migration ended before declaring it in doubt
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
@@ -110,6 +115,25 @@ fn describe_round(round: &serde_json::Value) -> String {
         line += &format!(", pause in ~{eta:.1}s");
     }
     line
+}
+
+/// A rate in bytes per second: a number with an optional k, M or G (powers of 1000).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let (number, scale) = match text.char_indices().last() {
+        Some((at, 'k' | 'K')) => (&text[..at], 1e3),
+        Some((at, 'M')) => (&text[..at], 1e6),
+        Some((at, 'G')) => (&text[..at], 1e9),
+        _ => (text, 1.0),
+    };
+    match number.parse::<f64>() {
+        Ok(n) if n.is_finite() && n * scale >= 1e6 => Ok((n * scale) as u64),
+        Ok(_) => Err(format!(
+            "{text} is below 1M (1 MB/s): a migration would never end"
+        )),
+        Err(_) => Err(format!(
+            "{text} is not a rate: give bytes per second, e.g. 100M or 1.5G"
+        )),
+    }
 }
 
 /// What the source did for its clients at the switchover, for people (None: nothing to say).
@@ -255,6 +279,7 @@ pub fn run(args: MigrateArgs) -> ExitCode {
         target_downtime_ms: args.target_downtime_ms,
         tracker: args.tracker.clone().unwrap_or_default(),
         compress: args.compress,
+        max_bandwidth: args.max_bandwidth.unwrap_or(0),
         migration_id: migration_id.clone(),
         resolve_timeout_seconds: args.resolve_timeout,
         shared_rootfs: args.shared_rootfs,
@@ -428,5 +453,21 @@ fn private_dir(dir: &std::path::Path) -> Result<(), String> {
             meta.mode() & 0o7777
         )),
         Ok(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_take_decimal_suffixes_and_refuse_nonsense() {
+        assert_eq!(parse_rate("100M"), Ok(100_000_000));
+        assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("2000k"), Ok(2_000_000));
+        assert_eq!(parse_rate("5000000"), Ok(5_000_000));
+        assert!(parse_rate("10k").unwrap_err().contains("below 1M"));
+        assert!(parse_rate("fast").unwrap_err().contains("not a rate"));
+        assert!(parse_rate("").is_err());
     }
 }
