@@ -78,10 +78,9 @@ if [ ${#runtime_pkgs[@]} -gt 0 ]; then
 fi
 
 # protobuf-compiler: the containerd API client (containerd-client) compiles containerd's protos.
-# tcpdump: a test captures the migration link to check that memory crosses it encrypted.
 # netcat-openbsd, fonts-dejavu-core: the migration benchmark copies the baseline's images with nc
 # and draws its plots with DejaVu Sans.
-base_pkgs=(iptables iproute2 tcpdump busybox-static redis-server redis-tools jq psmisc procps util-linux protobuf-compiler netcat-openbsd fonts-dejavu-core)
+base_pkgs=(iptables iproute2 busybox-static redis-server redis-tools jq psmisc procps util-linux protobuf-compiler netcat-openbsd fonts-dejavu-core)
 missing=()
 for pkg in "${base_pkgs[@]}"; do
   [ -n "$(installed_version "$pkg")" ] || missing+=("$pkg")
