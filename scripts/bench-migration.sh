@@ -269,6 +269,7 @@ run_one() {
      rate_ops: $rate,
      downtime_s: $c.longest_gap_s,
      patient_downtime_s: $c.patient_longest_gap_s,
+     patient_recovered: $c.patient_recovered,
      reported_downtime_s: ($m.downtime_seconds // null),
      phases: {freeze_s: $freeze, final_dump_s: $dump, transfer_s: $transfer,
               restore_s: ($c.gap_end_unix - $images)},

@@ -117,6 +117,22 @@ impl Gap {
 
 /// The longest gap between consecutive successful replies (samples in time order); `None`
 /// with fewer than two replies.
+/// [`longest_gap`] counting the time from the last reply to `end_us` too: a client that never
+/// got an answer again (stuck on a connection nobody serves) waited until the end.
+pub fn longest_gap_until(samples: &[ProbeSample], end_us: u64) -> Option<Gap> {
+    let mut samples = samples.to_vec();
+    if let Some(last) = samples.last() {
+        samples.push(ProbeSample {
+            reply_us: end_us.max(last.reply_us),
+            endpoint: NO_ENDPOINT,
+        });
+    }
+    longest_gap(&samples)
+}
+
+/// The endpoint of [`longest_gap_until`]'s end-of-run sample: nobody answered.
+pub const NO_ENDPOINT: u8 = u8::MAX;
+
 pub fn longest_gap(samples: &[ProbeSample]) -> Option<Gap> {
     samples
         .windows(2)
@@ -218,6 +234,21 @@ pub fn buckets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_that_never_got_an_answer_again_waited_until_the_end() {
+        let samples: Vec<ProbeSample> = [1_000, 2_000, 3_000]
+            .iter()
+            .map(|&reply_us| ProbeSample {
+                reply_us,
+                endpoint: 0,
+            })
+            .collect();
+        assert_eq!(longest_gap(&samples).unwrap().seconds(), 0.001);
+        let gap = longest_gap_until(&samples, 5_003_000).unwrap();
+        assert_eq!((gap.seconds(), gap.endpoint_after), (5.0, NO_ENDPOINT));
+        assert!(longest_gap_until(&[], 10).is_none());
+    }
 
     fn op(done_us: u64, latency_us: u32, outcome: Outcome) -> OpRecord {
         OpRecord {

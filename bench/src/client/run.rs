@@ -78,6 +78,9 @@ pub struct RunSummary {
     pub patient_gap_start_unix: Option<f64>,
     pub patient_gap_end_unix: Option<f64>,
     pub patient_reconnects: u64,
+    /// The patient probe got replies again after its longest gap (false: it was still waiting
+    /// when the run ended).
+    pub patient_recovered: Option<bool>,
     pub start_unix: f64,
     pub end_unix: f64,
 }
@@ -158,8 +161,11 @@ pub fn run(config: &RunConfig, external_stop: &AtomicBool) -> Result<RunSummary,
     }
     .write(&config.state)?;
     let mut summary = summarize(&load, &probes, probe_reconnects, clock.start_us(), end_us);
-    let gap = stats::longest_gap(&patient);
+    // Counted until the end of the run: a patient client left hanging on a connection nobody
+    // serves (no reset, no reply) waits that long, and longer.
+    let gap = stats::longest_gap_until(&patient, end_us);
     summary.patient_longest_gap_s = gap.map(|g| g.seconds());
+    summary.patient_recovered = gap.map(|g| g.endpoint_after != stats::NO_ENDPOINT);
     summary.patient_gap_start_unix = gap.map(|g| stats::us_to_unix_seconds(g.start_us));
     summary.patient_gap_end_unix = gap.map(|g| stats::us_to_unix_seconds(g.end_us));
     summary.patient_reconnects = patient_reconnects;
@@ -199,6 +205,7 @@ fn summarize(
         patient_gap_start_unix: None,
         patient_gap_end_unix: None,
         patient_reconnects: 0,
+        patient_recovered: None,
         start_unix: stats::us_to_unix_seconds(start_us),
         end_unix: stats::us_to_unix_seconds(end_us),
     }

@@ -62,7 +62,13 @@ fn table(modes: &[ModeSummary]) -> String {
             m.mode.clone(),
             m.runs.to_string(),
             seconds(m.downtime_s),
-            seconds(m.patient_downtime_s),
+            match m.patient_stuck {
+                0 => seconds(m.patient_downtime_s),
+                n => format!(
+                    "≥ {} (still waiting at the end in {n} run(s))",
+                    seconds(m.patient_downtime_s)
+                ),
+            },
             seconds(m.reported_downtime_s),
             seconds(m.freeze_s),
             seconds(m.final_dump_s),

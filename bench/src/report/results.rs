@@ -21,6 +21,8 @@ pub struct RunResult {
     pub downtime_s: Option<f64>,
     /// What a client that waits on its connection until it fails saw (the patient probe).
     pub patient_downtime_s: Option<f64>,
+    /// It got replies again (false: still waiting when the run ended).
+    pub patient_recovered: Option<bool>,
     /// The downtime pclive itself reported (pause to the destination running the container).
     pub reported_downtime_s: Option<f64>,
     #[serde(default)]
@@ -221,6 +223,8 @@ pub struct ModeSummary {
     pub integrity_ok: Option<bool>,
     /// Runs whose integrity check failed.
     pub integrity_failures: usize,
+    /// Runs whose patient client was still waiting when the run ended.
+    pub patient_stuck: usize,
 }
 
 impl ModeSummary {
@@ -255,6 +259,10 @@ impl ModeSummary {
             resume_p99_us: median_of(&|r| r.after_resume_latency_us.and_then(|l| l.p99)),
             integrity_ok: (!integrity.is_empty()).then(|| integrity.iter().all(|ok| *ok)),
             integrity_failures: integrity.iter().filter(|ok| !**ok).count(),
+            patient_stuck: runs
+                .iter()
+                .filter(|r| r.patient_recovered == Some(false))
+                .count(),
         }
     }
 }

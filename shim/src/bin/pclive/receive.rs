@@ -90,6 +90,7 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let mut shown = 0usize;
     let mut followed = Followed::default();
+    let mut installed_said = false;
     let progress = Progress::new("waiting for the source");
     macro_rules! say {
         ($($t:tt)*) => { progress.line(&format!($($t)*)) };
@@ -148,12 +149,17 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
                     say!("  restored in {after_seconds:.3}s: the container runs here");
                     progress.status("installing the rest of the memory");
                 }
-                ServerEvent::Done(stats) | ServerEvent::FillComplete(stats) => say!(
-                    "  every page installed ({:.1} MiB: {} by fault, {} in the background)",
-                    mib(stats.bytes),
-                    stats.pages_by_fault,
-                    stats.pages_in_background
-                ),
+                // The fill's end and the server's end both carry the totals: said once.
+                ServerEvent::Done(stats) | ServerEvent::FillComplete(stats) if !installed_said => {
+                    installed_said = true;
+                    say!(
+                        "  every page installed ({:.1} MiB: {} by fault, {} in the background)",
+                        mib(stats.bytes),
+                        stats.pages_by_fault,
+                        stats.pages_in_background
+                    )
+                }
+                ServerEvent::Done(_) | ServerEvent::FillComplete(_) => {}
                 ServerEvent::Concluded { phase, reason } => {
                     match &reason {
                         Some(reason) => say!("  concluded: {phase}: {reason}"),
