@@ -263,24 +263,15 @@ struct Recorder {
 impl Recorder {
     fn start(hosts: &TwoHosts, receiver: &str) -> Self {
         use std::net::{TcpListener, TcpStream};
-        use std::os::fd::AsRawFd;
         let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let address = format!("{}:{}", hosts.dst_ip, free_port());
-        let (ns, listen, target) = (
-            format!("/run/netns/{}-dst", hosts.name()),
-            address.clone(),
-            receiver.to_string(),
-        );
+        let (listen, target) = (address.clone(), receiver.to_string());
         let (ready, is_ready) = std::sync::mpsc::channel();
         let recorded = std::sync::Arc::clone(&bytes);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = std::sync::Arc::clone(&stop);
-        let listener = std::thread::spawn(move || {
-            let netns = fs::File::open(ns).unwrap();
-            // SAFETY: setns(2) on a descriptor that lives across the call; it moves only this
-            // thread (and the relay threads it starts), which exist for the relay.
-            let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+        // On the destination host: the relay threads it starts are there too.
+        let listener = in_netns(format!("{}-dst", hosts.name()), move || {
             let listener = TcpListener::bind(&listen).unwrap();
             listener.set_nonblocking(true).unwrap();
             ready.send(()).unwrap();

@@ -55,8 +55,8 @@ pub enum SourceLayer {
     Shared(std::path::PathBuf),
 }
 
-/// CPU time of this process: the sending thread and the tracker's hashing threads (the shim's
-/// other threads are idle during a migration).
+// CPU time of this process: the sending thread and the tracker's hashing threads (the shim's
+// other threads are idle during a migration).
 use crate::clock::process_cpu_seconds;
 
 /// What a pre-copy did.
@@ -112,15 +112,20 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         let mut failed: Option<SourceError> = None;
         let mut sink = |item: Item| {
             let sent = match item {
-                Item::Entry(entry) => self.session.send(Kind::LayerEntry, &entry),
+                Item::Entry(entry) => self
+                    .session
+                    .send(Kind::LayerEntry, &entry)
+                    .map_err(SourceError::from),
                 Item::Block(block) => {
-                    self.pacer.pace(block.data.len() as u64);
-                    self.session
-                        .spend(block.data.len() as u64)
-                        .and_then(|()| self.session.send(Kind::LayerBlock, &block))
+                    self.wait_for_credit(block.data.len() as u64)
+                        .and_then(|()| {
+                            self.session
+                                .send(Kind::LayerBlock, &block)
+                                .map_err(SourceError::from)
+                        })
                 }
             };
-            sent.map_err(|e| failed = Some(e.into()))
+            sent.map_err(|e| failed = Some(e))
         };
         match scanner.round(&mut sink) {
             Ok(stats) => Ok(stats),

@@ -657,6 +657,23 @@ pub fn processes_with_args(needle: &[&str]) -> Vec<i32> {
     found
 }
 
+/// Runs `f` on a thread of its own inside network namespace `ns` (/run/netns/NS), and the
+/// threads `f` starts.
+pub fn in_netns<T: Send + 'static>(
+    ns: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let netns = fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        // SAFETY: setns(2) on a descriptor that lives across the call; it moves only this
+        // thread (and the threads it starts), which exists for `f`.
+        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
 pub fn find_on_path(binary: &str) -> PathBuf {
     std::env::var("PATH")
         .unwrap_or_default()

@@ -188,6 +188,13 @@ const LOST_CONTAINERD: [&str; 4] = [
     "Unavailable",
 ];
 
+/// ctr, talking to the containerd and namespace the user chose.
+fn ctr_command(address: &str, namespace: &str) -> Command {
+    let mut command = Command::new("ctr");
+    command.args(["--address", address, "--namespace", namespace]);
+    command
+}
+
 /// How long to wait for containerd to answer again (a restart) before deciding about a task.
 const CONTAINERD_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -196,8 +203,7 @@ const CONTAINERD_PATIENCE: Duration = Duration::from_secs(60);
 fn task_alive(address: &str, namespace: &str, id: &str) -> bool {
     let deadline = std::time::Instant::now() + CONTAINERD_PATIENCE;
     loop {
-        let out = Command::new("ctr")
-            .args(["--address", address, "--namespace", namespace])
+        let out = ctr_command(address, namespace)
             .args(["task", "ls"])
             .stdin(Stdio::null())
             .output();
@@ -226,8 +232,7 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
     };
     let (address, namespace) = (&args.containerd.address, &args.containerd.namespace);
     let ctr = |ctr_args: &[&str]| {
-        Command::new("ctr")
-            .args(["--address", address, "--namespace", namespace])
+        ctr_command(address, namespace)
             .args(ctr_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -271,9 +276,8 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
     let progress_file = progress_dir.path().join("progress");
     // The receiving container is an ordinary containerd container with pclive's annotations;
     // ctr builds its spec exactly as `ctr run` would for the source.
-    let mut command = Command::new("ctr");
+    let mut command = ctr_command(address, namespace);
     command
-        .args(["--address", address, "--namespace", namespace])
         .args([
             "run",
             "-d",
