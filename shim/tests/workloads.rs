@@ -122,6 +122,51 @@ impl<'a> Checked<'a> {
         checked
     }
 
+    /// Panics, with both hosts' logs, if a program wrote a FAIL line.
+    fn no_failure(&self, when: &str) {
+        for kind in &self.kinds {
+            let text = fs::read_to_string(self.status.join(kind)).unwrap_or_default();
+            if text.starts_with("FAIL") {
+                panic!(
+                    "{when}: {}\n--- source log ---\n{}\n--- destination log ---\n{}",
+                    text.trim(),
+                    tail(&self.hosts.src.log(), 60),
+                    tail(&self.hosts.dst.log(), 60)
+                );
+            }
+        }
+    }
+
+    /// Checks the journal to which every program appends "NETNS KIND ROUND" after each round
+    /// (20 ms apart): in the file's order, once a line from the destination's network
+    /// namespace appears, none from the source's may follow. One would mean that the source's
+    /// copy ran again after the destination's had started: two copies at once, the worst
+    /// outcome of a migration (a source thawed to be killed ran a round, all its sleeps having
+    /// expired during the freeze).
+    fn one_copy_at_a_time(&self) {
+        let journal = fs::read_to_string(self.status.join("journal")).unwrap();
+        let lines: Vec<(&str, &str)> = journal
+            .lines()
+            .map(|l| (l.split_whitespace().next().unwrap_or(""), l))
+            .collect();
+        let source = lines.first().expect("an empty journal").0;
+        let first_destination = lines
+            .iter()
+            .position(|(ns, _)| *ns != source)
+            .expect("no program journaled a round from the destination");
+        let late: Vec<&str> = lines[first_destination..]
+            .iter()
+            .filter(|(ns, _)| *ns == source)
+            .map(|(_, line)| *line)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "the source's copy ran after the destination's had started (source {source}, first destination line {:?}): {late:?}\n--- source log ---\n{}",
+            lines[first_destination].1,
+            tail(&self.hosts.src.log(), 40)
+        );
+    }
+
     /// Waits until each kind made `more` rounds beyond `since` (or at least one).
     fn wait(&self, what: &str, more: u64, since: Option<&[Option<u64>]>) {
         let wanted: Vec<u64> = match since {
@@ -168,7 +213,7 @@ impl<'a> Checked<'a> {
             "the receiving ctr failed\n--- destination log ---\n{}",
             tail(&dst.log(), 40)
         );
-        rounds(&self.status, &self.kinds); // (fails on a FAIL line)
+        self.no_failure("right after the migration");
         assert_eq!(dst.task(self.id).unwrap().1, "RUNNING");
         // Every program goes on verifying its state on the destination (rounds are 20 ms
         // apart: 25 more is half a second of work after the restore).
@@ -177,6 +222,7 @@ impl<'a> Checked<'a> {
             25,
             Some(&before),
         );
+        self.one_copy_at_a_time();
         let source = src.task(self.id);
         assert!(
             source

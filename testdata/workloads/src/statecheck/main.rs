@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! statecheck KIND --status DIR     run one check; DIR/KIND says "ok rounds=N" after each round
+//!                                  and DIR/journal gets "NETNS KIND N" appended
 //! statecheck --list                the kinds of the migration suite, one per line
 //! ```
 //!
@@ -113,8 +114,22 @@ fn main() {
     }
     let Some(dir) = dir else { usage() };
     let status = format!("{dir}/{name}");
+    let journal = format!("{dir}/{JOURNAL}");
     let fail = |what: String| -> ! {
-        write_status(&status, &format!("FAIL {name}: {what}\n"));
+        // Which copy failed, and when: a migration's source and destination write the same
+        // status file (a shared volume), and only their network namespaces tell them apart.
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        write_status(
+            &status,
+            &format!(
+                "FAIL {name}: {what} [pid {} {} at {at:.3}]\n",
+                std::process::id(),
+                network_namespace()
+            ),
+        );
         eprintln!("statecheck {name}: FAIL: {what}");
         exit(3)
     };
@@ -124,7 +139,34 @@ fn main() {
             fail(format!("round {n}: {e}"));
         }
         write_status(&status, &format!("ok rounds={n}\n"));
+        append_journal(&journal, &format!("{} {name} {n}\n", network_namespace()));
         sleep(Duration::from_millis(20));
+    }
+}
+
+/// The file in the status directory to which every program appends a line per round, naming
+/// its network namespace: a migration's source and destination copies have different ones, so
+/// the file's order shows whether the source ran again after the destination started (two
+/// copies running at once).
+const JOURNAL: &str = "journal";
+
+/// This process's network namespace (`net:[INODE]`), read anew each time: a restored process
+/// lives in another one than the one it was dumped from.
+fn network_namespace() -> String {
+    fs::read_link("/proc/self/ns/net")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Appends `line` to `path` in one write (O_APPEND: lines of concurrent writers do not mix).
+fn append_journal(path: &str, line: &str) {
+    let written = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("statecheck: cannot append to {path}: {e}");
     }
 }
 
