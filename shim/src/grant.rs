@@ -41,6 +41,31 @@ fn mask(path: &Path, set: &Option<CapSet>) -> Result<u64, GrantSpecError> {
     })
 }
 
+/// Whether the namespace at `path` is this host's own of its kind (the shim's, in which CRIU
+/// restores): a container that joins it by path (a Kubernetes hostNetwork pod's containers
+/// join their sandbox's network and UTS namespaces, which are the host's) has none of its own.
+fn is_this_hosts(typ: LinuxNamespaceType, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let name = match typ {
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Network => "net",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Mount => "mnt",
+        LinuxNamespaceType::User => "user",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::Time => "time",
+    };
+    match (
+        fs::metadata(path),
+        fs::metadata(format!("/proc/self/ns/{name}")),
+    ) {
+        (Ok(joined), Ok(ours)) => joined.dev() == ours.dev() && joined.ino() == ours.ino(),
+        // Unreadable: count it as the container's own (the stricter reading).
+        _ => false,
+    }
+}
+
 fn namespace(typ: LinuxNamespaceType) -> Namespace {
     match typ {
         LinuxNamespaceType::Pid => Namespace::Pid,
@@ -77,6 +102,11 @@ pub fn of_spec(spec: &Spec, path: &Path) -> Result<Grant, GrantSpecError> {
             .namespaces()
             .iter()
             .flatten()
+            .filter(|ns| {
+                !ns.path()
+                    .as_deref()
+                    .is_some_and(|p| is_this_hosts(ns.typ(), p))
+            })
             .map(|ns| namespace(ns.typ()))
             .collect(),
         mounts: spec
@@ -132,6 +162,40 @@ pub fn write_for_server(bundle: &Path, work_dir: &Path) -> Result<(), GrantSpecE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A namespace joined by path counts as the container's own unless it is this host's
+    /// (a hostNetwork pod's containers join their sandbox's, which are the host's).
+    #[test]
+    fn a_namespace_joined_by_path_is_the_hosts_only_when_it_is() {
+        assert!(is_this_hosts(
+            LinuxNamespaceType::Network,
+            Path::new("/proc/self/ns/net")
+        ));
+        assert!(!is_this_hosts(
+            LinuxNamespaceType::Network,
+            Path::new("/nonexistent/ns/net")
+        ));
+        // A thread in a network namespace of its own (unshare needs root: the suite runs as
+        // root, as the shim does).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tx.send(nix::unistd::gettid()).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let theirs = format!("/proc/self/task/{tid}/ns/net");
+        assert!(!is_this_hosts(
+            LinuxNamespaceType::Network,
+            Path::new(&theirs)
+        ));
+        // The same namespace kind is compared: its UTS namespace is still ours.
+        let uts = format!("/proc/self/task/{tid}/ns/uts");
+        assert!(is_this_hosts(LinuxNamespaceType::Uts, Path::new(&uts)));
+        done_tx.send(()).unwrap();
+        thread.join().unwrap();
+    }
 
     #[test]
     fn a_spec_becomes_its_grant() {

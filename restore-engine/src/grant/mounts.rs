@@ -169,7 +169,9 @@ fn check_one(mount: &MntEntry, grant: &Grant) -> Option<String> {
                  {ADVICE}"
             ));
         }
-        if granted.readonly {
+        // cgroup v1: runc mounts a tmpfs at the spec's cgroup mount, writable even when the
+        // spec says ro (runc 1.3), to hold the hierarchies' read-only mounts: its own making.
+        if granted.readonly && !(spec_type == "cgroup" && typ == "tmpfs") {
             return readonly_needed("a read-only mount");
         }
         return None;

@@ -326,6 +326,32 @@ fn mounts_beyond_the_spec_are_refused() {
 }
 
 #[test]
+fn runcs_writable_tmpfs_at_a_read_only_cgroup_v1_mount_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    // runc 1.3 on cgroup v1: a writable tmpfs at the spec's read-only cgroup mount, holding
+    // the hierarchies' read-only mounts.
+    let runcs = [
+        mount(5, "/sys/fs/cgroup", 0),
+        mount(12, "/sys/fs/cgroup/cpu", 1),
+    ];
+    write_images(dir.path(), DEFAULT_CAPS, 10, &runcs);
+    check(dir.path(), &grant(DEFAULT_CAPS)).unwrap();
+    // Another file system there, writable, is not runc's making.
+    write_images(
+        dir.path(),
+        DEFAULT_CAPS,
+        10,
+        &[mount(2, "/sys/fs/cgroup", 0)],
+    );
+    let v = violations(dir.path(), &grant(DEFAULT_CAPS));
+    assert!(
+        v.iter()
+            .any(|v| v.contains("a sysfs mount at /sys/fs/cgroup is writable")),
+        "{v:?}"
+    );
+}
+
+#[test]
 fn many_violations_are_summed_up() {
     let dir = tempfile::tempdir().unwrap();
     write_images(dir.path(), DEFAULT_CAPS, 10, &[]);
