@@ -5,7 +5,10 @@
 # /run/pclive-testbed/NAME/HOST may be named by annotations; receiving is allowed) and a copy of
 # one migration key (HOST/migration.key).
 #
-#   scripts/testbed.sh up [--name NAME] [--rate 1gbit|10gbit|none]
+#   scripts/testbed.sh up [--name NAME] [--rate 1gbit|10gbit|none] [--cri SANDBOX_IMAGE]
+#                                                  (--cri: containerd's CRI plugin on, runtime
+#                                                  handler pclive, namespace k8s.io; import the
+#                                                  sandbox image on each host)
 #   scripts/testbed.sh down [--name NAME]
 #   scripts/testbed.sh ctr src|dst [--name NAME] CTR-ARGS...
 #   scripts/testbed.sh exec src|dst|cli [--name NAME] COMMAND...   run on a host (its network
@@ -29,11 +32,13 @@ cmd=${1:-}
 [ -n "$cmd" ] && shift
 name=pclive
 rate=1gbit
+cri=
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) name=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
+    --cri) cri=$2; shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -77,7 +82,9 @@ write_dirs = ["/var/lib/pclive", "$state/$1"]
 allow_receive = true
 allow_insecure = true
 CONF
-  PCLIVE_CONFIG="$state/$1/pclive-config.toml" PCLIVE_STATE_DIR="$state/$1/pclive" \
+  local sandbox=""
+  [ -f "$state/cri-sandbox-image" ] && sandbox=$(cat "$state/cri-sandbox-image")
+  CRI_SANDBOX_IMAGE="$sandbox" PCLIVE_CONFIG="$state/$1/pclive-config.toml" PCLIVE_STATE_DIR="$state/$1/pclive" \
     containerd_start "$state/$1" on_host "$1"
 }
 
@@ -86,6 +93,7 @@ up() {
   command -v containerd-shim-pclive-v2 >/dev/null || { echo "testbed: containerd-shim-pclive-v2 not installed: run scripts/setup.sh" >&2; exit 1; }
   if [ -d "$state" ]; then echo "testbed $name is already up (scripts/testbed.sh down --name $name)" >&2; exit 1; fi
   mkdir -p "$state"
+  [ -n "$cri" ] && echo "$cri" > "$state/cri-sandbox-image"
   trap 'down >/dev/null 2>&1' ERR
   for host in src dst cli; do ip netns add "$(ns_of $host)"; done
   for host in src dst; do
@@ -139,9 +147,17 @@ down() {
   done
   ip netns del "$(ns_of cli)" 2>/dev/null || true
   for host in src dst; do
-    local controller
-    for controller in cpuacct memory; do
-      [ -d "$(cgroup_of $controller $host)" ] && rmdir "$(cgroup_of $controller $host)" 2>/dev/null
+    # The host's cgroup in every hierarchy, with what CRI pods made below it.
+    # The host's shims may still be exiting (containerd is stopped): each directory gets up
+    # to five seconds to empty.
+    local dir _
+    for dir in /sys/fs/cgroup/*/"pclive-testbed-$name-$host"; do
+      [ -d "$dir" ] || continue
+      for _ in $(seq 50); do
+        find "$dir" -mindepth 1 -depth -type d -exec rmdir {} + 2>/dev/null
+        rmdir "$dir" 2>/dev/null && break
+        sleep 0.1
+      done
     done
   done
   if [ -d "$state" ]; then
