@@ -80,7 +80,9 @@ fi
 # protobuf-compiler: the containerd API client (containerd-client) compiles containerd's protos.
 # netcat-openbsd, fonts-dejavu-core: the migration benchmark copies the baseline's images with nc
 # and draws its plots with DejaVu Sans.
-base_pkgs=(iptables iproute2 busybox-static redis-server redis-tools jq psmisc procps util-linux protobuf-compiler netcat-openbsd fonts-dejavu-core)
+# docker-registry: the CRI test (shim/tests/cri.rs) runs a registry of its own on a loopback
+# port, since containerd restores a Kubernetes checkpoint on its base image pulled by digest.
+base_pkgs=(iptables iproute2 busybox-static redis-server redis-tools jq psmisc procps util-linux protobuf-compiler netcat-openbsd fonts-dejavu-core docker-registry)
 missing=()
 for pkg in "${base_pkgs[@]}"; do
   [ -n "$(installed_version "$pkg")" ] || missing+=("$pkg")
@@ -90,9 +92,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The distribution's units must not start a system containerd or redis: pclive's scripts and tests
-# run their own daemons with their own state, and a system one would be a process we did not start.
-for unit in containerd redis-server; do
+# The distribution's units must not start a system containerd, redis or registry: pclive's scripts
+# and tests run their own daemons with their own state, and a system one would be a process we did
+# not start.
+for unit in containerd redis-server docker-registry; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled "$unit" >/dev/null 2>&1; then
     systemctl disable --now "$unit" >/dev/null 2>&1 || true
   fi

@@ -3,10 +3,12 @@
 # `ctr image import` accepts, so tests run image-based containers (snapshotter, rootfs mounts)
 # without a registry.
 #
-#   testdata/build-image.sh ROOTFS_DIR IMAGE_REF OUT.tar
+#   testdata/build-image.sh ROOTFS_DIR IMAGE_REF OUT.tar [CMD_JSON]
+#
+# CMD_JSON is the image's command as a JSON array (default ["/bin/sh"]).
 set -euo pipefail
-[ $# -eq 3 ] || { echo "usage: $0 ROOTFS_DIR IMAGE_REF OUT.tar" >&2; exit 2; }
-rootfs=$1 ref=$2 out=$3
+[ $# -eq 3 ] || [ $# -eq 4 ] || { echo "usage: $0 ROOTFS_DIR IMAGE_REF OUT.tar [CMD_JSON]" >&2; exit 2; }
+rootfs=$1 ref=$2 out=$3 cmd=${4:-'["/bin/sh"]'}
 [ -d "$rootfs" ] || { echo "build-image: $rootfs is not a directory" >&2; exit 1; }
 
 stage=$(mktemp -d)
@@ -23,8 +25,8 @@ tar --numeric-owner --owner=0 --group=0 -C "$rootfs" -cf "$stage/layer.tar" .
 layer_size=$(stat -c %s "$stage/layer.tar")
 layer=$(put_blob "$stage/layer.tar")
 
-printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/bin:/usr/bin:/bin"],"Cmd":["/bin/sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-  "$layer" > "$stage/config.json"
+printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/bin:/usr/bin:/bin"],"Cmd":%s},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+  "$cmd" "$layer" > "$stage/config.json"
 config_size=$(stat -c %s "$stage/config.json")
 config=$(put_blob "$stage/config.json")
 

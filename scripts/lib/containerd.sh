@@ -2,7 +2,8 @@
 #
 #   containerd_start DIR [COMMAND-PREFIX...]   config, shim link and daemon under DIR; the daemon
 #                                              runs under COMMAND-PREFIX (e.g. nsenter --net=…);
-#                                              its pid goes to DIR/containerd.pid
+#                                              its pid goes to DIR/containerd.pid; with
+#                                              CRI_SANDBOX_IMAGE set, its CRI plugin is on
 #   containerd_remove_all SOCKET               every container of every namespace, cgroups too
 #   containerd_stop DIR                        stops the daemon containerd_start started
 
@@ -10,16 +11,44 @@ containerd_start() {
   local dir=$1; shift
   mkdir -p "$dir/bin"
   ln -sf "$(command -v containerd-shim-pclive-v2)" "$dir/bin/containerd-shim-pclive-v2"
+  local disabled='"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri", "io.containerd.podsandbox.controller.v1.podsandbox"'
+  [ -n "${CRI_SANDBOX_IMAGE:-}" ] && disabled='"io.containerd.nri.v1.nri"'
   cat > "$dir/config.toml" <<CONF
 version = 3
 root = "$dir/root"
 state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri", "io.containerd.podsandbox.controller.v1.podsandbox"]
+disabled_plugins = [$disabled]
 [grpc]
   address = "$dir/containerd.sock"
 [ttrpc]
   address = "$dir/containerd.sock.ttrpc"
 CONF
+  # With CRI_SANDBOX_IMAGE: containerd's CRI plugin with the runtime handler pclive
+  # (docs/kubernetes.md), pods sandboxed by that image (import it into namespace k8s.io).
+  if [ -n "${CRI_SANDBOX_IMAGE:-}" ]; then
+    cat >> "$dir/config.toml" <<CONF
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$CRI_SANDBOX_IMAGE"
+[plugins."io.containerd.cri.v1.runtime"]
+  # Lowering a process's OOM score (the CRI gives sandboxes -998) needs CAP_SYS_RESOURCE,
+  # which these machines' root lacks.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.pclive]
+    runtime_type = "io.containerd.pclive.v2"
+    pod_annotations = ["io.containerd.pclive.*"]
+    container_annotations = ["io.containerd.pclive.*"]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.pclive.options]
+      SystemdCgroup = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["$dir/cni/bin"]
+    conf_dir = "$dir/cni/conf"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+CONF
+  fi
   PATH="$dir/bin:$PATH" "$@" containerd --config "$dir/config.toml" >> "$dir/containerd.log" 2>&1 &
   echo $! > "$dir/containerd.pid"
   local _

@@ -62,6 +62,9 @@ pub struct Containerd {
     pub dir: PathBuf,
     pub address: String,
     pub namespace: String,
+    /// The cgroup (under each controller) that holds this daemon's containers: ctr's are in
+    /// the namespace's, CRI pods in the cgroup parent a test gives them (this one).
+    pub cgroup_root: String,
     config: PathBuf,
     path_env: String,
     daemon: Option<Child>,
@@ -73,6 +76,18 @@ impl Containerd {
     }
 
     pub fn start_with(tools: Tools) -> Self {
+        Self::start_configured(tools, None)
+    }
+
+    /// A containerd whose CRI plugin runs pods with the runtime handler `pclive` (the
+    /// configuration docs/kubernetes.md gives), with `sandbox_image` as the pods' sandbox
+    /// (import it before the first pod). Its namespace is the CRI's, `k8s.io`; pods belong
+    /// in the cgroup parent [`Containerd::cgroup_root`].
+    pub fn start_cri(sandbox_image: &str) -> Self {
+        Self::start_configured(Tools::All, Some(sandbox_image))
+    }
+
+    fn start_configured(tools: Tools, cri_sandbox_image: Option<&str>) -> Self {
         require_root();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let tag = format!("p{}n{n}", std::process::id());
@@ -95,20 +110,52 @@ impl Containerd {
         };
         let address = dir.join("containerd.sock").display().to_string();
         let config = dir.join("config.toml");
+        let (disabled, cri) = match cri_sandbox_image {
+            None => (
+                r#""io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri", "io.containerd.podsandbox.controller.v1.podsandbox""#,
+                String::new(),
+            ),
+            Some(sandbox) => (
+                r#""io.containerd.nri.v1.nri""#,
+                format!(
+                    r#"[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{sandbox}"
+[plugins."io.containerd.cri.v1.runtime"]
+  # These machines deny lowering a process's OOM score (the CRI gives sandboxes -998).
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.pclive]
+    runtime_type = "{RUNTIME}"
+    pod_annotations = ["io.containerd.pclive.*"]
+    container_annotations = ["io.containerd.pclive.*"]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.pclive.options]
+      SystemdCgroup = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{cni}/bin"]
+    conf_dir = "{cni}/conf"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"#,
+                    cni = dir.join("cni").display()
+                ),
+            ),
+        };
         fs::write(
             &config,
             format!(
                 r#"version = 3
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri", "io.containerd.podsandbox.controller.v1.podsandbox"]
+disabled_plugins = [{disabled}]
 [grpc]
   address = "{address}"
 [ttrpc]
   address = "{address}.ttrpc"
 [debug]
   level = "info"
-"#,
+{cri}"#,
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),
             ),
@@ -127,7 +174,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
         let mut this = Containerd {
             dir,
             address,
-            namespace: format!("pclive-{tag}"),
+            namespace: match cri_sandbox_image {
+                None => format!("pclive-{tag}"),
+                Some(_) => "k8s.io".to_string(),
+            },
+            cgroup_root: format!("pclive-{tag}"),
             config,
             path_env,
             daemon: None,
@@ -249,6 +300,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
     /// Imports `rootfs` as the OCI image `reference` (testdata/build-image.sh), so containers
     /// run from the overlayfs snapshotter as users' do.
     pub fn import_image(&self, rootfs: &Path, reference: &str) {
+        self.import_image_with_cmd(rootfs, reference, r#"["/bin/sh"]"#)
+    }
+
+    /// [`Containerd::import_image`] with the image's command (a JSON array).
+    pub fn import_image_with_cmd(&self, rootfs: &Path, reference: &str, cmd: &str) {
         let archive = self.dir.join("image.tar");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/build-image.sh");
         let status = Command::new("bash")
@@ -256,6 +312,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
             .arg(rootfs)
             .arg(reference)
             .arg(&archive)
+            .arg(cmd)
             .status()
             .unwrap();
         assert!(status.success(), "build-image.sh failed");
@@ -454,7 +511,7 @@ impl Drop for Containerd {
         }
         if let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") {
             for controller in controllers.flatten() {
-                let ns_dir = controller.path().join(&self.namespace);
+                let ns_dir = controller.path().join(&self.cgroup_root);
                 if let Ok(children) = fs::read_dir(&ns_dir) {
                     for child in children.flatten() {
                         if child.path().is_dir() {
@@ -474,12 +531,26 @@ impl Containerd {
         self.dir.join("pclive")
     }
 
-    /// A handle on a containerd somebody else runs (the test bed's hosts).
-    fn external(dir: PathBuf, namespace: String) -> Self {
+    /// A test bed host's containerd: ctr's containers in a namespace of the test bed's, CRI
+    /// pods (namespace k8s.io) below the host's cgroup; `scripts/testbed.sh down` removes both.
+    fn external_host(state: &Path, name: &str, host: &str, cri: bool) -> Self {
+        let (namespace, cgroup_root) = if cri {
+            ("k8s.io".into(), format!("pclive-testbed-{name}-{host}"))
+        } else {
+            let namespace = format!("pclive-{name}-{host}");
+            (namespace.clone(), namespace)
+        };
+        Self::external(state.join(host), namespace, cgroup_root)
+    }
+
+    /// A handle on a containerd somebody else runs, whose containers' cgroups are below
+    /// `cgroup_root`.
+    fn external(dir: PathBuf, namespace: String, cgroup_root: String) -> Self {
         Containerd {
             address: dir.join("containerd.sock").display().to_string(),
             config: dir.join("config.toml"),
             dir,
+            cgroup_root,
             namespace,
             path_env: String::new(),
             daemon: None,
@@ -506,6 +577,16 @@ impl TwoHosts {
     /// [`TwoHosts::up`] with more environment for both hosts' containerd (and their shims),
     /// e.g. PCLIVE_FAILPOINTS.
     pub fn up_with_env(rate: &str, env: &[(&str, &Path)]) -> Self {
+        Self::up_configured(rate, env, None)
+    }
+
+    /// Two hosts whose containerd's CRI plugin runs pods with the runtime handler `pclive`,
+    /// sandboxed by `sandbox_image` (import it on each host); their namespace is `k8s.io`.
+    pub fn up_cri(rate: &str, sandbox_image: &str) -> Self {
+        Self::up_configured(rate, &[], Some(sandbox_image))
+    }
+
+    fn up_configured(rate: &str, env: &[(&str, &Path)], cri: Option<&str>) -> Self {
         require_root();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}x{n}", std::process::id() % 100_000);
@@ -522,14 +603,15 @@ impl TwoHosts {
         let out = Command::new("bash")
             .arg(&script)
             .args(["up", "--name", &name, "--rate", rate])
+            .args(cri.map(|image| ["--cri", image]).iter().flatten())
             .env("PATH", &path)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap();
         let state = PathBuf::from("/run/pclive-testbed").join(&name);
         let hosts = TwoHosts {
-            src: Containerd::external(state.join("src"), format!("pclive-{name}-src")),
-            dst: Containerd::external(state.join("dst"), format!("pclive-{name}-dst")),
+            src: Containerd::external_host(&state, &name, "src", cri.is_some()),
+            dst: Containerd::external_host(&state, &name, "dst", cri.is_some()),
             dst_ip: String::from_utf8_lossy(&out.stdout)
                 .lines()
                 .find(|l| l.starts_with("dst:"))
