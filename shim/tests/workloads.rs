@@ -43,6 +43,17 @@ fn rounds(status: &Path, kinds: &[String]) -> Vec<Option<u64>> {
 
 /// Waits until each kind made at least `min[i]` rounds; on timeout, names the ones behind.
 fn wait_rounds(what: &str, status: &Path, kinds: &[String], min: &[u64]) {
+    wait_rounds_or(what, status, kinds, min, &String::new)
+}
+
+/// [`wait_rounds`]; on timeout the message ends with `diagnose()`.
+fn wait_rounds_or(
+    what: &str,
+    status: &Path,
+    kinds: &[String],
+    min: &[u64],
+    diagnose: &dyn Fn() -> String,
+) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let now = rounds(status, kinds);
@@ -58,8 +69,9 @@ fn wait_rounds(what: &str, status: &Path, kinds: &[String], min: &[u64]) {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            behind.join("; ")
+            "timed out waiting for {what}: {}{}",
+            behind.join("; "),
+            diagnose()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -122,6 +134,41 @@ impl<'a> Checked<'a> {
         checked
     }
 
+    /// What the container's processes do, on each host that has its task (pid, command, state
+    /// and where in the kernel they wait), and the destination's log: for a program that stopped
+    /// making rounds without failing.
+    fn processes(&self) -> String {
+        let mut text = String::new();
+        for (host, containerd) in [
+            ("source", &self.hosts.src),
+            ("destination", &self.hosts.dst),
+        ] {
+            let ps = containerd.ctr(&["task", "ps", self.id]);
+            text.push_str(&format!("\n--- {host}'s processes ---\n"));
+            for pid in String::from_utf8_lossy(&ps.stdout)
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next())
+            {
+                let read =
+                    |f: &str| fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+                let stat = read("stat");
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next());
+                text.push_str(&format!(
+                    "{pid} {} state {} wchan {} cmd {}\n",
+                    read("comm").trim(),
+                    state.unwrap_or("?"),
+                    read("wchan"),
+                    read("cmdline").replace('\0', " ").trim()
+                ));
+            }
+        }
+        text + "--- destination log ---\n" + &tail(&self.hosts.dst.log(), 30)
+    }
+
     /// Panics, with both hosts' logs, if a program wrote a FAIL line.
     fn no_failure(&self, when: &str) {
         for kind in &self.kinds {
@@ -173,7 +220,9 @@ impl<'a> Checked<'a> {
             Some(since) => since.iter().map(|r| r.unwrap_or(0) + more).collect(),
             None => vec![1; self.kinds.len()],
         };
-        wait_rounds(what, &self.status, &self.kinds, &wanted);
+        wait_rounds_or(what, &self.status, &self.kinds, &wanted, &|| {
+            self.processes()
+        });
     }
 
     /// Migrates the container to the destination (whose root filesystem is its own, built

@@ -144,15 +144,14 @@ impl Tasks {
         if let Ok(json) = serde_json::to_vec_pretty(&report) {
             let _ = fs::write(crate::migrate::report_path(work_path), json);
         }
-        // The destination runs the container now: the paused source goes. Frozen tasks die
-        // only once thawed, hence the resume after the kill. The rules that refused its clients
+        // The destination runs the container now: the paused source goes, every process
+        // killed while still frozen (none may run again). The rules that refused its clients
         // go first (they live in its network namespace, which may be the host's); a connection
         // attempt in between finds the frozen listener, which the kill closes at once.
         if let Err(e) = crate::release::unrelease(id, init_pid) {
             warn!("{id}: migrated, but the rules that refused its clients here remain: {e}");
         }
-        container.runc.kill(id, libc::SIGKILL as u32, true)?;
-        let _ = container.runc.resume(id);
+        super::lifecycle::kill_frozen(&container.runc, id, init_pid)?;
         // Return only once the source is really gone: `pclive migrate` reports it so.
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut inner = container.init.lock();

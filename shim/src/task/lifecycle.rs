@@ -9,6 +9,34 @@ use super::process::{ExitInfo, ProcessState, ProcessStatus};
 use super::{unmount_rootfs, TaskError, TaskEvent, Tasks};
 use restore_engine::record::{Phase, Role, Store};
 
+/// SIGKILL for every process of a frozen (paused) container, then the thaw: each process
+/// leaves the freezer with the signal pending and dies without returning to user space.
+///
+/// `runc kill` of a container with its own PID namespace signals its init alone and thaws the
+/// cgroup; the other processes then run until the kernel's teardown of the namespace reaches
+/// them. For a migrated source that is two copies running at once: the workload suite's journal
+/// caught a source process making a round (and writing to a volume both hosts share) after the
+/// destination had started. The cgroup is frozen, so its process list cannot change while it is
+/// read and signalled.
+pub(super) fn kill_frozen(
+    runc: &crate::runc::Runc,
+    id: &str,
+    init_pid: u32,
+) -> Result<(), TaskError> {
+    let pids = crate::cgroups::container_procs(init_pid as i32)?;
+    for pid in &pids {
+        // An already exiting process is no error.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // runc's own kill for its state, then the thaw.
+    let killed = runc.kill(id, libc::SIGKILL as u32, true);
+    let _ = runc.resume(id);
+    killed.map_err(TaskError::from)
+}
+
 impl Tasks {
     pub fn kill(
         &self,
@@ -41,7 +69,13 @@ impl Tasks {
                         expected: "running",
                     });
                 }
-                container.runc.kill(&container.id, signal, all)?;
+                if status == ProcessStatus::Paused && signal == libc::SIGKILL as u32 {
+                    // A frozen container (e.g. a migration's source in doubt) dies without
+                    // running again.
+                    kill_frozen(&container.runc, &container.id, pid)?;
+                } else {
+                    container.runc.kill(&container.id, signal, all)?;
+                }
             }
             Some(exec_id) => {
                 if pid == 0 || status == ProcessStatus::Stopped {
