@@ -430,21 +430,14 @@ impl Drop for PageServerFence {
 
 /// Runs iptables through the shim's reaper (which owns every child's exit status).
 fn iptables(action: &str, rule: &[String]) -> io::Result<()> {
-    let mut command = std::process::Command::new("iptables");
-    command
-        .args(["-w", action])
-        .args(rule)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let out = crate::reaper::run(command, None).map_err(io::Error::other)?;
-    if out.status == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::other(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
-    }
+    let args: Vec<String> = ["-w", action]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(rule.iter().cloned())
+        .collect();
+    crate::tools::run_tool("iptables", &args, None)
+        .map(drop)
+        .map_err(io::Error::other)
 }
 
 /// Connects to CRIU's page server: from the shim, or, when the dump runs in a network

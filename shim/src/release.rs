@@ -24,7 +24,6 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::process::{Command, Stdio};
 
 use restore_engine::source::ClientsReleased;
 
@@ -124,28 +123,12 @@ fn tag(id: &str) -> String {
     format!("pclive-release:{id}")
 }
 
-/// Runs `program args` in the network namespace of `pid`, through the shim's reaper (which owns
-/// every child's exit status); its stdout.
+/// Runs `program args` in the network namespace of `pid`; its stdout.
 fn in_netns(pid: u32, program: &str, args: &[String]) -> Result<String, ReleaseError> {
-    let mut command = Command::new("nsenter");
-    command
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let failed = |detail: String| ReleaseError::Tool {
+    crate::tools::run_tool(program, args, Some(pid)).map_err(|detail| ReleaseError::Tool {
         tool: program.to_string(),
         detail,
-    };
-    let out = crate::reaper::run(command, None).map_err(|e| failed(e.to_string()))?;
-    if out.status != 0 {
-        return Err(failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })
 }
 
 /// The rule that refuses connections to `ports` (one multiport rule).

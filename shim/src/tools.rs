@@ -1,4 +1,5 @@
-//! Version checks of runc and CRIU, once per shim process, run through the reaper.
+//! Version checks of runc and CRIU, once per shim process, and the host tools the shim runs
+//! (iptables, ss), all through the reaper.
 
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -49,4 +50,30 @@ pub fn check_criu() -> Result<(), VersionError> {
         .get_or_init(|| version_of("criu", "criu", MIN_CRIU))
         .clone()
         .map(drop)
+}
+
+/// Runs a host tool (iptables, ss) through the reaper, which owns every child's exit status; in
+/// the network namespace of process `netns_of` (through nsenter) when given. Its stdout; its
+/// stderr (or why it did not run) as the error.
+pub fn run_tool(program: &str, args: &[String], netns_of: Option<u32>) -> Result<String, String> {
+    let mut command = match netns_of {
+        Some(pid) => {
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net=/proc/{pid}/ns/net"))
+                .arg(program);
+            command
+        }
+        None => Command::new(program),
+    };
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = reaper::run(command, None).map_err(|e| e.to_string())?;
+    if out.status != 0 {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

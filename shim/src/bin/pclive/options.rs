@@ -152,4 +152,24 @@ mod tests {
         let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
     }
+
+    /// A relative --key-file leaves the CLI absolute: the shim reads it from another directory.
+    #[test]
+    fn a_relative_key_file_is_made_absolute() {
+        let args = KeyArgs {
+            key_file: Some(PathBuf::from("keys/migration.key")),
+            insecure: false,
+        };
+        let path = args.key_path().unwrap().unwrap();
+        assert!(path.is_absolute(), "{}", path.display());
+        assert_eq!(
+            path,
+            std::env::current_dir().unwrap().join("keys/migration.key")
+        );
+        let both = KeyArgs {
+            key_file: Some(PathBuf::from("k")),
+            insecure: true,
+        };
+        assert!(both.key_path().is_err());
+    }
 }
