@@ -172,10 +172,20 @@ impl Check for Epoll {
 }
 
 /// An inotify watch on a directory in /tmp: creating and removing a file there must be reported.
+///
+/// CRIU dumps the watches, not the events waiting in the queue (checkpoint-restore/criu#48): a
+/// task frozen between a change and its read loses that event. The kernel queues an event before
+/// the change's system call returns, so one that is not there within [`EVENT_WAIT`] is lost; that
+/// is excused only when the program's network namespace changed since its last round (it was
+/// restored elsewhere: the documented loss, docs/design-notes.md); any other loss fails.
 struct Inotify {
     fd: libc::c_int,
     dir: String,
+    /// The network namespace of the last round.
+    net: String,
 }
+
+const EVENT_WAIT: i32 = 2000;
 
 pub fn inotify(_: &[String]) -> Result<Box<dyn Check>, String> {
     let dir = format!("/tmp/statecheck-inotify-{}", std::process::id());
@@ -189,12 +199,27 @@ pub fn inotify(_: &[String]) -> Result<Box<dyn Check>, String> {
     let wd =
         unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_CREATE | libc::IN_DELETE) };
     ensure(wd >= 0, || os_err("inotify_add_watch"))?;
-    Ok(Box::new(Inotify { fd, dir }))
+    Ok(Box::new(Inotify {
+        fd,
+        dir,
+        net: crate::network_namespace(),
+    }))
 }
 
 impl Inotify {
-    /// The next event: its mask and name.
-    fn next(&self) -> Result<(u32, String), String> {
+    /// The next event (its mask and name), or None if none came within [`EVENT_WAIT`].
+    fn next(&self) -> Result<Option<(u32, String)>, String> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, EVENT_WAIT) };
+        ensure(ready >= 0, || os_err("poll inotify"))?;
+        if ready == 0 {
+            return Ok(None);
+        }
         let mut buf = [0u8; 4096];
         // SAFETY: buf has room for 4096 bytes.
         let r = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -211,7 +236,25 @@ impl Inotify {
         ensure(r == (header + event.len as usize) as isize, || {
             format!("more than one inotify event at once ({r} bytes)")
         })?;
-        Ok((event.mask, name))
+        Ok(Some((event.mask, name)))
+    }
+
+    /// Expects the event `what` (IN_CREATE or IN_DELETE) for `name`.
+    fn expect(&self, what: u32, label: &str, name: &str) -> Checked {
+        match self.next()? {
+            Some((mask, got)) => ensure(mask & what != 0 && got == name, || {
+                format!("expected {label} {name}, got {mask:#x} {got}")
+            }),
+            None => {
+                let moved = crate::network_namespace() != self.net;
+                if moved {
+                    eprintln!("statecheck inotify: {label} {name} was queued when the task was dumped and is lost (CRIU does not carry inotify queues)");
+                }
+                ensure(moved, || {
+                    format!("no {label} event for {name} in {EVENT_WAIT} ms")
+                })
+            }
+        }
     }
 }
 
@@ -219,17 +262,11 @@ impl Check for Inotify {
     fn round(&mut self, n: u64) -> Checked {
         let file = format!("{}/f{n}", self.dir);
         std::fs::write(&file, b"x").map_err(|e| format!("create {file}: {e}"))?;
-        let (mask, name) = self.next()?;
-        ensure(
-            mask & libc::IN_CREATE != 0 && name == format!("f{n}"),
-            || format!("expected IN_CREATE f{n}, got {mask:#x} {name}"),
-        )?;
+        self.expect(libc::IN_CREATE, "IN_CREATE", &format!("f{n}"))?;
         std::fs::remove_file(&file).map_err(|e| format!("remove {file}: {e}"))?;
-        let (mask, name) = self.next()?;
-        ensure(
-            mask & libc::IN_DELETE != 0 && name == format!("f{n}"),
-            || format!("expected IN_DELETE f{n}, got {mask:#x} {name}"),
-        )
+        self.expect(libc::IN_DELETE, "IN_DELETE", &format!("f{n}"))?;
+        self.net = crate::network_namespace();
+        Ok(())
     }
 }
 

@@ -152,7 +152,7 @@ const JOURNAL: &str = "journal";
 
 /// This process's network namespace (`net:[INODE]`), read anew each time: a restored process
 /// lives in another one than the one it was dumped from.
-fn network_namespace() -> String {
+pub fn network_namespace() -> String {
     fs::read_link("/proc/self/ns/net")
         .map(|p| p.display().to_string())
         .unwrap_or_default()
