@@ -44,21 +44,11 @@ fn mask(path: &Path, set: &Option<CapSet>) -> Result<u64, GrantSpecError> {
 /// Whether the namespace at `path` is this host's own of its kind (the shim's, in which CRIU
 /// restores): a container that joins it by path (a Kubernetes hostNetwork pod's containers
 /// join their sandbox's network and UTS namespaces, which are the host's) has none of its own.
-fn is_this_hosts(typ: LinuxNamespaceType, path: &Path) -> bool {
+fn is_this_hosts(kind: Namespace, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let name = match typ {
-        LinuxNamespaceType::Pid => "pid",
-        LinuxNamespaceType::Network => "net",
-        LinuxNamespaceType::Ipc => "ipc",
-        LinuxNamespaceType::Uts => "uts",
-        LinuxNamespaceType::Mount => "mnt",
-        LinuxNamespaceType::User => "user",
-        LinuxNamespaceType::Cgroup => "cgroup",
-        LinuxNamespaceType::Time => "time",
-    };
     match (
         fs::metadata(path),
-        fs::metadata(format!("/proc/self/ns/{name}")),
+        fs::metadata(format!("/proc/self/ns/{}", kind.proc_name())),
     ) {
         (Ok(joined), Ok(ours)) => joined.dev() == ours.dev() && joined.ino() == ours.ino(),
         // Unreadable: count it as the container's own (the stricter reading).
@@ -102,12 +92,11 @@ pub fn of_spec(spec: &Spec, path: &Path) -> Result<Grant, GrantSpecError> {
             .namespaces()
             .iter()
             .flatten()
-            .filter(|ns| {
-                !ns.path()
-                    .as_deref()
-                    .is_some_and(|p| is_this_hosts(ns.typ(), p))
+            .filter_map(|ns| {
+                let kind = namespace(ns.typ());
+                let hosts = ns.path().as_deref().is_some_and(|p| is_this_hosts(kind, p));
+                (!hosts).then_some(kind)
             })
-            .map(|ns| namespace(ns.typ()))
             .collect(),
         mounts: spec
             .mounts()
@@ -168,11 +157,11 @@ mod tests {
     #[test]
     fn a_namespace_joined_by_path_is_the_hosts_only_when_it_is() {
         assert!(is_this_hosts(
-            LinuxNamespaceType::Network,
+            Namespace::Network,
             Path::new("/proc/self/ns/net")
         ));
         assert!(!is_this_hosts(
-            LinuxNamespaceType::Network,
+            Namespace::Network,
             Path::new("/nonexistent/ns/net")
         ));
         // A thread in a network namespace of its own (unshare needs root: the suite runs as
@@ -186,13 +175,10 @@ mod tests {
         });
         let tid = rx.recv().unwrap();
         let theirs = format!("/proc/self/task/{tid}/ns/net");
-        assert!(!is_this_hosts(
-            LinuxNamespaceType::Network,
-            Path::new(&theirs)
-        ));
+        assert!(!is_this_hosts(Namespace::Network, Path::new(&theirs)));
         // The same namespace kind is compared: its UTS namespace is still ours.
         let uts = format!("/proc/self/task/{tid}/ns/uts");
-        assert!(is_this_hosts(LinuxNamespaceType::Uts, Path::new(&uts)));
+        assert!(is_this_hosts(Namespace::Uts, Path::new(&uts)));
         done_tx.send(()).unwrap();
         thread.join().unwrap();
     }

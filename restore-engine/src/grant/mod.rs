@@ -146,6 +146,20 @@ impl Namespace {
         Namespace::Cgroup,
         Namespace::Time,
     ];
+
+    /// Its file under /proc/PID/ns.
+    pub fn proc_name(self) -> &'static str {
+        match self {
+            Namespace::Pid => "pid",
+            Namespace::Network => "net",
+            Namespace::Ipc => "ipc",
+            Namespace::Uts => "uts",
+            Namespace::Mount => "mnt",
+            Namespace::User => "user",
+            Namespace::Cgroup => "cgroup",
+            Namespace::Time => "time",
+        }
+    }
 }
 
 impl fmt::Display for Namespace {
