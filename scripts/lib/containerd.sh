@@ -1,5 +1,6 @@
 # Private containerd daemons for pclive's scripts (sourced, not run).
 #
+#   containerd_config DIR                      the configuration containerd_start writes (stdout)
 #   containerd_start DIR [COMMAND-PREFIX...]   config, shim link and daemon under DIR; the daemon
 #                                              runs under COMMAND-PREFIX (e.g. nsenter --net=…);
 #                                              its pid goes to DIR/containerd.pid; with
@@ -7,13 +8,15 @@
 #   containerd_remove_all SOCKET               every container of every namespace, cgroups too
 #   containerd_stop DIR                        stops the daemon containerd_start started
 
-containerd_start() {
-  local dir=$1; shift
-  mkdir -p "$dir/bin"
-  ln -sf "$(command -v containerd-shim-pclive-v2)" "$dir/bin/containerd-shim-pclive-v2"
+# The configuration of a containerd whose root, state and socket are under DIR (stdout). With
+# CRI_SANDBOX_IMAGE set: containerd's CRI plugin with the runtime handler pclive
+# (docs/kubernetes.md), pods sandboxed by that image (import it into namespace k8s.io).
+# The Rust tests' harness (shim/tests/common) writes its daemons' configuration with it too.
+containerd_config() {
+  local dir=$1
   local disabled='"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri", "io.containerd.podsandbox.controller.v1.podsandbox"'
   [ -n "${CRI_SANDBOX_IMAGE:-}" ] && disabled='"io.containerd.nri.v1.nri"'
-  cat > "$dir/config.toml" <<CONF
+  cat <<CONF
 version = 3
 root = "$dir/root"
 state = "$dir/state"
@@ -23,10 +26,8 @@ disabled_plugins = [$disabled]
 [ttrpc]
   address = "$dir/containerd.sock.ttrpc"
 CONF
-  # With CRI_SANDBOX_IMAGE: containerd's CRI plugin with the runtime handler pclive
-  # (docs/kubernetes.md), pods sandboxed by that image (import it into namespace k8s.io).
-  if [ -n "${CRI_SANDBOX_IMAGE:-}" ]; then
-    cat >> "$dir/config.toml" <<CONF
+  [ -n "${CRI_SANDBOX_IMAGE:-}" ] || return 0
+  cat <<CONF
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "overlayfs"
   [plugins."io.containerd.cri.v1.images".pinned_images]
@@ -48,7 +49,13 @@ CONF
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 CONF
-  fi
+}
+
+containerd_start() {
+  local dir=$1; shift
+  mkdir -p "$dir/bin"
+  ln -sf "$(command -v containerd-shim-pclive-v2)" "$dir/bin/containerd-shim-pclive-v2"
+  containerd_config "$dir" > "$dir/config.toml"
   PATH="$dir/bin:$PATH" "$@" containerd --config "$dir/config.toml" >> "$dir/containerd.log" 2>&1 &
   echo $! > "$dir/containerd.pid"
   local _

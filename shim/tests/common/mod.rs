@@ -110,57 +110,23 @@ impl Containerd {
         };
         let address = dir.join("containerd.sock").display().to_string();
         let config = dir.join("config.toml");
-        let (disabled, cri) = match cri_sandbox_image {
-            None => (
-                r#""io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri", "io.containerd.podsandbox.controller.v1.podsandbox""#,
-                String::new(),
-            ),
-            Some(sandbox) => (
-                r#""io.containerd.nri.v1.nri""#,
-                format!(
-                    r#"[plugins."io.containerd.cri.v1.images"]
-  snapshotter = "overlayfs"
-  [plugins."io.containerd.cri.v1.images".pinned_images]
-    sandbox = "{sandbox}"
-[plugins."io.containerd.cri.v1.runtime"]
-  # These machines deny lowering a process's OOM score (the CRI gives sandboxes -998).
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.pclive]
-    runtime_type = "{RUNTIME}"
-    pod_annotations = ["io.containerd.pclive.*"]
-    container_annotations = ["io.containerd.pclive.*"]
-    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.pclive.options]
-      SystemdCgroup = false
-  [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["{cni}/bin"]
-    conf_dir = "{cni}/conf"
-[plugins."io.containerd.grpc.v1.cri"]
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-"#,
-                    cni = dir.join("cni").display()
-                ),
-            ),
-        };
-        fs::write(
-            &config,
-            format!(
-                r#"version = 3
-root = "{root}"
-state = "{state}"
-disabled_plugins = [{disabled}]
-[grpc]
-  address = "{address}"
-[ttrpc]
-  address = "{address}.ttrpc"
-[debug]
-  level = "info"
-{cri}"#,
-                root = dir.join("root").display(),
-                state = dir.join("state").display(),
-            ),
-        )
-        .unwrap();
+        // The configuration the scripts' daemons get (scripts/lib/containerd.sh).
+        let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lib/containerd.sh");
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(r#". "$1" && containerd_config "$2""#)
+            .arg("bash")
+            .arg(&lib)
+            .arg(&dir)
+            .env("CRI_SANDBOX_IMAGE", cri_sandbox_image.unwrap_or(""))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "containerd_config failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::write(&config, out.stdout).unwrap();
         // The host's pclive settings: annotations may name files in this test's directory, and
         // containers may receive migrations.
         fs::write(
