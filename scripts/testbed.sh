@@ -16,6 +16,11 @@
 #   scripts/testbed.sh env [--name NAME]          print the hosts' addresses and sockets
 #   scripts/testbed.sh restart src|dst [--name NAME]   restart a host's containerd (its shims,
 #                                                  and so its containers, go on running)
+#   scripts/testbed.sh pod src|dst [--name NAME] POD ADDRESS [--down]
+#                                                  a pod network namespace NAME-HOST-POD on the
+#                                                  pod network, with ADDRESS/24 on its eth0 (the
+#                                                  MAC follows from the address, as a CNI with
+#                                                  fixed IPs gives), down with --down
 #
 # Hosts: NAME-src (10.213.N.1) and NAME-dst (10.213.N.2); NAME defaults to pclive. A third
 # namespace, NAME-cli, stands for the service's clients: it reaches src at 10.214.N.1 and dst at
@@ -25,6 +30,11 @@
 # time and memory. Only the namespaces, links, addresses and cgroups created here are touched;
 # `down` removes all of it, containers included, and stops only the containerd daemons `up`
 # started.
+#
+# The pod network (for containers whose address moves with them, pclive migrate --move-address):
+# one L2 segment, 10.216.N.0/24, as a cluster's pod network on a shared switch. A bridge in the
+# client namespace is the switch (its own address 10.216.N.254 is the clients'); each host has a
+# bridge of its own, uplinked to it, and a pod's eth0 hangs on its host's bridge.
 set -euo pipefail
 . "$(dirname "$0")/lib/containerd.sh"
 
@@ -52,6 +62,7 @@ addr_of() { [ "$1" = src ] && echo "10.213.$net.1" || echo "10.213.$net.2"; }
 # The address clients use for a host, and the client's own address on that link.
 client_addr_of() { [ "$1" = src ] && echo "10.214.$net.1" || echo "10.215.$net.1"; }
 client_side_of() { [ "$1" = src ] && echo "10.214.$net.2" || echo "10.215.$net.2"; }
+pod_net() { echo "10.216.$net"; }
 ns_of() { echo "$name-$1"; }
 sock_of() { echo "$state/$1/containerd.sock"; }
 cgroup_of() { echo "/sys/fs/cgroup/$1/pclive-testbed-$name-$2"; }
@@ -126,6 +137,19 @@ up() {
     ip -n "$(ns_of $host)" link set "$hdev" up
     ip -n "$(ns_of cli)" link set "$cdev" up
   done
+  # The pod network: the switch in the client namespace, a bridge per host uplinked to it.
+  local cli_ns; cli_ns=$(ns_of cli)
+  ip -n "$cli_ns" link add "${name}sw" type bridge
+  ip -n "$cli_ns" addr add "$(pod_net).254/24" dev "${name}sw"
+  ip -n "$cli_ns" link set "${name}sw" up
+  for host in src dst; do
+    local up_dev; up_dev=${name}u$([ $host = src ] && echo s || echo d)
+    ip -n "$(ns_of $host)" link add "${name}br" type bridge
+    ip -n "$(ns_of $host)" link add "${name}up" type veth peer name "$up_dev" netns "$cli_ns"
+    ip -n "$(ns_of $host)" link set "${name}up" master "${name}br" up
+    ip -n "$(ns_of $host)" link set "${name}br" up
+    ip -n "$cli_ns" link set "$up_dev" master "${name}sw" up
+  done
   # One migration key, copied to each host (root's, 0600), as an administrator would.
   mkdir -p "$state/src" "$state/dst"
   (umask 077; head -c 32 /dev/urandom > "$state/src/migration.key")
@@ -143,6 +167,10 @@ down() {
       containerd_remove_all "$(sock_of $host)"
       containerd_stop "$state/$host"
     fi
+    local pod
+    for pod in $(ip netns list | awk '{print $1}' | grep "^$(ns_of $host)-" || true); do
+      ip netns del "$pod" 2>/dev/null || true
+    done
     ip netns del "$(ns_of $host)" 2>/dev/null || true
   done
   ip netns del "$(ns_of cli)" 2>/dev/null || true
@@ -172,6 +200,7 @@ env_info() {
     printf '%s: netns %s, address %s, containerd %s, clients reach it at %s, cgroups %s, pclive state %s, key %s, settings %s\n' "$host" "$(ns_of $host)" "$(addr_of $host)" "$(sock_of $host)" "$(client_addr_of $host)" "pclive-testbed-$name-$host" "$state/$host/pclive" "$state/$host/migration.key" "$state/$host/pclive-config.toml"
   done
   printf 'cli: netns %s\n' "$(ns_of cli)"
+  printf 'pods: network %s.0/24 (clients at %s.254), scripts/testbed.sh pod src|dst POD ADDRESS\n' "$(pod_net)" "$(pod_net)"
   printf 'link: %s\n' "$rate"
 }
 
@@ -194,6 +223,22 @@ case "$cmd" in
     case "$host" in src|dst|cli) ;; *) echo "testbed: exec src|dst|cli COMMAND..." >&2; exit 2 ;; esac
     [ -d "$state" ] || { echo "testbed $name is not up (scripts/testbed.sh up --name $name)" >&2; exit 1; }
     on_host "$host" "${args[@]:1}" ;;
-  -h|--help|"") sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' ;;
+  pod)
+    host=${args[0]:-} pod=${args[1]:-} address=${args[2]:-} state_flag=${args[3]:-}
+    case "$host" in src|dst) ;; *) echo "testbed: pod src|dst POD ADDRESS [--down]" >&2; exit 2 ;; esac
+    case "$pod" in *[!a-z0-9]*|"") echo "testbed: POD is lower-case letters and digits" >&2; exit 2 ;; esac
+    [ ${#pod} -le 12 ] || { echo "testbed: POD is at most 12 characters" >&2; exit 2; }
+    case "$address" in "$(pod_net)".*) ;; *) echo "testbed: ADDRESS must be in the pod network $(pod_net).0/24" >&2; exit 2 ;; esac
+    [ -d "$state" ] || { echo "testbed $name is not up (scripts/testbed.sh up --name $name)" >&2; exit 1; }
+    pod_ns="$(ns_of "$host")-$pod"
+    mac=$(printf '02:00:%02x:%02x:%02x:%02x' $(echo "$address" | tr . ' '))
+    ip netns add "$pod_ns"
+    ip -n "$(ns_of "$host")" link add "p-$pod" type veth peer name eth0 netns "$pod_ns" address "$mac"
+    ip -n "$(ns_of "$host")" link set "p-$pod" master "${name}br" up
+    ip -n "$pod_ns" link set lo up
+    ip -n "$pod_ns" addr add "$address/24" dev eth0
+    [ "$state_flag" = --down ] || ip -n "$pod_ns" link set eth0 up
+    echo "pod: netns /run/netns/$pod_ns, address $address, mac $mac" ;;
+  -h|--help|"") awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "testbed: unknown command '$cmd' (try --help)" >&2; exit 2 ;;
 esac

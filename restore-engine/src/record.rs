@@ -165,6 +165,11 @@ pub struct Record {
     /// longer be asked.
     #[serde(default)]
     pub destination_said: Option<Phase>,
+    /// Source: the container's network interfaces taken down for the final dump because its
+    /// address moves to the destination (`--move-address`), recorded before they went down;
+    /// whoever resumes this copy brings them up again first.
+    #[serde(default)]
+    pub moved_links: Vec<String>,
 }
 
 impl Record {
@@ -184,6 +189,7 @@ impl Record {
             resolution: None,
             key_file: None,
             destination_said: None,
+            moved_links: Vec::new(),
         }
     }
 

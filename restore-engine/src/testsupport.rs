@@ -296,6 +296,7 @@ pub fn params(work_dir: &std::path::Path, key: &Auth) -> MigrateParams {
         resolve_timeout: Duration::from_secs(2),
         layer: None,
         external_mounts: Vec::new(),
+        move_address: false,
         policy: ConvergencePolicy {
             max_rounds: 3,
             ..Default::default()

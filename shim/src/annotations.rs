@@ -49,6 +49,11 @@ pub const RECEIVE_PROGRESS_FILE: &str = "io.containerd.pclive.receive.progress-f
 /// `true`: both hosts share the container's root filesystem storage; nothing of it is copied
 /// (the source must say `--shared-rootfs` too, and the trees must be the same).
 pub const RECEIVE_SHARED_ROOTFS: &str = "io.containerd.pclive.receive.shared-rootfs";
+/// `true`: the container joins a network namespace (by path) that its network plugin gave the
+/// source's address; its interfaces are held down until the switchover, then come up announcing
+/// the address, and the source's TCP connections continue here (the source must say
+/// `--move-address` too).
+pub const RECEIVE_MOVE_ADDRESS: &str = "io.containerd.pclive.receive.move-address";
 
 /// An annotation with a value pclive cannot use.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -63,6 +68,8 @@ pub enum AnnotationError {
     ReceiveAuth,
     #[error("{RESTORE_TCP_CLOSE}=true with a CRIU config of your own ({CRIU_CONFIG}): put tcp-close in that config instead")]
     TcpCloseWithOwnConfig,
+    #[error("{RECEIVE_MOVE_ADDRESS}=true with {RESTORE_TCP_CLOSE}=true: connections continue when the address moves; choose one")]
+    MoveAddressWithTcpClose,
 }
 
 /// What a container's annotations ask of its restore.
@@ -157,10 +164,14 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<RestoreAnnotations
                 limits: Default::default(),
                 rootfs: None,
                 shared_rootfs: boolean(annotations, RECEIVE_SHARED_ROOTFS)? == Some(true),
+                move_address: boolean(annotations, RECEIVE_MOVE_ADDRESS)? == Some(true),
             })
         }
     };
     let tcp_close = boolean(annotations, RESTORE_TCP_CLOSE)? == Some(true);
+    if tcp_close && receive.as_ref().is_some_and(|r| r.move_address) {
+        return Err(AnnotationError::MoveAddressWithTcpClose);
+    }
     let own_criu_config = annotations.contains_key(CRIU_CONFIG);
     if tcp_close && own_criu_config {
         return Err(AnnotationError::TcpCloseWithOwnConfig);
@@ -265,6 +276,28 @@ mod tests {
             ]))
             .unwrap_err(),
             AnnotationError::TcpCloseWithOwnConfig
+        );
+    }
+
+    #[test]
+    fn a_moving_address_is_a_receive_option_that_excludes_tcp_close() {
+        let listen = (RECEIVE_LISTEN, "10.0.0.2:7411");
+        let parsed = parse(&map(&[
+            listen,
+            (RECEIVE_INSECURE, "true"),
+            (RECEIVE_MOVE_ADDRESS, "true"),
+        ]))
+        .unwrap();
+        assert!(parsed.receive.unwrap().move_address);
+        assert_eq!(
+            parse(&map(&[
+                listen,
+                (RECEIVE_INSECURE, "true"),
+                (RECEIVE_MOVE_ADDRESS, "true"),
+                (RESTORE_TCP_CLOSE, "true"),
+            ]))
+            .unwrap_err(),
+            AnnotationError::MoveAddressWithTcpClose
         );
     }
 }

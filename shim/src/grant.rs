@@ -44,7 +44,7 @@ fn mask(path: &Path, set: &Option<CapSet>) -> Result<u64, GrantSpecError> {
 /// Whether the namespace at `path` is this host's own of its kind (the shim's, in which CRIU
 /// restores): a container that joins it by path (a Kubernetes hostNetwork pod's containers
 /// join their sandbox's network and UTS namespaces, which are the host's) has none of its own.
-fn is_this_hosts(kind: Namespace, path: &Path) -> bool {
+pub(crate) fn is_this_hosts(kind: Namespace, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (
         fs::metadata(path),
@@ -110,6 +110,11 @@ pub fn of_spec(spec: &Spec, path: &Path) -> Result<Grant, GrantSpecError> {
             .collect(),
         masked_paths: linux.masked_paths().clone().unwrap_or_default(),
         readonly_paths: linux.readonly_paths().clone().unwrap_or_default(),
+        moves_address: spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(crate::annotations::RECEIVE_MOVE_ADDRESS))
+            .is_some_and(|v| v == "true"),
     })
 }
 

@@ -9,7 +9,10 @@ use containerd_shim_pclive::{annotations, service};
 /// - `setup-namespaces`: bring `lo` up in the restored container's new network namespace before
 ///   CRIU restores its sockets (runc leaves it down, and a connection over 127.0.0.1 cannot be
 ///   restored on a down interface: "Can't connect inet socket back: Network is unreachable");
-/// - `post-restore`: a received migration's resume gate (restore-engine/src/destination/gate.rs).
+///   for a received migration whose address moves here, its interfaces come up locked;
+/// - `post-restore`: a received migration's resume gate (restore-engine/src/destination/gate.rs);
+/// - `network-unlock`: the interfaces of a moved address are unlocked and announced (see
+///   [`moved_address`]).
 fn criu_action(action: &str) -> i32 {
     match action {
         "setup-namespaces" => {
@@ -17,7 +20,13 @@ fn criu_action(action: &str) -> i32 {
                 .ok()
                 .and_then(|p| p.parse::<u32>().ok());
             match pid.map(containerd_shim_pclive::netns::bring_up_loopback) {
-                Some(Ok(())) => 0,
+                Some(Ok(())) => match moved_address(action) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("pclive: the container's address cannot come up here: {e}");
+                        1
+                    }
+                },
                 Some(Err(e)) => {
                     eprintln!("pclive: cannot bring up lo in the restored network namespace: {e}");
                     1
@@ -29,7 +38,47 @@ fn criu_action(action: &str) -> i32 {
             }
         }
         "post-restore" => restore_engine::destination::gate::hook_main(),
+        "network-unlock" => match moved_address(action) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("pclive: the container's address cannot come up here: {e}");
+                1
+            }
+        },
         _ => 0,
+    }
+}
+
+/// For a received migration whose address moves here (the receiving server's gate says so):
+/// at CRIU's `setup-namespaces`, the interfaces held down since the receiving container was
+/// created come up locked (nothing in or out) so that CRIU can reconnect the TCP sockets; at
+/// `network-unlock`, once the resume is recorded, they are unlocked and announce the address
+/// before the tasks resume.
+fn moved_address(action: &str) -> Result<(), String> {
+    use containerd_shim_pclive::netns;
+    use restore_engine::destination::gate;
+    let (request, yes) = match action {
+        "setup-namespaces" => (gate::NETWORK_LOCK, "lock"),
+        _ => (gate::NETWORK_UNLOCK, "raise"),
+    };
+    if !gate::ask_network(request, yes)? {
+        return Ok(());
+    }
+    let pid = std::env::var("CRTOOLS_INIT_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or_else(|| format!("CRTOOLS_INIT_PID is not set at {action}"))?;
+    if action == "setup-namespaces" {
+        let held = netns::down_links(pid).map_err(|e| format!("listing its interfaces: {e}"))?;
+        netns::raise_locked(pid, &held)
+    } else {
+        let all: Vec<String> =
+            netns::links(&std::path::PathBuf::from(format!("/proc/{pid}/ns/net")))
+                .map_err(|e| format!("listing its interfaces: {e}"))?
+                .into_iter()
+                .map(|l| l.name)
+                .collect();
+        netns::unlock_and_announce(pid, &all)
     }
 }
 

@@ -46,6 +46,8 @@ pub enum MigrateError {
     ExternalMounts(String),
     #[error("cannot migrate: the container's root filesystem: {0}. Nothing was sent; the container keeps running here")]
     Filesystem(String),
+    #[error("cannot migrate: {0}. Nothing was sent; the container keeps running here")]
+    Address(String),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("{what}: {source}")]
@@ -98,6 +100,11 @@ pub struct MigrateRequest {
     /// Bytes per second the live pre-copy rounds may send (0: no bound).
     #[prost(uint64, tag = "12")]
     pub max_bandwidth: u64,
+    /// The container's address moves with it: it joins a network namespace prepared by its
+    /// network plugin, whose interfaces go down here before the final dump and come up on the
+    /// destination; its TCP connections continue there.
+    #[prost(bool, tag = "13")]
+    pub move_address: bool,
 }
 
 impl MigrateRequest {
@@ -149,6 +156,11 @@ impl MigrateRequest {
         // The host's own configuration files are the destination's there (reported, not
         // refused).
         let external_mounts = mounts.into_iter().map(|m| m.text).collect();
+        if self.move_address {
+            let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+                .map_err(|e| MigrateError::Address(format!("reading its spec: {e}")))?;
+            crate::netns::moving_netns(&spec).map_err(MigrateError::Address)?;
+        }
         let root = crate::rootfs::root_dir(bundle).map_err(MigrateError::Filesystem)?;
         let layer = crate::rootfs::layer_plan(&root, self.shared_rootfs)
             .map_err(MigrateError::Filesystem)?;
@@ -178,6 +190,7 @@ impl MigrateRequest {
             work_dir: work_dir.to_owned(),
             layer: Some(layer),
             external_mounts,
+            move_address: self.move_address,
         })
     }
 }
@@ -240,6 +253,11 @@ impl RuncHooks<'_> {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The container's network namespace (its init's).
+    fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.init_pid))
     }
 
     fn host_pids(&self) -> Result<Vec<u32>, RuncError> {
@@ -338,6 +356,22 @@ impl SourceHooks for RuncHooks<'_> {
             self.id, released.ports, released.connections_reset
         );
         Ok(released)
+    }
+
+    fn address_links(&mut self) -> Result<Vec<String>, HookError> {
+        let links = crate::netns::links(&self.netns())?;
+        Ok(links.into_iter().filter(|l| l.up).map(|l| l.name).collect())
+    }
+
+    fn set_address_links(&mut self, names: &[String], up: bool) -> Result<(), HookError> {
+        crate::netns::set_links(&self.netns(), names, up)?;
+        info!(
+            "{}: interface(s) {} {} (its address moves)",
+            self.id,
+            names.join(", "),
+            if up { "up again" } else { "down" }
+        );
+        Ok(())
     }
 
     fn round_done(&mut self, round: &RoundStats) {

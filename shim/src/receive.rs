@@ -37,6 +37,8 @@ pub struct ReceiveSpec {
     pub rootfs: Option<PathBuf>,
     /// Both hosts share the root filesystem's storage: nothing is copied, its tree is checked.
     pub shared_rootfs: bool,
+    /// The container takes the source's address ([`crate::annotations::RECEIVE_MOVE_ADDRESS`]).
+    pub move_address: bool,
 }
 
 /// What a source may make the receiving host store: the staging store (and the image files

@@ -7,6 +7,11 @@
 //! directory (`pclive-gate.sock`, found through `CRTOOLS_IMAGE_DIR`) and exits 0 only if the gate
 //! recorded `running` first ([`DestinationTxn::decide_resume`]). Any other answer, or no gate at
 //! all, fails the restore: the tasks never run unrecorded.
+//!
+//! For a container whose address moves here (`--move-address`) the gate also tells the same
+//! action script, at CRIU's `setup-namespaces`, to bring the held-down interfaces up locked
+//! (`lock`), and at `network-unlock`, which CRIU runs after `post-restore` and before the tasks
+//! resume, to unlock and announce them (`raise`), but only once `running` is recorded.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
@@ -23,8 +28,19 @@ pub const GATE_SOCKET: &str = "pclive-gate.sock";
 /// The environment variable CRIU sets for action scripts: which action runs.
 pub const ACTION_ENV: &str = "CRTOOLS_SCRIPT_ACTION";
 
+/// The request CRIU's `network-unlock` action script sends: may the container's interfaces
+/// come up now?
+pub const NETWORK_UNLOCK: &str = "network-unlock";
+/// The request CRIU's `setup-namespaces` action script sends: must the container's interfaces
+/// come up locked (CRIU reconnects its TCP sockets through them), for an address that moves
+/// here?
+pub const NETWORK_LOCK: &str = "network-lock";
+
 /// Serves the gate for the restore of `images` on a thread of its own, until the process ends.
-pub fn open(images: &Path, txn: DestinationTxn) -> io::Result<()> {
+/// `raise_links`: the receiving container takes the source's address
+/// ([`crate::grant::Grant::moves_address`]); its interfaces come up at CRIU's `network-unlock`,
+/// once the resume is recorded.
+pub fn open(images: &Path, txn: DestinationTxn, raise_links: bool) -> io::Result<()> {
     let path = images.join(GATE_SOCKET);
     let _ = fs::remove_file(&path);
     // Through /proc/self/fd: image directories can be longer than a socket address allows.
@@ -36,6 +52,12 @@ pub fn open(images: &Path, txn: DestinationTxn) -> io::Result<()> {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let answer = match read_request(&stream) {
+                    Ok(request) if request.starts_with(NETWORK_UNLOCK) => {
+                        network_answer(&txn, raise_links).to_string()
+                    }
+                    Ok(request) if request.starts_with(NETWORK_LOCK) => {
+                        if raise_links { "lock" } else { "keep" }.to_string()
+                    }
                     Ok(request) => match txn.decide_resume() {
                         Ok(()) => {
                             log::info!("resume gate: {request}: the restored tasks may resume (recorded running)");
@@ -53,6 +75,18 @@ pub fn open(images: &Path, txn: DestinationTxn) -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// `raise` when the container's interfaces come up now: it takes the source's address and its
+/// resume is recorded (the source is down for good: its address may be announced here);
+/// `keep` otherwise.
+fn network_answer(txn: &DestinationTxn, raise_links: bool) -> &'static str {
+    if raise_links && txn.phase() == Some(crate::record::Phase::Running) {
+        log::info!("resume gate: network-unlock: the container's interfaces come up here");
+        "raise"
+    } else {
+        "keep"
+    }
 }
 
 fn read_request(stream: &UnixStream) -> io::Result<String> {
@@ -73,6 +107,22 @@ pub fn ask(images: &Path, request: &str) -> io::Result<String> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     Ok(line.trim().to_string())
+}
+
+/// CRIU's `setup-namespaces` (`NETWORK_LOCK`: the answer is `lock` for an address that moves
+/// here) or `network-unlock` (`NETWORK_UNLOCK`: `raise` once the resume is recorded) action
+/// script, for a restore with a gate: whether the answer is `yes`. A restore without a gate (a
+/// local checkpoint) gets `false`.
+pub fn ask_network(request: &str, yes: &str) -> Result<bool, String> {
+    let images = std::env::var("CRTOOLS_IMAGE_DIR")
+        .map_err(|_| "CRTOOLS_IMAGE_DIR is not set".to_string())?;
+    if std::fs::symlink_metadata(Path::new(&images).join(GATE_SOCKET)).is_err() {
+        return Ok(false);
+    }
+    match ask(Path::new(&images), request) {
+        Ok(answer) => Ok(answer == yes),
+        Err(e) => Err(format!("cannot ask the receiving server: {e}")),
+    }
 }
 
 /// CRIU's `post-restore` action script: exit code 0 lets the restore go on. A restore whose
@@ -98,6 +148,35 @@ pub fn hook_main() -> i32 {
                 "pclive resume gate: cannot ask the receiving server ({e}): refusing to resume"
             );
             1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Phase, Store};
+
+    /// For an address that moves here, CRIU's `setup-namespaces` hears `lock`; `network-unlock`
+    /// hears `raise` only once the resume is recorded (a restore that never got the go keeps
+    /// the address down). A receive whose address does not move hears `keep` throughout.
+    #[test]
+    fn the_address_comes_up_only_after_the_resume_is_recorded() {
+        for moves in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let txn = DestinationTxn::new(Store::new(&dir.path().join("state")));
+            txn.begin("00112233445566778899aabbccddeeff", "app", "peer")
+                .unwrap();
+            txn.enter(Phase::Restoring, None).unwrap();
+            let images = dir.path().join("images");
+            fs::create_dir(&images).unwrap();
+            open(&images, txn.clone(), moves).unwrap();
+            let lock = if moves { "lock" } else { "keep" };
+            assert_eq!(ask(&images, NETWORK_LOCK).unwrap(), lock);
+            assert_eq!(ask(&images, NETWORK_UNLOCK).unwrap(), "keep");
+            assert_eq!(ask(&images, "post-restore init=1").unwrap(), "go");
+            let raise = if moves { "raise" } else { "keep" };
+            assert_eq!(ask(&images, NETWORK_UNLOCK).unwrap(), raise);
         }
     }
 }

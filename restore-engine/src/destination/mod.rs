@@ -374,6 +374,7 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
     verdict: impl FnOnce(&FillStats) -> Result<(), String>,
 ) -> Result<FillStats, DestinationError> {
     let result = (|| -> Result<FillStats, DestinationError> {
+        grant::check_address(session.intent().moves_address, grant)?;
         let mut store = StagingStore::default();
         let mut budget = limits::Budget::new(limits);
         let received = receive::receive_rounds_reporting(
@@ -390,9 +391,11 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
         fault("destination::after-images")?;
         check(cancel)?;
         txn.enter(Phase::Restoring, None)?;
-        gate::open(&config.images, txn.clone()).map_err(|source| DestinationError::Io {
-            what: "opening the resume gate".into(),
-            source,
+        gate::open(&config.images, txn.clone(), grant.moves_address).map_err(|source| {
+            DestinationError::Io {
+                what: "opening the resume gate".into(),
+                source,
+            }
         })?;
         events(ServerEvent::ImagesReady {
             rounds: received.rounds,
@@ -438,6 +441,7 @@ pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
     restore: impl FnOnce() -> RestoreOutcome,
 ) -> Result<AssembleReport, DestinationError> {
     let result = (|| -> Result<AssembleReport, DestinationError> {
+        grant::check_address(session.intent().moves_address, grant)?;
         let mut store = StagingStore::default();
         let mut budget = limits::Budget::new(limits);
         let received = receive::receive_rounds_reporting(
@@ -462,9 +466,11 @@ pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
         drop(store);
         check(cancel)?;
         txn.enter(Phase::Restoring, None)?;
-        gate::open(images, txn.clone()).map_err(|source| DestinationError::Io {
-            what: "opening the resume gate".into(),
-            source,
+        gate::open(images, txn.clone(), grant.moves_address).map_err(|source| {
+            DestinationError::Io {
+                what: "opening the resume gate".into(),
+                source,
+            }
         })?;
         events(ServerEvent::Assembled(assembled.clone()));
         match restore() {

@@ -207,6 +207,11 @@ pub struct Grant {
     pub masked_paths: Vec<String>,
     #[serde(default)]
     pub readonly_paths: Vec<String>,
+    /// The container joins a network namespace prepared with the source's address, whose
+    /// interfaces stay down until the switchover (`pclive receive --move-address`): only a
+    /// source whose address moves may come, and only such a source's restore raises them.
+    #[serde(default)]
+    pub moves_address: bool,
 }
 
 impl Grant {
@@ -244,6 +249,21 @@ pub enum GrantError {
     Image(#[from] ImageError),
     #[error("{}", describe(.0))]
     Exceeds(Vec<String>),
+    #[error("the source moves the container's address with it (pclive migrate --move-address), but this receiving container was not prepared for that: start it with pclive receive --netns PATH --move-address, in a network namespace that has the source's address")]
+    AddressNotExpected,
+    #[error("this receiving container takes the source's address (pclive receive --move-address), but the source does not move it: pass --move-address to pclive migrate too")]
+    AddressNotMoved,
+}
+
+/// Whether a source that does (`moves`) or does not move the container's address may migrate
+/// into a container with `grant`: both ends must say the same, or two hosts would announce the
+/// address at once, or none.
+pub fn check_address(moves: bool, grant: &Grant) -> Result<(), GrantError> {
+    match (moves, grant.moves_address) {
+        (true, false) => Err(GrantError::AddressNotExpected),
+        (false, true) => Err(GrantError::AddressNotMoved),
+        _ => Ok(()),
+    }
 }
 
 fn describe(violations: &[String]) -> String {

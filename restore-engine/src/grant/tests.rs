@@ -385,3 +385,32 @@ fn capability_names_and_grants_round_trip() {
     let json = serde_json::to_string(&g).unwrap();
     assert_eq!(serde_json::from_str::<Grant>(&json).unwrap(), g);
 }
+
+#[test]
+fn an_address_moves_only_when_both_ends_say_so() {
+    let moving = Grant {
+        moves_address: true,
+        ..Default::default()
+    };
+    let staying = Grant::default();
+    assert!(check_address(true, &moving).is_ok());
+    assert!(check_address(false, &staying).is_ok());
+    let err = check_address(true, &staying).unwrap_err().to_string();
+    assert!(
+        err.contains("pclive receive --netns PATH --move-address"),
+        "{err}"
+    );
+    let err = check_address(false, &moving).unwrap_err().to_string();
+    assert!(
+        err.contains("pass --move-address to pclive migrate"),
+        "{err}"
+    );
+    // A grant written before the field existed does not take an address.
+    let old: Grant = serde_json::from_str(
+        &serde_json::to_string(&staying)
+            .unwrap()
+            .replace(",\"moves_address\":false", ""),
+    )
+    .unwrap();
+    assert!(!old.moves_address);
+}

@@ -128,6 +128,11 @@ pub struct MigrateParams {
     /// Host paths bind-mounted into the container that the user said exist on the destination
     /// (they are not copied); listed in the report.
     pub external_mounts: Vec<String>,
+    /// The container's address moves with it (`--move-address`): its interfaces go down before
+    /// the final dump (nothing may change its connections after the dump, and the destination
+    /// takes the address), and its clients are not sent away at the switchover (their
+    /// connections continue on the destination).
+    pub move_address: bool,
 }
 
 /// What happens to the container's filesystem.
@@ -162,6 +167,16 @@ pub trait SourceHooks {
     /// It stays frozen and able to resume (an operator may decide so if the outcome is in doubt).
     fn release_clients(&mut self) -> Result<ClientsReleased, HookError> {
         Ok(ClientsReleased::default())
+    }
+    /// The container's network interfaces that carry its address (all but loopback, those
+    /// that are up), for `--move-address`.
+    fn address_links(&mut self) -> Result<Vec<String>, HookError> {
+        Err("this runtime cannot move a container's address".into())
+    }
+    /// Takes the interfaces `names` of the container down, or brings them up again (announcing
+    /// the address).
+    fn set_address_links(&mut self, _names: &[String], _up: bool) -> Result<(), HookError> {
+        Err("this runtime cannot move a container's address".into())
     }
 }
 
@@ -216,6 +231,9 @@ pub struct MigrationReport {
     /// What the source did for its clients at the switchover (None: the destination never said
     /// it ran the container before committing).
     pub clients_released: Option<ClientsReleased>,
+    /// The interfaces whose address moved to the destination (`--move-address`): taken down
+    /// here before the final dump, announced there before the tasks resumed.
+    pub address_moved: Vec<String>,
     /// What protected the migration's frames on the link: `AES-256-GCM`, or none (`--insecure`).
     pub encryption: &'static str,
 }
@@ -255,7 +273,8 @@ pub fn migrate(
     hooks: &mut dyn SourceHooks,
 ) -> Result<MigrationReport, SourceError> {
     let mut txn = Txn::begin(params)?;
-    let intent = Intent::migrate(&params.migration_id, &params.container);
+    let intent = Intent::migrate(&params.migration_id, &params.container)
+        .moving_address(params.move_address);
     let session = match connect(&params.destination, &params.auth, &intent) {
         Ok(session) => session,
         Err(e) => {
@@ -387,6 +406,24 @@ fn migrate_over_txn<S: Read + Write>(
         let (paused_at, _) = paused.expect("the last round follows the freeze");
         let last_round_seconds = paused_at.elapsed().as_secs_f64();
         let dump_start = Instant::now();
+        if params.move_address {
+            // From here on nothing may change the connections' state that the dump records:
+            // the address goes down (recorded first: whoever resumes this copy restores it).
+            let links = hooks.address_links().map_err(SourceError::Dump)?;
+            if links.is_empty() {
+                return Err(SourceError::Dump(
+                    "--move-address: the container's network namespace has no interface up \
+                     besides lo: there is no address to move"
+                        .into(),
+                ));
+            }
+            txn.record.moved_links = links.clone();
+            txn.store.write(&txn.record)?;
+            hooks
+                .set_address_links(&links, false)
+                .map_err(SourceError::Dump)?;
+            fault("source::after-address-down")?;
+        }
         hooks.final_dump(&image_dir).map_err(SourceError::Dump)?;
         let timers = crate::fixups::fix_overdue_timerfds(&image_dir)
             .map_err(|e| SourceError::Dump(e.into()))?;
@@ -441,6 +478,12 @@ fn migrate_over_txn<S: Read + Write>(
                     restored_unix = Some(unix_now());
                     txn.enter(Phase::DestinationRunning, None)?;
                     let started = Instant::now();
+                    if params.move_address {
+                        // The clients' connections continue on the destination, at the address
+                        // that moved there: nothing to send away here.
+                        fault("source::after-restored")?;
+                        continue;
+                    }
                     let mut released = hooks.release_clients().unwrap_or_else(|e| {
                         log::warn!(
                             "{}: cannot release the clients of the frozen copy: {e}; they wait on it until the commit",
@@ -537,6 +580,7 @@ fn migrate_over_txn<S: Read + Write>(
                 },
                 external_mounts: params.external_mounts.clone(),
                 clients_released,
+                address_moved: txn.record.moved_links.clone(),
                 encryption,
             })
         }
@@ -606,6 +650,16 @@ fn resume_here(
             "{}: migration failed ({error}); resuming the container here",
             params.container
         );
+        let links = txn.record.moved_links.clone();
+        if !links.is_empty() {
+            // The destination never announced the address: it is this copy's again.
+            if let Err(up) = hooks.set_address_links(&links, true) {
+                log::error!(
+                    "{}: could not bring its interfaces {links:?} up again: {up}; it resumes without its address",
+                    params.container
+                );
+            }
+        }
         if let Err(resume) = hooks.resume() {
             log::error!(
                 "{}: could not resume after the failed migration: {resume}",

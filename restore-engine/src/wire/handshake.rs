@@ -163,6 +163,7 @@ pub fn connect<S: Read + Write>(
         migration_id: intent.migration_id.clone(),
         purpose: intent.purpose.unwrap_or(Purpose::Migrate) as i32,
         container: intent.container.clone(),
+        moves_address: intent.moves_address,
     };
     stream.write_all(&encode_frame(
         &keys.c2s,
@@ -280,6 +281,7 @@ pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>,
         migration_id: proof.migration_id,
         purpose: Purpose::try_from(proof.purpose).ok(),
         container: proof.container,
+        moves_address: proof.moves_address,
     };
     Ok(Session::established(stream, keys.s2c, keys.c2s, intent))
 }

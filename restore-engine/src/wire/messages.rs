@@ -33,6 +33,9 @@ pub struct Intent {
     pub migration_id: String,
     pub purpose: Option<Purpose>,
     pub container: String,
+    /// The container's network address moves with it (`pclive migrate --move-address`): the
+    /// receiving container must have been prepared for it (`pclive receive --move-address`).
+    pub moves_address: bool,
 }
 
 impl Intent {
@@ -41,7 +44,14 @@ impl Intent {
             migration_id: migration_id.to_string(),
             purpose: Some(Purpose::Migrate),
             container: container.to_string(),
+            moves_address: false,
         }
+    }
+
+    /// The same intent, saying whether the container's address moves with it.
+    pub fn moving_address(mut self, moves: bool) -> Self {
+        self.moves_address = moves;
+        self
     }
 
     pub fn query(migration_id: &str) -> Self {
@@ -49,6 +59,7 @@ impl Intent {
             migration_id: migration_id.to_string(),
             purpose: Some(Purpose::Query),
             container: String::new(),
+            moves_address: false,
         }
     }
 
@@ -81,6 +92,9 @@ pub struct Proof {
     /// The container's name on the source (for the destination's records and logs).
     #[prost(string, tag = "3")]
     pub container: String,
+    /// The container's address moves with it ([`Intent::moves_address`]).
+    #[prost(bool, tag = "4")]
+    pub moves_address: bool,
 }
 
 /// The listening side's first encrypted frame: proves it holds the key too.

@@ -39,7 +39,9 @@ pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
 /// `Lost` and `Ack` (the migration transaction). 4: the container's filesystem travels
 /// (`LayerEntry`, `LayerBlock`, `RoundEnd::layer`). 5: frames are encrypted (AES-256-GCM), the
 /// handshake adds X25519 and says nothing keyed before the connecting side has proven the key.
-pub const VERSION: u16 = 5;
+/// 6: the source says whether the container's address moves with it (`Proof::moves_address`),
+/// which the destination must have been prepared for.
+pub const VERSION: u16 = 6;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 20;
 /// Largest payload accepted: a page batch of 8 MiB plus framing. Anything larger is refused

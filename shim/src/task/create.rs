@@ -172,6 +172,37 @@ pub fn unmount_rootfs(bundle: &Path) {
     }
 }
 
+/// A receiving container that takes the source's address: the interfaces of the network
+/// namespace it joins stay down until the switchover (the source has the address until then);
+/// CRIU's `network-unlock` brings them up once the resume is recorded.
+fn hold_address(bundle: &Path) -> Result<(), TaskError> {
+    let path = bundle.join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&path)
+        .map_err(|e| TaskError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+    let ns = crate::netns::moving_netns(&spec).map_err(TaskError::Invalid)?;
+    let links = crate::netns::links(&ns).map_err(os_err(format!(
+        "cannot list the interfaces of {}",
+        ns.display()
+    )))?;
+    if links.is_empty() {
+        return Err(TaskError::Invalid(format!(
+            "--move-address: the network namespace {} has no interface besides lo: give it the source's address first (its network plugin does)",
+            ns.display()
+        )));
+    }
+    let names: Vec<String> = links.into_iter().map(|l| l.name).collect();
+    crate::netns::set_links(&ns, &names, false).map_err(os_err(format!(
+        "cannot hold the interfaces of {} down until the switchover",
+        ns.display()
+    )))?;
+    log::info!(
+        "receiving into {}: interface(s) {} held down until the source's address moves here",
+        ns.display(),
+        names.join(", ")
+    );
+    Ok(())
+}
+
 /// Where a container's start restores from, if anywhere: a migration it receives, containerd's
 /// checkpoint, the runc options' image path, or the restore annotation (in this order).
 fn restore_source(
@@ -184,6 +215,9 @@ fn restore_source(
         spec.state_dir = state_dir.to_owned();
         spec.limits = crate::receive::limits_for(&params.bundle).map_err(TaskError::Invalid)?;
         spec.rootfs = Some(crate::rootfs::root_dir(&params.bundle).map_err(TaskError::Invalid)?);
+        if spec.move_address {
+            hold_address(&params.bundle)?;
+        }
         let image_path = params.bundle.join("migration-images");
         fs::create_dir_all(&image_path)
             .map_err(os_err(format!("cannot create {}", image_path.display())))?;

@@ -224,6 +224,19 @@ impl Tasks {
             if let Err(e) = crate::release::unrelease(id, pid) {
                 log::warn!("{id}: {e}; connections to its ports may still be refused here");
             }
+            // Its address went down for a move (--move-address): it is this copy's again.
+            if let Some(links) = migration
+                .as_ref()
+                .filter(|r| r.resolution.as_deref() == Some("resume-source"))
+                .map(|r| &r.moved_links)
+                .filter(|l| !l.is_empty())
+            {
+                let ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+                crate::netns::set_links(&ns, links, true).map_err(|e| TaskError::Os {
+                    what: format!("bringing {id}'s interfaces {links:?} up before resuming it"),
+                    source: e,
+                })?;
+            }
         }
         container.runc.resume(id)?;
         {

@@ -643,6 +643,52 @@ impl TwoHosts {
     }
 }
 
+impl TwoHosts {
+    /// The address `last` on the test bed's pod network (10.216.N.last; the client namespace
+    /// is 10.216.N.254 there).
+    pub fn pod_address(&self, last: u8) -> String {
+        let n = self.dst_ip.split('.').nth(2).unwrap();
+        format!("10.216.{n}.{last}")
+    }
+
+    /// A pod network namespace on `host` (`src` or `dst`) with `address` on its eth0, up or
+    /// down (scripts/testbed.sh pod); its path. `down` removes it with the test bed.
+    pub fn pod(&self, host: &str, pod: &str, address: &str, up: bool) -> PathBuf {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testbed.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .args(["pod", host, "--name", &self.name, pod, address])
+            .args(if up { None } else { Some("--down") })
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "testbed pod failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(format!("/run/netns/{}-{host}-{pod}", self.name))
+    }
+}
+
+/// Whether interface `dev` of the network namespace at `netns` is up.
+pub fn link_is_up(netns: &Path, dev: &str) -> bool {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ip", "-o", "link", "show", dev])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "no interface {dev} in {}",
+        netns.display()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split('<')
+        .nth(1)
+        .and_then(|flags| flags.split('>').next())
+        .is_some_and(|flags| flags.split(',').any(|f| f == "UP"))
+}
+
 impl Drop for TwoHosts {
     fn drop(&mut self) {
         self.src.remove_everything();

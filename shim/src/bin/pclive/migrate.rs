@@ -71,6 +71,14 @@ pub struct MigrateArgs {
     /// without copying them (without this flag a container with any is refused, naming them)
     #[arg(long)]
     pub external_mounts_ok: bool,
+    /// The container's address moves with it and its TCP connections continue on the
+    /// destination. For a container that joins a network namespace its network plugin prepared
+    /// on each host with the same address (a CNI pod network with a fixed IP; `ctr run --with-ns
+    /// network:PATH`); the receiver says --move-address too. Its interfaces go down here just
+    /// before the final dump and come up there, announced, before the tasks resume; a failed
+    /// migration brings them up here again
+    #[arg(long)]
+    pub move_address: bool,
     /// Keep the final dump's CRIU logs, images and report in DIR (default: a private temporary
     /// directory, removed at the end)
     #[arg(long, value_name = "DIR")]
@@ -284,6 +292,7 @@ pub fn run(args: MigrateArgs) -> ExitCode {
         resolve_timeout_seconds: args.resolve_timeout,
         shared_rootfs: args.shared_rootfs,
         external_mounts_ok: args.external_mounts_ok,
+        move_address: args.move_address,
     };
     // containerd writes no checkpoint image when CheckpointOptions names an image path; the
     // shim writes the final dump's logs and the migration report into the work path, which must

@@ -52,8 +52,18 @@ pub struct ReceiveArgs {
     pub net_host: bool,
     /// Restore established TCP connections closed (when the container's address does not move
     /// with it, e.g. host networking: its clients reconnect)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "move_address")]
     pub tcp_close: bool,
+    /// Join this network namespace (`ctr run --with-ns network:PATH`), e.g. one a network
+    /// plugin prepared with the source's address for --move-address
+    #[arg(long, value_name = "PATH", conflicts_with = "net_host")]
+    pub netns: Option<PathBuf>,
+    /// Take the source's address: the namespace of --netns holds the same address as the
+    /// source's (as a CNI gives a pod a fixed IP); its interfaces are held down until the
+    /// switchover, then come up announcing the address (gratuitous ARP) before the tasks resume,
+    /// and the source's TCP connections continue here. The source says --move-address too
+    #[arg(long, requires = "netns")]
+    pub move_address: bool,
     /// A mount as the source container's (`ctr run --mount`: type=bind,src=DIR,dst=PATH,
     /// options=rbind:rw); repeat for each. A bind mount's source must exist here with the
     /// files the container uses: pclive does not copy it
@@ -310,6 +320,22 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
     // network must find its sockets' host network here too.
     if args.net_host {
         command.arg("--net-host");
+    }
+    if let Some(netns) = &args.netns {
+        match std::path::absolute(netns) {
+            Ok(path) => {
+                command
+                    .arg("--with-ns")
+                    .arg(format!("network:{}", path.display()));
+            }
+            Err(e) => return fail(2, format!("--netns {}: {e}", netns.display())),
+        }
+    }
+    if args.move_address {
+        command.args([
+            "--annotation",
+            &format!("{}=true", annotations::RECEIVE_MOVE_ADDRESS),
+        ]);
     }
     for mount in &args.mounts {
         command.args(["--mount", mount]);
