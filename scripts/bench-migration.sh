@@ -3,7 +3,7 @@
 # two-host test bed (scripts/testbed.sh). As root on Debian 12/13; installs what it needs.
 #
 #   scripts/bench-migration.sh [--records N] [--sweep N,N] [--links 1gbit,10gbit]
-#                              [--mixes 90:10,10:90] [--modes baseline,pclive-eager,pclive]
+#                              [--mixes 90:10,10:90] [--modes baseline,pclive-eager,pclive,pclive-moving]
 #                              [--rate OPS] [--out DIR] [--quick] [--no-setup]
 #                              [--testbed NAME]
 #
@@ -18,6 +18,8 @@
 #                 the image files copied over, then runc restore (what users do today)
 #   pclive-eager  pclive pre-copy, then a normal restore from the assembled images
 #   pclive        pclive pre-copy, then a lazy restore from the destination's staging store
+#   pclive-moving pclive, with Redis in a pod network namespace whose address moves with it
+#                 (--move-address): the clients' connections continue on the destination
 #   pclive-lz4    pclive with --compress (not in the default set: random values do not compress,
 #                 so it measures what compression costs when it cannot pay)
 # --sweep adds runs at other record counts (10gbit, first mix) for restore time vs size.
@@ -31,7 +33,8 @@
 # report programs then come from $PCLIVE_BENCH_CLIENT / $PCLIVE_BENCH_REPORT or target/release.
 #
 # Redis runs on its host's network (the container keeps no address of its own), so established
-# client connections are restored closed (--tcp-close) and clients reconnect to the destination.
+# client connections are restored closed (--tcp-close) and clients reconnect to the destination;
+# in pclive-moving it has an address of its own on the test bed's pod network, which moves.
 # Everything created is removed on exit, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +43,7 @@ records=1000000
 sweep=100000,2000000
 links=1gbit,10gbit
 mixes=90:10,10:90
-modes=baseline,pclive-eager,pclive
+modes=baseline,pclive-eager,pclive,pclive-moving
 rate=5000
 out=""
 setup=1
@@ -62,7 +65,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for mode in ${modes//,/ }; do
-  case "$mode" in baseline|pclive-eager|pclive|pclive-lz4) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
+  case "$mode" in baseline|pclive-eager|pclive|pclive-moving|pclive-lz4) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
 done
 for mix in ${mixes//,/ }; do
   [[ "$mix" =~ ^[0-9]+:[0-9]+$ ]] || { echo "bench-migration: a mix is READ:WRITE, e.g. 90:10 (got '$mix')" >&2; exit 2; }
@@ -157,16 +160,26 @@ run_one() {
   rm -rf "$dir"; mkdir -p "$dir"
   say "$tag: $records records, $mix reads:writes at $rate ops/s, $link, $mode"
 
-  ctr_src run -d --null-io --net-host --runtime io.containerd.pclive.v2 --rootfs "$rootfs" \
+  local src_ep=$src_client_addr:$port dst_ep=$dst_client_addr:$port endpoints after_gap=1
+  local network=(--net-host)
+  if [ "$mode" = pclive-moving ]; then
+    # One address on the pod network, on the source's pod (up) and the destination's (down).
+    tb pod src --name "$bed" redis "$pod_net.20" >/dev/null
+    tb pod dst --name "$bed" redis "$pod_net.20" --down >/dev/null
+    network=(--with-ns "network:/run/netns/$bed-src-redis")
+    src_ep=$pod_net.20:$port dst_ep=$src_ep after_gap=0
+  fi
+  endpoints=$src_ep,$dst_ep
+  [ "$mode" = pclive-moving ] && endpoints=$src_ep
+  ctr_src run -d --null-io "${network[@]}" --runtime io.containerd.pclive.v2 --rootfs "$rootfs" \
     "$id" "${redis_cmd[@]}"
-  local src_ep=$src_client_addr:$port dst_ep=$dst_client_addr:$port
   local _
-  for _ in $(seq 100); do on cli redis-cli -h "$src_client_addr" -p "$port" PING 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+  for _ in $(seq 100); do on cli redis-cli -h "${src_ep%:*}" -p "$port" PING 2>/dev/null | grep -q PONG && break; sleep 0.1; done
   on cli "$client" load --endpoint "$src_ep" --records "$records" --value-size 1024 --seed "$seed" > "$dir/load.json"
   local rss
   rss=$(container_rss src "$id")
 
-  on cli "$client" run --endpoints "$src_ep,$dst_ep" --records "$records" --value-size 1024 \
+  on cli "$client" run --endpoints "$endpoints" --records "$records" --value-size 1024 \
     --seed "$seed" --read-ratio "$read_ratio" --rate "$rate" --stop-file "$dir/stop" \
     --timeline "$dir/timeline.jsonl" --state "$dir/client.state" > "$dir/client.json" 2> "$dir/client.log" &
   local client_pid=$!
@@ -215,13 +228,17 @@ run_one() {
       restored=$(now)
       remove_container src "$id"
       ;;
-    pclive|pclive-eager|pclive-lz4)
-      local listen=$dst_addr:7411 extra=() send=()
-      [ "$mode" = pclive-eager ] && extra=(--eager)
+    pclive|pclive-eager|pclive-lz4|pclive-moving)
+      local listen=$dst_addr:7411 extra=(--net-host --tcp-close) send=()
+      [ "$mode" = pclive-eager ] && extra+=(--eager)
       [ "$mode" = pclive-lz4 ] && send=(--compress)
+      if [ "$mode" = pclive-moving ]; then
+        extra=(--netns "/run/netns/$bed-dst-redis" --move-address)
+        send=(--move-address)
+      fi
       pclive receive "$id" --listen "$listen" --key-file "/run/pclive-testbed/$bed/dst/migration.key" --rootfs "$dst_rootfs" \
         --address "/run/pclive-testbed/$bed/dst/containerd.sock" --namespace "$dst_ns" \
-        --state-dir "/run/pclive-testbed/$bed/dst/pclive" --net-host --tcp-close "${extra[@]}" > "$dir/receive.log" 2>&1 &
+        --state-dir "/run/pclive-testbed/$bed/dst/pclive" "${extra[@]}" > "$dir/receive.log" 2>&1 &
       local receiver=$!
       background+=("$receiver")
       wait_listening dst 7411
@@ -253,6 +270,8 @@ run_one() {
     --seed "$seed" --state "$dir/client.state" > "$dir/verify.json" || true
   remove_container dst "$id"
   remove_container src "$id"
+  ip netns del "$bed-src-redis" 2>/dev/null || true
+  ip netns del "$bed-dst-redis" 2>/dev/null || true
   rm -rf "$work/$tag-src" "$dst_images/$tag"
 
   jq -nc \
@@ -270,6 +289,8 @@ run_one() {
      downtime_s: $c.longest_gap_s,
      patient_downtime_s: $c.patient_longest_gap_s,
      patient_recovered: $c.patient_recovered,
+     patient_connection_kept: ($c.patient_reconnects == 0),
+     address_moved: ($m.address_moved // null),
      reported_downtime_s: ($m.downtime_seconds // null),
      phases: {freeze_s: $freeze, final_dump_s: $dump, transfer_s: $transfer,
               restore_s: ($c.gap_end_unix - $images)},
@@ -291,7 +312,7 @@ run_one() {
     echo "bench-migration: DATA INTEGRITY FAILED in $tag (see $dir)" >&2
     return 1
   fi
-  if [ "$(tail -1 "$out/results.jsonl" | jq .endpoint_after_gap)" != 1 ]; then
+  if [ "$(tail -1 "$out/results.jsonl" | jq .endpoint_after_gap)" != "$after_gap" ]; then
     echo "bench-migration: the longest gap in $tag was not the migration (see $dir/client.json)" >&2
     return 1
   fi
@@ -306,6 +327,7 @@ for link in ${links//,/ }; do
   dst_addr=$(tb env --name "$bed" | awk '/^dst/ { sub(",", "", $5); print $5 }')
   src_client_addr=$(tb env --name "$bed" | awk '/^src/ { sub(",", "", $12); print $12 }')
   dst_client_addr=$(tb env --name "$bed" | awk '/^dst/ { sub(",", "", $12); print $12 }')
+  pod_net=$(tb env --name "$bed" | awk '/^pods/ { sub(".0/24", "", $3); print $3 }')
   for mix in ${mixes//,/ }; do
     for mode in ${modes//,/ }; do
       run_one "$link" "$records" "$mix" "$mode"

@@ -36,8 +36,9 @@ pub fn render(groups: &[Group], checks: &[Check], plots: &[String]) -> String {
         "Medians over the runs of each mode. Downtime is what the client saw (longest gap \
          between successful probe replies, or the runner's measure): a probe that gives up on \
          an endpoint after 20 ms; the patient client stays on its connection until it fails \
-         (most clients do); the reported downtime is pclive's own (pause to the destination \
-         running the container). Times in seconds.\n\n",
+         (most clients do), and keeps it when the container's address moves with it \
+         (pclive-moving: `--move-address`); the reported downtime is pclive's own (pause to the \
+         destination running the container). Times in seconds.\n\n",
     );
     for group in groups {
         let _ = writeln!(out, "## {}\n", group.key.title());
@@ -63,6 +64,9 @@ fn table(modes: &[ModeSummary]) -> String {
             m.runs.to_string(),
             seconds(m.downtime_s),
             match m.patient_stuck {
+                0 if m.patient_kept == Some(true) => {
+                    format!("{} (same connection)", seconds(m.patient_downtime_s))
+                }
                 0 => seconds(m.patient_downtime_s),
                 n => format!(
                     "≥ {} (still waiting at the end in {n} run(s))",

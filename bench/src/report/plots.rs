@@ -62,6 +62,7 @@ pub fn mode_color(mode: &str) -> RGBColor {
         "baseline" => RGBColor(0xc4, 0x4e, 0x52),
         "pclive-eager" => RGBColor(0xdd, 0x84, 0x52),
         "pclive" => RGBColor(0x4c, 0x72, 0xb0),
+        "pclive-moving" => RGBColor(0x55, 0xa8, 0x68),
         other => {
             let c = Palette99::pick(other.bytes().map(usize::from).sum::<usize>()).to_rgba();
             RGBColor(c.0, c.1, c.2)

@@ -23,6 +23,8 @@ pub struct RunResult {
     pub patient_downtime_s: Option<f64>,
     /// It got replies again (false: still waiting when the run ended).
     pub patient_recovered: Option<bool>,
+    /// Its one connection lasted through the migration (the container's address moved with it).
+    pub patient_connection_kept: Option<bool>,
     /// The downtime pclive itself reported (pause to the destination running the container).
     pub reported_downtime_s: Option<f64>,
     #[serde(default)]
@@ -115,7 +117,7 @@ pub fn parse_results(text: &str, source: &str) -> Result<Vec<RunResult>, ReportE
 }
 
 /// Modes in the order the tables and plots show them; unknown modes follow, by name.
-pub const KNOWN_MODES: [&str; 3] = ["baseline", "pclive-eager", "pclive"];
+pub const KNOWN_MODES: [&str; 4] = ["baseline", "pclive-eager", "pclive", "pclive-moving"];
 
 pub fn mode_rank(mode: &str) -> (usize, String) {
     let rank = KNOWN_MODES
@@ -225,6 +227,8 @@ pub struct ModeSummary {
     pub integrity_failures: usize,
     /// Runs whose patient client was still waiting when the run ended.
     pub patient_stuck: usize,
+    /// `Some(true)` when the patient client kept its one connection in every run that said.
+    pub patient_kept: Option<bool>,
 }
 
 impl ModeSummary {
@@ -263,6 +267,13 @@ impl ModeSummary {
                 .iter()
                 .filter(|r| r.patient_recovered == Some(false))
                 .count(),
+            patient_kept: {
+                let kept: Vec<bool> = runs
+                    .iter()
+                    .filter_map(|r| r.patient_connection_kept)
+                    .collect();
+                (!kept.is_empty()).then(|| kept.iter().all(|k| *k))
+            },
         }
     }
 }

@@ -5,7 +5,8 @@
 //! - restore time: pclive ≤ 1/10 of the baseline's at 1M records, ≤ 1/15 at 2M (other sizes:
 //!   the ratio is reported without a target), and pclive's restore time within 1.5x between
 //!   the smallest and the largest data set;
-//! - destination memory after commit ≤ 1.1 × the container's RSS.
+//! - destination memory after commit ≤ 1.1 × the container's RSS;
+//! - and issue 17's: what clients see against pclive's own downtime figure ([`client_checks`]).
 //!
 //! The targets are pclive's (lazy restore). pclive-eager's ratios are shown for information: they
 //! tell how much of the gain lazy restore brings.
@@ -257,11 +258,104 @@ pub fn memory_checks(groups: &[Group]) -> Vec<Check> {
         .collect()
 }
 
+/// Issue 17: what clients see against pclive's own downtime figure, in the same runs (on the
+/// downtime target's link): the probe that fails over after 20 ms at most 1.1x of it, the
+/// patient client at most 1.2x; when the address moves (pclive-moving) the patient client keeps
+/// its one connection and waits at most the reported downtime plus 100 ms.
+pub const MAX_PROBE_OVER_REPORTED: f64 = 1.1;
+pub const MAX_PATIENT_OVER_REPORTED: f64 = 1.2;
+pub const MAX_KEPT_GAP_OVER_REPORTED_S: f64 = 0.1;
+pub const MOVING_MODE: &str = "pclive-moving";
+
+pub fn client_checks(groups: &[Group]) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for group in groups
+        .iter()
+        .filter(|g| g.key.link.eq_ignore_ascii_case(DOWNTIME_TARGET_LINK))
+    {
+        for mode in [TARGET_MODE, MOVING_MODE]
+            .iter()
+            .filter_map(|m| group.mode(m))
+        {
+            let subject = format!("{}, {}", group.key.title(), mode.mode);
+            let Some(reported) = mode.reported_downtime_s.filter(|r| *r > 0.0) else {
+                checks.push(Check {
+                    target: "clients' downtime",
+                    subject,
+                    verdict: Verdict::NoData("pclive's reported downtime missing".into()),
+                    detail: "no verdict: pclive's reported downtime missing".into(),
+                });
+                continue;
+            };
+            let mut over = |target: &'static str, seen: Option<f64>, max: f64| {
+                let (verdict, detail) = match seen {
+                    Some(seen) => judge(
+                        seen / reported,
+                        Some(max),
+                        format!("{:.2}x pclive's reported downtime", seen / reported),
+                        format!("≤ {max}x"),
+                    ),
+                    None => (
+                        Verdict::NoData(format!("{target} missing")),
+                        format!("no verdict: {target} missing"),
+                    ),
+                };
+                checks.push(Check {
+                    target,
+                    subject: subject.clone(),
+                    verdict,
+                    detail,
+                });
+            };
+            over(
+                "probe's downtime (fails over after 20 ms)",
+                mode.downtime_s,
+                MAX_PROBE_OVER_REPORTED,
+            );
+            if mode.mode == TARGET_MODE {
+                over(
+                    "patient client's downtime",
+                    mode.patient_downtime_s,
+                    MAX_PATIENT_OVER_REPORTED,
+                );
+                continue;
+            }
+            let (verdict, detail) = match (mode.patient_kept, mode.patient_downtime_s) {
+                (Some(true), Some(gap)) => judge(
+                    gap - reported,
+                    Some(MAX_KEPT_GAP_OVER_REPORTED_S),
+                    format!(
+                        "same connection, longest gap {gap:.3}s = reported + {:.3}s",
+                        gap - reported
+                    ),
+                    format!("≤ reported + {MAX_KEPT_GAP_OVER_REPORTED_S}s"),
+                ),
+                (Some(false), _) => (
+                    Verdict::Missed,
+                    "missed: the patient client had to reconnect".into(),
+                ),
+                _ => (
+                    Verdict::NoData("patient client's connection not reported".into()),
+                    "no verdict: patient client's connection not reported".into(),
+                ),
+            };
+            checks.push(Check {
+                target: "a kept connection's downtime",
+                subject,
+                verdict,
+                detail,
+            });
+        }
+    }
+    checks
+}
+
 pub fn all_checks(groups: &[Group]) -> Vec<Check> {
     let mut checks = downtime_checks(groups);
     checks.extend(restore_checks(groups));
     checks.extend(restore_growth_checks(groups));
     checks.extend(memory_checks(groups));
+    checks.extend(client_checks(groups));
     checks
 }
 
@@ -287,6 +381,51 @@ mod tests {
             restore_s: Some(restore),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn clients_are_judged_against_the_reported_downtime() {
+        let with = |mode: &str, probe: f64, patient: f64, kept: Option<bool>| RunResult {
+            mode: mode.into(),
+            link: "1gbit".into(),
+            records: 1_000_000,
+            read_ratio: 0.9,
+            downtime_s: Some(probe),
+            patient_downtime_s: Some(patient),
+            patient_connection_kept: kept,
+            reported_downtime_s: Some(1.0),
+            ..Default::default()
+        };
+        let runs = vec![
+            with("pclive", 1.05, 1.3, Some(false)),
+            with("pclive-moving", 1.05, 1.08, Some(true)),
+        ];
+        let checks = client_checks(&group(&runs));
+        let verdicts: Vec<(&str, &str, &Verdict)> = checks
+            .iter()
+            .map(|c| (c.target, c.subject.rsplit(", ").next().unwrap(), &c.verdict))
+            .collect();
+        assert_eq!(
+            verdicts,
+            vec![
+                (
+                    "probe's downtime (fails over after 20 ms)",
+                    "pclive",
+                    &Verdict::Met
+                ),
+                ("patient client's downtime", "pclive", &Verdict::Missed),
+                (
+                    "probe's downtime (fails over after 20 ms)",
+                    "pclive-moving",
+                    &Verdict::Met
+                ),
+                (
+                    "a kept connection's downtime",
+                    "pclive-moving",
+                    &Verdict::Met
+                ),
+            ]
+        );
     }
 
     #[test]
