@@ -289,7 +289,7 @@ run_one() {
      downtime_s: $c.longest_gap_s,
      patient_downtime_s: $c.patient_longest_gap_s,
      patient_recovered: $c.patient_recovered,
-     patient_connection_kept: ($c.patient_reconnects == 0),
+     patient_connection_kept: ($c.patient_reconnects == 0 and $c.patient_recovered == true),
      address_moved: ($m.address_moved // null),
      reported_downtime_s: ($m.downtime_seconds // null),
      phases: {freeze_s: $freeze, final_dump_s: $dump, transfer_s: $transfer,

@@ -49,7 +49,10 @@ fn every_mode_migrates_redis_with_its_data_intact_and_the_report_is_written() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
-    assert_eq!(modes, ["baseline", "pclive-eager", "pclive"]);
+    assert_eq!(
+        modes,
+        ["baseline", "pclive-eager", "pclive", "pclive-moving"]
+    );
     for run in &runs {
         let mode = &run["mode"];
         assert_eq!(run["integrity"]["ok"], true, "{mode}: {run}");
@@ -68,7 +71,15 @@ fn every_mode_migrates_redis_with_its_data_intact_and_the_report_is_written() {
             run["container_rss_bytes"].as_u64().unwrap() > 20000 * 1024,
             "{mode}: the container held the records: {run}"
         );
-        assert_eq!(run["endpoint_after_gap"], 1, "{mode}: the service moved");
+        if mode == "pclive-moving" {
+            // One address, which moved: the patient client stayed on its connection.
+            assert_eq!(run["endpoint_after_gap"], 0, "{mode}: {run}");
+            assert_eq!(run["patient_connection_kept"], true, "{mode}: {run}");
+            assert_eq!(run["address_moved"], serde_json::json!(["eth0"]), "{run}");
+        } else {
+            assert_eq!(run["endpoint_after_gap"], 1, "{mode}: the service moved");
+            assert_eq!(run["patient_connection_kept"], false, "{mode}: {run}");
+        }
     }
     for pclive in &runs[1..] {
         assert!(
@@ -101,6 +112,7 @@ fn every_mode_migrates_redis_with_its_data_intact_and_the_report_is_written() {
     // Nothing of the test bed is left.
     assert!(!Path::new("/run/pclive-testbed/pcbtest").exists());
     assert!(!Path::new("/run/netns/pcbtest-src").exists());
+    assert!(!Path::new("/run/netns/pcbtest-src-redis").exists());
 }
 
 fn nix_is_root() -> bool {
