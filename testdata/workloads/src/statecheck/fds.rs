@@ -192,7 +192,9 @@ pub fn inotify(_: &[String]) -> Result<Box<dyn Check>, String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
     // SAFETY: plain integers.
-    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    // Non-blocking: a task frozen between poll and read can find the queue empty after the
+    // restore (CRIU drops queued events), and a blocking read would then wait forever.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
     ensure(fd >= 0, || os_err("inotify_init1"))?;
     let path = CString::new(dir.clone()).unwrap();
     // SAFETY: a valid path.
@@ -209,20 +211,30 @@ pub fn inotify(_: &[String]) -> Result<Box<dyn Check>, String> {
 impl Inotify {
     /// The next event (its mask and name), or None if none came within [`EVENT_WAIT`].
     fn next(&self) -> Result<Option<(u32, String)>, String> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, EVENT_WAIT) };
-        ensure(ready >= 0, || os_err("poll inotify"))?;
-        if ready == 0 {
-            return Ok(None);
-        }
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_millis(EVENT_WAIT as u64);
         let mut buf = [0u8; 4096];
-        // SAFETY: buf has room for 4096 bytes.
-        let r = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let r = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+            ensure(ready >= 0, || os_err("poll inotify"))?;
+            if ready == 0 {
+                return Ok(None);
+            }
+            // SAFETY: buf has room for 4096 bytes.
+            let r = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+                // Ready before a freeze, empty after the restore: the event was dropped.
+                continue;
+            }
+            break r;
+        };
         let header = std::mem::size_of::<libc::inotify_event>();
         ensure(r >= header as isize, || {
             os_err(&format!("read inotify (got {r})"))
