@@ -91,17 +91,7 @@ fn set_up(hosts: &TwoHosts) -> Setup {
     let src_address: SocketAddr = format!("10.214.{n}.1:{PORT}").parse().unwrap();
     let dst_address: SocketAddr = format!("10.215.{n}.1:{PORT}").parse().unwrap();
     let cli = format!("{}-cli", hosts.name());
-    wait_for(
-        "the echo service to listen",
-        Duration::from_secs(30),
-        || {
-            in_netns(cli.clone(), move || {
-                TcpStream::connect_timeout(&src_address, Duration::from_secs(1)).is_ok()
-            })
-            .join()
-            .unwrap()
-        },
-    );
+    wait_reachable("the echo service to listen", &cli, src_address);
     let (ready, is_ready) = mpsc::channel();
     let client = in_netns(cli.clone(), move || client(src_address, ready));
     is_ready

@@ -123,17 +123,7 @@ fn set_up(hosts: &TwoHosts) -> Setup {
     src.wait_status("echo", "RUNNING");
     let service: SocketAddr = format!("{address}:{PORT}").parse().unwrap();
     let cli = format!("{}-cli", hosts.name());
-    wait_for(
-        "the echo service to listen",
-        Duration::from_secs(30),
-        || {
-            in_netns(cli.clone(), move || {
-                TcpStream::connect_timeout(&service, Duration::from_secs(1)).is_ok()
-            })
-            .join()
-            .unwrap()
-        },
-    );
+    wait_reachable("the echo service to listen", &cli, service);
     let (ready, is_ready) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let after_unix = Arc::new(std::sync::Mutex::new(f64::MAX));
@@ -175,6 +165,17 @@ impl Setup {
         )
     }
 
+    /// `pclive migrate --move-address` of the echo service to the receiver.
+    fn migrate(&self, hosts: &TwoHosts) -> Result<serde_json::Value, String> {
+        migrate_with(
+            &hosts.src,
+            "echo",
+            &self.listen,
+            &hosts.src.key(),
+            &["--move-address"],
+        )
+    }
+
     /// Lets the client go on for a second, then stops it.
     fn finish(self) -> Conversation {
         std::thread::sleep(Duration::from_secs(1));
@@ -199,14 +200,7 @@ fn a_clients_connection_survives_when_the_address_moves() {
         !eth0_up(&setup.dst_pod),
         "the receiving container did not hold its interface down until the switchover"
     );
-    let report = migrate_with(
-        &hosts.src,
-        "echo",
-        &setup.listen,
-        &hosts.src.key(),
-        &["--move-address"],
-    )
-    .unwrap_or_else(|e| {
+    let report = setup.migrate(&hosts).unwrap_or_else(|e| {
         panic!(
             "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
             tail(&hosts.src.log(), 30),
@@ -244,14 +238,7 @@ fn a_receiver_not_prepared_for_the_address_refuses_it() {
     let hosts = TwoHosts::up("10gbit");
     let setup = set_up(&hosts);
     let receiver = setup.receive(&hosts.dst, false);
-    let err = migrate_with(
-        &hosts.src,
-        "echo",
-        &setup.listen,
-        &hosts.src.key(),
-        &["--move-address"],
-    )
-    .unwrap_err();
+    let err = setup.migrate(&hosts).unwrap_err();
     assert!(err.contains("was not prepared for that"), "{err}");
     assert_ne!(receiver.wait_code(Duration::from_secs(60)), 0);
     assert!(eth0_up(&setup.src_pod));
@@ -269,14 +256,7 @@ fn a_migration_that_fails_after_the_address_went_down_gives_it_back() {
     let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
     let setup = set_up(&hosts);
     let receiver = setup.receive(&hosts.dst, true);
-    let err = migrate_with(
-        &hosts.src,
-        "echo",
-        &setup.listen,
-        &hosts.src.key(),
-        &["--move-address"],
-    )
-    .unwrap_err();
+    let err = setup.migrate(&hosts).unwrap_err();
     assert!(
         err.contains("fault injected at source::after-dump"),
         "{err}"

@@ -670,6 +670,18 @@ impl TwoHosts {
     }
 }
 
+/// Waits until a TCP connection to `address` from the network namespace `netns` (a name under
+/// /run/netns) succeeds.
+pub fn wait_reachable(what: &str, netns: &str, address: std::net::SocketAddr) {
+    wait_for(what, Duration::from_secs(30), || {
+        in_netns(netns.to_string(), move || {
+            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_ok()
+        })
+        .join()
+        .unwrap()
+    });
+}
+
 /// Whether interface `dev` of the network namespace at `netns` is up.
 pub fn link_is_up(netns: &Path, dev: &str) -> bool {
     let out = Command::new("nsenter")
