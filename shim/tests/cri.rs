@@ -494,10 +494,18 @@ fn a_pods_container_migrates_live_to_a_receiving_pod_on_the_other_host() {
         "the moved counter is at {first}: not where the source left it (above {before})"
     );
     wait_count_above(&mut dst, &receiver, first);
+    // The source is gone when pclive migrate returns; the CRI learns it from containerd's exit
+    // event, a moment later (the suite once looked before it had).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while state(&mut src, &app) != ContainerState::ContainerExited
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(
         state(&mut src, &app),
         ContainerState::ContainerExited,
-        "the source's container still runs after the migration ({report})"
+        "the source's container still runs 10 s after the migration ({report})"
     );
     source_pod.remove(&mut src);
     receiving_pod.remove(&mut dst);
