@@ -16,35 +16,18 @@ use containerd_shim_pclive::{annotations, service};
 fn criu_action(action: &str) -> i32 {
     match action {
         "setup-namespaces" => {
-            let pid = std::env::var("CRTOOLS_INIT_PID")
-                .ok()
-                .and_then(|p| p.parse::<u32>().ok());
-            match pid.map(containerd_shim_pclive::netns::bring_up_loopback) {
-                Some(Ok(())) => match moved_address(action) {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("pclive: the container's address cannot come up here: {e}");
-                        1
-                    }
-                },
-                Some(Err(e)) => {
-                    eprintln!("pclive: cannot bring up lo in the restored network namespace: {e}");
-                    1
-                }
-                None => {
-                    eprintln!("pclive: CRTOOLS_INIT_PID is not set at setup-namespaces");
-                    1
-                }
+            let Some(pid) = init_pid() else {
+                eprintln!("pclive: CRTOOLS_INIT_PID is not set at setup-namespaces");
+                return 1;
+            };
+            if let Err(e) = containerd_shim_pclive::netns::bring_up_loopback(pid) {
+                eprintln!("pclive: cannot bring up lo in the restored network namespace: {e}");
+                return 1;
             }
+            moved_address(action, Some(pid))
         }
         "post-restore" => restore_engine::destination::gate::hook_main(),
-        "network-unlock" => match moved_address(action) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("pclive: the container's address cannot come up here: {e}");
-                1
-            }
-        },
+        "network-unlock" => moved_address(action, init_pid()),
         _ => 0,
     }
 }
@@ -54,7 +37,17 @@ fn criu_action(action: &str) -> i32 {
 /// created come up locked (nothing in or out) so that CRIU can reconnect the TCP sockets; at
 /// `network-unlock`, once the resume is recorded, they are unlocked and announce the address
 /// before the tasks resume.
-fn moved_address(action: &str) -> Result<(), String> {
+fn moved_address(action: &str, pid: Option<u32>) -> i32 {
+    match raise_moved_address(action, pid) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pclive: the container's address cannot come up here: {e}");
+            1
+        }
+    }
+}
+
+fn raise_moved_address(action: &str, pid: Option<u32>) -> Result<(), String> {
     use containerd_shim_pclive::netns;
     use restore_engine::destination::gate;
     let (request, yes) = match action {
@@ -64,22 +57,23 @@ fn moved_address(action: &str) -> Result<(), String> {
     if !gate::ask_network(request, yes)? {
         return Ok(());
     }
-    let pid = std::env::var("CRTOOLS_INIT_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        .ok_or_else(|| format!("CRTOOLS_INIT_PID is not set at {action}"))?;
+    let pid = pid.ok_or_else(|| format!("CRTOOLS_INIT_PID is not set at {action}"))?;
     if action == "setup-namespaces" {
         let held = netns::down_links(pid).map_err(|e| format!("listing its interfaces: {e}"))?;
         netns::raise_locked(pid, &held)
     } else {
-        let all: Vec<String> =
-            netns::links(&std::path::PathBuf::from(format!("/proc/{pid}/ns/net")))
-                .map_err(|e| format!("listing its interfaces: {e}"))?
-                .into_iter()
-                .map(|l| l.name)
-                .collect();
+        let all: Vec<String> = netns::links(&netns::of_pid(pid))
+            .map_err(|e| format!("listing its interfaces: {e}"))?
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
         netns::unlock_and_announce(pid, &all)
     }
+}
+
+/// The restored container's init (CRIU's `CRTOOLS_INIT_PID`).
+fn init_pid() -> Option<u32> {
+    std::env::var("CRTOOLS_INIT_PID").ok()?.parse().ok()
 }
 
 fn main() {

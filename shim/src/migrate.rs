@@ -257,7 +257,7 @@ impl RuncHooks<'_> {
 
     /// The container's network namespace (its init's).
     fn netns(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/net", self.init_pid))
+        crate::netns::of_pid(self.init_pid)
     }
 
     fn host_pids(&self) -> Result<Vec<u32>, RuncError> {

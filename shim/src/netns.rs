@@ -95,9 +95,14 @@ impl IfSocket {
     }
 }
 
+/// The network namespace of process `pid`, as a path.
+pub fn of_pid(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
+}
+
 /// Brings `lo` up in the network namespace of `pid`.
 pub fn bring_up_loopback(pid: u32) -> io::Result<()> {
-    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    let ns = File::open(of_pid(pid))?;
     in_netns(ns, || IfSocket::new()?.set_up("lo", true))
 }
 
@@ -231,7 +236,7 @@ pub fn moving_netns(spec: &oci_spec::runtime::Spec) -> Result<std::path::PathBuf
 
 /// The interfaces of `pid`'s network namespace (besides loopback) that are down.
 pub fn down_links(pid: u32) -> io::Result<Vec<String>> {
-    Ok(links(&PathBuf::from(format!("/proc/{pid}/ns/net")))?
+    Ok(links(&of_pid(pid))?
         .into_iter()
         .filter(|l| !l.up)
         .map(|l| l.name)
@@ -253,7 +258,7 @@ pub fn raise_locked(pid: u32, names: &[String]) -> Result<(), String> {
         let args = strings(&[
             "qdisc", "replace", "dev", name, "root", "pfifo", "limit", "0",
         ]);
-        run_in_hook("tc", &args, Some(pid)).map_err(|e| {
+        crate::tools::run_tool_unreaped("tc", &args, Some(pid)).map_err(|e| {
             format!(
                 "locking interface {name} (tc {}): {e}; install iproute2 (scripts/setup.sh does)",
                 args.join(" ")
@@ -261,7 +266,7 @@ pub fn raise_locked(pid: u32, names: &[String]) -> Result<(), String> {
         })?;
         for tool in ["iptables", "ip6tables"] {
             let rule = lock_rule("-I", name);
-            match run_in_hook(tool, &rule, Some(pid)) {
+            match crate::tools::run_tool_unreaped(tool, &rule, Some(pid)) {
                 Ok(_) => {}
                 // No IPv6 here: nothing arrives over it either.
                 Err(_) if tool == "ip6tables" => {}
@@ -274,7 +279,7 @@ pub fn raise_locked(pid: u32, names: &[String]) -> Result<(), String> {
             }
         }
     }
-    set_links(&PathBuf::from(format!("/proc/{pid}/ns/net")), names, true).map_err(|e| e.to_string())
+    set_links(&of_pid(pid), names, true).map_err(|e| e.to_string())
 }
 
 /// Unlocks the interfaces [`raise_locked`] brought up and announces their address (down and up
@@ -284,38 +289,19 @@ pub fn raise_locked(pid: u32, names: &[String]) -> Result<(), String> {
 pub fn unlock_and_announce(pid: u32, names: &[String]) -> Result<(), String> {
     for name in names {
         // Whatever of the lock is there goes (a rule or queue that is not there is no error).
-        let _ = run_in_hook(
+        let _ = crate::tools::run_tool_unreaped(
             "tc",
             &strings(&["qdisc", "del", "dev", name, "root"]),
             Some(pid),
         );
         for tool in ["iptables", "ip6tables"] {
-            while run_in_hook(tool, &lock_rule("-D", name), Some(pid)).is_ok() {}
+            while crate::tools::run_tool_unreaped(tool, &lock_rule("-D", name), Some(pid)).is_ok() {
+            }
         }
     }
-    let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let ns = of_pid(pid);
     set_links(&ns, names, false).map_err(|e| e.to_string())?;
     set_links(&ns, names, true).map_err(|e| e.to_string())
-}
-
-/// Runs a host tool in the network namespace of `pid` from CRIU's action script, a process that
-/// waits for its own children (the shim's reaper, which [`crate::tools::run_tool`] relies on,
-/// does not run there).
-fn run_in_hook(program: &str, args: &[String], pid: Option<u32>) -> Result<String, String> {
-    let mut command = std::process::Command::new("nsenter");
-    if let Some(pid) = pid {
-        command.arg(format!("--net=/proc/{pid}/ns/net"));
-    }
-    let out = command
-        .arg(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn lock_rule(action: &str, name: &str) -> Vec<String> {

@@ -56,11 +56,30 @@ pub fn check_criu() -> Result<(), VersionError> {
 /// the network namespace of process `netns_of` (through nsenter) when given. Its stdout; its
 /// stderr (or why it did not run) as the error.
 pub fn run_tool(program: &str, args: &[String], netns_of: Option<u32>) -> Result<String, String> {
+    let out =
+        reaper::run(tool_command(program, args, netns_of), None).map_err(|e| e.to_string())?;
+    tool_result(out.status == 0, &out.stdout, &out.stderr)
+}
+
+/// [`run_tool`] for a process without the shim's reaper (the shim run by CRIU as its action
+/// script): it waits for the tool itself.
+pub fn run_tool_unreaped(
+    program: &str,
+    args: &[String],
+    netns_of: Option<u32>,
+) -> Result<String, String> {
+    let out = tool_command(program, args, netns_of)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    tool_result(out.status.success(), &out.stdout, &out.stderr)
+}
+
+fn tool_command(program: &str, args: &[String], netns_of: Option<u32>) -> Command {
     let mut command = match netns_of {
         Some(pid) => {
             let mut command = Command::new("nsenter");
             command
-                .arg(format!("--net=/proc/{pid}/ns/net"))
+                .arg(format!("--net={}", crate::netns::of_pid(pid).display()))
                 .arg(program);
             command
         }
@@ -71,9 +90,12 @@ pub fn run_tool(program: &str, args: &[String], netns_of: Option<u32>) -> Result
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = reaper::run(command, None).map_err(|e| e.to_string())?;
-    if out.status != 0 {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    command
+}
+
+fn tool_result(ok: bool, stdout: &[u8], stderr: &[u8]) -> Result<String, String> {
+    if !ok {
+        return Err(String::from_utf8_lossy(stderr).trim().to_string());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(stdout).into_owned())
 }

@@ -7,20 +7,13 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::migration::*;
 use common::*;
 use containerd_shim_pclive::annotations;
 
 const PORT: u16 = 7777;
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
 
 /// How the client's connection ended, and what a new connection attempt found right after.
 #[derive(Debug)]

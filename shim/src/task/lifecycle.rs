@@ -231,10 +231,11 @@ impl Tasks {
                 .map(|r| &r.moved_links)
                 .filter(|l| !l.is_empty())
             {
-                let ns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
-                crate::netns::set_links(&ns, links, true).map_err(|e| TaskError::Os {
-                    what: format!("bringing {id}'s interfaces {links:?} up before resuming it"),
-                    source: e,
+                crate::netns::set_links(&crate::netns::of_pid(pid), links, true).map_err(|e| {
+                    TaskError::Os {
+                        what: format!("bringing {id}'s interfaces {links:?} up before resuming it"),
+                        source: e,
+                    }
                 })?;
             }
         }

@@ -670,6 +670,14 @@ impl TwoHosts {
     }
 }
 
+/// Seconds since the Unix epoch (to compare with the times reports carry).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 /// Waits until a TCP connection to `address` from the network namespace `netns` (a name under
 /// /run/netns) succeeds.
 pub fn wait_reachable(what: &str, netns: &str, address: std::net::SocketAddr) {
