@@ -15,7 +15,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 
 use nix::sched::{setns, CloneFlags};
@@ -95,10 +95,7 @@ impl IfSocket {
     }
 }
 
-/// The network namespace of process `pid`, as a path.
-pub fn of_pid(pid: u32) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/ns/net"))
-}
+pub use crate::paths::netns_of_pid as of_pid;
 
 /// Brings `lo` up in the network namespace of `pid`.
 pub fn bring_up_loopback(pid: u32) -> io::Result<()> {

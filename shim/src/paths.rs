@@ -36,6 +36,12 @@ pub fn state_dir(containerd_address: &str, namespace: &str) -> PathBuf {
     base.join(namespace)
 }
 
+/// The network namespace of process `pid`, as a path. Here, in a module that imports nothing of
+/// the crate, because both the tool runner and the network helpers need it.
+pub fn netns_of_pid(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,7 +79,10 @@ fn tool_command(program: &str, args: &[String], netns_of: Option<u32>) -> Comman
         Some(pid) => {
             let mut command = Command::new("nsenter");
             command
-                .arg(format!("--net={}", crate::netns::of_pid(pid).display()))
+                .arg(format!(
+                    "--net={}",
+                    crate::paths::netns_of_pid(pid).display()
+                ))
                 .arg(program);
             command
         }
