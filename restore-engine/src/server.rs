@@ -71,6 +71,10 @@ struct Args {
     fill_rate_mib: Option<u64>,
     #[arg(long, value_name = "N")]
     chunk_kib: Option<usize>,
+    /// Threads that copy background chunks while the main thread serves faults (more copy
+    /// faster where memory bandwidth allows, but take CPU from the restored service).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    copier_threads: u16,
     #[arg(long, value_enum, default_value_t = PageSource::Images)]
     page_source: PageSource,
     /// Receive a migration on this address first.
@@ -159,6 +163,7 @@ pub fn server_main(args: &[String]) -> i32 {
         supervisor_fd,
         fill_rate_mib,
         chunk_kib,
+        copier_threads,
         page_source,
         receive,
         key_file,
@@ -182,6 +187,7 @@ pub fn server_main(args: &[String]) -> i32 {
     if let Some(kib) = chunk_kib {
         config.chunk_bytes = (kib << 10).max(4096);
     }
+    config.copier_threads = copier_threads.into();
     // SAFETY: the shim passes this descriptor to us and nothing else in this process owns it.
     let supervisor = supervisor_fd.map(|fd| unsafe { UnixStream::from_raw_fd(fd) });
     if let Some(address) = receive {

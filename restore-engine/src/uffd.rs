@@ -157,19 +157,35 @@ impl Uffd {
         Uffd(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
+    /// A second descriptor for the same userfaultfd (for a thread that copies while this one
+    /// reads events).
+    pub fn try_clone(&self) -> io::Result<Uffd> {
+        Ok(Uffd(self.0.try_clone()?))
+    }
+
     /// Installs `data` at `dst` (page aligned, whole pages) with UFFDIO_COPY, waking threads
     /// that wait on those pages. Pages present already are skipped.
     pub fn copy(&self, dst: u64, data: &[u8]) -> io::Result<Installed> {
-        install_loop(data.len() as u64, |done| {
+        // SAFETY: `data` is borrowed, so it stays readable for the whole call.
+        unsafe { self.copy_from(dst, data.as_ptr() as u64, data.len() as u64) }
+    }
+
+    /// [`Self::copy`] from `len` bytes at address `src` of this process.
+    ///
+    /// # Safety
+    /// `[src, src + len)` must stay allocated and unchanged for the whole call: the kernel
+    /// reads it (a freed range would fail with EFAULT, a reused one would install wrong data).
+    pub unsafe fn copy_from(&self, dst: u64, src: u64, len: u64) -> io::Result<Installed> {
+        install_loop(len, |done| {
             let mut arg = UffdioCopy {
                 dst: dst + done,
-                src: data[done as usize..].as_ptr() as u64,
-                len: data.len() as u64 - done,
+                src: src + done,
+                len: len - done,
                 mode: 0,
                 copy: 0,
             };
-            // SAFETY: the fd is a userfaultfd; `arg` is a valid uffdio_copy whose src points to
-            // `len` readable bytes of `data`, alive for the call.
+            // SAFETY: the fd is a userfaultfd; `arg` is a valid uffdio_copy whose src range is
+            // readable for the call (the caller's contract).
             let result = unsafe { uffdio_copy(self.as_raw(), &mut arg) };
             (result.map(|_| arg.len), arg.copy)
         })

@@ -1,8 +1,10 @@
-//! Installing pages: serving faults (with read-ahead), background chunks, and following the
-//! address spaces through the events userfaultfd reports (fork, mremap, MADV_DONTNEED, munmap).
+//! Installing pages: serving faults (with read-ahead), background chunks (on the copier
+//! threads), and following the address spaces through the events userfaultfd reports (fork,
+//! mremap, MADV_DONTNEED, munmap).
 
 use std::os::unix::net::UnixStream;
 
+use super::copier::{Copiers, Done, InFlight};
 use super::pages::{Chunk, PageSource};
 use super::pending::PendingRanges;
 use super::{socket, LazyError, Task};
@@ -21,6 +23,7 @@ pub(super) struct Filler<'a, S: PageSource> {
     /// the fill ran): their pages stay in the source until the end, since installing a page in
     /// one address space does not install it in the other.
     shared: std::collections::HashSet<u32>,
+    copiers: Copiers,
 }
 
 impl<'a, S: PageSource> Filler<'a, S> {
@@ -28,13 +31,80 @@ impl<'a, S: PageSource> Filler<'a, S> {
         source: &'a mut S,
         stats: &'a mut FillStats,
         supervisor: Option<&'a UnixStream>,
-    ) -> Self {
-        Filler {
+        copier_threads: usize,
+    ) -> Result<Self, LazyError> {
+        Ok(Filler {
             source,
             stats,
             supervisor,
             shared: Default::default(),
+            copiers: Copiers::start(copier_threads)?,
+        })
+    }
+
+    /// Background ranges the copiers can take now.
+    pub(super) fn copier_room(&self) -> usize {
+        self.copiers.room()
+    }
+
+    /// Nothing is being copied.
+    pub(super) fn nothing_in_flight(&self) -> bool {
+        self.copiers.is_empty()
+    }
+
+    /// The descriptor that becomes readable when a copier is done.
+    pub(super) fn copiers_fd(&self) -> std::os::fd::RawFd {
+        self.copiers.signal_fd()
+    }
+
+    /// Ranges the copiers are done with.
+    pub(super) fn copied(&mut self) -> Vec<Done> {
+        self.copiers.take_ready()
+    }
+
+    /// Counts `bytes` installed from image address `img_addr` and releases their source pages.
+    fn account(&mut self, task: &Task, img_addr: u64, bytes: u64, zero: bool) {
+        if bytes == 0 {
+            return;
         }
+        let pages = bytes as usize / page::SIZE;
+        self.stats.bytes += bytes;
+        if zero {
+            self.stats.zero_pages += pages as u64;
+        }
+        if !self.shared.contains(&task.source_pid) {
+            self.source.installed(task.source_pid, img_addr, pages);
+        }
+    }
+
+    /// Takes back a range a copier is done with: what was not installed goes back to the
+    /// pending ranges (or, past a mapping boundary, is installed here, in halves).
+    pub(super) fn finish(&mut self, task: &mut Task, done: Done) -> Result<(), LazyError> {
+        let InFlight {
+            start,
+            end,
+            img_start,
+            ..
+        } = done.range;
+        let Installed { bytes, stop } = done.result.map_err(|source| LazyError::Install {
+            pid: task.source_pid,
+            vaddr: start,
+            source,
+        })?;
+        self.account(task, img_start, bytes, false);
+        self.stats.pages_in_background += bytes / page::SIZE_U64;
+        task.pending.insert(start + bytes, end, img_start + bytes);
+        match stop {
+            // Busy: retried once the address space's events are read.
+            None | Some(Stop::Busy) => {}
+            Some(Stop::Unmapped) => {
+                let rest = ((end - start - bytes) / page::SIZE_U64) as usize;
+                let (pages, _busy) = self.install(task, start + bytes, rest)?;
+                self.stats.pages_in_background += pages as u64;
+            }
+            Some(Stop::Exited) => task.pending = PendingRanges::default(),
+        }
+        Ok(())
     }
 
     /// Installs up to `max_pages` pending pages at `addr`. Returns the pages handled and whether
@@ -72,14 +142,8 @@ impl<'a, S: PageSource> Filler<'a, S> {
         let done_pages = bytes as usize / page::SIZE;
         if bytes > 0 {
             task.pending.remove(addr, addr + bytes);
-            self.stats.bytes += bytes;
-            if is_zero {
-                self.stats.zero_pages += done_pages as u64;
-            }
-            if !self.shared.contains(&task.source_pid) {
-                self.source.installed(task.source_pid, img_addr, done_pages);
-            }
         }
+        self.account(task, img_addr, bytes, is_zero);
         match stop {
             None => Ok((done_pages, false)),
             Some(Stop::Busy) => Ok((done_pages, true)),
@@ -111,6 +175,30 @@ impl<'a, S: PageSource> Filler<'a, S> {
             let (pages, busy) = self.install(task, page, FAULT_AROUND_PAGES)?;
             self.stats.pages_by_fault += pages as u64;
             busy && pages == 0
+        } else if let Some(range) = self.copiers.in_flight_at(task.id, page) {
+            // A copier is installing it: install this page now rather than wait for the whole
+            // range. If the copier came first, the page is present and only the wake is needed.
+            let img = range.img_start + (page - range.start);
+            let data = match self.source.chunk(task.source_pid, img, 1) {
+                Some(Chunk::Data(data)) => data,
+                _ => {
+                    return Err(LazyError::MissingPage {
+                        pid: task.source_pid,
+                        vaddr: img,
+                    })
+                }
+            };
+            let installed = task
+                .uffd
+                .copy(page, &data[..page::SIZE])
+                .map_err(|source| LazyError::Install {
+                    pid: task.source_pid,
+                    vaddr: page,
+                    source,
+                })?;
+            let _ = task.uffd.wake(page, page::SIZE_U64);
+            self.stats.pages_by_fault += 1;
+            installed.stop == Some(Stop::Busy)
         } else {
             // Never populated at dump time (or installed meanwhile): a zero page. Zeroing also
             // wakes the thread if another fault installed the page first.
@@ -150,17 +238,52 @@ impl<'a, S: PageSource> Filler<'a, S> {
         Ok(())
     }
 
+    /// Starts one background chunk of `task`: data goes to an idle copier, a run of zero pages
+    /// is installed here (no copy). Returns the bytes started.
     pub(super) fn background_chunk(
         &mut self,
         task: &mut Task,
         chunk_bytes: usize,
     ) -> Result<u64, LazyError> {
-        let Some((start, _)) = task.pending.first() else {
+        let Some((start, pending)) = task.pending.first() else {
             return Ok(0);
         };
-        let (pages, _busy) = self.install(task, start, (chunk_bytes / page::SIZE).max(1))?;
-        self.stats.pages_in_background += pages as u64;
-        Ok((pages * page::SIZE) as u64)
+        let max_pages = (chunk_bytes / page::SIZE).max(1);
+        let room = ((pending.end - start) as usize / page::SIZE).min(max_pages);
+        let data = match self.source.chunk(task.source_pid, pending.img_start, room) {
+            Some(Chunk::Data(data)) => {
+                Some((data.as_ptr() as u64, data.len().min(room * page::SIZE)))
+            }
+            Some(Chunk::Zero(_)) => None,
+            None => {
+                return Err(LazyError::MissingPage {
+                    pid: task.source_pid,
+                    vaddr: pending.img_start,
+                })
+            }
+        };
+        let Some((src, len)) = data else {
+            let (pages, _busy) = self.install(task, start, max_pages)?;
+            self.stats.pages_in_background += pages as u64;
+            return Ok((pages * page::SIZE) as u64);
+        };
+        let range = InFlight {
+            task: task.id,
+            start,
+            end: start + len as u64,
+            img_start: pending.img_start,
+        };
+        task.pending.remove(range.start, range.end);
+        self.copiers.send(range, &task.uffd, src)?;
+        Ok(len as u64)
+    }
+
+    /// Takes back `task`'s in-flight ranges (before an event changes its address space).
+    fn settle(&mut self, task: &mut Task) -> Result<(), LazyError> {
+        for done in self.copiers.wait_for_task(task.id)? {
+            self.finish(task, done)?;
+        }
+        Ok(())
     }
 
     pub(super) fn handle_event(
@@ -168,6 +291,9 @@ impl<'a, S: PageSource> Filler<'a, S> {
         task: &mut Task,
         event: UffdEvent,
     ) -> Result<Option<Task>, LazyError> {
+        if !matches!(event, UffdEvent::PageFault { .. }) {
+            self.settle(task)?;
+        }
         match event {
             UffdEvent::PageFault { address, .. } => {
                 let page = address & !(page::SIZE_U64 - 1);
@@ -183,6 +309,7 @@ impl<'a, S: PageSource> Filler<'a, S> {
                 self.stats.forks += 1;
                 self.shared.insert(task.source_pid);
                 Ok(Some(Task {
+                    id: super::new_task_id(),
                     source_pid: task.source_pid,
                     uffd,
                     pending: task.pending.clone(),

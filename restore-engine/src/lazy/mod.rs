@@ -6,8 +6,10 @@
 //! - [`pages`]: where pages come from ([`PageSource`]: the staging store or image files),
 //! - [`pending`]: what is left to install in each address space,
 //! - [`filler`]: installing pages and following the address spaces' events,
+//! - [`copier`]: the threads that copy background chunks while faults are served,
 //! - this file: [`serve`], the loop that ties them together.
 
+mod copier;
 mod filler;
 mod pages;
 mod pending;
@@ -82,8 +84,16 @@ pub fn lazy_ranges(pagemap: &images::Pagemap, mm: &images::MmEntry) -> Vec<(u64,
     out
 }
 
+/// A number no other address space of this process's servers has.
+fn new_task_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One restored address space.
 pub(crate) struct Task {
+    /// Names it while its userfaultfd's events reorder the list of tasks.
+    pub(crate) id: u64,
     /// Whose image pages to read (a forked child reads its parent's).
     pub(crate) source_pid: u32,
     pub(crate) uffd: Uffd,
@@ -103,6 +113,8 @@ pub struct ServerConfig {
     pub work_dir: PathBuf,
     /// Background chunk size in bytes.
     pub chunk_bytes: usize,
+    /// Threads that copy background chunks while the server thread serves faults.
+    pub copier_threads: usize,
     /// Background fill limit in bytes per second (faults are never limited).
     pub fill_rate: Option<u64>,
     /// How long to wait for CRIU to connect.
@@ -117,6 +129,7 @@ impl ServerConfig {
             images,
             work_dir,
             chunk_bytes: 4 << 20,
+            copier_threads: 1,
             fill_rate: None,
             connect_timeout: Duration::from_secs(120),
             cancel: Cancel::default(),
@@ -202,6 +215,7 @@ pub fn serve<S: PageSource>(
             lazy_bytes: pending.bytes(),
         });
         tasks.push(Task {
+            id: new_task_id(),
             source_pid: pid,
             uffd: Uffd::from_owned(fd),
             pending,
@@ -218,7 +232,7 @@ pub fn serve<S: PageSource>(
         tasks: tasks.len(),
         ..Default::default()
     };
-    let mut filler = Filler::new(source, &mut stats, supervisor);
+    let mut filler = Filler::new(source, &mut stats, supervisor, config.copier_threads)?;
     let mut next_task = 0usize;
     let mut background_bytes = 0u64;
     let mut pollfds: Vec<libc::pollfd> = Vec::new();
@@ -226,17 +240,27 @@ pub fn serve<S: PageSource>(
         if let Some(reason) = config.cancel.reason() {
             return Err(LazyError::Cancelled(reason));
         }
-        let all_installed = tasks
-            .iter()
-            .all(|t| t.pending.is_empty() && t.deferred_faults.is_empty());
+        for done in filler.copied() {
+            // A task that went away meanwhile has nothing left to settle.
+            if let Some(task) = tasks.iter_mut().find(|t| t.id == done.range.task) {
+                filler.finish(task, done)?;
+            }
+        }
+        let all_installed = filler.nothing_in_flight()
+            && tasks
+                .iter()
+                .all(|t| t.pending.is_empty() && t.deferred_faults.is_empty());
         if fill_start.is_some() && all_installed {
             break;
         }
-        // Block while the restore runs or when the background is done or throttled; otherwise
-        // poll without waiting so that faults always go first.
+        let background_ready =
+            filler.copier_room() > 0 && tasks.iter().any(|t| !t.pending.is_empty());
+        // Block while the restore runs, when the background is done, throttled or every copier
+        // is busy (a finished copy wakes the poll); otherwise poll without waiting so that
+        // faults always go first.
         let wait_ms = match fill_start {
             None => 100,
-            Some(_) if all_installed => 100,
+            Some(_) if !background_ready => 100,
             Some(started) => match config.fill_rate {
                 Some(rate) => {
                     let allowed = started.elapsed().as_secs_f64() * rate as f64;
@@ -259,6 +283,11 @@ pub fn serve<S: PageSource>(
             events: libc::POLLIN,
             revents: 0,
         });
+        pollfds.push(libc::pollfd {
+            fd: filler.copiers_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         pollfds.extend(tasks.iter().map(|t| libc::pollfd {
             fd: t.uffd.as_raw(),
             events: libc::POLLIN,
@@ -274,30 +303,31 @@ pub fn serve<S: PageSource>(
             }
             return Err(err.into());
         }
-        if ready > 0 {
-            if pollfds[0].revents != 0 {
-                let mut raw = [0u8; 4];
-                match restorer.read(&mut raw) {
-                    Ok(4) if u32::from_le_bytes(raw) == RESTORE_FINISHED => {
-                        let now = Instant::now();
-                        fill_start = Some(now);
-                        events(ServerEvent::RestoreFinished {
-                            after_seconds: now.duration_since(connected).as_secs_f64(),
-                        });
-                    }
-                    Ok(0) => return Err(LazyError::RestoreAborted),
-                    Ok(n) => {
-                        return Err(LazyError::Protocol(format!(
+        let task_events = pollfds[2..].iter().any(|p| p.revents != 0);
+        if pollfds[0].revents != 0 {
+            let mut raw = [0u8; 4];
+            match restorer.read(&mut raw) {
+                Ok(4) if u32::from_le_bytes(raw) == RESTORE_FINISHED => {
+                    let now = Instant::now();
+                    fill_start = Some(now);
+                    events(ServerEvent::RestoreFinished {
+                        after_seconds: now.duration_since(connected).as_secs_f64(),
+                    });
+                }
+                Ok(0) => return Err(LazyError::RestoreAborted),
+                Ok(n) => {
+                    return Err(LazyError::Protocol(format!(
                         "expected the restore-finished marker {RESTORE_FINISHED:#x}, got {:02x?}",
                         &raw[..n]
                     )))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
             }
+        }
+        if task_events {
             let mut forks = Vec::new();
-            for (i, pfd) in pollfds[1..].iter().enumerate() {
+            for (i, pfd) in pollfds[2..].iter().enumerate() {
                 if pfd.revents == 0 {
                     continue;
                 }
@@ -323,15 +353,11 @@ pub fn serve<S: PageSource>(
             }
             tasks.retain(|t| !t.gone);
             tasks.extend(forks);
-            for task in tasks.iter_mut() {
-                filler.retry_deferred(task)?;
-            }
-            continue;
         }
         for task in tasks.iter_mut() {
             filler.retry_deferred(task)?;
         }
-        if wait_ms > 0 || fill_start.is_none() {
+        if ready > 0 || wait_ms > 0 || fill_start.is_none() {
             continue;
         }
         // No fault pending: one background chunk, round-robin over the tasks with work left.
@@ -482,6 +508,90 @@ mod tests {
                 unsafe { std::ptr::read_volatile((base + (i * page) as u64 + 17) as *const u8) };
             assert_eq!(got, want, "page {i}");
         }
+        // SAFETY: unmaps our own region.
+        unsafe { libc::munmap(base as *mut libc::c_void, PAGES * page) };
+    }
+
+    /// Threads read a 64 MiB region from both ends while the copiers fill it: faults land in
+    /// pending ranges and in ranges being copied, and every page must hold its own content
+    /// (its index), whoever installed it.
+    #[test]
+    fn faults_during_the_background_copies_find_their_own_pages() {
+        use std::sync::mpsc;
+        let _no_forks = crate::testsupport::own_memory_uffd();
+        const PAGES: usize = 16384;
+        let page = crate::page::SIZE;
+        // SAFETY: a fresh private anonymous mapping of our own.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGES * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as u64;
+        assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
+        let uffd = crate::uffd::open_like_criu().expect("userfaultfd");
+        uffd.register_missing(base, (PAGES * page) as u64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        fs::create_dir(&images).unwrap();
+        crate::testsupport::write_lazy_images(&images, 7, base, PAGES as u64);
+        let mut store = StagingStore::default();
+        let mut content = vec![0u8; page];
+        for i in 0..PAGES {
+            content[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+            store.put(7, base + (i * page) as u64, &content).unwrap();
+        }
+        let work = dir.path().join("work");
+        fs::create_dir(&work).unwrap();
+        let mut config = ServerConfig::new(images, work.clone());
+        config.copier_threads = 2;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            serve(&config, &mut store, None, |event| {
+                if matches!(event, ServerEvent::Ready { .. }) {
+                    let _ = ready_tx.send(());
+                }
+            })
+        });
+        ready_rx.recv().unwrap();
+        let restorer = UnixStream::connect(work.join(SOCKET_NAME)).unwrap();
+        let mut writer = &restorer;
+        std::io::Write::write_all(&mut writer, &7i32.to_le_bytes()).unwrap();
+        let byte = [0u8; 1];
+        let iov = [io::IoSlice::new(&byte)];
+        let fds = [uffd.as_raw()];
+        sendmsg::<()>(
+            restorer.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(uffd);
+        std::io::Write::write_all(&mut writer, &RESTORE_FINISHED.to_le_bytes()).unwrap();
+        let read = move |i: usize| {
+            // SAFETY: reads a page of our own registered region; the server installs it.
+            let got = unsafe { std::ptr::read_volatile((base + (i * page) as u64) as *const u64) };
+            assert_eq!(got, i as u64 + 1, "page {i}");
+        };
+        let readers = [
+            std::thread::spawn(move || (0..PAGES).rev().step_by(3).for_each(read)),
+            std::thread::spawn(move || (0..PAGES).step_by(37).for_each(read)),
+        ];
+        for reader in readers {
+            reader
+                .join()
+                .expect("every page read holds its own content");
+        }
+        let stats = server.join().unwrap().expect("the fill completes");
+        assert_eq!(stats.bytes, (PAGES * page) as u64);
+        assert!(stats.pages_by_fault >= 1);
+        (0..PAGES).for_each(read);
         // SAFETY: unmaps our own region.
         unsafe { libc::munmap(base as *mut libc::c_void, PAGES * page) };
     }
