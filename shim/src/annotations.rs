@@ -165,6 +165,8 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<RestoreAnnotations
                 rootfs: None,
                 shared_rootfs: boolean(annotations, RECEIVE_SHARED_ROOTFS)? == Some(true),
                 move_address: boolean(annotations, RECEIVE_MOVE_ADDRESS)? == Some(true),
+                // The shim's, once it holds the namespace's interfaces down.
+                address_netns: None,
             })
         }
     };

@@ -600,6 +600,13 @@ impl Watch {
                         unmount_below(&self.work_dir);
                     }
                 }
+                if let Some(ns) = self
+                    .receive
+                    .as_ref()
+                    .and_then(|(spec, ..)| spec.address_netns.as_ref())
+                {
+                    give_back_address(&id, ns);
+                }
                 if let (false, Some((spec, migration_id, _))) = (concluded, &self.receive) {
                     // The server died before it could tell the source: the shim does.
                     receive::server_died(spec, migration_id.as_deref(), &reason);
@@ -620,6 +627,35 @@ impl Watch {
         if let Ok(json) = serde_json::to_vec_pretty(&report) {
             let _ = fs::write(self.work_dir.join(REPORT_FILE), json);
         }
+    }
+}
+
+/// A receiving container that took the source's address failed: its interfaces go down, so
+/// that the address is free for the source to take back (`pclive resolve --resume-source`)
+/// instead of two hosts answering for it. Lock rules CRIU's action script left in the namespace
+/// stay: the namespace belongs to the network plugin, which removes it with the pod.
+fn give_back_address(id: &str, ns: &Path) {
+    let names: Vec<String> = match crate::netns::links(ns) {
+        Ok(links) => links.into_iter().map(|l| l.name).collect(),
+        Err(e) => {
+            error!(
+                "{id}: cannot list the interfaces of {}: {e}; take them down by hand before the source resumes, or two hosts answer for one address",
+                ns.display()
+            );
+            return;
+        }
+    };
+    match crate::netns::set_links(ns, &names, false) {
+        Ok(()) => warn!(
+            "{id}: interface(s) {} of {} are down again: the address is free for the source to take back",
+            names.join(", "),
+            ns.display()
+        ),
+        Err(e) => error!(
+            "{id}: cannot take the interfaces {} of {} down: {e}; take them down by hand before the source resumes, or two hosts answer for one address",
+            names.join(", "),
+            ns.display()
+        ),
     }
 }
 

@@ -39,6 +39,8 @@ pub struct ReceiveSpec {
     pub shared_rootfs: bool,
     /// The container takes the source's address ([`crate::annotations::RECEIVE_MOVE_ADDRESS`]).
     pub move_address: bool,
+    /// With `move_address`: the network namespace that takes it (the shim's, from the spec).
+    pub address_netns: Option<PathBuf>,
 }
 
 /// What a source may make the receiving host store: the staging store (and the image files

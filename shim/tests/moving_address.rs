@@ -267,3 +267,60 @@ fn a_migration_that_fails_after_the_address_went_down_gives_it_back() {
     let conversation = setup.finish();
     assert_eq!(conversation.error, None, "{conversation:?}");
 }
+
+/// The destination fails after it ran the container with the address (its lazy-pages server
+/// dies right after the restore): the destination takes its interfaces down again, the source
+/// stays frozen in doubt without taking the address back on its own, and once the operator
+/// resumes it (`pclive resolve --resume-source`) the address is the source's alone.
+#[test]
+fn a_destination_that_fails_after_taking_the_address_gives_it_up() {
+    let (failpoints, _remove) = failpoints_file("destination::after-restored=return(kill)\n");
+    let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
+    let setup = set_up(&hosts);
+    let receiver = setup.receive(&hosts.dst, true);
+    let err = migrate_with(
+        &hosts.src,
+        "echo",
+        &setup.listen,
+        &hosts.src.key(),
+        &["--move-address", "--resolve-timeout", "5"],
+    )
+    .unwrap_err();
+    assert!(err.contains("in doubt"), "{err}");
+    let _ = receiver.wait_code(Duration::from_secs(60));
+    wait_for(
+        "the failed destination to take its interfaces down",
+        Duration::from_secs(30),
+        || !eth0_up(&setup.dst_pod),
+    );
+    assert!(
+        !eth0_up(&setup.src_pod),
+        "an in-doubt source took the address back on its own"
+    );
+    assert_ne!(
+        hosts.src.task("echo").unwrap().1,
+        "RUNNING",
+        "in doubt, frozen"
+    );
+
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}-src", hosts.name()))
+        .arg(env!("CARGO_BIN_EXE_pclive"))
+        .args(["resolve", "echo", "--resume-source"])
+        .env("CONTAINERD_ADDRESS", &hosts.src.address)
+        .env("CONTAINERD_NAMESPACE", &hosts.src.namespace)
+        .env("PCLIVE_STATE_DIR", hosts.src.state_base())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pclive resolve --resume-source: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(eth0_up(&setup.src_pod), "the resumed source has no address");
+    assert!(!eth0_up(&setup.dst_pod), "two hosts hold the address");
+    assert_eq!(hosts.src.task("echo").unwrap().1, "RUNNING");
+    // The connection may not survive: the destination answered on it for a moment.
+    setup.stop.store(true, Ordering::SeqCst);
+    let _ = setup.client.join();
+}

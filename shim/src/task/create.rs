@@ -175,7 +175,7 @@ pub fn unmount_rootfs(bundle: &Path) {
 /// A receiving container that takes the source's address: the interfaces of the network
 /// namespace it joins stay down until the switchover (the source has the address until then);
 /// CRIU's `network-unlock` brings them up once the resume is recorded.
-fn hold_address(bundle: &Path) -> Result<(), TaskError> {
+fn hold_address(bundle: &Path) -> Result<PathBuf, TaskError> {
     let path = bundle.join("config.json");
     let spec = oci_spec::runtime::Spec::load(&path)
         .map_err(|e| TaskError::Invalid(format!("cannot read {}: {e}", path.display())))?;
@@ -200,7 +200,7 @@ fn hold_address(bundle: &Path) -> Result<(), TaskError> {
         ns.display(),
         names.join(", ")
     );
-    Ok(())
+    Ok(ns)
 }
 
 /// Where a container's start restores from, if anywhere: a migration it receives, containerd's
@@ -216,7 +216,7 @@ fn restore_source(
         spec.limits = crate::receive::limits_for(&params.bundle).map_err(TaskError::Invalid)?;
         spec.rootfs = Some(crate::rootfs::root_dir(&params.bundle).map_err(TaskError::Invalid)?);
         if spec.move_address {
-            hold_address(&params.bundle)?;
+            spec.address_netns = Some(hold_address(&params.bundle)?);
         }
         let image_path = params.bundle.join("migration-images");
         fs::create_dir_all(&image_path)
