@@ -5,7 +5,7 @@
 #   scripts/bench-migration.sh [--records N] [--sweep N,N] [--links 1gbit,10gbit]
 #                              [--mixes 90:10,10:90] [--modes baseline,pclive-eager,pclive,pclive-moving]
 #                              [--rate OPS] [--out DIR] [--quick] [--no-setup]
-#                              [--testbed NAME]
+#                              [--testbed NAME] [--copier-threads N]
 #
 # For every link rate, read:write mix and mode: a Redis container on the source host holding
 # N records of 1 KiB random (incompressible) values, a YCSB-like client load at --rate ops/s
@@ -29,6 +29,8 @@
 # (tables, ratios against the baseline of the same run, targets met or missed), PNG plots,
 # and runs/<run>/ with each run's raw files. --quick: 100k records, 10gbit, one mix.
 # --testbed: the test bed's name (default pcbench), so several runs can coexist.
+# --copier-threads: threads of the receiver's lazy-pages server that copy the background fill
+#                 (pclive receive --copier-threads; default the server's, 1).
 # --no-setup: skip scripts/setup.sh and the build (the tests run it this way); the client and
 # report programs then come from $PCLIVE_BENCH_CLIENT / $PCLIVE_BENCH_REPORT or target/release.
 #
@@ -48,6 +50,7 @@ rate=5000
 out=""
 setup=1
 bed=pcbench
+copier_threads=
 while [ $# -gt 0 ]; do
   case "$1" in
     --records) records=${2:?--records needs a number}; shift 2 ;;
@@ -60,6 +63,7 @@ while [ $# -gt 0 ]; do
     --quick) records=100000; sweep=""; links=10gbit; mixes=90:10; shift ;;
     --no-setup) setup=0; shift ;;
     --testbed) bed=${2:?--testbed needs a name}; shift 2 ;;
+    --copier-threads) copier_threads=${2:?--copier-threads needs a number}; shift 2 ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-migration: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
@@ -231,6 +235,7 @@ run_one() {
     pclive|pclive-eager|pclive-lz4|pclive-moving)
       local listen=$dst_addr:7411 extra=(--net-host --tcp-close) send=()
       [ "$mode" = pclive-eager ] && extra+=(--eager)
+      [ -n "$copier_threads" ] && [ "$mode" != pclive-eager ] && extra+=(--copier-threads "$copier_threads")
       [ "$mode" = pclive-lz4 ] && send=(--compress)
       if [ "$mode" = pclive-moving ]; then
         extra=(--netns "/run/netns/$bed-dst-redis" --move-address)

@@ -26,6 +26,9 @@ pub const RESTORE_WORK_PATH: &str = "io.containerd.pclive.restore.work-path";
 pub const RESTORE_LAZY_PAGES: &str = "io.containerd.pclive.restore.lazy-pages";
 /// Background fill limit of a lazy restore, in MiB/s (faults are never limited).
 pub const RESTORE_FILL_RATE_MIB: &str = "io.containerd.pclive.restore.fill-rate-mib";
+/// Threads of a lazy restore that copy the background fill while faults are served (1-16,
+/// default 1): more fill faster where memory bandwidth allows, but take CPU from the service.
+pub const RESTORE_COPIER_THREADS: &str = "io.containerd.pclive.restore.copier-threads";
 /// Where a lazy restore takes pages from: `images` (the mapped image files, default) or
 /// `staging` (copied into memory first).
 pub const RESTORE_PAGE_SOURCE: &str = "io.containerd.pclive.restore.page-source";
@@ -120,6 +123,19 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<RestoreAnnotations
             }
         })?),
     };
+    let copier_threads = match annotations.get(RESTORE_COPIER_THREADS) {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u16>()
+                .ok()
+                .filter(|n| (1..=16).contains(n))
+                .ok_or_else(|| AnnotationError::BadValue {
+                    key: RESTORE_COPIER_THREADS,
+                    value: v.clone(),
+                    expected: "a number of threads from 1 to 16",
+                })?,
+        ),
+    };
     let stage_in_memory = match annotations.get(RESTORE_PAGE_SOURCE).map(String::as_str) {
         None | Some("images") => false,
         Some("staging") => true,
@@ -131,11 +147,6 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<RestoreAnnotations
             })
         }
     };
-    let lazy = (lazy_pages == Some(true)).then_some(LazyOptions {
-        fill_rate_mib,
-        stage_in_memory,
-        receive: None,
-    });
     let receive = match annotations.get(RECEIVE_LISTEN) {
         None => None,
         Some(listen) => {
@@ -170,6 +181,14 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<RestoreAnnotations
             })
         }
     };
+    // A receiving container restores lazily unless told otherwise, so its lazy options count.
+    let restores_lazily = lazy_pages == Some(true) || (receive.is_some() && lazy_pages.is_none());
+    let lazy = restores_lazily.then_some(LazyOptions {
+        fill_rate_mib,
+        copier_threads,
+        stage_in_memory,
+        receive: None,
+    });
     let tcp_close = boolean(annotations, RESTORE_TCP_CLOSE)? == Some(true);
     if tcp_close && receive.as_ref().is_some_and(|r| r.move_address) {
         return Err(AnnotationError::MoveAddressWithTcpClose);
@@ -222,12 +241,14 @@ mod tests {
             (RESTORE_IMAGE_PATH, "/ckpt"),
             (RESTORE_LAZY_PAGES, "true"),
             (RESTORE_FILL_RATE_MIB, "100"),
+            (RESTORE_COPIER_THREADS, "2"),
             (RESTORE_PAGE_SOURCE, "staging"),
         ]))
         .unwrap();
         assert_eq!(parsed.image_path, Some(PathBuf::from("/ckpt")));
         let lazy = parsed.lazy.unwrap();
         assert_eq!(lazy.fill_rate_mib, Some(100));
+        assert_eq!(lazy.copier_threads, Some(2));
         assert!(lazy.stage_in_memory && !parsed.eager);
     }
 
@@ -260,11 +281,25 @@ mod tests {
     }
 
     #[test]
+    fn a_receiving_container_takes_the_lazy_options_without_asking_for_lazy_pages() {
+        let parsed = parse(&map(&[
+            (RECEIVE_LISTEN, "10.0.0.2:7411"),
+            (RECEIVE_KEY_FILE, "/k"),
+            (RESTORE_COPIER_THREADS, "3"),
+        ]))
+        .unwrap();
+        assert_eq!(parsed.lazy.unwrap().copier_threads, Some(3));
+        assert!(!parsed.eager);
+    }
+
+    #[test]
     fn bad_values_name_the_annotation() {
         for (key, value) in [
             (RESTORE_LAZY_PAGES, "yes"),
             (RESTORE_FILL_RATE_MIB, "0"),
             (RESTORE_FILL_RATE_MIB, "fast"),
+            (RESTORE_COPIER_THREADS, "0"),
+            (RESTORE_COPIER_THREADS, "17"),
             (RESTORE_PAGE_SOURCE, "disk"),
             (RESTORE_TCP_CLOSE, "1"),
         ] {

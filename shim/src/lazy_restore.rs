@@ -51,6 +51,8 @@ pub enum LazyRestoreError {
 pub struct LazyOptions {
     /// Background fill limit in MiB/s (faults are always served at once).
     pub fill_rate_mib: Option<u64>,
+    /// Threads that copy the background fill (None: the server's default, one).
+    pub copier_threads: Option<u16>,
     /// Copy the pages into the engine's staging store before the restore, instead of installing
     /// them from the mapped image files.
     pub stage_in_memory: bool,
@@ -126,6 +128,9 @@ impl LazyServer {
         });
         if let Some(rate) = options.fill_rate_mib {
             command.args(["--fill-rate-mib", &rate.to_string()]);
+        }
+        if let Some(threads) = options.copier_threads {
+            command.args(["--copier-threads", &threads.to_string()]);
         }
         if options.stage_in_memory {
             command.args(["--page-source", "staging"]);

@@ -31,9 +31,18 @@ pub fn run(args: CheckArgs) -> ExitCode {
         }
     } else {
         println!("kernel {}", report.kernel);
+        let name_width = report
+            .findings
+            .iter()
+            .map(|f| f.name.len())
+            .max()
+            .unwrap_or(0);
         for f in &report.findings {
             let mark = if f.ok { "ok  " } else { "FAIL" };
-            println!("{mark} {:<12} {:<40} {}", f.name, f.detail, f.meaning);
+            println!(
+                "{mark} {:<name_width$} {:<40} {}",
+                f.name, f.detail, f.meaning
+            );
         }
     }
     if report.ready() {

@@ -75,6 +75,12 @@ pub struct ReceiveArgs {
     /// or the whole --rootfs directory) are copied into this container's
     #[arg(long)]
     pub shared_rootfs: bool,
+    /// Threads that copy the memory in the background after the restore while the main one
+    /// serves the container's faults (1-16; default 1). More fill faster where memory stays
+    /// resident, but take CPU from the container; on a VM whose balloon reports freed memory
+    /// (`pclive check`) the hypervisor's page population sets the pace instead
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16), conflicts_with = "eager")]
+    pub copier_threads: Option<u16>,
     /// How long to wait for the source
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub accept_timeout: u64,
@@ -350,6 +356,12 @@ pub fn run(args: ReceiveArgs) -> ExitCode {
         command.args([
             "--annotation",
             &format!("{}=true", annotations::RESTORE_TCP_CLOSE),
+        ]);
+    }
+    if let Some(threads) = args.copier_threads {
+        command.args([
+            "--annotation",
+            &format!("{}={threads}", annotations::RESTORE_COPIER_THREADS),
         ]);
     }
     if args.eager {
