@@ -19,6 +19,68 @@ pub fn own_memory_uffd() -> std::sync::RwLockWriteGuard<'static, ()> {
     OWN_MEMORY_UFFD.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A fresh private anonymous read-write mapping of `len` bytes of this process.
+pub fn map_anonymous(len: usize) -> u64 {
+    // SAFETY: mmap with a null hint creates a new mapping and touches nothing else.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED, "mmap of {len} bytes");
+    base as u64
+}
+
+/// A private anonymous region of this process registered (missing mode) with a userfaultfd
+/// opened as CRIU's restorer opens it. Hold [`own_memory_uffd`] while it lives. Dropping it
+/// closes the userfaultfd first, then unmaps the region: with the descriptor open, the unmap
+/// would wait for someone to read its unmap event.
+pub struct UffdRegion {
+    pub base: u64,
+    pub len: usize,
+    /// Taken by a test that hands it to a server.
+    pub uffd: Option<crate::uffd::Uffd>,
+}
+
+impl UffdRegion {
+    pub fn new(pages: usize) -> Self {
+        let len = pages * crate::page::SIZE;
+        let base = map_anonymous(len);
+        let uffd = crate::uffd::open_like_criu().expect("userfaultfd");
+        uffd.register_missing(base, len as u64).unwrap();
+        UffdRegion {
+            base,
+            len,
+            uffd: Some(uffd),
+        }
+    }
+
+    /// The address of page `i`.
+    pub fn page(&self, i: usize) -> u64 {
+        self.base + (i * crate::page::SIZE) as u64
+    }
+
+    /// Reads the u64 at the start of page `i` (a fault the server must serve, if missing).
+    pub fn read_u64(&self, i: usize) -> u64 {
+        assert!(i * crate::page::SIZE < self.len);
+        // SAFETY: within our own mapping; a missing page is installed by the test's server.
+        unsafe { std::ptr::read_volatile(self.page(i) as *const u64) }
+    }
+}
+
+impl Drop for UffdRegion {
+    fn drop(&mut self) {
+        drop(self.uffd.take());
+        // SAFETY: unmaps our own region; nothing refers to it any more.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
 use crate::images::{
     encode_entries, Header, MmEntry, PageRange, Pagemap, PstreeEntry, VmaEntry, MM_MAGIC, PE_LAZY,
     PSTREE_MAGIC,
@@ -145,18 +207,8 @@ pub struct Writer {
 impl Writer {
     pub fn start() -> Self {
         let len = 16 << 20;
-        // SAFETY: a fresh private anonymous mapping, inherited by the child at fork.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as u64;
-        assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
+        // Inherited by the child at fork.
+        let base = map_anonymous(len);
         // Populate every page before the fork: the child starts with 16 MiB resident.
         // SAFETY: within the mapping we just made.
         unsafe { std::ptr::write_bytes(base as *mut u8, 0x5a, len) };

@@ -220,20 +220,8 @@ mod tests {
         let _no_forks = crate::testsupport::own_memory_uffd();
         const PAGES: usize = 64;
         let len = PAGES * page::SIZE;
-        // SAFETY: a fresh private anonymous mapping of our own.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as u64;
-        assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
-        let uffd = crate::uffd::open_like_criu().expect("userfaultfd");
-        uffd.register_missing(base, len as u64).unwrap();
+        let region = crate::testsupport::UffdRegion::new(PAGES);
+        let (base, uffd) = (region.base, region.uffd.as_ref().unwrap());
         let data: Vec<u8> = (0..len).map(|i| (i / page::SIZE) as u8 + 1).collect();
 
         let mut copiers = Copiers::start(2).unwrap();
@@ -246,7 +234,7 @@ mod tests {
         });
         for range in ranges {
             let src = data.as_ptr() as u64 + (range.start - base);
-            copiers.send(range, &uffd, src).unwrap();
+            copiers.send(range, uffd, src).unwrap();
         }
         assert_eq!(copiers.room(), 2);
         assert_eq!(copiers.in_flight_at(2, base + half + 5), Some(ranges[1]));
@@ -266,16 +254,8 @@ mod tests {
         assert!(copiers.is_empty());
         assert_eq!(copiers.room(), 4);
         for i in 0..PAGES {
-            // SAFETY: every page of the region is installed now.
-            let got =
-                unsafe { std::ptr::read_volatile((base + (i * page::SIZE) as u64) as *const u8) };
-            assert_eq!(got, i as u8 + 1, "page {i}");
+            assert_eq!(region.read_u64(i) as u8, i as u8 + 1, "page {i}");
         }
-        // The last descriptor of the userfaultfd goes first: with it open, the unmap would wait
-        // for someone to read its unmap event.
         drop(copiers);
-        drop(uffd);
-        // SAFETY: unmaps our own region.
-        unsafe { libc::munmap(base as *mut libc::c_void, len) };
     }
 }

@@ -392,6 +392,7 @@ mod tests {
     use super::*;
     use crate::images::PE_PRESENT;
     use crate::staging::StagingStore;
+    use crate::testsupport::UffdRegion;
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
     /// Plays CRIU's restorer against the real server: a region of this test process is
@@ -410,59 +411,12 @@ mod tests {
         fill_region(&[3, 64, 130, 131, 200, 255]);
     }
 
-    fn fill_region(prot_none: &[usize]) {
-        use std::sync::mpsc;
-        // This process's memory gets a userfaultfd: no other test may fork meanwhile.
-        let _no_forks = crate::testsupport::own_memory_uffd();
-
-        const PAGES: usize = 256;
-        let page = crate::page::SIZE;
-        // SAFETY: a fresh private anonymous mapping of our own.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGES * page,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as u64;
-        assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
-        let uffd = crate::uffd::open_like_criu().expect("userfaultfd");
-        uffd.register_missing(base, (PAGES * page) as u64).unwrap();
-        let protect = |i: usize, prot| {
-            // SAFETY: changes the protection of one page of our own region.
-            let rc = unsafe { libc::mprotect((base + (i * page) as u64) as *mut _, page, prot) };
-            assert_eq!(rc, 0, "mprotect");
-        };
-        for &i in prot_none {
-            protect(i, libc::PROT_NONE);
-        }
-
-        // Images: task 7 with one lazy VMA over the region, no data (as a lazy dump writes).
-        let dir = tempfile::tempdir().unwrap();
-        let images = dir.path().join("images");
-        fs::create_dir(&images).unwrap();
-        crate::testsupport::write_lazy_images(&images, 7, base, PAGES as u64);
-
-        // The staged memory: page i is filled with (i % 251) + 1; page 5 is a zero page.
-        let mut store = StagingStore::default();
-        for i in 0..PAGES {
-            let addr = base + (i * page) as u64;
-            if i == 5 {
-                store.put_zero(7, addr, 1).unwrap();
-            } else {
-                store
-                    .put(7, addr, &vec![(i % 251) as u8 + 1; page])
-                    .unwrap();
-            }
-        }
-
-        let work = dir.path().join("work");
-        fs::create_dir(&work).unwrap();
-        let config = ServerConfig::new(images.clone(), work.clone());
-        let (ready_tx, ready_rx) = mpsc::channel();
+    /// Starts the server on `store` and returns once it listens.
+    fn start_server(
+        config: ServerConfig,
+        mut store: StagingStore,
+    ) -> std::thread::JoinHandle<Result<FillStats, LazyError>> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let server = std::thread::spawn(move || {
             serve(&config, &mut store, None, |event| {
                 if matches!(event, ServerEvent::Ready { .. }) {
@@ -471,11 +425,14 @@ mod tests {
             })
         });
         ready_rx.recv().unwrap();
+        server
+    }
 
-        // The restorer: pid, then the userfaultfd, then (after a fault) the end marker.
+    /// Plays the start of CRIU's restorer: task `pid`'s userfaultfd goes to the server (the
+    /// test's copy is closed); the connection is returned for the end marker.
+    fn hand_over(work: &std::path::Path, pid: i32, uffd: Uffd) -> UnixStream {
         let restorer = UnixStream::connect(work.join(SOCKET_NAME)).unwrap();
-        let mut writer = &restorer;
-        std::io::Write::write_all(&mut writer, &7i32.to_le_bytes()).unwrap();
+        std::io::Write::write_all(&mut &restorer, &pid.to_le_bytes()).unwrap();
         let byte = [0u8; 1];
         let iov = [io::IoSlice::new(&byte)];
         let fds = [uffd.as_raw()];
@@ -487,12 +444,57 @@ mod tests {
             None,
         )
         .unwrap();
-        drop(uffd);
+        restorer
+    }
+
+    /// Images of task 7 with one lazy VMA over `region` (no data, as a lazy dump writes), and
+    /// the work directory: (images, work).
+    fn lazy_dump_of(region: &UffdRegion, dir: &std::path::Path) -> (PathBuf, PathBuf) {
+        let images = dir.join("images");
+        fs::create_dir(&images).unwrap();
+        let pages = (region.len / crate::page::SIZE) as u64;
+        crate::testsupport::write_lazy_images(&images, 7, region.base, pages);
+        let work = dir.join("work");
+        fs::create_dir(&work).unwrap();
+        (images, work)
+    }
+
+    fn fill_region(prot_none: &[usize]) {
+        // This process's memory gets a userfaultfd: no other test may fork meanwhile.
+        let _no_forks = crate::testsupport::own_memory_uffd();
+        const PAGES: usize = 256;
+        let page = crate::page::SIZE;
+        let mut region = UffdRegion::new(PAGES);
+        let base = region.base;
+        let protect = |i: usize, prot| {
+            // SAFETY: changes the protection of one page of our own region.
+            let rc = unsafe { libc::mprotect((base + (i * page) as u64) as *mut _, page, prot) };
+            assert_eq!(rc, 0, "mprotect");
+        };
+        for &i in prot_none {
+            protect(i, libc::PROT_NONE);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (images, work) = lazy_dump_of(&region, dir.path());
+
+        // The staged memory: page i is filled with (i % 251) + 1; page 5 is a zero page.
+        let mut store = StagingStore::default();
+        for i in 0..PAGES {
+            if i == 5 {
+                store.put_zero(7, region.page(i), 1).unwrap();
+            } else {
+                store
+                    .put(7, region.page(i), &vec![(i % 251) as u8 + 1; page])
+                    .unwrap();
+            }
+        }
+        let server = start_server(ServerConfig::new(images, work.clone()), store);
+
+        // The restorer: pid, then the userfaultfd, then (after a fault) the end marker.
+        let restorer = hand_over(&work, 7, region.uffd.take().unwrap());
         // A fault before the marker must be served (CRIU's restorer touches lazy memory).
-        // SAFETY: reads a page of our own registered region; the server installs it.
-        let early = unsafe { std::ptr::read_volatile((base + 100 * page as u64) as *const u8) };
-        assert_eq!(early, 101);
-        std::io::Write::write_all(&mut writer, &RESTORE_FINISHED.to_le_bytes()).unwrap();
+        assert_eq!(region.read_u64(100) as u8, 101);
+        std::io::Write::write_all(&mut &restorer, &RESTORE_FINISHED.to_le_bytes()).unwrap();
 
         let stats = server.join().unwrap().expect("the fill completes");
         assert_eq!(stats.bytes, (PAGES * page) as u64);
@@ -503,13 +505,8 @@ mod tests {
         }
         for i in 0..PAGES {
             let want = if i == 5 { 0 } else { (i % 251) as u8 + 1 };
-            // SAFETY: every page of the region is installed now.
-            let got =
-                unsafe { std::ptr::read_volatile((base + (i * page) as u64 + 17) as *const u8) };
-            assert_eq!(got, want, "page {i}");
+            assert_eq!(region.read_u64(i) as u8, want, "page {i}");
         }
-        // SAFETY: unmaps our own region.
-        unsafe { libc::munmap(base as *mut libc::c_void, PAGES * page) };
     }
 
     /// Threads read a 64 MiB region from both ends while the copiers fill it: faults land in
@@ -517,83 +514,47 @@ mod tests {
     /// (its index), whoever installed it.
     #[test]
     fn faults_during_the_background_copies_find_their_own_pages() {
-        use std::sync::mpsc;
         let _no_forks = crate::testsupport::own_memory_uffd();
         const PAGES: usize = 16384;
-        let page = crate::page::SIZE;
-        // SAFETY: a fresh private anonymous mapping of our own.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGES * page,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as u64;
-        assert_ne!(base as *mut libc::c_void, libc::MAP_FAILED);
-        let uffd = crate::uffd::open_like_criu().expect("userfaultfd");
-        uffd.register_missing(base, (PAGES * page) as u64).unwrap();
+        let mut region = UffdRegion::new(PAGES);
         let dir = tempfile::tempdir().unwrap();
-        let images = dir.path().join("images");
-        fs::create_dir(&images).unwrap();
-        crate::testsupport::write_lazy_images(&images, 7, base, PAGES as u64);
+        let (images, work) = lazy_dump_of(&region, dir.path());
         let mut store = StagingStore::default();
-        let mut content = vec![0u8; page];
+        let mut content = vec![0u8; crate::page::SIZE];
         for i in 0..PAGES {
             content[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-            store.put(7, base + (i * page) as u64, &content).unwrap();
+            store.put(7, region.page(i), &content).unwrap();
         }
-        let work = dir.path().join("work");
-        fs::create_dir(&work).unwrap();
         let mut config = ServerConfig::new(images, work.clone());
         config.copier_threads = 2;
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let server = std::thread::spawn(move || {
-            serve(&config, &mut store, None, |event| {
-                if matches!(event, ServerEvent::Ready { .. }) {
-                    let _ = ready_tx.send(());
+        let server = start_server(config, store);
+        let restorer = hand_over(&work, 7, region.uffd.take().unwrap());
+        std::io::Write::write_all(&mut &restorer, &RESTORE_FINISHED.to_le_bytes()).unwrap();
+        let region = std::sync::Arc::new(region);
+        let readers = [true, false].map(|backwards| {
+            let region = region.clone();
+            std::thread::spawn(move || {
+                let pages: Vec<usize> = if backwards {
+                    (0..PAGES).rev().step_by(3).collect()
+                } else {
+                    (0..PAGES).step_by(37).collect()
+                };
+                for i in pages {
+                    assert_eq!(region.read_u64(i), i as u64 + 1, "page {i}");
                 }
             })
         });
-        ready_rx.recv().unwrap();
-        let restorer = UnixStream::connect(work.join(SOCKET_NAME)).unwrap();
-        let mut writer = &restorer;
-        std::io::Write::write_all(&mut writer, &7i32.to_le_bytes()).unwrap();
-        let byte = [0u8; 1];
-        let iov = [io::IoSlice::new(&byte)];
-        let fds = [uffd.as_raw()];
-        sendmsg::<()>(
-            restorer.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
-        drop(uffd);
-        std::io::Write::write_all(&mut writer, &RESTORE_FINISHED.to_le_bytes()).unwrap();
-        let read = move |i: usize| {
-            // SAFETY: reads a page of our own registered region; the server installs it.
-            let got = unsafe { std::ptr::read_volatile((base + (i * page) as u64) as *const u64) };
-            assert_eq!(got, i as u64 + 1, "page {i}");
-        };
-        let readers = [
-            std::thread::spawn(move || (0..PAGES).rev().step_by(3).for_each(read)),
-            std::thread::spawn(move || (0..PAGES).step_by(37).for_each(read)),
-        ];
         for reader in readers {
             reader
                 .join()
                 .expect("every page read holds its own content");
         }
         let stats = server.join().unwrap().expect("the fill completes");
-        assert_eq!(stats.bytes, (PAGES * page) as u64);
+        assert_eq!(stats.bytes, (PAGES * crate::page::SIZE) as u64);
         assert!(stats.pages_by_fault >= 1);
-        (0..PAGES).for_each(read);
-        // SAFETY: unmaps our own region.
-        unsafe { libc::munmap(base as *mut libc::c_void, PAGES * page) };
+        for i in 0..PAGES {
+            assert_eq!(region.read_u64(i), i as u64 + 1, "page {i}");
+        }
     }
 
     #[test]
