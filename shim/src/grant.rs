@@ -153,6 +153,28 @@ pub fn write_for_server(bundle: &Path, work_dir: &Path) -> Result<(), GrantSpecE
     })
 }
 
+/// The network namespace whose address moves with the container (`--move-address`): the one
+/// its spec joins by path, which must not be the host's. The error says what to do instead.
+pub fn moving_netns(spec: &oci_spec::runtime::Spec) -> Result<std::path::PathBuf, String> {
+    match crate::netns::joined_netns(spec) {
+        Some(path)
+            if is_this_hosts(restore_engine::grant::Namespace::Network, &path) =>
+        {
+            Err(format!(
+                "--move-address: the container shares the host's network ({}): a host's address cannot move; use --tcp-close on the receiving side instead",
+                path.display()
+            ))
+        }
+        Some(path) => Ok(path),
+        None if crate::netns::has_private_netns(spec) => Err(
+            "--move-address: the container's network namespace is runc's own (no address from a network plugin); join a prepared one by path (ctr run --with-ns network:PATH, a CNI pod network namespace)".into(),
+        ),
+        None => Err(
+            "--move-address: the container shares the host's network: a host's address cannot move; use --tcp-close on the receiving side instead".into(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

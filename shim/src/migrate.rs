@@ -159,7 +159,7 @@ impl MigrateRequest {
         if self.move_address {
             let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
                 .map_err(|e| MigrateError::Address(format!("reading its spec: {e}")))?;
-            crate::netns::moving_netns(&spec).map_err(MigrateError::Address)?;
+            crate::grant::moving_netns(&spec).map_err(MigrateError::Address)?;
         }
         let root = crate::rootfs::root_dir(bundle).map_err(MigrateError::Filesystem)?;
         let layer = crate::rootfs::layer_plan(&root, self.shared_rootfs)

@@ -209,28 +209,6 @@ pub fn joined_netns(spec: &oci_spec::runtime::Spec) -> Option<std::path::PathBuf
         })
 }
 
-/// The network namespace whose address moves with the container (`--move-address`): the one
-/// its spec joins by path, which must not be the host's. The error says what to do instead.
-pub fn moving_netns(spec: &oci_spec::runtime::Spec) -> Result<std::path::PathBuf, String> {
-    match joined_netns(spec) {
-        Some(path)
-            if crate::grant::is_this_hosts(restore_engine::grant::Namespace::Network, &path) =>
-        {
-            Err(format!(
-                "--move-address: the container shares the host's network ({}): a host's address cannot move; use --tcp-close on the receiving side instead",
-                path.display()
-            ))
-        }
-        Some(path) => Ok(path),
-        None if has_private_netns(spec) => Err(
-            "--move-address: the container's network namespace is runc's own (no address from a network plugin); join a prepared one by path (ctr run --with-ns network:PATH, a CNI pod network namespace)".into(),
-        ),
-        None => Err(
-            "--move-address: the container shares the host's network: a host's address cannot move; use --tcp-close on the receiving side instead".into(),
-        ),
-    }
-}
-
 /// The interfaces of `pid`'s network namespace (besides loopback) that are down.
 pub fn down_links(pid: u32) -> io::Result<Vec<String>> {
     Ok(links(&of_pid(pid))?

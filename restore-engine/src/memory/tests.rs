@@ -59,8 +59,21 @@ struct Region {
 impl Region {
     fn new(pages: usize) -> Self {
         let len = pages * page::SIZE;
+        // SAFETY: a fresh private anonymous mapping. (Not testsupport's helper: testsupport
+        // imports the source module, which imports this one.)
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
         Region {
-            ptr: crate::testsupport::map_anonymous(len) as *mut u8,
+            ptr: ptr.cast(),
             len,
         }
     }

@@ -179,7 +179,7 @@ fn hold_address(bundle: &Path) -> Result<PathBuf, TaskError> {
     let path = bundle.join("config.json");
     let spec = oci_spec::runtime::Spec::load(&path)
         .map_err(|e| TaskError::Invalid(format!("cannot read {}: {e}", path.display())))?;
-    let ns = crate::netns::moving_netns(&spec).map_err(TaskError::Invalid)?;
+    let ns = crate::grant::moving_netns(&spec).map_err(TaskError::Invalid)?;
     let links = crate::netns::links(&ns).map_err(os_err(format!(
         "cannot list the interfaces of {}",
         ns.display()
