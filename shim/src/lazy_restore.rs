@@ -640,25 +640,16 @@ impl Watch {
 /// instead of two hosts answering for it. Lock rules CRIU's action script left in the namespace
 /// stay: the namespace belongs to the network plugin, which removes it with the pod.
 fn give_back_address(id: &str, ns: &Path) {
-    let names: Vec<String> = match crate::netns::links(ns) {
-        Ok(links) => links.into_iter().map(|l| l.name).collect(),
-        Err(e) => {
-            error!(
-                "{id}: cannot list the interfaces of {}: {e}; take them down by hand before the source resumes, or two hosts answer for one address",
-                ns.display()
-            );
-            return;
-        }
-    };
-    match crate::netns::set_links(ns, &names, false) {
-        Ok(()) => warn!(
+    let taken_down = crate::netns::link_names(ns)
+        .and_then(|names| crate::netns::set_links(ns, &names, false).map(|()| names));
+    match taken_down {
+        Ok(names) => warn!(
             "{id}: interface(s) {} of {} are down again: the address is free for the source to take back",
             names.join(", "),
             ns.display()
         ),
         Err(e) => error!(
-            "{id}: cannot take the interfaces {} of {} down: {e}; take them down by hand before the source resumes, or two hosts answer for one address",
-            names.join(", "),
+            "{id}: cannot take the interfaces of {} down: {e}; take them down by hand before the source resumes, or two hosts answer for one address",
             ns.display()
         ),
     }

@@ -62,11 +62,8 @@ fn raise_moved_address(action: &str, pid: Option<u32>) -> Result<(), String> {
         let held = netns::down_links(pid).map_err(|e| format!("listing its interfaces: {e}"))?;
         netns::raise_locked(pid, &held)
     } else {
-        let all: Vec<String> = netns::links(&netns::of_pid(pid))
-            .map_err(|e| format!("listing its interfaces: {e}"))?
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
+        let all = netns::link_names(&netns::of_pid(pid))
+            .map_err(|e| format!("listing its interfaces: {e}"))?;
         netns::unlock_and_announce(pid, &all)
     }
 }

@@ -209,6 +209,11 @@ pub fn joined_netns(spec: &oci_spec::runtime::Spec) -> Option<std::path::PathBuf
         })
 }
 
+/// The names of the interfaces of network namespace `ns` besides loopback.
+pub fn link_names(ns: &Path) -> io::Result<Vec<String>> {
+    Ok(links(ns)?.into_iter().map(|l| l.name).collect())
+}
+
 /// The interfaces of `pid`'s network namespace (besides loopback) that are down.
 pub fn down_links(pid: u32) -> io::Result<Vec<String>> {
     Ok(links(&of_pid(pid))?

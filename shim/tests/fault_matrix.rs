@@ -282,18 +282,7 @@ struct Run {
 impl Run {
     /// `pclive` on a host (in its network namespace: `resolve` talks to the other host).
     fn pclive(&self, host: Host) -> Command {
-        let (c, side) = match host {
-            Host::Src => (&self.hosts.src, "src"),
-            Host::Dst => (&self.hosts.dst, "dst"),
-        };
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net=/run/netns/{}-{side}", self.hosts.name()))
-            .arg(env!("CARGO_BIN_EXE_pclive"))
-            .env("CONTAINERD_ADDRESS", &c.address)
-            .env("CONTAINERD_NAMESPACE", &c.namespace)
-            .env("PCLIVE_STATE_DIR", c.state_base());
-        command
+        self.hosts.pclive(host == Host::Src)
     }
 
     fn status(&self, host: Host) -> (i32, serde_json::Value) {

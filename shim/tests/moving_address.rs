@@ -303,13 +303,9 @@ fn a_destination_that_fails_after_taking_the_address_gives_it_up() {
         "in doubt, frozen"
     );
 
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}-src", hosts.name()))
-        .arg(env!("CARGO_BIN_EXE_pclive"))
+    let out = hosts
+        .pclive(true)
         .args(["resolve", "echo", "--resume-source"])
-        .env("CONTAINERD_ADDRESS", &hosts.src.address)
-        .env("CONTAINERD_NAMESPACE", &hosts.src.namespace)
-        .env("PCLIVE_STATE_DIR", hosts.src.state_base())
         .output()
         .unwrap();
     assert!(

@@ -80,12 +80,9 @@ impl Copiers {
                 std::thread::Builder::new()
                     .name("lazy-copier".into())
                     .spawn(move || loop {
-                        let job = match jobs.lock() {
-                            Ok(jobs) => match jobs.recv() {
-                                Ok(job) => job,
-                                Err(_) => return,
-                            },
-                            Err(_) => return,
+                        // One thread waits in recv at a time; the queue's end ends them all.
+                        let Some(job) = jobs.lock().ok().and_then(|jobs| jobs.recv().ok()) else {
+                            return;
                         };
                         let len = job.range.end - job.range.start;
                         // SAFETY: the server keeps the source pages of an in-flight range
@@ -151,7 +148,7 @@ impl Copiers {
         self.jobs
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok())
-            .ok_or_else(|| io::Error::other("the lazy-pages copier threads are gone"))?;
+            .ok_or_else(copiers_gone)?;
         self.in_flight.push(range);
         Ok(())
     }
@@ -175,17 +172,12 @@ impl Copiers {
     /// Waits until no range of `task` is in flight and returns their outcomes; those of other
     /// tasks that arrive meanwhile are kept for [`Self::take_ready`].
     pub(super) fn wait_for_task(&mut self, task: u64) -> io::Result<Vec<Done>> {
-        let mut mine = Vec::new();
-        let (held, others): (Vec<Done>, Vec<Done>) = std::mem::take(&mut self.held)
+        let (mut mine, others): (Vec<Done>, Vec<Done>) = std::mem::take(&mut self.held)
             .into_iter()
             .partition(|d| d.range.task == task);
-        mine.extend(held);
         self.held = others;
         while self.in_flight.iter().any(|r| r.task == task) {
-            let done = self
-                .done
-                .recv()
-                .map_err(|_| io::Error::other("the lazy-pages copier threads are gone"))?;
+            let done = self.done.recv().map_err(|_| copiers_gone())?;
             self.taken(&done);
             if done.range.task == task {
                 mine.push(done);
@@ -195,6 +187,10 @@ impl Copiers {
         }
         Ok(mine)
     }
+}
+
+fn copiers_gone() -> io::Error {
+    io::Error::other("the lazy-pages copier threads are gone")
 }
 
 impl Drop for Copiers {

@@ -62,6 +62,16 @@ impl<'a, S: PageSource> Filler<'a, S> {
         self.copiers.take_ready()
     }
 
+    /// Up to `pages` pages of image task `pid` at image address `img_addr`, from the page source.
+    fn source_chunk(&self, pid: u32, img_addr: u64, pages: usize) -> Result<Chunk<'_>, LazyError> {
+        self.source
+            .chunk(pid, img_addr, pages)
+            .ok_or(LazyError::MissingPage {
+                pid,
+                vaddr: img_addr,
+            })
+    }
+
     /// Counts `bytes` installed from image address `img_addr` and releases their source pages.
     fn account(&mut self, task: &Task, img_addr: u64, bytes: u64, zero: bool) {
         if bytes == 0 {
@@ -86,11 +96,7 @@ impl<'a, S: PageSource> Filler<'a, S> {
             img_start,
             ..
         } = done.range;
-        let Installed { bytes, stop } = done.result.map_err(|source| LazyError::Install {
-            pid: task.source_pid,
-            vaddr: start,
-            source,
-        })?;
+        let Installed { bytes, stop } = done.result.map_err(install_error(task, start))?;
         self.account(task, img_start, bytes, false);
         self.stats.pages_in_background += bytes / page::SIZE_U64;
         task.pending.insert(start + bytes, end, img_start + bytes);
@@ -120,13 +126,7 @@ impl<'a, S: PageSource> Filler<'a, S> {
         };
         let img_addr = pending.img_start + (addr - start);
         let room = ((pending.end - addr) as usize / page::SIZE).min(max_pages);
-        let chunk =
-            self.source
-                .chunk(task.source_pid, img_addr, room)
-                .ok_or(LazyError::MissingPage {
-                    pid: task.source_pid,
-                    vaddr: img_addr,
-                })?;
+        let chunk = self.source_chunk(task.source_pid, img_addr, room)?;
         let pages = chunk.pages().min(room);
         let len = (pages * page::SIZE) as u64;
         let is_zero = matches!(chunk, Chunk::Zero(_));
@@ -134,11 +134,7 @@ impl<'a, S: PageSource> Filler<'a, S> {
             Chunk::Data(data) => task.uffd.copy(addr, &data[..len as usize]),
             Chunk::Zero(_) => task.uffd.zero(addr, len),
         }
-        .map_err(|source| LazyError::Install {
-            pid: task.source_pid,
-            vaddr: addr,
-            source,
-        })?;
+        .map_err(install_error(task, addr))?;
         let done_pages = bytes as usize / page::SIZE;
         if bytes > 0 {
             task.pending.remove(addr, addr + bytes);
@@ -179,37 +175,26 @@ impl<'a, S: PageSource> Filler<'a, S> {
             // A copier is installing it: install this page now rather than wait for the whole
             // range. If the copier came first, the page is present and only the wake is needed.
             let img = range.img_start + (page - range.start);
-            let data = match self.source.chunk(task.source_pid, img, 1) {
-                Some(Chunk::Data(data)) => data,
-                _ => {
-                    return Err(LazyError::MissingPage {
-                        pid: task.source_pid,
-                        vaddr: img,
-                    })
-                }
+            let Chunk::Data(data) = self.source_chunk(task.source_pid, img, 1)? else {
+                return Err(LazyError::MissingPage {
+                    pid: task.source_pid,
+                    vaddr: img,
+                });
             };
             let installed = task
                 .uffd
                 .copy(page, &data[..page::SIZE])
-                .map_err(|source| LazyError::Install {
-                    pid: task.source_pid,
-                    vaddr: page,
-                    source,
-                })?;
+                .map_err(install_error(task, page))?;
             let _ = task.uffd.wake(page, page::SIZE_U64);
             self.stats.pages_by_fault += 1;
             installed.stop == Some(Stop::Busy)
         } else {
             // Never populated at dump time (or installed meanwhile): a zero page. Zeroing also
             // wakes the thread if another fault installed the page first.
-            let installed =
-                task.uffd
-                    .zero(page, page::SIZE_U64)
-                    .map_err(|source| LazyError::Install {
-                        pid: task.source_pid,
-                        vaddr: page,
-                        source,
-                    })?;
+            let installed = task
+                .uffd
+                .zero(page, page::SIZE_U64)
+                .map_err(install_error(task, page))?;
             match installed.stop {
                 Some(Stop::Busy) => true,
                 Some(Stop::Exited) => {
@@ -250,22 +235,13 @@ impl<'a, S: PageSource> Filler<'a, S> {
         };
         let max_pages = (chunk_bytes / page::SIZE).max(1);
         let room = ((pending.end - start) as usize / page::SIZE).min(max_pages);
-        let data = match self.source.chunk(task.source_pid, pending.img_start, room) {
-            Some(Chunk::Data(data)) => {
-                Some((data.as_ptr() as u64, data.len().min(room * page::SIZE)))
+        let (src, len) = match self.source_chunk(task.source_pid, pending.img_start, room)? {
+            Chunk::Data(data) => (data.as_ptr() as u64, data.len().min(room * page::SIZE)),
+            Chunk::Zero(_) => {
+                let (pages, _busy) = self.install(task, start, max_pages)?;
+                self.stats.pages_in_background += pages as u64;
+                return Ok((pages * page::SIZE) as u64);
             }
-            Some(Chunk::Zero(_)) => None,
-            None => {
-                return Err(LazyError::MissingPage {
-                    pid: task.source_pid,
-                    vaddr: pending.img_start,
-                })
-            }
-        };
-        let Some((src, len)) = data else {
-            let (pages, _busy) = self.install(task, start, max_pages)?;
-            self.stats.pages_in_background += pages as u64;
-            return Ok((pages * page::SIZE) as u64);
         };
         let range = InFlight {
             task: task.id,
@@ -341,4 +317,10 @@ impl<'a, S: PageSource> Filler<'a, S> {
             ))),
         }
     }
+}
+
+/// The error of installing pages at `vaddr` in `task`.
+fn install_error(task: &Task, vaddr: u64) -> impl FnOnce(std::io::Error) -> LazyError {
+    let pid = task.source_pid;
+    move |source| LazyError::Install { pid, vaddr, source }
 }

@@ -180,17 +180,16 @@ fn hold_address(bundle: &Path) -> Result<PathBuf, TaskError> {
     let spec = oci_spec::runtime::Spec::load(&path)
         .map_err(|e| TaskError::Invalid(format!("cannot read {}: {e}", path.display())))?;
     let ns = crate::grant::moving_netns(&spec).map_err(TaskError::Invalid)?;
-    let links = crate::netns::links(&ns).map_err(os_err(format!(
+    let names = crate::netns::link_names(&ns).map_err(os_err(format!(
         "cannot list the interfaces of {}",
         ns.display()
     )))?;
-    if links.is_empty() {
+    if names.is_empty() {
         return Err(TaskError::Invalid(format!(
             "--move-address: the network namespace {} has no interface besides lo: give it the source's address first (its network plugin does)",
             ns.display()
         )));
     }
-    let names: Vec<String> = links.into_iter().map(|l| l.name).collect();
     crate::netns::set_links(&ns, &names, false).map_err(os_err(format!(
         "cannot hold the interfaces of {} down until the switchover",
         ns.display()

@@ -621,6 +621,24 @@ impl TwoHosts {
         &self.name
     }
 
+    /// `pclive` for one host (`src` or `dst`), run in that host's network namespace (`resolve`
+    /// talks to the other host).
+    pub fn pclive(&self, src: bool) -> Command {
+        let (host, side) = if src {
+            (&self.src, "src")
+        } else {
+            (&self.dst, "dst")
+        };
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}-{side}", self.name))
+            .arg(env!("CARGO_BIN_EXE_pclive"))
+            .env("CONTAINERD_ADDRESS", &host.address)
+            .env("CONTAINERD_NAMESPACE", &host.namespace)
+            .env("PCLIVE_STATE_DIR", host.state_base());
+        command
+    }
+
     /// The directory whose shim binary the hosts' containerd run.
     pub fn bin_dir(&self) -> &Path {
         &self.bin
