@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use containerd_shim_pclive::annotations;
+use restore_engine::wire::pages::PageFrame;
 use restore_engine::wire::{
     self, Auth, Control, ControlCode, ImageFile, Intent, Kind, LayerBlock, LayerEntry, LayerKind,
-    LayerSync, PageRun, Pages, RoundEnd, Session, WireError,
+    LayerSync, RoundEnd, Session, WireError,
 };
 
 const MIB: u64 = 1 << 20;
@@ -273,20 +274,11 @@ fn images_done(session: &mut Session<TcpStream>) -> Result<(), WireError> {
 /// 1 GiB of pages (the container may use 64 MiB).
 fn too_much_memory(session: &mut Session<TcpStream>) -> Result<(), WireError> {
     let batch: Vec<u8> = (0..8 * MIB as usize).map(|i| (i % 251) as u8 | 1).collect();
-    for frame in 0..128u64 {
-        session.send(
-            Kind::Pages,
-            &Pages {
-                pid: 1,
-                round: 1,
-                runs: vec![PageRun {
-                    vaddr: (1 << 32) + frame * 8 * MIB,
-                    data: batch.clone(),
-                    ..Default::default()
-                }],
-                zero_pages: vec![],
-            },
-        )?;
+    let mut frame = PageFrame::default();
+    for n in 0..128u64 {
+        frame.start(1, 1);
+        frame.push_run((1 << 32) + n * 8 * MIB, &batch, false);
+        session.send_pages(&mut frame)?;
     }
     last_round(session)?;
     images_done(session)
@@ -294,23 +286,14 @@ fn too_much_memory(session: &mut Session<TcpStream>) -> Result<(), WireError> {
 
 /// A frame of tiny LZ4 blocks, each decompressing to 8 MiB: 800 MiB from 3 MiB on the wire.
 fn lz4_bomb(session: &mut Session<TcpStream>) -> Result<(), WireError> {
-    let block = wire::pages::encode_run(0, &vec![0u8; 8 * MIB as usize], true);
-    assert!(block.data.is_empty() && block.lz4.len() < 64 << 10);
-    let runs = (0..100u64)
-        .map(|i| PageRun {
-            vaddr: (1 << 32) + i * 8 * MIB,
-            ..block.clone()
-        })
-        .collect();
-    session.send(
-        Kind::Pages,
-        &Pages {
-            pid: 1,
-            round: 1,
-            runs,
-            zero_pages: vec![],
-        },
-    )?;
+    let block = lz4_flex::block::compress(&vec![0u8; 8 * MIB as usize]);
+    assert!(block.len() < 64 << 10);
+    let mut frame = PageFrame::default();
+    frame.start(1, 1);
+    for i in 0..100u64 {
+        frame.push_lz4_block((1 << 32) + i * 8 * MIB, &block, 8 * MIB as u32);
+    }
+    session.send_pages(&mut frame)?;
     last_round(session)?;
     images_done(session)
 }

@@ -88,11 +88,7 @@ impl Budget {
     pub fn check_pages(&self, pages: &Pages, store: &StagingStore) -> Result<(), LimitExceeded> {
         let mut frame = 0u64;
         for run in &pages.runs {
-            let declared = if run.lz4.is_empty() {
-                run.data.len() as u64
-            } else {
-                u64::from(run.lz4_len)
-            };
+            let declared = run.declared_len();
             if declared > MAX_FRAME_PAGE_BYTES {
                 return Err(LimitExceeded(format!(
                     "a page run of task {} at {:#x} declares {declared} bytes, over the \
@@ -115,7 +111,14 @@ impl Budget {
             )));
         }
         let data_pages = frame.div_ceil(page::SIZE_U64) as usize;
-        let need = store.footprint_after(data_pages, pages.zero_pages.len());
+        let runs = pages.runs.iter().map(|run| {
+            (
+                run.vaddr,
+                run.declared_len().div_ceil(page::SIZE_U64) as usize,
+            )
+        });
+        let zeros = pages.zero_pages.iter().map(|&addr| (addr, 1));
+        let need = store.footprint_after(pages.pid, data_pages, runs.chain(zeros));
         self.memory(need)
     }
 
@@ -205,9 +208,8 @@ mod tests {
     fn run(vaddr: u64, raw: usize, lz4_len: u32) -> PageRun {
         PageRun {
             vaddr,
-            data: vec![0; raw],
-            lz4: if lz4_len > 0 { vec![0; 16] } else { vec![] },
             lz4_len,
+            len: if lz4_len > 0 { 16 } else { raw as u32 },
         }
     }
 
@@ -313,7 +315,7 @@ mod tests {
                 .into_iter()
                 .map(|(raw, lz4_len, compressed)| if compressed { run(0, 0, lz4_len) } else { run(0, raw, 0) })
                 .collect();
-            let declared: u64 = runs.iter().map(|r| if r.lz4.is_empty() { r.data.len() as u64 } else { r.lz4_len as u64 }).sum();
+            let declared: u64 = runs.iter().map(|r| r.declared_len()).sum();
             if budget.check_pages(&pages(runs, vec![]), &store).is_ok() {
                 prop_assert!(declared <= MAX_FRAME_PAGE_BYTES);
             }

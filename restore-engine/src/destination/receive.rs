@@ -14,10 +14,10 @@ use crate::cancel::Cancel;
 use crate::layer::{Applier, LayerError};
 use crate::page;
 use crate::staging::{StagingError, StagingStore};
-use crate::wire::pages::decode_run;
+use crate::wire::pages::{decode_run, ReceivedPages};
 use crate::wire::{
-    Control, ControlCode, Credit, ImageFile, Kind, LayerBlock, LayerEntry, LayerSync, Pages,
-    RoundEnd, Session, WireError,
+    Control, ControlCode, Credit, ImageFile, Kind, LayerBlock, LayerEntry, LayerSync, RoundEnd,
+    Session, WireError,
 };
 
 /// The flow-control window (see [`crate::wire::INITIAL_CREDIT`]).
@@ -227,14 +227,14 @@ pub fn receive_rounds_reporting<S: Read + Write>(
         let frame = session.receive()?;
         match frame.kind {
             Kind::Pages => {
-                let pages: Pages = frame.decode()?;
-                budget.check_pages(&pages, store)?;
-                let (mut bytes, mut wire) = (0u64, 0u64);
-                for run in &pages.runs {
-                    let data = decode_run(pages.pid, run)?;
+                let received = ReceivedPages::parse(&frame.payload)?;
+                let pages = &received.pages;
+                budget.check_pages(pages, store)?;
+                let mut bytes = 0u64;
+                for (run, travelled) in received.runs() {
+                    let data = decode_run(pages.pid, run, travelled)?;
                     store.put(pages.pid, run.vaddr, &data)?;
                     bytes += data.len() as u64;
-                    wire += run.wire_len() as u64;
                 }
                 for &addr in &pages.zero_pages {
                     store.put_zero(pages.pid, addr, 1)?;
@@ -245,7 +245,9 @@ pub fn receive_rounds_reporting<S: Read + Write>(
                 report.bytes += bytes;
                 // Return the credit once half the window is used, so the sender never stalls
                 // on a link that keeps up.
-                consumed += wire;
+                consumed += received.wire_bytes();
+                drop(received);
+                session.recycle(frame.payload);
                 if consumed >= CREDIT_WINDOW / 2 {
                     session.send(Kind::Credit, &Credit { bytes: consumed })?;
                     consumed = 0;

@@ -40,7 +40,12 @@ fn hash_slices(
     mut sink: Option<&mut DeltaSink>,
 ) -> Result<Share, TrackError> {
     let mut new: Vec<Vec<u64>> = slices.iter().map(|s| vec![0u64; s.to - s.from]).collect();
-    let mut delta = Delta::default();
+    // Streaming, one piece's buffer is reused; a share returned whole grows as it must.
+    let mut delta = if sink.is_some() {
+        Delta::for_pieces()
+    } else {
+        Delta::default()
+    };
     let mut held = 0usize;
     let mut stopped = false;
     for_each_present_page(pid, vmas, slices, strict, |slice, index, page| {
@@ -61,7 +66,8 @@ fn hash_slices(
             held += page::SIZE;
             if held >= DELTA_PIECE_BYTES {
                 if let Some(sink) = sink.as_mut() {
-                    stopped = sink(std::mem::take(&mut delta)).is_err();
+                    stopped = sink(&delta).is_err();
+                    delta.clear();
                     held = 0;
                 }
             }
@@ -160,7 +166,7 @@ impl DirtyTracker for HashTracker {
                 new[slice.vma][slice.from..slice.to].copy_from_slice(&hashes);
             }
             if !part.is_empty() {
-                sink(part).map_err(|()| TrackError::Stopped)?;
+                sink(&part).map_err(|()| TrackError::Stopped)?;
             }
         }
         // Present before, absent now (discarded with MADV_DONTNEED): zero on the destination.
@@ -174,7 +180,7 @@ impl DirtyTracker for HashTracker {
         }
         self.tasks.insert(pid, vmas.into_iter().zip(new).collect());
         if !gone.is_empty() {
-            sink(gone).map_err(|()| TrackError::Stopped)?;
+            sink(&gone).map_err(|()| TrackError::Stopped)?;
         }
         Ok(())
     }

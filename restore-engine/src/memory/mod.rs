@@ -276,36 +276,68 @@ fn signal(pid: u32, sig: libc::c_int) -> Result<(), TrackError> {
     Ok(())
 }
 
-/// Pages that changed in one round for one task.
+/// Pages that changed in one round for one task: runs of consecutive changed pages, their
+/// contents one after the other in one buffer (reused piece after piece), and pages that are now
+/// zero.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Delta {
-    /// Runs of consecutive changed pages with their contents.
-    pub runs: Vec<(u64, Vec<u8>)>,
+    /// Start address and length in bytes of each run; the runs' bytes follow one another in
+    /// `data`.
+    runs: Vec<(u64, usize)>,
+    data: Vec<u8>,
     /// Pages that are now zero (written with zeroes, or discarded).
     pub zero: Vec<u64>,
 }
 
 impl Delta {
+    /// A delta with room for a piece's worth of pages (no reallocation while it fills).
+    pub fn for_pieces() -> Self {
+        Delta {
+            data: Vec::with_capacity(DELTA_PIECE_BYTES + page::SIZE),
+            ..Default::default()
+        }
+    }
+    /// Each run of consecutive changed pages: its address and contents.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        let mut at = 0;
+        self.runs.iter().map(move |&(addr, len)| {
+            let bytes = &self.data[at..at + len];
+            at += len;
+            (addr, bytes)
+        })
+    }
     pub fn data_pages(&self) -> u64 {
-        self.runs
-            .iter()
-            .map(|(_, d)| d.len() as u64 / page::SIZE_U64)
-            .sum()
+        (self.data.len() / page::SIZE) as u64
     }
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty() && self.zero.is_empty()
+    }
+    /// Empties the delta, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.runs.clear();
+        self.data.clear();
+        self.zero.clear();
+    }
+    /// Appends `other`'s runs and zero pages (which come later in address order).
+    pub fn extend_from(&mut self, other: &Delta) {
+        for (addr, bytes) in other.runs() {
+            self.push_run(addr, bytes);
+        }
+        self.zero.extend_from_slice(&other.zero);
+    }
+    fn push_run(&mut self, addr: u64, data: &[u8]) {
+        match self.runs.last_mut() {
+            Some((start, len)) if *start + *len as u64 == addr => *len += data.len(),
+            _ => self.runs.push((addr, data.len())),
+        }
+        self.data.extend_from_slice(data);
     }
     pub(super) fn push_page(&mut self, addr: u64, data: &[u8]) {
         if data.iter().all(|&b| b == 0) {
             self.zero.push(addr);
             return;
         }
-        match self.runs.last_mut() {
-            Some((start, bytes)) if *start + bytes.len() as u64 == addr => {
-                bytes.extend_from_slice(data)
-            }
-            _ => self.runs.push((addr, data.to_vec())),
-        }
+        self.push_run(addr, data);
     }
 }
 
@@ -315,7 +347,7 @@ pub const DELTA_PIECE_BYTES: usize = 16 << 20;
 
 /// Takes a round's changed pages piece by piece; an error stops the round
 /// ([`TrackError::Stopped`]).
-pub type DeltaSink<'a> = dyn FnMut(Delta) -> Result<(), ()> + 'a;
+pub type DeltaSink<'a> = dyn FnMut(&Delta) -> Result<(), ()> + 'a;
 
 /// Finds pages that changed since the previous round.
 pub trait DirtyTracker {
@@ -339,9 +371,8 @@ pub trait DirtyTracker {
     fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
         self.begin_round(&[pid], &mut NoQuiesce, false)?;
         let mut all = Delta::default();
-        self.round_into(pid, &mut |piece: Delta| {
-            all.runs.extend(piece.runs);
-            all.zero.extend(piece.zero);
+        self.round_into(pid, &mut |piece: &Delta| {
+            all.extend_from(piece);
             Ok(())
         })?;
         all.zero.sort_unstable();

@@ -201,7 +201,7 @@ impl<K: SoftDirtyKernel> DirtyTracker for SoftDirtyTracker<K> {
             return Ok(());
         };
         let plan = std::mem::take(&mut state.plan);
-        let mut delta = Delta::default();
+        let mut delta = Delta::for_pieces();
         let mut held = 0usize;
         let mut page = vec![0u8; page::SIZE];
         for planned in plan {
@@ -223,12 +223,13 @@ impl<K: SoftDirtyKernel> DirtyTracker for SoftDirtyTracker<K> {
                 },
             }
             if held >= DELTA_PIECE_BYTES {
-                sink(std::mem::take(&mut delta)).map_err(|()| TrackError::Stopped)?;
+                sink(&delta).map_err(|()| TrackError::Stopped)?;
+                delta.clear();
                 held = 0;
             }
         }
         if !delta.is_empty() {
-            sink(delta).map_err(|()| TrackError::Stopped)?;
+            sink(&delta).map_err(|()| TrackError::Stopped)?;
         }
         Ok(())
     }

@@ -98,7 +98,7 @@ impl Drop for Region {
 
 fn ours(delta: &Delta, region: &Region) -> (Vec<u64>, Vec<u64>) {
     let mut data = Vec::new();
-    for (start, bytes) in &delta.runs {
+    for (start, bytes) in delta.runs() {
         for k in 0..bytes.len() as u64 / page::SIZE_U64 {
             let addr = start + k * page::SIZE_U64;
             if region.in_region(addr) {
@@ -152,8 +152,7 @@ fn exercise(tracker: &mut dyn DirtyTracker) {
         "a discarded page is a zero marker"
     );
     let content = delta
-        .runs
-        .iter()
+        .runs()
         .find(|(start, _)| *start == region.addr(3))
         .map(|(_, bytes)| bytes[0]);
     assert_eq!(content, Some(0xaa));
@@ -175,7 +174,7 @@ fn a_round_streams_in_bounded_pieces_and_its_consumer_can_stop_it() {
     let mut tracker = HashTracker::default();
     let mut pieces = Vec::new();
     tracker
-        .round_into(me, &mut |piece: Delta| {
+        .round_into(me, &mut |piece: &Delta| {
             pieces.push(piece.data_pages() * page::SIZE_U64);
             Ok(())
         })
@@ -404,7 +403,7 @@ mod soft_dirty_seam {
 
     /// The destination's view: pages as received.
     fn apply(dst: &mut HashMap<u64, u8>, delta: &Delta) {
-        for (start, data) in &delta.runs {
+        for (start, data) in delta.runs() {
             for (i, page) in data.chunks_exact(page::SIZE).enumerate() {
                 dst.insert(start + (i * page::SIZE) as u64, page[0]);
             }
@@ -424,8 +423,8 @@ mod soft_dirty_seam {
         let mut round = |tracker: &mut SoftDirtyTracker<Kernel>, frozen: bool| {
             tracker.begin_round(&[1], &mut freezer, frozen).unwrap();
             tracker
-                .round_into(1, &mut |delta: Delta| {
-                    apply(&mut dst, &delta);
+                .round_into(1, &mut |delta: &Delta| {
+                    apply(&mut dst, delta);
                     Ok(())
                 })
                 .unwrap();

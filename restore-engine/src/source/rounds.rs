@@ -13,8 +13,12 @@ use crate::layer::{self, Item, LayerRoundStats, Scanner};
 use crate::memory::{Delta, DirtyTracker, Quiesce, TrackError};
 use crate::page;
 use crate::policy::{ConvergencePolicy, StopReason};
-use crate::wire::pages::{encode_run, BATCH_BYTES};
-use crate::wire::{Kind, LayerSync, Pages, RoundEnd, Session};
+use crate::wire::pages::{PageFrame, BATCH_BYTES};
+use crate::wire::{Kind, LayerSync, RoundEnd, Session};
+
+/// Zero pages one frame names at most: their addresses (up to 8 bytes each) and an 8 MiB batch
+/// stay within a frame's payload limit.
+const ZERO_PAGES_PER_FRAME: usize = 64 << 10;
 
 /// Statistics of one round.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -83,6 +87,8 @@ pub struct Sender<'a, S: Read + Write> {
     compress: bool,
     layer: Option<SourceLayer>,
     pacer: super::pace::Pacer,
+    /// The page frame being built (its buffer is reused frame after frame).
+    frame: PageFrame,
 }
 
 impl<'a, S: Read + Write> Sender<'a, S> {
@@ -92,6 +98,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             compress: false,
             layer: None,
             pacer: super::pace::Pacer::new(None),
+            frame: PageFrame::default(),
         }
     }
 
@@ -147,39 +154,40 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         Ok(self.session.spend(bytes)?)
     }
 
-    /// Sends one task's delta in frames of at most BATCH_BYTES of page data. Returns the
-    /// bytes put on the wire.
+    /// Sends one task's delta in frames of at most BATCH_BYTES of page data (and at most
+    /// [`ZERO_PAGES_PER_FRAME`] zero pages), built where they are sealed. Returns the bytes put
+    /// on the wire.
     fn send_delta(&mut self, ns_pid: u32, round: u32, delta: &Delta) -> Result<u64, SourceError> {
         let mut sent = 0u64;
-        let mut frame = Pages {
-            pid: ns_pid,
-            round,
-            runs: Vec::new(),
-            zero_pages: delta.zero.clone(),
-        };
-        let (mut frame_data, mut frame_wire) = (0usize, 0usize);
-        for (start, data) in &delta.runs {
+        self.frame.start(ns_pid, round);
+        for &addr in &delta.zero {
+            if self.frame.zero_pages() >= ZERO_PAGES_PER_FRAME {
+                sent += self.flush(ns_pid, round)?;
+            }
+            self.frame.push_zero(addr);
+        }
+        for (start, data) in delta.runs() {
             for (k, chunk) in data.chunks(BATCH_BYTES).enumerate() {
-                if frame_data + chunk.len() > BATCH_BYTES && frame_data > 0 {
-                    self.wait_for_credit(frame_wire as u64)?;
-                    self.session.send(Kind::Pages, &frame)?;
-                    sent += frame_wire as u64;
-                    frame.runs.clear();
-                    frame.zero_pages.clear();
-                    (frame_data, frame_wire) = (0, 0);
+                if self.frame.page_bytes() + chunk.len() > BATCH_BYTES {
+                    sent += self.flush(ns_pid, round)?;
                 }
-                let run = encode_run(start + (k * BATCH_BYTES) as u64, chunk, self.compress);
-                frame_data += chunk.len();
-                frame_wire += run.wire_len();
-                frame.runs.push(run);
+                self.frame
+                    .push_run(start + (k * BATCH_BYTES) as u64, chunk, self.compress);
             }
         }
-        if frame_data > 0 || !frame.zero_pages.is_empty() {
-            self.wait_for_credit(frame_wire as u64)?;
-            self.session.send(Kind::Pages, &frame)?;
-            sent += frame_wire as u64;
+        if !self.frame.is_empty() {
+            sent += self.flush(ns_pid, round)?;
         }
         Ok(sent)
+    }
+
+    /// Sends the frame being built once the receiver has room for it; starts the next one.
+    fn flush(&mut self, ns_pid: u32, round: u32) -> Result<u64, SourceError> {
+        let wire = self.frame.wire_bytes() as u64;
+        self.wait_for_credit(wire)?;
+        self.session.send_pages(&mut self.frame)?;
+        self.frame.start(ns_pid, round);
+        Ok(wire)
     }
 
     fn round(
@@ -232,12 +240,12 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             let mut failed: Option<SourceError> = None;
             // Pieces of the task's changed pages go out as the tracker finds them: the source
             // never holds more than a piece (the first round is the whole container).
-            let tracked = tracker.round_into(task.host_pid, &mut |delta: Delta| {
+            let tracked = tracker.round_into(task.host_pid, &mut |delta: &Delta| {
                 let send_start = Instant::now();
                 stats.pages += delta.data_pages();
                 stats.zero_pages += delta.zero.len() as u64;
                 stats.bytes += delta.data_pages() * page::SIZE_U64;
-                let sent = self.send_delta(task.ns_pid, round, &delta);
+                let sent = self.send_delta(task.ns_pid, round, delta);
                 sending += send_start.elapsed();
                 match sent {
                     Ok(wire) => {
@@ -442,5 +450,46 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn many_zero_pages_travel_in_frames_under_the_payload_limit() {
+        // 1.5 million zero pages in one piece (a task that discarded 5.7 GiB): in one frame
+        // their addresses alone (7 bytes each) would pass the 9 MiB frame limit.
+        let (a, b) = UnixStream::pair().unwrap();
+        let key = Auth::Key(vec![5; 32]);
+        let server_key = key.clone();
+        let receiver = thread::spawn(move || {
+            let mut session = accept(b, &server_key).unwrap();
+            let mut store = StagingStore::default();
+            let report = receive_rounds(
+                &mut session,
+                &mut store,
+                &crate::destination::Limits::unlimited(),
+            );
+            (store, report)
+        });
+        let mut session = connect(a, &key, &Intent::default()).unwrap();
+        let mut sender = Sender::new(&mut session);
+        let mut delta = Delta::default();
+        delta.zero = (0..1_500_000u64).map(|i| (1 << 46) + i * 4096).collect();
+        sender.send_delta(1, 1, &delta).unwrap();
+        sender
+            .session
+            .send(
+                Kind::RoundEnd,
+                &RoundEnd {
+                    round: 1,
+                    last: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let (store, report) = receiver.join().unwrap();
+        assert_eq!(report.unwrap().zero_pages, 1_500_000);
+        assert_eq!(
+            store.get(1, (1 << 46) + 1_499_999 * 4096),
+            Some(PageRef::Zero)
+        );
     }
 }

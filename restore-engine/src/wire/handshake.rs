@@ -410,8 +410,8 @@ mod tests {
             round: 2,
             runs: vec![PageRun {
                 vaddr: 0x1000,
-                data: vec![9; 4096],
-                ..Default::default()
+                lz4_len: 0,
+                len: 4096,
             }],
             zero_pages: vec![0x5000],
         };

@@ -110,28 +110,33 @@ pub struct Reject {
     pub reason: String,
 }
 
-/// A run of consecutive pages of one task: either `data`, or `lz4` (an LZ4 block) that
-/// decompresses to `lz4_len` bytes.
+/// A run of consecutive pages of one task, described in a page frame's descriptor: its bytes
+/// are the next `len` bytes of the frame's data section ([`super::pages`]), raw pages or, with
+/// `lz4_len` set, an LZ4 block that decompresses to `lz4_len` bytes. (Tags 2 and 3 carried the
+/// bytes inside the message up to protocol version 6.)
 #[derive(Clone, PartialEq, Message)]
 pub struct PageRun {
     #[prost(uint64, tag = "1")]
     pub vaddr: u64,
-    #[prost(bytes = "vec", tag = "2")]
-    pub data: Vec<u8>,
-    #[prost(bytes = "vec", tag = "3")]
-    pub lz4: Vec<u8>,
     #[prost(uint32, tag = "4")]
     pub lz4_len: u32,
+    #[prost(uint32, tag = "5")]
+    pub len: u32,
 }
 
 impl PageRun {
-    /// Bytes this run takes on the wire (what flow control counts).
-    pub fn wire_len(&self) -> usize {
-        self.data.len() + self.lz4.len()
+    /// Bytes of page data the run declares (what it takes once decompressed).
+    pub fn declared_len(&self) -> u64 {
+        if self.lz4_len == 0 {
+            u64::from(self.len)
+        } else {
+            u64::from(self.lz4_len)
+        }
     }
 }
 
-/// Pages of one task (pid in the container's namespace) from one pre-copy round.
+/// Pages of one task (pid in the container's namespace) from one pre-copy round: the
+/// descriptor at the end of a page frame, after the bytes of its runs ([`super::pages`]).
 #[derive(Clone, PartialEq, Message)]
 pub struct Pages {
     #[prost(uint32, tag = "1")]

@@ -6,7 +6,8 @@
 //! magic u32 "PCLV" | version u16 | kind u16 | seq u64 | len u32 | payload (len bytes) | tag [16]
 //! ```
 //!
-//! (little-endian). The payload is a protobuf message (prost) named by `kind`, encrypted with
+//! (little-endian). The payload is a protobuf message (prost) named by `kind` (a page frame puts
+//! its pages' bytes before the message: [`pages`]), encrypted with
 //! AES-256-GCM under its direction's key; the header is authenticated with it and the sequence
 //! number is the nonce ([`seal`]). The handshake ([`handshake`]) authenticates both peers with a
 //! pre-shared key and an ephemeral X25519 exchange and derives the two keys; every later frame's
@@ -18,7 +19,7 @@
 //! - [`messages`]: the protobuf messages each frame kind carries,
 //! - [`handshake`]: authentication and the per-direction keys ([`connect`], [`accept`]),
 //! - [`seal`]: what protects a frame,
-//! - [`pages`]: page runs as they travel (raw or LZ4) and their checks,
+//! - [`pages`]: page frames as they travel (runs raw or LZ4) and their checks,
 //! - this file: frames and the [`Session`] that sends and receives them, with flow control.
 
 mod handshake;
@@ -40,8 +41,9 @@ pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
 /// (`LayerEntry`, `LayerBlock`, `RoundEnd::layer`). 5: frames are encrypted (AES-256-GCM), the
 /// handshake adds X25519 and says nothing keyed before the connecting side has proven the key.
 /// 6: the source says whether the container's address moves with it (`Proof::moves_address`),
-/// which the destination must have been prepared for.
-pub const VERSION: u16 = 6;
+/// which the destination must have been prepared for. 7: a page frame carries its runs' bytes
+/// ahead of its descriptor ([`pages`]), so neither side copies them into or out of a message.
+pub const VERSION: u16 = 7;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 20;
 /// Largest payload accepted: a page batch of 8 MiB plus framing. Anything larger is refused
@@ -85,6 +87,8 @@ pub enum WireError {
         vaddr: u64,
         problem: String,
     },
+    #[error("page frame is corrupt: {0}")]
+    BadPageFrame(String),
     #[error("expected a {expected:?} frame, got {found:?}")]
     Unexpected { expected: Kind, found: Kind },
     #[error("authentication failed: the peers do not share the same key (check --key-file on both hosts; an unauthenticated session needs --insecure on both)")]
@@ -255,6 +259,12 @@ impl Sealed {
 
 /// Reads one frame's bytes and checks its header: magic, version, size limit.
 pub fn read_sealed(reader: &mut impl Read) -> Result<Sealed, WireError> {
+    read_sealed_into(reader, Vec::new())
+}
+
+/// [`read_sealed`] into `body`, a buffer a previous frame left (its contents are overwritten,
+/// its allocation reused: a page frame is 8 MiB).
+fn read_sealed_into(reader: &mut impl Read, mut body: Vec<u8>) -> Result<Sealed, WireError> {
     let mut header = [0u8; HEADER_LEN];
     read_full(reader, &mut header, true)?;
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
@@ -272,7 +282,8 @@ pub fn read_sealed(reader: &mut impl Read) -> Result<Sealed, WireError> {
     if len > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
-    let mut body = vec![0u8; len as usize + TAG_LEN];
+    // Only bytes beyond what the buffer held before are zeroed; all are read over.
+    body.resize(len as usize + TAG_LEN, 0);
     read_full(reader, &mut body, false)?;
     Ok(Sealed { header, body })
 }
@@ -310,6 +321,8 @@ pub struct Session<S: Read + Write> {
     recv_key: FrameKey,
     /// Where frames are encoded and sealed, reused (a page frame is up to 9 MiB).
     send_buf: Vec<u8>,
+    /// Where the next frame is read, given back by [`Self::recycle`].
+    recv_buf: Vec<u8>,
     send_seq: u64,
     recv_seq: u64,
     /// Flow-control credit the peer granted and we have not used yet.
@@ -325,6 +338,7 @@ impl<S: Read + Write> Session<S> {
             send_key,
             recv_key,
             send_buf: Vec::new(),
+            recv_buf: Vec::new(),
             send_seq: handshake::FIRST_SESSION_SEQ,
             recv_seq: handshake::FIRST_SESSION_SEQ,
             credit: INITIAL_CREDIT,
@@ -358,8 +372,27 @@ impl<S: Read + Write> Session<S> {
         Ok(())
     }
 
+    /// Sends a page frame, sealed in the buffer it was built in, and empties it.
+    pub fn send_pages(&mut self, frame: &mut pages::PageFrame) -> Result<(), WireError> {
+        let buf = frame.finish();
+        seal_frame(buf, &self.send_key, Kind::Pages, self.send_seq);
+        let written = self.stream.write_all(buf);
+        frame.clear();
+        written?;
+        self.send_seq += 1;
+        Ok(())
+    }
+
+    /// Gives a received frame's buffer back, to read the next frame into.
+    pub fn recycle(&mut self, payload: Vec<u8>) {
+        if payload.capacity() > self.recv_buf.capacity() {
+            self.recv_buf = payload;
+        }
+    }
+
     fn receive_any(&mut self) -> Result<Frame, WireError> {
-        let frame = read_frame(&mut self.stream, &self.recv_key, self.recv_seq)?;
+        let buf = std::mem::take(&mut self.recv_buf);
+        let frame = read_sealed_into(&mut self.stream, buf)?.open(&self.recv_key, self.recv_seq)?;
         self.recv_seq += 1;
         Ok(frame)
     }
