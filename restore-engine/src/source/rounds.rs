@@ -12,7 +12,7 @@ use crate::clock::unix_now;
 use crate::layer::{self, Item, LayerRoundStats, Scanner};
 use crate::memory::{Delta, DirtyTracker, Quiesce, TrackError};
 use crate::page;
-use crate::policy::{ConvergencePolicy, StopReason};
+use crate::policy::{ConvergencePolicy, LinkRate, StopReason};
 use crate::wire::pages::{PageFrame, BATCH_BYTES};
 use crate::wire::{Kind, LayerSync, RoundEnd, Session};
 
@@ -31,6 +31,9 @@ pub struct RoundStats {
     /// What crossed the link for it (less than `bytes` when compression paid).
     pub wire_bytes: u64,
     pub scan_seconds: f64,
+    /// Time spent sending the round's pages (waiting for the link, the receiver's credit and
+    /// the pace included).
+    pub send_seconds: f64,
     pub seconds: f64,
     /// CPU time the source spent on this round (reading, hashing, sending).
     pub cpu_seconds: f64,
@@ -228,7 +231,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             }
             None => {}
         }
-        let mut scan = Duration::ZERO;
+        let (mut scan, mut send) = (Duration::ZERO, Duration::ZERO);
         // The task list is taken anew each round: processes come and go while the container
         // runs (once frozen, the list is the one CRIU dumps).
         let tasks = tasks()?;
@@ -259,6 +262,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 }
             });
             scan += task_start.elapsed().saturating_sub(sending);
+            send += sending;
             match tracked {
                 Ok(()) => {}
                 Err(TrackError::Stopped) => {
@@ -282,6 +286,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             },
         )?;
         stats.scan_seconds = scan.as_secs_f64();
+        stats.send_seconds = send.as_secs_f64();
         stats.seconds = started.elapsed().as_secs_f64();
         stats.cpu_seconds = process_cpu_seconds() - cpu_start;
         stats.link_bytes_per_second = if stats.seconds > 0.0 {
@@ -312,17 +317,20 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         };
         let mut previous: Option<u64> = None;
         let mut previous_seconds: Option<f64> = None;
+        let mut link = LinkRate::default();
         let mut round = 1u32;
         loop {
             let mut stats = self.round(round, &mut tasks, tracker, quiesce, false)?;
-            // What the round moved (memory and file data) over its time: the rate at which the
-            // frozen round will move what is left.
+            // The rate at which the frozen round will move what is left: the link's, measured
+            // while sending; before a round has sent enough to measure it, what the round moved
+            // (memory and file data) over its whole time.
+            link.observe(stats.bytes, stats.send_seconds);
             let layer_bytes = stats.layer.as_ref().map_or(0, |l| l.bytes);
-            let bandwidth = if stats.seconds > 0.0 {
+            let bandwidth = link.or(if stats.seconds > 0.0 {
                 (stats.bytes + layer_bytes) as f64 / stats.seconds
             } else {
                 f64::INFINITY
-            };
+            });
             // A page read in this round was last read in the previous one: on average half a
             // round of each earlier, so the time it had to get dirty is the mean of the two.
             stats.dirty_bytes_per_second = previous_seconds
