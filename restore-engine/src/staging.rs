@@ -4,7 +4,7 @@
 //! Pages are keyed by (task pid in the container's pid namespace, page-aligned virtual address).
 //! Contents live in large slabs (no allocation per page), each its own anonymous mapping, so a
 //! slab whose pages are all installed goes back to the system at once (an allocator's heap may
-//! keep it). The index is dense: one hash lookup per 2 MiB of a task's address space finds an
+//! keep it), and a page installed alone is discarded from its slab. The index is dense: one hash lookup per 2 MiB of a task's address space finds an
 //! array of 512 slots, so storing or finding a page is an array access. Pages stored in address
 //! order occupy consecutive slots, so a run of pages can be installed with one large UFFDIO_COPY
 //! straight from the slab. Zero pages are markers that take no slab space.
@@ -217,12 +217,11 @@ impl StagingStore {
         let (slab, _) = Self::slot_location(slot);
         if slab == self.slabs.len() {
             // Its own mapping: the kernel provides zero pages lazily, nothing is touched here,
-            // and unmapping it returns the memory whatever the allocator does.
+            // and unmapping it returns the memory whatever the allocator does. Not huge pages:
+            // a page released alone (installed by a fault) must give its memory back at once,
+            // and discarding 4 KiB of a huge page only queues it for a split.
             let bytes = memmap2::MmapMut::map_anon(SLAB_BYTES as usize)
                 .map_err(|e| StagingError::NoMemory(e.to_string()))?;
-            // Huge pages where the kernel offers them: a fault per 2 MiB instead of per page
-            // (the kernel aligns mappings of whole 2 MiB multiples). Only a hint.
-            let _ = bytes.advise(memmap2::Advice::HugePage);
             self.slabs.push(Some(Slab { bytes, live: 0 }));
         }
         self.next_slot += 1;
@@ -233,18 +232,35 @@ impl StagingStore {
         Ok(slot)
     }
 
-    fn release_slot(&mut self, slot: u32) {
+    /// Releases a data slot (markers need nothing). Returns where its page lies when its slab
+    /// stays mapped (other pages of the slab are still held), for the caller to give that
+    /// page's memory back.
+    fn release_slot(&mut self, slot: u32) -> Option<(usize, usize)> {
         if slot == EMPTY || slot == ZERO {
-            return;
+            return None;
         }
-        let (slab_index, _) = Self::slot_location(slot);
+        let (slab_index, offset) = Self::slot_location(slot);
         self.data_pages -= 1;
         let is_current = slab_index == (self.next_slot as usize).saturating_sub(1) / SLAB_PAGES;
-        if let Some(slab) = self.slabs[slab_index].as_mut() {
-            slab.live -= 1;
-            if slab.live == 0 && !is_current {
-                self.slabs[slab_index] = None;
-            }
+        let slab = self.slabs[slab_index].as_mut()?;
+        slab.live -= 1;
+        if slab.live == 0 && !is_current {
+            self.slabs[slab_index] = None;
+            return None;
+        }
+        Some((slab_index, offset))
+    }
+
+    /// Gives the memory of `len` bytes at `offset` in a slab back to the system.
+    fn discard(&self, slab: usize, offset: usize, len: usize) {
+        if let Some(slab) = self.slabs[slab].as_ref() {
+            // SAFETY: the range holds released pages only: no index entry points to them and a
+            // slab's slots are never handed out again, so nothing reads their (now zero)
+            // contents.
+            let _ = unsafe {
+                slab.bytes
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
         }
     }
 
@@ -308,7 +324,9 @@ impl StagingStore {
         }
         for i in 0..pages {
             let old = self.set(pid, vaddr + (i * page::SIZE) as u64, ZERO);
-            self.release_slot(old);
+            if let Some((slab, offset)) = self.release_slot(old) {
+                self.discard(slab, offset, page::SIZE);
+            }
         }
         Ok(())
     }
@@ -353,14 +371,37 @@ impl StagingStore {
         })
     }
 
-    /// Releases `pages` pages from `vaddr` (installed, or no longer needed).
+    /// Releases `pages` pages from `vaddr` (installed, or no longer needed). Their memory goes
+    /// back to the system at once: a slab whose pages are all released is unmapped, and the
+    /// pages of a slab that still holds others are discarded, so a page faulted in ahead of the
+    /// background fill is not held twice (in the container and here) until the fill reaches
+    /// its slab.
     pub fn release(&mut self, pid: TaskPid, vaddr: u64, pages: usize) {
+        // Consecutive pages of one slab are discarded together.
+        let mut pending: Option<(usize, usize, usize)> = None;
         for i in 0..pages {
             let addr = vaddr + (i * page::SIZE) as u64;
-            if self.slot(pid, addr) != EMPTY {
-                let old = self.set(pid, addr, EMPTY);
-                self.release_slot(old);
+            if self.slot(pid, addr) == EMPTY {
+                continue;
             }
+            let old = self.set(pid, addr, EMPTY);
+            let Some((slab, offset)) = self.release_slot(old) else {
+                continue;
+            };
+            pending = match pending {
+                Some((s, start, len)) if s == slab && start + len == offset => {
+                    Some((s, start, len + page::SIZE))
+                }
+                other => {
+                    if let Some((s, start, len)) = other {
+                        self.discard(s, start, len);
+                    }
+                    Some((slab, offset, page::SIZE))
+                }
+            };
+        }
+        if let Some((s, start, len)) = pending {
+            self.discard(s, start, len);
         }
     }
 }
@@ -429,6 +470,38 @@ mod tests {
         assert!(store.slabs[0].is_none(), "a fully released slab is freed");
         assert_eq!(store.len(), 1);
         assert_eq!(store.data_bytes(), page::SIZE);
+    }
+
+    #[test]
+    fn a_page_released_alone_gives_its_memory_back() {
+        let mut store = StagingStore::default();
+        store.put(1, 0, &vec![7u8; 4 * page::SIZE]).unwrap();
+        let base = store.slabs[0].as_ref().unwrap().bytes.as_ptr();
+        let resident = |i: usize| {
+            let mut vec = [0u8];
+            // SAFETY: asks about one page of the slab, which stays mapped (the store holds
+            // other pages of it); `vec` has room for the one answer.
+            let ret = unsafe {
+                libc::mincore(
+                    base.add(i * page::SIZE) as *mut libc::c_void,
+                    page::SIZE,
+                    vec.as_mut_ptr(),
+                )
+            };
+            assert_eq!(ret, 0);
+            vec[0] & 1 == 1
+        };
+        assert!((0..4).all(resident));
+        // Two pages installed by faults: their memory goes back, the others stay.
+        store.release(1, page::SIZE_U64, 2);
+        assert!(!resident(1) && !resident(2), "released pages are discarded");
+        assert!(resident(0) && resident(3));
+        assert_eq!(store.get(1, 0), Some(PageRef::Data(&page(7)[..])));
+        assert_eq!(
+            store.get(1, 3 * page::SIZE_U64),
+            Some(PageRef::Data(&page(7)[..]))
+        );
+        assert_eq!(store.get(1, page::SIZE_U64), None);
     }
 
     #[test]
