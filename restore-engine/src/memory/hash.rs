@@ -66,7 +66,7 @@ fn hash_slices(
             held += page::SIZE;
             if held >= DELTA_PIECE_BYTES {
                 if let Some(sink) = sink.as_mut() {
-                    stopped = sink(&delta).is_err();
+                    stopped = sink(&mut delta).is_err();
                     delta.clear();
                     held = 0;
                 }
@@ -161,12 +161,12 @@ impl DirtyTracker for HashTracker {
         };
         let mut new: Vec<Vec<u64>> = old.iter().map(|o| vec![0u64; o.len()]).collect();
         for (slices, share) in groups.iter().zip(shares) {
-            let (hashes, part) = share?;
+            let (hashes, mut part) = share?;
             for (slice, hashes) in slices.iter().zip(hashes) {
                 new[slice.vma][slice.from..slice.to].copy_from_slice(&hashes);
             }
             if !part.is_empty() {
-                sink(&part).map_err(|()| TrackError::Stopped)?;
+                sink(&mut part).map_err(|()| TrackError::Stopped)?;
             }
         }
         // Present before, absent now (discarded with MADV_DONTNEED): zero on the destination.
@@ -180,7 +180,7 @@ impl DirtyTracker for HashTracker {
         }
         self.tasks.insert(pid, vmas.into_iter().zip(new).collect());
         if !gone.is_empty() {
-            sink(&gone).map_err(|()| TrackError::Stopped)?;
+            sink(&mut gone).map_err(|()| TrackError::Stopped)?;
         }
         Ok(())
     }

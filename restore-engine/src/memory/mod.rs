@@ -279,43 +279,70 @@ fn signal(pid: u32, sig: libc::c_int) -> Result<(), TrackError> {
 /// Pages that changed in one round for one task: runs of consecutive changed pages, their
 /// contents one after the other in one buffer (reused piece after piece), and pages that are now
 /// zero.
+///
+/// A streamed piece's buffer keeps [`PIECE_FRONT_ROOM`] bytes free in front of its pages: the
+/// sender writes a frame header there, appends the frame's descriptor after the pages, and
+/// seals and sends the piece where the tracker put it ([`Delta::buffer_mut`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Delta {
     /// Start address and length in bytes of each run; the runs' bytes follow one another in
-    /// `data`.
+    /// `data`, from `front` on.
     runs: Vec<(u64, usize)>,
     data: Vec<u8>,
+    front: usize,
     /// Pages that are now zero (written with zeroes, or discarded).
     pub zero: Vec<u64>,
 }
 
+/// Bytes a streamed piece leaves free in front of its pages (a frame header's).
+pub const PIECE_FRONT_ROOM: usize = 20;
+
 impl Delta {
-    /// A delta with room for a piece's worth of pages (no reallocation while it fills).
+    /// A delta for streamed pieces: room in front for a frame header, and for a piece's worth
+    /// of pages and a frame's descriptor and tag after them (no reallocation while it fills).
     pub fn for_pieces() -> Self {
+        let mut data = Vec::with_capacity(PIECE_FRONT_ROOM + DELTA_PIECE_BYTES + (1 << 20));
+        data.resize(PIECE_FRONT_ROOM, 0);
         Delta {
-            data: Vec::with_capacity(DELTA_PIECE_BYTES + page::SIZE),
+            data,
+            front: PIECE_FRONT_ROOM,
             ..Default::default()
         }
     }
     /// Each run of consecutive changed pages: its address and contents.
     pub fn runs(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
-        let mut at = 0;
+        let mut at = self.front;
         self.runs.iter().map(move |&(addr, len)| {
             let bytes = &self.data[at..at + len];
             at += len;
             (addr, bytes)
         })
     }
+    /// Each run's address and length in bytes.
+    pub fn run_lengths(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.runs.iter().copied()
+    }
     pub fn data_pages(&self) -> u64 {
-        (self.data.len() / page::SIZE) as u64
+        ((self.data.len() - self.front) / page::SIZE) as u64
     }
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty() && self.zero.is_empty()
     }
+    /// Bytes free in front of the pages ([`PIECE_FRONT_ROOM`] for a streamed piece, else 0).
+    pub fn front(&self) -> usize {
+        self.front
+    }
+    /// The buffer: the front room, then the pages. Whoever borrows it may append to it and
+    /// overwrite it (a sender seals a frame in it), or swap in another buffer with the same
+    /// front room; the delta must be cleared before it is filled again.
+    pub fn buffer_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.data
+    }
     /// Empties the delta, keeping its buffers.
     pub fn clear(&mut self) {
         self.runs.clear();
-        self.data.clear();
+        self.data.truncate(self.front);
+        self.data.resize(self.front, 0);
         self.zero.clear();
     }
     /// Appends `other`'s runs and zero pages (which come later in address order).
@@ -343,11 +370,12 @@ impl Delta {
 
 /// Changed pages are handed on in pieces of about this much data, so a round never holds more
 /// than a piece of a large task's memory (the first round is all of it).
-pub const DELTA_PIECE_BYTES: usize = 16 << 20;
+pub const DELTA_PIECE_BYTES: usize = 8 << 20;
 
 /// Takes a round's changed pages piece by piece; an error stops the round
 /// ([`TrackError::Stopped`]).
-pub type DeltaSink<'a> = dyn FnMut(&Delta) -> Result<(), ()> + 'a;
+/// The sink may use the piece's buffer ([`Delta::buffer_mut`]); the tracker clears it after.
+pub type DeltaSink<'a> = dyn FnMut(&mut Delta) -> Result<(), ()> + 'a;
 
 /// Finds pages that changed since the previous round.
 pub trait DirtyTracker {
@@ -371,7 +399,7 @@ pub trait DirtyTracker {
     fn round(&mut self, pid: u32) -> Result<Delta, TrackError> {
         self.begin_round(&[pid], &mut NoQuiesce, false)?;
         let mut all = Delta::default();
-        self.round_into(pid, &mut |piece: &Delta| {
+        self.round_into(pid, &mut |piece: &mut Delta| {
             all.extend_from(piece);
             Ok(())
         })?;

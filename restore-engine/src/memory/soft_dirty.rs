@@ -223,13 +223,13 @@ impl<K: SoftDirtyKernel> DirtyTracker for SoftDirtyTracker<K> {
                 },
             }
             if held >= DELTA_PIECE_BYTES {
-                sink(&delta).map_err(|()| TrackError::Stopped)?;
+                sink(&mut delta).map_err(|()| TrackError::Stopped)?;
                 delta.clear();
                 held = 0;
             }
         }
         if !delta.is_empty() {
-            sink(&delta).map_err(|()| TrackError::Stopped)?;
+            sink(&mut delta).map_err(|()| TrackError::Stopped)?;
         }
         Ok(())
     }

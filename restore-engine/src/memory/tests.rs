@@ -174,7 +174,7 @@ fn a_round_streams_in_bounded_pieces_and_its_consumer_can_stop_it() {
     let mut tracker = HashTracker::default();
     let mut pieces = Vec::new();
     tracker
-        .round_into(me, &mut |piece: &Delta| {
+        .round_into(me, &mut |piece: &mut Delta| {
             pieces.push(piece.data_pages() * page::SIZE_U64);
             Ok(())
         })
@@ -423,7 +423,7 @@ mod soft_dirty_seam {
         let mut round = |tracker: &mut SoftDirtyTracker<Kernel>, frozen: bool| {
             tracker.begin_round(&[1], &mut freezer, frozen).unwrap();
             tracker
-                .round_into(1, &mut |delta: &Delta| {
+                .round_into(1, &mut |delta: &mut Delta| {
                     apply(&mut dst, delta);
                     Ok(())
                 })

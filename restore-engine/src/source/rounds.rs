@@ -14,7 +14,10 @@ use crate::memory::{Delta, DirtyTracker, Quiesce, TrackError};
 use crate::page;
 use crate::policy::{ConvergencePolicy, LinkRate, StopReason};
 use crate::wire::pages::{PageFrame, BATCH_BYTES};
-use crate::wire::{Kind, LayerSync, RoundEnd, Session};
+use crate::wire::{Kind, LayerSync, RoundEnd, Session, HEADER_LEN};
+
+// A streamed piece's front room holds a frame header: the sender seals it where it lies.
+const _: () = assert!(crate::memory::PIECE_FRONT_ROOM == HEADER_LEN);
 
 /// Zero pages one frame names at most: their addresses (up to 8 bytes each) and an 8 MiB batch
 /// stay within a frame's payload limit.
@@ -158,9 +161,32 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     }
 
     /// Sends one task's delta in frames of at most BATCH_BYTES of page data (and at most
-    /// [`ZERO_PAGES_PER_FRAME`] zero pages), built where they are sealed. Returns the bytes put
-    /// on the wire.
-    fn send_delta(&mut self, ns_pid: u32, round: u32, delta: &Delta) -> Result<u64, SourceError> {
+    /// [`ZERO_PAGES_PER_FRAME`] zero pages). A streamed piece that fits one frame is sealed and
+    /// sent in its own buffer; anything else is copied into frames. Returns the bytes put on
+    /// the wire.
+    fn send_delta(
+        &mut self,
+        ns_pid: u32,
+        round: u32,
+        delta: &mut Delta,
+    ) -> Result<u64, SourceError> {
+        let fits = delta.front() == HEADER_LEN
+            && delta.data_pages() * page::SIZE_U64 <= BATCH_BYTES as u64
+            && delta.zero.len() <= ZERO_PAGES_PER_FRAME;
+        if fits && !self.compress {
+            let runs: Vec<(u64, usize)> = delta.run_lengths().collect();
+            let zero = std::mem::take(&mut delta.zero);
+            self.frame
+                .adopt(delta.buffer_mut(), ns_pid, round, runs.into_iter(), &zero);
+            delta.zero = zero;
+            let wire = self.frame.wire_bytes() as u64;
+            let sent = self
+                .wait_for_credit(wire)
+                .and_then(|()| Ok(self.session.send_pages(&mut self.frame)?));
+            self.frame.give_back(delta.buffer_mut());
+            sent?;
+            return Ok(wire);
+        }
         let mut sent = 0u64;
         self.frame.start(ns_pid, round);
         for &addr in &delta.zero {
@@ -243,7 +269,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             let mut failed: Option<SourceError> = None;
             // Pieces of the task's changed pages go out as the tracker finds them: the source
             // never holds more than a piece (the first round is the whole container).
-            let tracked = tracker.round_into(task.host_pid, &mut |delta: &Delta| {
+            let tracked = tracker.round_into(task.host_pid, &mut |delta: &mut Delta| {
                 let send_start = Instant::now();
                 stats.pages += delta.data_pages();
                 stats.zero_pages += delta.zero.len() as u64;
@@ -481,7 +507,7 @@ mod tests {
         let mut sender = Sender::new(&mut session);
         let mut delta = Delta::default();
         delta.zero = (0..1_500_000u64).map(|i| (1 << 46) + i * 4096).collect();
-        sender.send_delta(1, 1, &delta).unwrap();
+        sender.send_delta(1, 1, &mut delta).unwrap();
         sender
             .session
             .send(

@@ -124,6 +124,41 @@ impl PageFrame {
         self.pages.zero_pages.push(addr);
     }
 
+    /// Makes the pages in `buffer` the frame (the frame must be empty): `buffer` holds a frame
+    /// header's room, then runs of `runs` (address, length) one after the other, raw. The
+    /// frame's own buffer goes to `buffer` meanwhile; [`Self::give_back`] swaps them again
+    /// once the frame is sent. No page is copied.
+    pub fn adopt(
+        &mut self,
+        buffer: &mut Vec<u8>,
+        pid: u32,
+        round: u32,
+        runs: impl Iterator<Item = (u64, usize)>,
+        zero_pages: &[u64],
+    ) {
+        debug_assert!(self.is_empty(), "a frame adopts pages only when empty");
+        std::mem::swap(&mut self.buf, buffer);
+        self.start(pid, round);
+        for (vaddr, len) in runs {
+            self.pages.runs.push(PageRun {
+                vaddr,
+                lz4_len: 0,
+                len: len as u32,
+            });
+            self.page_bytes += len;
+        }
+        self.pages.zero_pages.extend_from_slice(zero_pages);
+        debug_assert_eq!(self.wire_bytes(), self.page_bytes);
+    }
+
+    /// After an adopted frame was sent: the buffers go back where they came from (the frame is
+    /// empty; `buffer` keeps its header room).
+    pub fn give_back(&mut self, buffer: &mut Vec<u8>) {
+        std::mem::swap(&mut self.buf, buffer);
+        self.clear();
+        buffer.truncate(HEADER_LEN);
+    }
+
     /// Appends the descriptor: the buffer is then the frame's header room and payload.
     pub(super) fn finish(&mut self) -> &mut Vec<u8> {
         let at = self.buf.len();

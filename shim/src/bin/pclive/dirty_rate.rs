@@ -60,7 +60,7 @@ pub fn run(args: DirtyRateArgs) -> ExitCode {
             eprintln!("pclive: {e}");
             return ExitCode::FAILURE;
         }
-        if let Err(e) = tracker.round_into(pid, &mut |piece: &memory::Delta| {
+        if let Err(e) = tracker.round_into(pid, &mut |piece: &mut memory::Delta| {
             dirty += piece.data_pages() * restore_engine::page::SIZE_U64;
             zero_pages += piece.zero.len();
             Ok(())
