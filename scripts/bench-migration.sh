@@ -128,6 +128,20 @@ cpu_ns() { cat "$(cgroup cpuacct "$1")/cpuacct.usage"; }
 # Resident memory of a host's own processes (containerd, shims, CRIU, staging), without the
 # container (which runc puts in cgroups of its own).
 host_rss() { awk '$1 == "total_rss" { print $2 }' "$(cgroup memory "$1")/memory.stat"; }
+# Resident memory of the destination as a whole while a migration runs: its host processes
+# (shim, lazy-pages server, staging store) and the container (in its own cgroup, named after
+# its namespace and id), sampled every 0.1 s until $2.stop appears; the peak goes to $2. Only
+# the sum shows a page held twice: installed in the container and still in the staging store.
+sample_dst_total() {
+  local id=$1 outfile=$2 peak=0 total c
+  while [ ! -e "$outfile.stop" ]; do
+    c=$(awk '$1 == "total_rss" { print $2 }' "/sys/fs/cgroup/memory/$dst_ns/$id/memory.stat" 2>/dev/null || true)
+    total=$(( $(host_rss dst) + ${c:-0} ))
+    [ "$total" -gt "$peak" ] && peak=$total
+    sleep 0.1
+  done
+  echo "$peak" > "$outfile"
+}
 # Resident memory of a container's processes.
 container_rss() {
   local host=$1 id=$2 total=0 pid kb
@@ -198,6 +212,12 @@ run_one() {
   mem_src0=$(cat "$(cgroup memory src)/memory.usage_in_bytes")
   mem_dst0=$(cat "$(cgroup memory dst)/memory.usage_in_bytes")
   cpu_src0=$(cpu_ns src); cpu_dst0=$(cpu_ns dst)
+  local dst_total0 dst_total_peak=null
+  dst_total0=$(host_rss dst)
+  rm -f "$dir/dst-total-peak" "$dir/dst-total-peak.stop"
+  sample_dst_total "$id" "$dir/dst-total-peak" &
+  local sampler=$!
+  background+=("$sampler")
   start=$(now)
   case "$mode" in
     baseline)
@@ -253,6 +273,9 @@ run_one() {
         --work-dir "$dir/source-work" --json > "$dir/migration.json" 2> "$dir/migrate.log"
       wait "$receiver"
       restored=$(now)
+      touch "$dir/dst-total-peak.stop"
+      wait "$sampler" || true
+      dst_total_peak=$(( $(cat "$dir/dst-total-peak") - dst_total0 ))
       images_unix=$(jq -r .images_sent_unix "$dir/migration.json")
       freeze_s=$(jq -r .last_round_seconds "$dir/migration.json")
       dump_s=$(jq -r .final_dump_seconds "$dir/migration.json")
@@ -261,6 +284,7 @@ run_one() {
       precopy_bytes=$(jq '[.precopy.rounds[].wire_bytes] | add' "$dir/migration.json")
       ;;
   esac
+  touch "$dir/dst-total-peak.stop"
   local cpu_src1 cpu_dst1 peak_src peak_dst
   cpu_src1=$(cpu_ns src); cpu_dst1=$(cpu_ns dst)
   peak_src=$(( $(cat "$(cgroup memory src)/memory.max_usage_in_bytes") - mem_src0 ))
@@ -286,6 +310,7 @@ run_one() {
     --argjson transfer "$transfer_s" --argjson rounds "$rounds" --argjson precopy "$precopy_bytes" \
     --argjson cpu_src "$(( cpu_src1 - cpu_src0 ))" --argjson cpu_dst "$(( cpu_dst1 - cpu_dst0 ))" \
     --argjson peak_src "$peak_src" --argjson peak_dst "$peak_dst" --argjson dst_mem "$dst_mem" \
+    --argjson dst_total_peak "$dst_total_peak" \
     --argjson rss "$rss" --slurpfile client "$dir/client.json" --slurpfile verify "$dir/verify.json" \
     --arg timeline "runs/$tag/timeline.jsonl" --slurpfile migration <(cat "$dir/migration.json" 2>/dev/null || echo '{}') '
     ($client[0]) as $c | ($verify[0]) as $v | ($migration[0]) as $m |
@@ -304,6 +329,7 @@ run_one() {
      rounds: $rounds, precopy_bytes: $precopy,
      cpu_s: {src: ($cpu_src / 1e9), dst: ($cpu_dst / 1e9)},
      peak_mem_bytes: {src: $peak_src, dst: $peak_dst},
+     dst_total_peak_bytes: $dst_total_peak,
      dst_mem_after_commit_bytes: $dst_mem, container_rss_bytes: $rss,
      integrity: {ok: ($v.mismatches == 0 and $v.missing == 0 and $c.read_mismatches == 0),
                  checked: $v.checked, mismatches: $v.mismatches, missing: $v.missing,

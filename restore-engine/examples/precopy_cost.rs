@@ -10,7 +10,7 @@
 //! fresh memory has a cost of its own that depends on the host: on a VM whose balloon reports
 //! free pages, the hypervisor populates every page at the first touch (2-4 CPU-s per GiB here,
 //! varying from run to run). So the run first touches as much fresh memory as the staging store
-//! will take, in the same 4 MiB huge-page mappings, and reports that cost
+//! will take, in the same 4 MiB mappings of 4 KiB pages, and reports that cost
 //! (`population_cpu_s_per_gib`); it frees it just before the transfer, so the staging store
 //! gets memory the hypervisor still backs (page reporting waits 2 s), and the destination's CPU
 //! is its own work. A real destination pays both.
@@ -106,14 +106,13 @@ fn spawn_holder(bytes: usize) -> libc::pid_t {
 }
 
 /// CPU seconds this thread spends touching `bytes` of fresh memory, in mappings like the
-/// staging store's slabs.
+/// staging store's slabs (4 MiB, 4 KiB pages).
 fn population_cpu_seconds(bytes: usize) -> f64 {
     const SLAB: usize = 4 << 20;
     let cpu = thread_cpu_seconds();
     let mut slabs = Vec::new();
     for _ in 0..bytes / SLAB {
         let mut slab = memmap2::MmapMut::map_anon(SLAB).unwrap();
-        let _ = slab.advise(memmap2::Advice::HugePage);
         for page in slab.chunks_mut(4096) {
             page[0] = 1;
         }
