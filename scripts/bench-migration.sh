@@ -275,7 +275,9 @@ run_one() {
       restored=$(now)
       touch "$dir/dst-total-peak.stop"
       wait "$sampler" || true
-      dst_total_peak=$(( $(cat "$dir/dst-total-peak") - dst_total0 ))
+      if [ -s "$dir/dst-total-peak" ]; then
+        dst_total_peak=$(( $(cat "$dir/dst-total-peak") - dst_total0 ))
+      fi
       images_unix=$(jq -r .images_sent_unix "$dir/migration.json")
       freeze_s=$(jq -r .last_round_seconds "$dir/migration.json")
       dump_s=$(jq -r .final_dump_seconds "$dir/migration.json")
