@@ -19,7 +19,7 @@
 //! (`scripts/bench-migration.sh`) measures the same path through the shim, with a real container
 //! and a real link.
 //!
-//! Usage: `precopy_cost [GIB] [--insecure]`
+//! Usage: `precopy_cost [GIB] [--insecure] [--max-cpu CORES]`
 
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -125,12 +125,16 @@ fn population_cpu_seconds(bytes: usize) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let gib: f64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(1.0);
+    let gib: f64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(1.0);
     let auth = if args.iter().any(|a| a == "--insecure") {
         Auth::Insecure
     } else {
         Auth::Key(vec![7; 32])
     };
+    let max_cpu: Option<f64> = args
+        .iter()
+        .position(|a| a == "--max-cpu")
+        .and_then(|i| args.get(i + 1)?.parse().ok());
     let bytes = ((gib * (1u64 << 30) as f64) as usize) & !4095;
     let holder = spawn_holder(bytes);
 
@@ -178,6 +182,7 @@ fn main() {
     let started = Instant::now();
     let cpu = thread_cpu_seconds();
     let report = Sender::new(&mut session)
+        .max_cpu(max_cpu)
         .run(
             || Ok(tasks.to_vec()),
             &mut tracker,
@@ -213,6 +218,7 @@ fn main() {
             "first_round_mb_per_s": first.bytes as f64 / first.seconds / 1e6,
             "first_round_seconds": first.seconds,
             "wall_seconds": wall,
+            "source_cores": source_cpu / wall,
             "staged_bytes": received.bytes,
             "staging_footprint_bytes": footprint,
             "destination_peak_growth_over_moved": dest_peak_growth as f64 / bytes as f64,

@@ -356,6 +356,7 @@ pub fn params(work_dir: &std::path::Path, key: &Auth) -> MigrateParams {
         tracker: Some("content-hash".into()),
         compress: false,
         max_bandwidth: None,
+        max_cpu: None,
         work_dir: work_dir.to_owned(),
     }
 }

@@ -105,6 +105,9 @@ pub struct MigrateRequest {
     /// destination; its TCP connections continue there.
     #[prost(bool, tag = "13")]
     pub move_address: bool,
+    /// Percent of one core the live pre-copy rounds may use (0: no bound).
+    #[prost(uint32, tag = "14")]
+    pub max_cpu_percent: u32,
 }
 
 impl MigrateRequest {
@@ -187,6 +190,7 @@ impl MigrateRequest {
             tracker: (!self.tracker.is_empty()).then(|| self.tracker.clone()),
             compress: self.compress,
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
+            max_cpu: (self.max_cpu_percent > 0).then(|| f64::from(self.max_cpu_percent) / 100.0),
             work_dir: work_dir.to_owned(),
             layer: Some(layer),
             external_mounts,

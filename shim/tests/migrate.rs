@@ -595,8 +595,15 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     let receiver = receive(dst, "redis", &dst_rootfs, &listen, Some(&key));
     let writes_before = writes(src, "w1");
     // Compressed: DEBUG POPULATE's values are mostly padding, so this also proves LZ4 runs
-    // arrive intact.
-    let report = migrate_with(src, "redis", &listen, &key, &["--compress"]).unwrap_or_else(|e| {
+    // arrive intact. The live rounds may use half a core (unbounded they take a whole one).
+    let report = migrate_with(
+        src,
+        "redis",
+        &listen,
+        &key,
+        &["--compress", "--max-cpu", "50"],
+    )
+    .unwrap_or_else(|e| {
         panic!(
             "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
             tail(&src.log(), 30),
@@ -609,6 +616,11 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     assert!(
         first["wire_bytes"].as_u64().unwrap() < first["bytes"].as_u64().unwrap() / 2,
         "compression paid on padded values: {first}"
+    );
+    let cores = first["cpu_seconds"].as_f64().unwrap() / first["seconds"].as_f64().unwrap();
+    assert!(
+        cores < 0.6,
+        "round 1 used {cores:.2} cores under --max-cpu 50: {first}"
     );
     // The load went on across the migration and goes on at the destination.
     wait_for(

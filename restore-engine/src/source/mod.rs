@@ -115,6 +115,8 @@ pub struct MigrateParams {
     pub compress: bool,
     /// Bytes per second the live rounds may put on the link (None: as fast as it goes).
     pub max_bandwidth: Option<u64>,
+    /// Cores the live rounds may use (None: as many as they take; they use one thread).
+    pub max_cpu: Option<f64>,
     /// Where the final dump's images go (`<work dir>/images`) and its logs stay.
     pub work_dir: PathBuf,
     /// Where this host records its migrations.
@@ -384,6 +386,7 @@ fn migrate_over_txn<S: Read + Write>(
         let precopy = Sender::new(&mut session)
             .compress(params.compress)
             .max_bandwidth(params.max_bandwidth)
+            .max_cpu(params.max_cpu)
             .layer(layer)
             .run(
                 || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),

@@ -1,7 +1,7 @@
-//! `--max-bandwidth`: a bound on what the live pre-copy rounds put on the link, so that a
-//! migration does not take a link (or the CPU that feeds it) other work on the host needs. As
-//! QEMU's `max-bandwidth`, it does not apply while the container is frozen: the last round goes
-//! as fast as it can, since it is downtime.
+//! Bounds a host owner puts on the live pre-copy rounds, so that a migration does not take what
+//! the host's other work needs: `--max-bandwidth` on what they put on the link ([`Pacer`]), and
+//! `--max-cpu` on the CPU they use ([`CpuBudget`]). As QEMU's `max-bandwidth`, neither applies
+//! while the container is frozen: the last round goes as fast as it can, since it is downtime.
 
 use std::time::{Duration, Instant};
 
@@ -48,9 +48,89 @@ impl Pacer {
     }
 }
 
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0)
+}
+
+/// `--max-cpu`: the live rounds use at most this many cores. The sending thread reads, hashes,
+/// encrypts and sends (the live rounds use no other thread); after each piece it sleeps until
+/// its CPU time since the round began is within the bound of the wall time.
+#[derive(Debug)]
+pub struct CpuBudget {
+    /// Cores; None: no bound.
+    cores: Option<f64>,
+    started: Instant,
+    cpu_at_start: f64,
+    frozen: bool,
+}
+
+impl CpuBudget {
+    pub fn new(cores: Option<f64>) -> Self {
+        CpuBudget {
+            cores: cores.filter(|c| *c > 0.0),
+            started: Instant::now(),
+            cpu_at_start: thread_cpu_seconds(),
+            frozen: false,
+        }
+    }
+
+    /// A round begins, with the container frozen (no bound) or not.
+    pub fn round(&mut self, frozen: bool) {
+        self.frozen = frozen;
+        self.started = Instant::now();
+        self.cpu_at_start = thread_cpu_seconds();
+    }
+
+    /// Waits until the CPU used since the round began is within the bound.
+    pub fn keep(&mut self) {
+        let Some(cores) = self.cores.filter(|_| !self.frozen) else {
+            return;
+        };
+        let used = thread_cpu_seconds() - self.cpu_at_start;
+        let due = Duration::from_secs_f64(used / cores);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_live_rounds_keep_to_the_cpu_budget_and_the_frozen_round_does_not() {
+        let burn = |budget: &mut CpuBudget| {
+            for _ in 0..20 {
+                let cpu = thread_cpu_seconds();
+                while thread_cpu_seconds() - cpu < 0.01 {
+                    std::hint::black_box(0u64);
+                }
+                budget.keep();
+            }
+        };
+        // 200 ms of CPU at a quarter of a core: at least 0.8 s.
+        let mut budget = CpuBudget::new(Some(0.25));
+        budget.round(false);
+        let started = Instant::now();
+        burn(&mut budget);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(750) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        budget.round(true);
+        let started = Instant::now();
+        burn(&mut budget);
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "frozen: no bound"
+        );
+    }
 
     #[test]
     fn the_live_rounds_keep_to_the_bound_and_the_frozen_round_does_not() {

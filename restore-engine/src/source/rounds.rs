@@ -93,6 +93,7 @@ pub struct Sender<'a, S: Read + Write> {
     compress: bool,
     layer: Option<SourceLayer>,
     pacer: super::pace::Pacer,
+    cpu: super::pace::CpuBudget,
     /// The page frame being built (its buffer is reused frame after frame).
     frame: PageFrame,
 }
@@ -104,8 +105,15 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             compress: false,
             layer: None,
             pacer: super::pace::Pacer::new(None),
+            cpu: super::pace::CpuBudget::new(None),
             frame: PageFrame::default(),
         }
+    }
+
+    /// Bounds the cores the live rounds use (`--max-cpu`).
+    pub fn max_cpu(mut self, cores: Option<f64>) -> Self {
+        self.cpu = super::pace::CpuBudget::new(cores);
+        self
     }
 
     /// Bounds what the live rounds send per second (`--max-bandwidth`).
@@ -230,6 +238,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         let started = Instant::now();
         let cpu_start = process_cpu_seconds();
         self.pacer.frozen(frozen);
+        self.cpu.round(frozen);
         let mut stats = RoundStats {
             round,
             frozen,
@@ -276,6 +285,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 stats.bytes += delta.data_pages() * page::SIZE_U64;
                 let sent = self.send_delta(task.ns_pid, round, delta);
                 sending += send_start.elapsed();
+                self.cpu.keep();
                 match sent {
                     Ok(wire) => {
                         stats.wire_bytes += wire;
@@ -397,7 +407,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::destination::receive::receive_rounds;
+    use crate::destination::receive::{receive_rounds, ReceiveError, ReceiveReport};
     use crate::memory::HashTracker;
     use crate::staging::{PageRef, StagingStore};
     use crate::testsupport::Writer;
@@ -405,9 +415,11 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::thread;
 
-    #[test]
-    fn rounds_converge_and_the_staged_memory_equals_the_frozen_source() {
-        let writer = Writer::start();
+    type Received = (StagingStore, Result<ReceiveReport, ReceiveError>);
+
+    /// A session to a receiver that stages what it gets (its store and report come back when
+    /// the last round has arrived).
+    fn to_a_receiver() -> (Session<UnixStream>, thread::JoinHandle<Received>) {
         let (a, b) = UnixStream::pair().unwrap();
         let key = Auth::Key(vec![5; 32]);
         let server_key = key.clone();
@@ -418,11 +430,16 @@ mod tests {
                 &mut session,
                 &mut store,
                 &crate::destination::Limits::unlimited(),
-            )
-            .unwrap();
+            );
             (store, report)
         });
-        let mut session = connect(a, &key, &Intent::default()).unwrap();
+        (connect(a, &key, &Intent::default()).unwrap(), receiver)
+    }
+
+    #[test]
+    fn rounds_converge_and_the_staged_memory_equals_the_frozen_source() {
+        let writer = Writer::start();
+        let (mut session, receiver) = to_a_receiver();
         let mut tracker = HashTracker::default();
         let tasks = [TaskIds {
             host_pid: writer.pid as u32,
@@ -449,6 +466,7 @@ mod tests {
             )
             .unwrap();
         let (store, received) = receiver.join().unwrap();
+        let received = received.unwrap();
         assert!(report.rounds.len() >= 2, "{report:?}");
         assert!(report.rounds.last().unwrap().frozen);
         assert!(
@@ -490,20 +508,7 @@ mod tests {
     fn many_zero_pages_travel_in_frames_under_the_payload_limit() {
         // 1.5 million zero pages in one piece (a task that discarded 5.7 GiB): in one frame
         // their addresses alone (7 bytes each) would pass the 9 MiB frame limit.
-        let (a, b) = UnixStream::pair().unwrap();
-        let key = Auth::Key(vec![5; 32]);
-        let server_key = key.clone();
-        let receiver = thread::spawn(move || {
-            let mut session = accept(b, &server_key).unwrap();
-            let mut store = StagingStore::default();
-            let report = receive_rounds(
-                &mut session,
-                &mut store,
-                &crate::destination::Limits::unlimited(),
-            );
-            (store, report)
-        });
-        let mut session = connect(a, &key, &Intent::default()).unwrap();
+        let (mut session, receiver) = to_a_receiver();
         let mut sender = Sender::new(&mut session);
         let mut delta = Delta::default();
         delta.zero = (0..1_500_000u64).map(|i| (1 << 46) + i * 4096).collect();

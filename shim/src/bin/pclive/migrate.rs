@@ -57,6 +57,11 @@ pub struct MigrateArgs {
     /// frozen last round is not bound (it is downtime), as with QEMU's max-bandwidth
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
+    /// Bound the CPU the live pre-copy rounds use, in percent of one core (they read, hash,
+    /// encrypt and send on one thread): 50 leaves half a core of it to the host's other work.
+    /// The frozen last round is not bound (it is downtime); each round's CPU is in the report
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(5..=100))]
+    pub max_cpu: Option<u32>,
     /// If the connection is lost after the images went out, how long to keep asking the
     /// destination how the migration ended before declaring it in doubt
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
@@ -288,6 +293,7 @@ pub fn run(args: MigrateArgs) -> ExitCode {
         tracker: args.tracker.clone().unwrap_or_default(),
         compress: args.compress,
         max_bandwidth: args.max_bandwidth.unwrap_or(0),
+        max_cpu_percent: args.max_cpu.unwrap_or(0),
         migration_id: migration_id.clone(),
         resolve_timeout_seconds: args.resolve_timeout,
         shared_rootfs: args.shared_rootfs,
