@@ -595,13 +595,14 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     let receiver = receive(dst, "redis", &dst_rootfs, &listen, Some(&key));
     let writes_before = writes(src, "w1");
     // Compressed: DEBUG POPULATE's values are mostly padding, so this also proves LZ4 runs
-    // arrive intact. The live rounds may use half a core (unbounded they take a whole one).
+    // arrive intact. The live rounds may use a tenth of a core: unbounded, the first round
+    // takes about 0.3 (the destination's page population is the bottleneck on these VMs).
     let report = migrate_with(
         src,
         "redis",
         &listen,
         &key,
-        &["--compress", "--max-cpu", "50"],
+        &["--compress", "--max-cpu", "10"],
     )
     .unwrap_or_else(|e| {
         panic!(
@@ -619,8 +620,8 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     );
     let cores = first["cpu_seconds"].as_f64().unwrap() / first["seconds"].as_f64().unwrap();
     assert!(
-        cores < 0.6,
-        "round 1 used {cores:.2} cores under --max-cpu 50: {first}"
+        cores < 0.13,
+        "round 1 used {cores:.2} cores under --max-cpu 10: {first}"
     );
     // The load went on across the migration and goes on at the destination.
     wait_for(
