@@ -318,10 +318,6 @@ impl Delta {
             (addr, bytes)
         })
     }
-    /// Each run's address and length in bytes.
-    pub fn run_lengths(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
-        self.runs.iter().copied()
-    }
     pub fn data_pages(&self) -> u64 {
         ((self.data.len() - self.front) / page::SIZE) as u64
     }
@@ -337,6 +333,11 @@ impl Delta {
     /// front room; the delta must be cleared before it is filled again.
     pub fn buffer_mut(&mut self) -> &mut Vec<u8> {
         &mut self.data
+    }
+    /// The buffer ([`Self::buffer_mut`]) with, beside it, each run's address and length in
+    /// bytes and the zero pages.
+    pub fn parts_mut(&mut self) -> (&mut Vec<u8>, &[(u64, usize)], &[u64]) {
+        (&mut self.data, &self.runs, &self.zero)
     }
     /// Empties the delta, keeping its buffers.
     pub fn clear(&mut self) {

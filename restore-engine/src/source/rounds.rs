@@ -182,18 +182,12 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             && delta.data_pages() * page::SIZE_U64 <= BATCH_BYTES as u64
             && delta.zero.len() <= ZERO_PAGES_PER_FRAME;
         if fits && !self.compress {
-            let runs: Vec<(u64, usize)> = delta.run_lengths().collect();
-            let zero = std::mem::take(&mut delta.zero);
+            let (buffer, runs, zero) = delta.parts_mut();
             self.frame
-                .adopt(delta.buffer_mut(), ns_pid, round, runs.into_iter(), &zero);
-            delta.zero = zero;
-            let wire = self.frame.wire_bytes() as u64;
-            let sent = self
-                .wait_for_credit(wire)
-                .and_then(|()| Ok(self.session.send_pages(&mut self.frame)?));
+                .adopt(buffer, ns_pid, round, runs.iter().copied(), zero);
+            let sent = self.send_frame();
             self.frame.give_back(delta.buffer_mut());
-            sent?;
-            return Ok(wire);
+            return sent;
         }
         let mut sent = 0u64;
         self.frame.start(ns_pid, round);
@@ -218,11 +212,18 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         Ok(sent)
     }
 
-    /// Sends the frame being built once the receiver has room for it; starts the next one.
-    fn flush(&mut self, ns_pid: u32, round: u32) -> Result<u64, SourceError> {
+    /// Sends the frame being built once the receiver has room for it. Returns its bytes on
+    /// the wire.
+    fn send_frame(&mut self) -> Result<u64, SourceError> {
         let wire = self.frame.wire_bytes() as u64;
         self.wait_for_credit(wire)?;
         self.session.send_pages(&mut self.frame)?;
+        Ok(wire)
+    }
+
+    /// [`Self::send_frame`], then starts the next frame.
+    fn flush(&mut self, ns_pid: u32, round: u32) -> Result<u64, SourceError> {
+        let wire = self.send_frame()?;
         self.frame.start(ns_pid, round);
         Ok(wire)
     }
