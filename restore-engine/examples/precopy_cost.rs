@@ -24,6 +24,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use restore_engine::clock::thread_cpu_seconds;
 use restore_engine::destination::receive::receive_rounds;
 use restore_engine::destination::Limits;
 use restore_engine::memory::{HashTracker, NoQuiesce};
@@ -31,16 +32,6 @@ use restore_engine::policy::ConvergencePolicy;
 use restore_engine::source::rounds::{Sender, TaskIds};
 use restore_engine::staging::StagingStore;
 use restore_engine::wire::{accept, connect, Auth, Intent};
-
-fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes the calling thread's CPU clock into `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
 
 /// Peak and current resident memory of this process, in bytes (VmHWM, VmRSS).
 fn rss() -> (u64, u64) {

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::clock::thread_cpu_seconds;
+
 /// How much may go at once after a pause in sending (the tracker's scans): a short burst, not
 /// the whole idle time's worth.
 const BURST: Duration = Duration::from_millis(100);
@@ -46,13 +48,6 @@ impl Pacer {
             std::thread::sleep(self.free_at - now - BURST);
         }
     }
-}
-
-/// CPU time of the calling thread, in seconds.
-fn thread_cpu_seconds() -> f64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
-        .unwrap_or(0.0)
 }
 
 /// `--max-cpu`: the live rounds use at most this many cores. The sending thread reads, hashes,
