@@ -4,10 +4,11 @@
 //! Pages are keyed by (task pid in the container's pid namespace, page-aligned virtual address).
 //! Contents live in large slabs (no allocation per page), each its own anonymous mapping, so a
 //! slab whose pages are all installed goes back to the system at once (an allocator's heap may
-//! keep it), and a page installed alone is discarded from its slab. The index is dense: one hash lookup per 2 MiB of a task's address space finds an
-//! array of 512 slots, so storing or finding a page is an array access. Pages stored in address
-//! order occupy consecutive slots, so a run of pages can be installed with one large UFFDIO_COPY
-//! straight from the slab. Zero pages are markers that take no slab space.
+//! keep it), and a page installed alone is discarded from its slab. The index is dense: a hash
+//! map of blocks, each an array of the 512 slots of 2 MiB of a task's address space (a page
+//! costs 4 bytes of index, and the map holds 512 times fewer entries than pages). Pages stored
+//! in address order occupy consecutive slots, so a run of pages can be installed with one large
+//! UFFDIO_COPY straight from the slab. Zero pages are markers that take no slab space.
 
 use std::collections::HashMap;
 
@@ -135,8 +136,7 @@ impl StagingStore {
     /// Bytes the store holds: every live slab whole (a partly used slab is counted in full), the
     /// index blocks and the slab table. What a receiver limits ([`crate::destination::limits`]).
     pub fn footprint(&self) -> u64 {
-        let live = self.slabs.iter().filter(|s| s.is_some()).count() as u64;
-        live * SLAB_BYTES
+        self.live_slabs() * SLAB_BYTES
             + self.index.capacity().max(self.index.len()) as u64 * BLOCK_BYTES
             + (self.slabs.capacity() * std::mem::size_of::<Option<Slab>>()) as u64
     }
@@ -182,13 +182,17 @@ impl StagingStore {
         } else {
             0
         };
-        let live = self.slabs.iter().filter(|s| s.is_some()).count() as u64;
-        (live + new_slabs)
+        (self.live_slabs() + new_slabs)
             .saturating_mul(SLAB_BYTES)
             .saturating_add(index)
             .saturating_add(
                 (self.slabs.capacity() * std::mem::size_of::<Option<Slab>>()) as u64 + table as u64,
             )
+    }
+
+    /// Slabs still mapped.
+    fn live_slabs(&self) -> u64 {
+        self.slabs.iter().filter(|s| s.is_some()).count() as u64
     }
 
     fn slot_location(slot: u32) -> (usize, usize) {
@@ -264,15 +268,23 @@ impl StagingStore {
         }
     }
 
-    /// Sets the slot of one page, returning what it held.
+    /// Sets the slot of one page, returning what it held (emptying a page of no block creates
+    /// none).
     fn set(&mut self, pid: TaskPid, vaddr: u64, slot: u32) -> u32 {
         let (key, i) = block_key(pid, vaddr);
-        let block = self.index.entry(key).or_insert_with(|| {
-            Box::new(Block {
-                slots: [EMPTY; BLOCK_PAGES],
-                used: 0,
+        let block = if slot == EMPTY {
+            match self.index.get_mut(&key) {
+                Some(block) => block,
+                None => return EMPTY,
+            }
+        } else {
+            self.index.entry(key).or_insert_with(|| {
+                Box::new(Block {
+                    slots: [EMPTY; BLOCK_PAGES],
+                    used: 0,
+                })
             })
-        });
+        };
         let old = std::mem::replace(&mut block.slots[i], slot);
         match (old == EMPTY, slot == EMPTY) {
             (true, false) => {
@@ -380,11 +392,7 @@ impl StagingStore {
         // Consecutive pages of one slab are discarded together.
         let mut pending: Option<(usize, usize, usize)> = None;
         for i in 0..pages {
-            let addr = vaddr + (i * page::SIZE) as u64;
-            if self.slot(pid, addr) == EMPTY {
-                continue;
-            }
-            let old = self.set(pid, addr, EMPTY);
+            let old = self.set(pid, vaddr + (i * page::SIZE) as u64, EMPTY);
             let Some((slab, offset)) = self.release_slot(old) else {
                 continue;
             };
