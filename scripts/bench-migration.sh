@@ -22,6 +22,8 @@
 #                 (--move-address): the clients' connections continue on the destination
 #   pclive-lz4    pclive with --compress (not in the default set: random values do not compress,
 #                 so it measures what compression costs when it cannot pay)
+#   pclive-hash   pclive with --tracker content-hash (not in the default set): the tracker for
+#                 kernels without uffd-wp, against the default's rounds (CPU per round)
 # --sweep adds runs at other record counts (10gbit, first mix) for restore time vs size.
 # Every run checks the data (every record, against what the client acknowledged).
 #
@@ -69,7 +71,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for mode in ${modes//,/ }; do
-  case "$mode" in baseline|pclive-eager|pclive|pclive-moving|pclive-lz4) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
+  case "$mode" in baseline|pclive-eager|pclive|pclive-moving|pclive-lz4|pclive-hash) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
 done
 for mix in ${mixes//,/ }; do
   [[ "$mix" =~ ^[0-9]+:[0-9]+$ ]] || { echo "bench-migration: a mix is READ:WRITE, e.g. 90:10 (got '$mix')" >&2; exit 2; }
@@ -252,11 +254,12 @@ run_one() {
       restored=$(now)
       remove_container src "$id"
       ;;
-    pclive|pclive-eager|pclive-lz4|pclive-moving)
+    pclive|pclive-eager|pclive-lz4|pclive-moving|pclive-hash)
       local listen=$dst_addr:7411 extra=(--net-host --tcp-close) send=()
       [ "$mode" = pclive-eager ] && extra+=(--eager)
       [ -n "$copier_threads" ] && [ "$mode" != pclive-eager ] && extra+=(--copier-threads "$copier_threads")
       [ "$mode" = pclive-lz4 ] && send=(--compress)
+      [ "$mode" = pclive-hash ] && send=(--tracker content-hash)
       if [ "$mode" = pclive-moving ]; then
         extra=(--netns "/run/netns/$bed-dst-redis" --move-address)
         send=(--move-address)
@@ -323,6 +326,7 @@ run_one() {
      patient_recovered: $c.patient_recovered,
      patient_connection_kept: ($c.patient_reconnects == 0 and $c.patient_recovered == true),
      address_moved: ($m.address_moved // null),
+     tracker: ($m.precopy.tracker // null),
      reported_downtime_s: ($m.downtime_seconds // null),
      phases: {freeze_s: $freeze, final_dump_s: $dump, transfer_s: $transfer,
               restore_s: ($c.gap_end_unix - $images)},

@@ -103,24 +103,31 @@ pub fn inspect() -> HostReport {
             meaning: "no userfaultfd: lazy restore cannot work (needs CONFIG_USERFAULTFD and root or vm.unprivileged_userfaultfd=1)".into(),
         },
     });
-    let wp_async = uffd
-        .as_ref()
-        .is_ok_and(|f| f.has(crate::uffd::UFFD_FEATURE_WP_ASYNC));
-    let pagemap_scan = crate::uffd::pagemap_scan_available();
+    let wp = crate::memory::uffd_wp_support();
     findings.push(Finding {
         name: "uffd-wp".into(),
         // Optional: the write-protect tracker is an optimisation over content hashing.
         ok: true,
-        detail: format!(
-            "write-protect async {}, PAGEMAP_SCAN {}",
-            if wp_async { "yes" } else { "no" },
-            if pagemap_scan { "yes" } else { "no" }
-        ),
-        meaning: if wp_async && pagemap_scan {
-            "O(dirty) write-protect dirty tracking is possible on this kernel".into()
-        } else {
-            "no O(dirty) write-protect tracking: pclive hashes page contents instead".into()
+        detail: match &wp {
+            Ok(()) => "write-protect async and PAGEMAP_SCAN: yes".into(),
+            Err(why) => why.clone(),
         },
+        meaning: if wp.is_ok() {
+            "O(dirty) write-protect dirty tracking: pre-copy rounds cost the pages written".into()
+        } else {
+            "no O(dirty) write-protect tracking: pclive uses soft-dirty or hashes page contents"
+                .into()
+        },
+    });
+    let (tracker, why) = crate::memory::default_tracker();
+    findings.push(Finding {
+        name: "tracker".into(),
+        ok: true,
+        detail: tracker.into(),
+        meaning: format!(
+            "pre-copy finds changed pages with the {tracker} tracker by default: {why} \
+             (pclive migrate --tracker chooses another)"
+        ),
     });
     let soft_dirty = criu_feature("mem_dirty_track");
     findings.push(Finding {
@@ -131,7 +138,7 @@ pub fn inspect() -> HostReport {
         meaning: if soft_dirty {
             "dirty pages are tracked by the kernel".into()
         } else {
-            "no soft-dirty: CRIU pre-dump cannot run here; pclive tracks dirty pages by content hash"
+            "no soft-dirty: CRIU pre-dump cannot run here (pclive needs it for none of its trackers but soft-dirty)"
                 .into()
         },
     });
@@ -184,6 +191,8 @@ mod tests {
             "runc",
             "criu",
             "userfaultfd",
+            "uffd-wp",
+            "tracker",
             "soft-dirty",
             "free-page-reporting",
             "cgroups",

@@ -376,48 +376,6 @@ impl Uffd {
     }
 }
 
-/// Whether the PAGEMAP_SCAN ioctl on /proc/PID/pagemap exists (Linux 6.7+).
-pub fn pagemap_scan_available() -> bool {
-    #[repr(C)]
-    struct PmScanArg {
-        size: u64,
-        flags: u64,
-        start: u64,
-        end: u64,
-        walk_end: u64,
-        vec: u64,
-        vec_len: u64,
-        max_pages: u64,
-        category_inverted: u64,
-        category_mask: u64,
-        category_anyof_mask: u64,
-        return_mask: u64,
-    }
-    nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
-    let Ok(file) = std::fs::File::open("/proc/self/pagemap") else {
-        return false;
-    };
-    let probe_page = [0u8; 1];
-    let start = probe_page.as_ptr() as u64 & !4095;
-    let mut arg = PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
-        flags: 0,
-        start,
-        end: start + 4096,
-        walk_end: 0,
-        vec: 0,
-        vec_len: 0,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: 0,
-        category_anyof_mask: 0,
-        return_mask: 0,
-    };
-    // SAFETY: a valid pm_scan_arg with no output vector; the kernel only reads it and writes
-    // walk_end.
-    unsafe { pagemap_scan(file.as_raw_fd(), &mut arg) }.is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

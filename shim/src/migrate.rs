@@ -75,7 +75,7 @@ pub struct MigrateRequest {
     pub max_rounds: u32,
     #[prost(uint32, tag = "5")]
     pub target_downtime_ms: u32,
-    /// content-hash or soft-dirty; empty: the best the kernel offers.
+    /// uffd-wp, soft-dirty or content-hash; empty: the best the kernel offers.
     #[prost(string, tag = "6")]
     pub tracker: String,
     /// LZ4-compress page runs (each run goes uncompressed when that saves too little).

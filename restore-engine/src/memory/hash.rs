@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
-    for_each_present_page, lazy_vmas, partition, Delta, DeltaSink, DirtyTracker, LazyVma, Quiesce,
-    Slice, TrackError, DELTA_PIECE_BYTES,
+    carry_over, for_each_present_page, lazy_vmas, partition, Delta, DeltaSink, DirtyTracker,
+    LazyVma, Quiesce, Slice, TrackError, DELTA_PIECE_BYTES,
 };
 use crate::page;
 
@@ -88,24 +88,6 @@ impl HashTracker {
             ..Default::default()
         }
     }
-}
-
-/// The previous round's hashes for `vma`, by address, from whatever mappings covered it then.
-pub(super) fn carry_over(previous: &[(LazyVma, Vec<u64>)], vma: LazyVma) -> Vec<u64> {
-    let mut old = vec![0u64; ((vma.end - vma.start) / page::SIZE_U64) as usize];
-    let first = previous.partition_point(|(v, _)| v.end <= vma.start);
-    for (v, hashes) in &previous[first..] {
-        if v.start >= vma.end {
-            break;
-        }
-        let from = v.start.max(vma.start);
-        let to = v.end.min(vma.end);
-        let src = ((from - v.start) / page::SIZE_U64) as usize;
-        let dst = ((from - vma.start) / page::SIZE_U64) as usize;
-        let n = ((to - from) / page::SIZE_U64) as usize;
-        old[dst..dst + n].copy_from_slice(&hashes[src..src + n]);
-    }
-    old
 }
 
 impl DirtyTracker for HashTracker {

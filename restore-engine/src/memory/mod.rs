@@ -5,6 +5,8 @@
 //! Trackers, chosen at run time by what the kernel offers:
 //! - [`SoftDirtyTracker`] (`soft_dirty.rs`): clear_refs(4) + pagemap bit 55, where the kernel
 //!   has soft-dirty.
+//! - [`UffdWpTracker`] (`uffd_wp/`): userfaultfd write-protect in asynchronous mode and
+//!   PAGEMAP_SCAN (Linux 6.7+): O(written pages) per round, no freeze.
 //! - [`HashTracker`] (`hash.rs`): reads every present page each round and compares an XXH3
 //!   hash per page. Works on every kernel and architecture; costs a read of resident memory per
 //!   round.
@@ -13,6 +15,7 @@ mod hash;
 mod soft_dirty;
 #[cfg(test)]
 mod tests;
+mod uffd_wp;
 
 use std::fs;
 use std::io;
@@ -20,12 +23,13 @@ use std::os::unix::fs::FileExt;
 
 pub use hash::HashTracker;
 pub use soft_dirty::{soft_dirty_supported, ProcKernel, SoftDirtyKernel, SoftDirtyTracker};
+pub use uffd_wp::{pagemap_scan_available, uffd_wp_support, UffdWpTracker};
 
 use crate::page;
 
 /// Bytes per process_vm_readv batch: large enough to amortise the syscall, small enough to keep
 /// the buffer in cache.
-const READ_BATCH: usize = 4 << 20;
+pub(super) const READ_BATCH: usize = 4 << 20;
 
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
@@ -57,6 +61,10 @@ pub enum TrackError {
     },
     #[error("this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); use the content-hash tracker")]
     NoSoftDirty,
+    #[error(
+        "the write-protect tracker (uffd-wp) cannot run here: {0}; use --tracker content-hash"
+    )]
+    NoUffdWp(String),
     #[error("freezing the container for a moment (to read its soft-dirty marks) failed: {0}")]
     Quiesce(String),
     /// The consumer of a round's pages gave up (it keeps its own error).
@@ -76,7 +84,10 @@ impl TrackError {
                     || source.kind() == io::ErrorKind::UnexpectedEof
                     || source.raw_os_error() == Some(libc::ESRCH)
             }
-            TrackError::NoSoftDirty | TrackError::Stopped | TrackError::Quiesce(_) => false,
+            TrackError::NoSoftDirty
+            | TrackError::NoUffdWp(_)
+            | TrackError::Stopped
+            | TrackError::Quiesce(_) => false,
         }
     }
 }
@@ -91,8 +102,18 @@ pub struct LazyVma {
 
 /// Parses /proc/PID/smaps (mappings plus VmFlags) into the lazy-eligible mappings.
 pub fn parse_lazy_vmas(smaps: &str) -> Vec<LazyVma> {
+    parse_lazy_vmas_flagged(smaps)
+        .into_iter()
+        .map(|(vma, _)| vma)
+        .collect()
+}
+
+/// [`parse_lazy_vmas`], each mapping with whether it is registered for userfaultfd
+/// write-protect (VmFlags `uw`).
+pub(super) fn parse_lazy_vmas_flagged(smaps: &str) -> Vec<(LazyVma, bool)> {
     let mut out = Vec::new();
-    let mut current: Option<(LazyVma, bool)> = None;
+    // The mapping being parsed: whether CRIU restores it lazily, whether it carries `uw`.
+    let mut current: Option<(LazyVma, bool, bool)> = None;
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
         let Some(first) = fields.next() else { continue };
@@ -102,8 +123,8 @@ pub fn parse_lazy_vmas(smaps: &str) -> Vec<LazyVma> {
                 u64::from_str_radix(e, 16).ok()?,
             ))
         }) {
-            if let Some((vma, true)) = current.take() {
-                out.push(vma);
+            if let Some((vma, true, wp)) = current.take() {
+                out.push((vma, wp));
             }
             let perms = fields.next().unwrap_or("");
             let _offset = fields.next();
@@ -113,32 +134,61 @@ pub fn parse_lazy_vmas(smaps: &str) -> Vec<LazyVma> {
             let private = perms.as_bytes().get(3) == Some(&b'p');
             let anonymous =
                 inode == "0" && (path.is_empty() || path == "[heap]" || path.starts_with("[stack"));
-            current = Some((LazyVma { start, end }, private && anonymous));
+            current = Some((LazyVma { start, end }, private && anonymous, false));
         } else if first == "VmFlags:" {
-            let flags: Vec<&str> = fields.collect();
-            // lo: locked, ht: hugetlb (CRIU dumps those eagerly). MADV_DONTDUMP (dd) does
-            // not stop CRIU from dumping a mapping, so it does not stop us either.
-            if flags.iter().any(|f| matches!(*f, "lo" | "ht")) {
-                if let Some((_, eligible)) = current.as_mut() {
-                    *eligible = false;
+            if let Some((_, eligible, wp)) = current.as_mut() {
+                for flag in fields {
+                    match flag {
+                        // lo: locked, ht: hugetlb (CRIU dumps those eagerly). MADV_DONTDUMP
+                        // (dd) does not stop CRIU from dumping a mapping, so it does not stop
+                        // us either.
+                        "lo" | "ht" => *eligible = false,
+                        "uw" => *wp = true,
+                        _ => {}
+                    }
                 }
             }
         }
     }
-    if let Some((vma, true)) = current {
-        out.push(vma);
+    if let Some((vma, true, wp)) = current {
+        out.push((vma, wp));
     }
     out
 }
 
+pub(super) fn read_smaps(pid: u32) -> Result<String, TrackError> {
+    fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|source| TrackError::Proc {
+        pid,
+        what: "smaps",
+        source,
+    })
+}
+
 pub fn lazy_vmas(pid: u32) -> Result<Vec<LazyVma>, TrackError> {
-    let smaps =
-        fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|source| TrackError::Proc {
-            pid,
-            what: "smaps",
-            source,
-        })?;
-    Ok(parse_lazy_vmas(&smaps))
+    Ok(parse_lazy_vmas(&read_smaps(pid)?))
+}
+
+/// The previous round's per-page values for `vma` (hashes, marks), by address, from whatever
+/// mappings covered it then (mappings merge, split, grow and move between rounds);
+/// `T::default()` where none did. `previous` is in address order.
+pub(super) fn carry_over<T: Copy + Default>(
+    previous: &[(LazyVma, Vec<T>)],
+    vma: LazyVma,
+) -> Vec<T> {
+    let mut out = vec![T::default(); ((vma.end - vma.start) / page::SIZE_U64) as usize];
+    let first = previous.partition_point(|(v, _)| v.end <= vma.start);
+    for (v, values) in &previous[first..] {
+        if v.start >= vma.end {
+            break;
+        }
+        let from = v.start.max(vma.start);
+        let to = v.end.min(vma.end);
+        let src = ((from - v.start) / page::SIZE_U64) as usize;
+        let dst = ((from - vma.start) / page::SIZE_U64) as usize;
+        let n = ((to - from) / page::SIZE_U64) as usize;
+        out[dst..dst + n].copy_from_slice(&values[src..src + n]);
+    }
+    out
 }
 
 pub(super) fn open_pagemap(pid: u32) -> Result<fs::File, TrackError> {
@@ -409,6 +459,9 @@ pub trait DirtyTracker {
     }
     /// How many threads a round may use (a hint; trackers that cannot use more ignore it).
     fn set_threads(&mut self, _threads: usize) {}
+    /// The last round is done: undo whatever the tracker changed in the tasks (before CRIU
+    /// dumps them).
+    fn release(&mut self) {}
 }
 
 /// Pages `from..to` of mapping number `vma` (indices into the mapping).
@@ -519,14 +572,40 @@ pub(super) fn for_each_present_page(
     Ok(())
 }
 
-/// The best tracker this kernel offers, or the one asked for.
+/// The trackers, by the name `--tracker` takes.
+pub const TRACKERS: [&str; 3] = ["uffd-wp", "soft-dirty", "content-hash"];
+
+/// The best tracker this kernel offers (uffd-wp, then soft-dirty, then content-hash), or the
+/// one asked for.
 pub fn tracker(preference: Option<&str>) -> Result<Box<dyn DirtyTracker + Send>, TrackError> {
     match preference {
         Some("content-hash") => Ok(Box::new(HashTracker::default())),
         Some("soft-dirty") => Ok(Box::new(SoftDirtyTracker::new()?)),
-        _ => match SoftDirtyTracker::new() {
-            Ok(t) => Ok(Box::new(t)),
-            Err(_) => Ok(Box::new(HashTracker::default())),
-        },
+        Some("uffd-wp") => Ok(Box::new(UffdWpTracker::new()?)),
+        _ => {
+            if let Ok(t) = UffdWpTracker::new() {
+                return Ok(Box::new(t));
+            }
+            match SoftDirtyTracker::new() {
+                Ok(t) => Ok(Box::new(t)),
+                Err(_) => Ok(Box::new(HashTracker::default())),
+            }
+        }
+    }
+}
+
+/// Which tracker [`tracker`] picks on this host by default, and why.
+pub fn default_tracker() -> (&'static str, String) {
+    match uffd_wp_support() {
+        Ok(()) => (
+            "uffd-wp",
+            "userfaultfd write-protect (async) and PAGEMAP_SCAN: rounds cost O(pages written)"
+                .into(),
+        ),
+        Err(why) if soft_dirty_supported() => ("soft-dirty", format!("no uffd-wp ({why})")),
+        Err(why) => (
+            "content-hash",
+            format!("no uffd-wp ({why}) and no soft-dirty: rounds read all resident memory"),
+        ),
     }
 }

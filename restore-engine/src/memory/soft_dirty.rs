@@ -19,8 +19,8 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 
 use super::{
-    has_page, lazy_vmas, open_pagemap, pagemap_entries, read_page_forced, Delta, DeltaSink,
-    DirtyTracker, LazyVma, Quiesce, TrackError, DELTA_PIECE_BYTES, PM_SOFT_DIRTY,
+    carry_over, has_page, lazy_vmas, open_pagemap, pagemap_entries, read_page_forced, Delta,
+    DeltaSink, DirtyTracker, LazyVma, Quiesce, TrackError, DELTA_PIECE_BYTES, PM_SOFT_DIRTY,
 };
 use crate::page;
 
@@ -142,23 +142,6 @@ impl<K: SoftDirtyKernel> SoftDirtyTracker<K> {
         state.plan = plan;
         Ok(())
     }
-}
-
-/// The previous "sent" marks for `vma`, by address, from whatever mappings covered it then.
-fn carry_over(previous: &[(LazyVma, Vec<bool>)], vma: LazyVma) -> Vec<bool> {
-    let mut out = vec![false; ((vma.end - vma.start) / page::SIZE_U64) as usize];
-    for (v, marks) in previous {
-        let from = v.start.max(vma.start);
-        let to = v.end.min(vma.end);
-        if from >= to {
-            continue;
-        }
-        let src = ((from - v.start) / page::SIZE_U64) as usize;
-        let dst = ((from - vma.start) / page::SIZE_U64) as usize;
-        let n = ((to - from) / page::SIZE_U64) as usize;
-        out[dst..dst + n].copy_from_slice(&marks[src..src + n]);
-    }
-    out
 }
 
 impl<K: SoftDirtyKernel> DirtyTracker for SoftDirtyTracker<K> {

@@ -1,6 +1,6 @@
 //! The trackers, on this test process's own memory.
 
-use super::hash::carry_over;
+use super::carry_over;
 use super::*;
 
 #[test]

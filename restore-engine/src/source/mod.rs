@@ -109,7 +109,7 @@ pub struct MigrateParams {
     /// The key file `auth` came from, kept in the record for `pclive resolve`.
     pub key_file: Option<PathBuf>,
     pub policy: ConvergencePolicy,
-    /// A dirty tracker by name (`content-hash`, `soft-dirty`); `None`: the best available.
+    /// A dirty tracker by name ([`memory::TRACKERS`]); `None`: the best available.
     pub tracker: Option<String>,
     /// LZ4-compress page runs where that pays.
     pub compress: bool,

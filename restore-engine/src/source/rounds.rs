@@ -398,6 +398,13 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         // The frozen tasks leave every core to the last round, which is all downtime.
         tracker.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
         let last = self.round(round + 1, &mut tasks, tracker, quiesce, true)?;
+        let released = Instant::now();
+        tracker.release();
+        log::debug!(
+            "{} tracker released in {:.1} ms",
+            tracker.name(),
+            released.elapsed().as_secs_f64() * 1e3
+        );
         on_round(&last);
         report.final_round_seconds = last.seconds;
         report.rounds.push(last);
@@ -439,9 +446,20 @@ mod tests {
 
     #[test]
     fn rounds_converge_and_the_staged_memory_equals_the_frozen_source() {
+        staged_memory_equals_the_frozen_source(&mut HashTracker::default());
+    }
+
+    #[test]
+    fn with_the_write_protect_tracker_the_staged_memory_equals_the_frozen_source() {
+        match crate::memory::UffdWpTracker::new() {
+            Ok(mut tracker) => staged_memory_equals_the_frozen_source(&mut tracker),
+            Err(e) => eprintln!("SKIPPED (LOUDLY): {e}"),
+        }
+    }
+
+    fn staged_memory_equals_the_frozen_source(tracker: &mut dyn DirtyTracker) {
         let writer = Writer::start();
         let (mut session, receiver) = to_a_receiver();
-        let mut tracker = HashTracker::default();
         let tasks = [TaskIds {
             host_pid: writer.pid as u32,
             ns_pid: 1,
@@ -454,7 +472,7 @@ mod tests {
         let report = Sender::new(&mut session)
             .run(
                 || Ok(tasks.to_vec()),
-                &mut tracker,
+                tracker,
                 &mut crate::memory::NoQuiesce,
                 &policy,
                 || {

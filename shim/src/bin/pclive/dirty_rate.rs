@@ -22,7 +22,7 @@ pub struct DirtyRateArgs {
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub interval_ms: u64,
     /// The tracker (default: the best this kernel offers)
-    #[arg(long, value_parser = ["content-hash", "soft-dirty"])]
+    #[arg(long, value_parser = restore_engine::memory::TRACKERS)]
     pub tracker: Option<String>,
     /// Print one JSON object per round
     #[arg(long)]

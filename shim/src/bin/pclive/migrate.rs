@@ -45,8 +45,11 @@ pub struct MigrateArgs {
     /// Stop pre-copy when the rest fits this pause
     #[arg(long, default_value_t = 300, value_name = "MS")]
     pub target_downtime_ms: u32,
-    /// Dirty-page tracking (default: the best this kernel offers; `pclive check` says which)
-    #[arg(long, value_parser = ["content-hash", "soft-dirty"])]
+    /// Dirty-page tracking (default: the best this kernel offers; `pclive check` says which).
+    /// uffd-wp: the kernel reports the pages written since the last round (userfaultfd
+    /// write-protect, Linux 6.7+, x86-64); soft-dirty: the same through soft-dirty bits, in a
+    /// short freeze per round; content-hash: every round reads all resident memory
+    #[arg(long, value_parser = restore_engine::memory::TRACKERS)]
     pub tracker: Option<String>,
     /// LZ4-compress pre-copy pages (pays on slow links with compressible memory; each run goes
     /// raw if it saves less than 1/8)

@@ -1,0 +1,376 @@
+//! The write-protect tracker: rounds that cost O(pages written), with userfaultfd
+//! write-protect in asynchronous mode and `PAGEMAP_SCAN` (Linux 6.7+; docs/design-notes.md,
+//! "A write-protect tracker").
+//!
+//! - Each task creates a userfaultfd once, by a system call injected with ptrace
+//!   ([`inject`]); the shim keeps the descriptor, and registers each lazy mapping of the task
+//!   for write-protect through it (a new mapping, a fork child, an `mremap`ped area or an exec'd
+//!   task is found unregistered in a later round, and registered then).
+//! - A round asks `PAGEMAP_SCAN`, mapping by mapping, for the pages written since the last one
+//!   and protects them again in the same step; a write after that unprotects the page (the
+//!   kernel resolves the fault itself, nothing reads the descriptor) and the next round sees
+//!   it. A page written between the scan and the read is read with its new content and sent
+//!   again next round.
+//! - A mapping's first scan reports every page (none is protected yet). A page reported written
+//!   but absent was discarded (`MADV_DONTNEED`): if the destination holds it, it is sent as
+//!   zero.
+//! - The frozen round injects nothing: a task or mapping still unregistered is read whole.
+//!   [`DirtyTracker::release`] then closes every descriptor, which removes the registrations
+//!   and the protection (CRIU dumps the tasks next; it refuses a task holding a userfaultfd,
+//!   which is why the tasks never keep theirs).
+//! - A task the tracker cannot inject into (stopped, or a failing call) is tracked by content
+//!   hash instead, and the log says why.
+
+mod inject;
+mod scan;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+
+pub use inject::InjectError;
+pub use scan::pagemap_scan_available;
+
+use super::{
+    carry_over, has_page, open_pagemap, pagemap_entries, parse_lazy_vmas_flagged, read_page_forced,
+    read_remote, read_smaps, Delta, DeltaSink, DirtyTracker, HashTracker, LazyVma, Quiesce,
+    TrackError, DELTA_PIECE_BYTES, READ_BATCH,
+};
+use crate::page;
+
+/// Whether this kernel and architecture offer the write-protect tracker, and if not why.
+pub fn uffd_wp_support() -> Result<(), String> {
+    if !cfg!(target_arch = "x86_64") {
+        return Err("injecting the userfaultfd call is implemented for x86-64 only".into());
+    }
+    match crate::uffd::probe() {
+        Ok(f) if f.has(crate::uffd::UFFD_FEATURE_WP_ASYNC) => {}
+        Ok(_) => return Err("userfaultfd has no asynchronous write-protect (Linux < 6.7)".into()),
+        Err(e) => return Err(format!("no userfaultfd: {e}")),
+    }
+    if !pagemap_scan_available() {
+        return Err("no PAGEMAP_SCAN ioctl (Linux < 6.7)".into());
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Task {
+    /// The userfaultfd of the task's address space (none yet, or dropped after an exec).
+    uffd: Option<OwnedFd>,
+    /// A scan found registered mappings once (none later: the address space was replaced).
+    registered_before: bool,
+    /// Tracked by content hash instead (the reason was logged).
+    hashed: bool,
+    /// Per mapping, which pages the destination holds (sent as data, not since discarded).
+    sent: Vec<(LazyVma, Vec<bool>)>,
+    /// Pages that could not be read: read next round (the scan protected them again).
+    retry: Vec<u64>,
+}
+
+/// The write-protect tracker.
+pub struct UffdWpTracker {
+    tasks: HashMap<u32, Task>,
+    /// For the tasks it cannot inject into.
+    fallback: HashTracker,
+    frozen: bool,
+    regions: Vec<scan::PageRegion>,
+    buf: Vec<u8>,
+}
+
+impl UffdWpTracker {
+    pub fn new() -> Result<Self, TrackError> {
+        uffd_wp_support().map_err(TrackError::NoUffdWp)?;
+        Ok(UffdWpTracker {
+            tasks: HashMap::new(),
+            fallback: HashTracker::default(),
+            frozen: false,
+            regions: Vec::new(),
+            buf: vec![0u8; READ_BATCH],
+        })
+    }
+
+    /// Makes sure task `pid` has a userfaultfd and that its unregistered mappings are
+    /// registered (not while frozen). Returns, per mapping, whether it is registered.
+    fn register(
+        &mut self,
+        pid: u32,
+        vmas: &[(LazyVma, bool)],
+    ) -> Result<Vec<Registration>, TrackError> {
+        let mut registered: Vec<Registration> = vmas
+            .iter()
+            .map(|(_, wp)| {
+                if *wp {
+                    Registration::Before
+                } else {
+                    Registration::None
+                }
+            })
+            .collect();
+        let task = self.tasks.entry(pid).or_default();
+        let none = |r: &Registration| *r == Registration::None;
+        if !registered.iter().all(none) {
+            task.registered_before = true;
+        }
+        if self.frozen || !registered.iter().any(none) {
+            return Ok(registered);
+        }
+        if task.uffd.is_some() && task.registered_before && registered.iter().all(none) {
+            // No mapping carries our registration any more: the task exec'd (the descriptor
+            // refers to its old address space). A new one is made below.
+            log::debug!("task {pid}: its address space was replaced; a new userfaultfd");
+            task.uffd = None;
+            task.registered_before = false;
+        }
+        if task.uffd.is_none() {
+            let made = inject::userfaultfd_of(pid).and_then(|fd| {
+                scan::enable_wp_async(&fd)
+                    .map(|()| fd)
+                    .map_err(|source| InjectError::Sys {
+                        pid,
+                        what: "UFFDIO_API (write-protect async)",
+                        source,
+                    })
+            });
+            match made {
+                Ok(fd) => task.uffd = Some(fd),
+                Err(e) => {
+                    // Gone since the list was taken: as for any tracker.
+                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        return Err(TrackError::Proc {
+                            pid,
+                            what: "userfaultfd",
+                            source: std::io::Error::from_raw_os_error(libc::ESRCH),
+                        });
+                    }
+                    log::warn!(
+                        "task {pid}: cannot track its writes with uffd-wp ({e}); its pages are \
+                         compared by content instead"
+                    );
+                    task.hashed = true;
+                    return Ok(registered);
+                }
+            }
+        }
+        let uffd = task.uffd.as_ref().expect("made above");
+        for ((vma, _), registered) in vmas.iter().zip(registered.iter_mut()) {
+            if *registered != Registration::None {
+                continue;
+            }
+            match scan::register_wp(uffd, vma.start, vma.end) {
+                Ok(()) => *registered = Registration::Now,
+                // Changed since smaps was read, or a kind of mapping that cannot be registered:
+                // read whole this round.
+                Err(e) => log::debug!(
+                    "task {pid}: registering {:#x}-{:#x} for write-protect: {e}",
+                    vma.start,
+                    vma.end
+                ),
+            }
+        }
+        Ok(registered)
+    }
+}
+
+/// Whether a mapping is registered for write-protect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registration {
+    None,
+    /// In an earlier round: a scan reports what was written since.
+    Before,
+    /// In this round: a scan protects its pages, and all present pages are read (the kernel
+    /// leaves none of them protected when a mapping loses its registration, but reading them
+    /// all does not depend on it).
+    Now,
+}
+
+/// What a round reads from one mapping: runs of pages with content, pages to send as zero.
+#[derive(Default)]
+struct Plan {
+    runs: Vec<(u64, u64)>,
+    zero: Vec<u64>,
+}
+
+impl Plan {
+    fn add_run(&mut self, start: u64, end: u64) {
+        match self.runs.last_mut() {
+            Some((_, e)) if *e == start => *e = end,
+            _ => self.runs.push((start, end)),
+        }
+    }
+}
+
+/// Plans a registered mapping from its written pages (protecting them again).
+fn plan_scanned(
+    pagemap: &std::fs::File,
+    vma: LazyVma,
+    before: &[bool],
+    regions: &mut Vec<scan::PageRegion>,
+    plan: &mut Plan,
+) -> std::io::Result<()> {
+    scan::take_written(pagemap, vma.start, vma.end, regions, |region| {
+        if region.categories & scan::PAGE_IS_GUARD != 0 {
+            // Nothing to read, and nothing sent before (the other trackers skip it too).
+        } else if region.categories & (scan::PAGE_IS_PRESENT | scan::PAGE_IS_SWAPPED) != 0 {
+            plan.add_run(region.start, region.end);
+        } else {
+            // Discarded or never touched: zero where the destination holds content.
+            let mut addr = region.start;
+            while addr < region.end {
+                if before[((addr - vma.start) / page::SIZE_U64) as usize] {
+                    plan.zero.push(addr);
+                }
+                addr += page::SIZE_U64;
+            }
+        }
+    })
+}
+
+/// Plans an unregistered mapping: every present page (and zero for what is gone).
+fn plan_whole(pid: u32, vma: LazyVma, before: &[bool], plan: &mut Plan) -> Result<(), TrackError> {
+    let entries = pagemap_entries(pid, &open_pagemap(pid)?, vma.start, vma.end)?;
+    for (i, entry) in entries.iter().enumerate() {
+        let addr = vma.start + i as u64 * page::SIZE_U64;
+        if has_page(*entry) {
+            plan.add_run(addr, addr + page::SIZE_U64);
+        } else if before[i] {
+            plan.zero.push(addr);
+        }
+    }
+    Ok(())
+}
+
+impl DirtyTracker for UffdWpTracker {
+    fn name(&self) -> &'static str {
+        "uffd-wp"
+    }
+
+    fn begin_round(
+        &mut self,
+        pids: &[u32],
+        quiesce: &mut dyn Quiesce,
+        frozen: bool,
+    ) -> Result<(), TrackError> {
+        self.frozen = frozen;
+        // Tasks that exited: their descriptors go.
+        self.tasks.retain(|pid, _| pids.contains(pid));
+        self.fallback.begin_round(pids, quiesce, frozen)
+    }
+
+    fn round_into(&mut self, pid: u32, sink: &mut DeltaSink) -> Result<(), TrackError> {
+        if self.tasks.get(&pid).is_some_and(|t| t.hashed) {
+            return self.fallback.round_into(pid, sink);
+        }
+        let vmas = parse_lazy_vmas_flagged(&read_smaps(pid)?);
+        let registered = self.register(pid, &vmas)?;
+        let task = self.tasks.get_mut(&pid).expect("registered above");
+        if task.hashed {
+            return self.fallback.round_into(pid, sink);
+        }
+        let pagemap = open_pagemap(pid)?;
+        let strict = self.frozen;
+        let retry = std::mem::take(&mut task.retry);
+        let mut sent = Vec::with_capacity(vmas.len());
+        let mut delta = Delta::for_pieces();
+        let mut held = 0usize;
+        for ((vma, _), registered) in vmas.iter().zip(registered) {
+            let vma = *vma;
+            let mut marks = carry_over(&task.sent, vma);
+            let mut plan = Plan::default();
+            let scanned = registered != Registration::None
+                && match plan_scanned(&pagemap, vma, &marks, &mut self.regions, &mut plan) {
+                    Ok(()) => true,
+                    // Unregistered since smaps was read (mremap, munmap and mmap): whole.
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                        plan = Plan::default();
+                        false
+                    }
+                    Err(source) => {
+                        return Err(TrackError::Proc {
+                            pid,
+                            what: "PAGEMAP_SCAN",
+                            source,
+                        })
+                    }
+                };
+            if !scanned || registered == Registration::Now {
+                plan_whole(pid, vma, &marks, &mut plan)?;
+            }
+            // Pages a previous round could not read.
+            for &addr in retry.iter().filter(|a| (vma.start..vma.end).contains(*a)) {
+                plan.runs.push((addr, addr + page::SIZE_U64));
+            }
+            plan.runs.sort_unstable();
+            plan.runs.dedup_by(|next, run| {
+                // Overlapping or adjacent: one run.
+                if next.0 <= run.1 {
+                    run.1 = run.1.max(next.1);
+                    true
+                } else {
+                    false
+                }
+            });
+            plan.zero.sort_unstable();
+            plan.zero.dedup();
+            for &addr in &plan.zero {
+                marks[((addr - vma.start) / page::SIZE_U64) as usize] = false;
+            }
+            delta.zero.extend_from_slice(&plan.zero);
+            for (start, end) in plan.runs {
+                let mut at = start;
+                while at < end {
+                    let len = ((end - at) as usize).min(READ_BATCH);
+                    let buf = &mut self.buf[..len];
+                    match read_remote(pid, at, buf) {
+                        Ok(()) => {
+                            for (k, page) in buf.chunks_exact(page::SIZE).enumerate() {
+                                let addr = at + (k * page::SIZE) as u64;
+                                delta.push_page(addr, page);
+                                marks[((addr - vma.start) / page::SIZE_U64) as usize] = true;
+                            }
+                            held += len;
+                        }
+                        // PROT_NONE pages (which CRIU dumps) or a mapping changed under us:
+                        // page by page, forcing access as a debugger does.
+                        Err(TrackError::Read { source, .. })
+                            if source.raw_os_error() == Some(libc::EFAULT) =>
+                        {
+                            for (k, page) in buf.chunks_exact_mut(page::SIZE).enumerate() {
+                                let addr = at + (k * page::SIZE) as u64;
+                                match read_page_forced(pid, addr, page) {
+                                    Ok(()) => {
+                                        delta.push_page(addr, page);
+                                        marks[((addr - vma.start) / page::SIZE_U64) as usize] =
+                                            true;
+                                        held += page::SIZE;
+                                    }
+                                    Err(e) if strict => return Err(e),
+                                    Err(_) => task.retry.push(addr),
+                                }
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    at += len as u64;
+                    if held >= DELTA_PIECE_BYTES {
+                        sink(&mut delta).map_err(|()| TrackError::Stopped)?;
+                        delta.clear();
+                        held = 0;
+                    }
+                }
+            }
+            sent.push((vma, marks));
+        }
+        task.sent = sent;
+        if !delta.is_empty() {
+            sink(&mut delta).map_err(|()| TrackError::Stopped)?;
+        }
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        // Closing the descriptors removes the registrations and the protection.
+        self.tasks.clear();
+    }
+}

@@ -1,0 +1,182 @@
+//! The kernel calls of the write-protect tracker besides the injection: `PAGEMAP_SCAN` on
+//! /proc/PID/pagemap (fs/proc/task_mmu.c, Linux 6.7+), and `UFFDIO_API` / `UFFDIO_REGISTER`
+//! on a userfaultfd the shim holds for a task.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::uffd::{
+    UffdioApi, UffdioRange, UffdioRegister, UFFD_API, UFFD_FEATURE_WP_ASYNC,
+    UFFD_FEATURE_WP_UNPOPULATED,
+};
+
+/// `struct pm_scan_arg` (linux/fs.h).
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`: pages `[start, end)` that share `categories`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PageRegion {
+    pub start: u64,
+    pub end: u64,
+    pub categories: u64,
+}
+
+/// Write-protect the pages reported (atomically with the report).
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// Fail (EPERM) on a mapping that is not registered for asynchronous write-protect, rather
+/// than skip it.
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+/// Written since it was last protected (or never protected).
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// A guard region (MADV_GUARD_INSTALL, glibc ≥ 2.41 thread stacks): its marker looks like a
+/// swapped page, but there is nothing to read (Linux 6.14+; older kernels have no guard
+/// regions and refuse the bit).
+pub const PAGE_IS_GUARD: u64 = 1 << 8;
+
+/// Whether this kernel knows [`PAGE_IS_GUARD`] (0: not asked yet, 1: yes, 2: no).
+static GUARD_CATEGORY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
+nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
+nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
+
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+
+/// Whether the PAGEMAP_SCAN ioctl on /proc/PID/pagemap exists (Linux 6.7+).
+pub fn pagemap_scan_available() -> bool {
+    let Ok(file) = File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    let probe_page = [0u8; 1];
+    let start = probe_page.as_ptr() as u64 & !4095;
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags: 0,
+        start,
+        end: start + 4096,
+        walk_end: 0,
+        vec: 0,
+        vec_len: 0,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: 0,
+        category_anyof_mask: 0,
+        return_mask: 0,
+    };
+    // SAFETY: a valid pm_scan_arg with no output vector; the kernel only reads it and writes
+    // walk_end.
+    unsafe { pagemap_scan(file.as_raw_fd(), &mut arg) }.is_ok()
+}
+
+/// Reports the written pages of `[start, end)` (one mapping registered for asynchronous
+/// write-protect) and protects them again, in one step: `visit` gets each range with its
+/// categories (present or swapped and not a guard: it has content; neither: it was discarded
+/// or never touched).
+/// `regions` is a reused output buffer. EPERM: the mapping is not registered (any more).
+pub fn take_written(
+    pagemap: &File,
+    start: u64,
+    end: u64,
+    regions: &mut Vec<PageRegion>,
+    mut visit: impl FnMut(&PageRegion),
+) -> io::Result<()> {
+    use std::sync::atomic::Ordering;
+    if regions.is_empty() {
+        regions.resize(4096, PageRegion::default());
+    }
+    let mut guard = GUARD_CATEGORY.load(Ordering::Relaxed) != 2;
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            start: at,
+            end,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: PAGE_IS_WRITTEN,
+            category_anyof_mask: 0,
+            return_mask: PAGE_IS_WRITTEN
+                | PAGE_IS_PRESENT
+                | PAGE_IS_SWAPPED
+                | if guard { PAGE_IS_GUARD } else { 0 },
+        };
+        // SAFETY: `arg` is a valid pm_scan_arg whose vector is `regions` (vec_len entries of
+        // struct page_region, which the kernel fills).
+        let filled = match unsafe { pagemap_scan(pagemap.as_raw_fd(), &mut arg) } {
+            Ok(n) => {
+                GUARD_CATEGORY.store(if guard { 1 } else { 2 }, Ordering::Relaxed);
+                n as usize
+            }
+            // A kernel before guard regions refuses the category (before doing anything).
+            Err(nix::errno::Errno::EINVAL)
+                if guard && GUARD_CATEGORY.load(Ordering::Relaxed) == 0 =>
+            {
+                guard = false;
+                GUARD_CATEGORY.store(2, Ordering::Relaxed);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for region in &regions[..filled.min(regions.len())] {
+            visit(region);
+        }
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    Ok(())
+}
+
+/// Turns on asynchronous write-protect (and its markers for pages not yet there) on a fresh
+/// userfaultfd.
+pub fn enable_wp_async(uffd: &OwnedFd) -> io::Result<()> {
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+        ioctls: 0,
+    };
+    // SAFETY: a userfaultfd and a valid uffdio_api for the call.
+    unsafe { uffdio_api(uffd.as_raw_fd(), &mut api) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// Registers `[start, end)` of the userfaultfd's address space for write-protect. Its pages
+/// start unprotected (written): the next scan reports them all.
+pub fn register_wp(uffd: &OwnedFd, start: u64, end: u64) -> io::Result<()> {
+    let mut arg = UffdioRegister {
+        range: UffdioRange {
+            start,
+            len: end - start,
+        },
+        mode: UFFDIO_REGISTER_MODE_WP,
+        ioctls: 0,
+    };
+    // SAFETY: a userfaultfd and a valid uffdio_register for the call.
+    unsafe { uffdio_register(uffd.as_raw_fd(), &mut arg) }
+        .map(drop)
+        .map_err(io::Error::from)
+}
