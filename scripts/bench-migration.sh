@@ -5,7 +5,7 @@
 #   scripts/bench-migration.sh [--records N] [--sweep N,N] [--links 1gbit,10gbit]
 #                              [--mixes 90:10,10:90] [--modes baseline,pclive-eager,pclive,pclive-moving]
 #                              [--rate OPS] [--out DIR] [--quick] [--no-setup]
-#                              [--testbed NAME] [--copier-threads N]
+#                              [--testbed NAME] [--copier-threads N] [--idle-connections N,N]
 #
 # For every link rate, read:write mix and mode: a Redis container on the source host holding
 # N records of 1 KiB random (incompressible) values, a YCSB-like client load at --rate ops/s
@@ -33,6 +33,12 @@
 # --testbed: the test bed's name (default pcbench), so several runs can coexist.
 # --copier-threads: threads of the receiver's lazy-pages server that copy the background fill
 #                 (pclive receive --copier-threads; default the server's, 1).
+# --idle-connections: besides the load, the client holds this many idle connections to Redis
+#                 (each answered a PING), which the final dump must lock and carry; a list runs
+#                 every mode at each count (the downtime against the number of connections).
+#                 Results carry idle_connections; runs with more than 0 have -cN in their name.
+#                 containerd's default open-file limit (1024) caps Redis at 992 clients, the
+#                 load's included: at most about 980 here.
 # --no-setup: skip scripts/setup.sh and the build (the tests run it this way); the client and
 # report programs then come from $PCLIVE_BENCH_CLIENT / $PCLIVE_BENCH_REPORT or target/release.
 #
@@ -53,6 +59,7 @@ out=""
 setup=1
 bed=pcbench
 copier_threads=
+idle_list=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --records) records=${2:?--records needs a number}; shift 2 ;;
@@ -66,12 +73,17 @@ while [ $# -gt 0 ]; do
     --no-setup) setup=0; shift ;;
     --testbed) bed=${2:?--testbed needs a name}; shift 2 ;;
     --copier-threads) copier_threads=${2:?--copier-threads needs a number}; shift 2 ;;
+    --idle-connections) idle_list=${2:?--idle-connections needs a list of numbers}; shift 2 ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-migration: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
 for mode in ${modes//,/ }; do
   case "$mode" in baseline|pclive-eager|pclive|pclive-moving|pclive-lz4|pclive-hash) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
+done
+for n in ${idle_list//,/ }; do
+  [[ "$n" =~ ^[0-9]+$ ]] || { echo "bench-migration: --idle-connections takes numbers, e.g. 1,100,900 (got '$n')" >&2; exit 2; }
+  [ "$n" -le 980 ] || { echo "bench-migration: --idle-connections $n: containerd's default open-file limit (1024) caps Redis at 992 clients, the load's included (at most 980)" >&2; exit 2; }
 done
 for mix in ${mixes//,/ }; do
   [[ "$mix" =~ ^[0-9]+:[0-9]+$ ]] || { echo "bench-migration: a mix is READ:WRITE, e.g. 90:10 (got '$mix')" >&2; exit 2; }
@@ -176,6 +188,7 @@ run_one() {
   local read_ratio
   read_ratio=$(awk -v r="$read_pct" -v w="$write_pct" 'BEGIN { printf "%.3f", r / (r + w) }')
   local tag=$link-$records-r$read_pct-$mode
+  [ "$idle" -gt 0 ] && tag=$tag-c$idle
   local dir=$out/runs/$tag id=redis
   rm -rf "$dir"; mkdir -p "$dir"
   say "$tag: $records records, $mix reads:writes at $rate ops/s, $link, $mode"
@@ -201,6 +214,7 @@ run_one() {
 
   on cli "$client" run --endpoints "$endpoints" --records "$records" --value-size 1024 \
     --seed "$seed" --read-ratio "$read_ratio" --rate "$rate" --stop-file "$dir/stop" \
+    --idle-connections "$idle" \
     --timeline "$dir/timeline.jsonl" --state "$dir/client.state" > "$dir/client.json" 2> "$dir/client.log" &
   local client_pid=$!
   background+=("$client_pid")
@@ -315,12 +329,12 @@ run_one() {
     --argjson transfer "$transfer_s" --argjson rounds "$rounds" --argjson precopy "$precopy_bytes" \
     --argjson cpu_src "$(( cpu_src1 - cpu_src0 ))" --argjson cpu_dst "$(( cpu_dst1 - cpu_dst0 ))" \
     --argjson peak_src "$peak_src" --argjson peak_dst "$peak_dst" --argjson dst_mem "$dst_mem" \
-    --argjson dst_total_peak "$dst_total_peak" \
+    --argjson dst_total_peak "$dst_total_peak" --argjson idle "$idle" \
     --argjson rss "$rss" --slurpfile client "$dir/client.json" --slurpfile verify "$dir/verify.json" \
     --arg timeline "runs/$tag/timeline.jsonl" --slurpfile migration <(cat "$dir/migration.json" 2>/dev/null || echo '{}') '
     ($client[0]) as $c | ($verify[0]) as $v | ($migration[0]) as $m |
     {mode: $mode, link: $link, records: $records, value_size: 1024, read_ratio: $read_ratio,
-     rate_ops: $rate,
+     rate_ops: $rate, idle_connections: $idle,
      downtime_s: $c.longest_gap_s,
      patient_downtime_s: $c.patient_longest_gap_s,
      patient_recovered: $c.patient_recovered,
@@ -365,11 +379,14 @@ for link in ${links//,/ }; do
   src_client_addr=$(tb env --name "$bed" | awk '/^src/ { sub(",", "", $12); print $12 }')
   dst_client_addr=$(tb env --name "$bed" | awk '/^dst/ { sub(",", "", $12); print $12 }')
   pod_net=$(tb env --name "$bed" | awk '/^pods/ { sub(".0/24", "", $3); print $3 }')
-  for mix in ${mixes//,/ }; do
-    for mode in ${modes//,/ }; do
-      run_one "$link" "$records" "$mix" "$mode"
+  for idle in ${idle_list//,/ }; do
+    for mix in ${mixes//,/ }; do
+      for mode in ${modes//,/ }; do
+        run_one "$link" "$records" "$mix" "$mode"
+      done
     done
   done
+  idle=0
   if [ "$link" = 10gbit ] && [ -n "$sweep" ]; then
     for n in ${sweep//,/ }; do
       for mode in ${modes//,/ }; do run_one "$link" "$n" "$first_mix" "$mode"; done

@@ -20,6 +20,7 @@ pub mod logger;
 pub mod metrics;
 pub mod migrate;
 pub mod netns;
+pub mod network_lock;
 pub mod nofollow;
 pub mod paths;
 pub mod reaper;

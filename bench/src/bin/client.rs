@@ -20,6 +20,9 @@ USAGE:
     pclive-bench-client run --endpoints HOST:PORT[,HOST:PORT...] --records N --stop-file PATH
                             --timeline OUT.jsonl --state OUT.state
                             [--value-size BYTES] [--seed S] [--read-ratio R] [--rate OPS]
+                            [--idle-connections N]
+        Opens N connections to the first endpoint first (each answers a PING) and holds them
+        idle until the end: the connections a migration must carry besides the load's.
         Until PATH exists (or SIGTERM/SIGINT): an open-loop load at OPS operations/s (GET with
         probability R, else SET of the key's next version) on one connection with a 100 ms
         timeout, and a probe PINGing every 1 ms with a 20 ms timeout. Both follow the server:
@@ -120,6 +123,7 @@ fn run_command(args: &[String]) -> Result<u8, ClientError> {
             "stop-file",
             "timeline",
             "state",
+            "idle-connections",
         ]),
     )?;
     let endpoint_list: String = flags.required("endpoints")?;
@@ -149,6 +153,7 @@ fn run_command(args: &[String]) -> Result<u8, ClientError> {
         stop_file: flags.required::<PathBuf>("stop-file")?,
         timeline: flags.required::<PathBuf>("timeline")?,
         state: flags.required::<PathBuf>("state")?,
+        idle_connections: flags.or("idle-connections", 0usize)?,
     };
     let stop = signals::install_stop_handlers();
     let summary = run(&config, stop)?;

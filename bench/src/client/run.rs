@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{ClientError, Workload};
-use crate::conn::PING;
+use crate::conn::{Conn, PING};
 use crate::follow::{FollowError, Follower};
 use crate::resp::{encode_command, Value};
 use crate::state::{KeyVersions, StateFile};
@@ -51,6 +51,9 @@ pub struct RunConfig {
     pub stop_file: PathBuf,
     pub timeline: PathBuf,
     pub state: PathBuf,
+    /// Client connections opened to the first endpoint before the load starts, each answered
+    /// one PING, then held idle until the run ends: connections the migration must carry.
+    pub idle_connections: usize,
 }
 
 /// The JSON summary `run` prints.
@@ -98,6 +101,7 @@ struct Progress {
 pub fn run(config: &RunConfig, external_stop: &AtomicBool) -> Result<RunSummary, ClientError> {
     check_writable(&config.timeline)?;
     check_writable(&config.state)?;
+    let _idle = open_idle(config.endpoints[0], config.idle_connections)?;
     let clock = Clock::start();
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(Progress::default());
@@ -170,6 +174,38 @@ pub fn run(config: &RunConfig, external_stop: &AtomicBool) -> Result<RunSummary,
     summary.patient_gap_end_unix = gap.map(|g| stats::us_to_unix_seconds(g.end_us));
     summary.patient_reconnects = patient_reconnects;
     Ok(summary)
+}
+
+/// `count` connections to `addr`, each answered one PING. Raises the open-file limit to its
+/// hard limit first (1000 connections pass the usual soft limit of 1024 with the rest).
+fn open_idle(addr: SocketAddr, count: usize) -> Result<Vec<Conn>, ClientError> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    let conn_error = |source| ClientError::Conn {
+        endpoint: addr.to_string(),
+        source,
+    };
+    let mut idle = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut conn = Conn::connect(addr, PATIENT_CONNECT_TIMEOUT).map_err(conn_error)?;
+        conn.request(PING, PATIENT_CONNECT_TIMEOUT)
+            .map_err(conn_error)?;
+        idle.push(conn);
+    }
+    eprintln!("run: {count} idle connections open");
+    Ok(idle)
 }
 
 fn summarize(

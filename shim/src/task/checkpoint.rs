@@ -29,6 +29,12 @@ impl Tasks {
         }
         tools::check_criu()?;
         super::restore::use_dump_criu_config(&container.bundle)?;
+        match crate::network_lock::prefer_nftables(&container.bundle) {
+            Ok(method) => log::info!("{id}: the dump locks the network with {method}"),
+            Err(e) => {
+                log::warn!("{id}: cannot choose CRIU's network lock ({e}); it uses its default")
+            }
+        }
         let work_path = params
             .work_path
             .clone()

@@ -84,6 +84,9 @@ impl Tasks {
                     no_pivot: params.options.no_pivot_root,
                     no_new_keyring: params.options.no_new_keyring,
                 };
+                // CRIU's network lock in one step for later dumps (network_lock.rs).
+                crate::network_lock::own_config_at_create(&bundle)
+                    .map_err(|e| unmount_on_error(TaskError::Invalid(e.to_string())))?;
                 let (runc_stdio, rest) = prepared.split();
                 runc.create(&params.id, &bundle, &opts, runc_stdio)
                     .map_err(|e| unmount_on_error(e.into()))?;

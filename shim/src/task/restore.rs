@@ -217,28 +217,9 @@ fn describe_exit(pid: u32, code: u32) -> String {
 /// the tasks resume only once the receiving server recorded it (the resume gate,
 /// restore-engine/src/destination/gate.rs).
 fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
-    let asked = annotations::parse(&annotations::of_bundle(bundle))?;
-    let spec_path = bundle.join("config.json");
-    let text =
-        fs::read(&spec_path).map_err(os_err(format!("cannot read {}", spec_path.display())))?;
-    let mut spec: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| TaskError::Invalid(format!("{} is not JSON: {e}", spec_path.display())))?;
-    let Some(root) = spec.as_object_mut() else {
-        return Err(TaskError::Invalid(format!(
-            "{} is not a JSON object",
-            spec_path.display()
-        )));
-    };
-    let annotations = root
-        .entry("annotations")
-        .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    let Some(annotations) = annotations.as_object_mut() else {
-        return Err(TaskError::Invalid(format!(
-            "{}: annotations is not an object",
-            spec_path.display()
-        )));
-    };
-    let base = match annotations.get(CRIU_CONFIG).and_then(|v| v.as_str()) {
+    let annotations = annotations::of_bundle(bundle);
+    let asked = annotations::parse(&annotations)?;
+    let base = match annotations.get(CRIU_CONFIG) {
         Some(own) => fs::read_to_string(own).map_err(os_err(format!(
             "cannot read the container's CRIU config {own} ({CRIU_CONFIG})"
         )))?,
@@ -261,13 +242,8 @@ fn use_restore_criu_config(bundle: &Path) -> Result<(), TaskError> {
     let config_path = bundle.join(RESTORE_CONFIG);
     fs::write(&config_path, config)
         .map_err(os_err(format!("cannot write {}", config_path.display())))?;
-    annotations.insert(
-        CRIU_CONFIG.into(),
-        serde_json::Value::String(config_path.display().to_string()),
-    );
-    let updated = serde_json::to_vec(&spec)
-        .map_err(|e| TaskError::Invalid(format!("cannot encode {}: {e}", spec_path.display())))?;
-    fs::write(&spec_path, updated).map_err(os_err(format!("cannot write {}", spec_path.display())))
+    crate::network_lock::set_annotation(bundle, CRIU_CONFIG, &config_path.display().to_string())
+        .map_err(|e| TaskError::Invalid(e.to_string()))
 }
 
 /// A container that was restored keeps the restore's CRIU config (runc reads the config named by
