@@ -19,7 +19,8 @@
 //! (`scripts/bench-migration.sh`) measures the same path through the shim, with a real container
 //! and a real link.
 //!
-//! Usage: `precopy_cost [GIB] [--insecure] [--max-cpu CORES]`
+//! Usage: `precopy_cost [GIB] [--insecure] [--max-cpu CORES] [--tracker NAME]` (the tracker:
+//! content-hash by default, so that builds before the write-protect tracker compare alike).
 
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use restore_engine::clock::thread_cpu_seconds;
 use restore_engine::destination::receive::receive_rounds;
 use restore_engine::destination::Limits;
-use restore_engine::memory::{HashTracker, NoQuiesce};
+use restore_engine::memory::NoQuiesce;
 use restore_engine::policy::ConvergencePolicy;
 use restore_engine::source::rounds::{Sender, TaskIds};
 use restore_engine::staging::StagingStore;
@@ -122,6 +123,11 @@ fn main() {
     } else {
         Auth::Key(vec![7; 32])
     };
+    let tracker_name = args
+        .iter()
+        .position(|a| a == "--tracker")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "content-hash".into());
     let max_cpu: Option<f64> = args
         .iter()
         .position(|a| a == "--max-cpu")
@@ -161,7 +167,7 @@ fn main() {
     ready.recv().unwrap();
     let stream = TcpStream::connect(addr).unwrap();
     let mut session = connect(stream, &auth, &Intent::default()).unwrap();
-    let mut tracker = HashTracker::default();
+    let mut tracker = restore_engine::memory::tracker(Some(&tracker_name)).unwrap();
     let tasks = [TaskIds {
         host_pid: holder as u32,
         ns_pid: 1,
@@ -176,7 +182,7 @@ fn main() {
         .max_cpu(max_cpu)
         .run(
             || Ok(tasks.to_vec()),
-            &mut tracker,
+            tracker.as_mut(),
             &mut NoQuiesce,
             &policy,
             || {
@@ -203,6 +209,8 @@ fn main() {
         serde_json::json!({
             "gib": moved,
             "encryption": if matches!(auth, Auth::Insecure) { "none" } else { "AES-256-GCM" },
+            "tracker": report.tracker,
+            "frozen_round_cpu_s": report.rounds.last().map(|r| r.cpu_seconds),
             "source_cpu_s_per_gib": source_cpu / moved,
             "destination_cpu_s_per_gib": dest_cpu / moved,
             "population_cpu_s_per_gib": population / moved,

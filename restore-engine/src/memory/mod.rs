@@ -222,18 +222,26 @@ pub(super) fn pagemap_entries(
 
 /// Reads `len` bytes at `addr` of another process (or this one) into `buf`.
 pub(super) fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), TrackError> {
+    read_remote_raw(pid, addr, buf.as_mut_ptr(), buf.len())
+}
+
+/// [`read_remote`] into `len` bytes at `buf`, which may be uninitialised: the kernel only
+/// writes there. `buf` must be valid for `len` bytes of writes.
+fn read_remote_raw(pid: u32, addr: u64, buf: *mut u8, len: usize) -> Result<(), TrackError> {
     let mut done = 0usize;
-    while done < buf.len() {
+    while done < len {
         let local = libc::iovec {
-            iov_base: buf[done..].as_mut_ptr().cast(),
-            iov_len: buf.len() - done,
+            // An offset within the caller's buffer.
+            iov_base: buf.wrapping_add(done).cast(),
+            iov_len: len - done,
         };
         let remote = libc::iovec {
             iov_base: (addr + done as u64) as *mut libc::c_void,
-            iov_len: buf.len() - done,
+            iov_len: len - done,
         };
-        // SAFETY: one local iovec pointing into `buf` (valid for iov_len bytes), one remote
-        // iovec the kernel checks against the target's address space.
+        // SAFETY: one local iovec within the caller's buffer (valid for `len` bytes of writes,
+        // the function's contract), one remote iovec the kernel checks against the target's
+        // address space.
         let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
         if n <= 0 {
             return Err(TrackError::Read {
@@ -404,11 +412,47 @@ impl Delta {
         self.zero.extend_from_slice(&other.zero);
     }
     fn push_run(&mut self, addr: u64, data: &[u8]) {
-        match self.runs.last_mut() {
-            Some((start, len)) if *start + *len as u64 == addr => *len += data.len(),
-            _ => self.runs.push((addr, data.len())),
-        }
+        self.note_run(addr, data.len());
         self.data.extend_from_slice(data);
+    }
+    /// Records `len` bytes at `addr` whose contents are already at the end of the buffer.
+    fn note_run(&mut self, addr: u64, len: usize) {
+        match self.runs.last_mut() {
+            Some((start, run)) if *start + *run as u64 == addr => *run += len,
+            _ => self.runs.push((addr, len)),
+        }
+    }
+    /// Appends the `len` bytes of task `pid` at `addr`, read straight into the buffer (no copy
+    /// through another one); pages that read as zero become zero markers, and the pages after
+    /// them move down. On error nothing is appended.
+    pub(super) fn read_run(&mut self, pid: u32, addr: u64, len: usize) -> Result<(), TrackError> {
+        let start = self.data.len();
+        self.data.reserve(len);
+        read_remote_raw(
+            pid,
+            addr,
+            self.data.spare_capacity_mut()[..len].as_mut_ptr().cast(),
+            len,
+        )?;
+        // SAFETY: read_remote_raw wrote all `len` bytes after the vector's end (within the
+        // capacity reserved above), or returned an error.
+        unsafe { self.data.set_len(start + len) };
+        let mut kept = start;
+        for k in 0..len / page::SIZE {
+            let at = start + k * page::SIZE;
+            let page_addr = addr + (k * page::SIZE) as u64;
+            if self.data[at..at + page::SIZE].iter().all(|&b| b == 0) {
+                self.zero.push(page_addr);
+                continue;
+            }
+            if kept != at {
+                self.data.copy_within(at..at + page::SIZE, kept);
+            }
+            self.note_run(page_addr, page::SIZE);
+            kept += page::SIZE;
+        }
+        self.data.truncate(kept);
+        Ok(())
     }
     pub(super) fn push_page(&mut self, addr: u64, data: &[u8]) {
         if data.iter().all(|&b| b == 0) {

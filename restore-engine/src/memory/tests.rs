@@ -511,3 +511,31 @@ fn reading_a_task_that_exited_counts_as_vanished() {
     let err = pagemap_entries(pid, &pagemap, vma.start, vma.end).expect_err("it exited");
     assert!(err.task_vanished(), "{err}");
 }
+
+#[test]
+fn a_run_read_in_place_equals_one_copied_page_by_page() {
+    let region = Region::new(8);
+    for (page, value) in [1u8, 0, 0, 4, 5, 0, 7, 8].into_iter().enumerate() {
+        region.write(page, value);
+    }
+    let me = std::process::id();
+    let mut in_place = Delta::for_pieces();
+    in_place
+        .read_run(me, region.addr(0), 8 * page::SIZE)
+        .unwrap();
+    let mut copied = Delta::for_pieces();
+    let mut page = vec![0u8; page::SIZE];
+    for i in 0..8 {
+        super::read_remote(me, region.addr(i), &mut page).unwrap();
+        copied.push_page(region.addr(i), &page);
+    }
+    assert_eq!(in_place, copied);
+    assert_eq!(
+        in_place.zero,
+        vec![region.addr(1), region.addr(2), region.addr(5)]
+    );
+    // A read that fails appends nothing.
+    let before = in_place.clone();
+    assert!(in_place.read_run(me, 8, page::SIZE).is_err());
+    assert_eq!(in_place, before);
+}

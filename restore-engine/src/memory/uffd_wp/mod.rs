@@ -34,8 +34,8 @@ pub use scan::pagemap_scan_available;
 
 use super::{
     carry_over, has_page, open_pagemap, pagemap_entries, parse_lazy_vmas_flagged, read_page_forced,
-    read_remote, read_smaps, Delta, DeltaSink, DirtyTracker, HashTracker, LazyVma, Quiesce,
-    TrackError, DELTA_PIECE_BYTES, READ_BATCH,
+    read_smaps, Delta, DeltaSink, DirtyTracker, HashTracker, LazyVma, Quiesce, TrackError,
+    DELTA_PIECE_BYTES, READ_BATCH,
 };
 use crate::page;
 
@@ -322,13 +322,10 @@ impl DirtyTracker for UffdWpTracker {
                 while at < end {
                     let len = ((end - at) as usize).min(READ_BATCH);
                     let buf = &mut self.buf[..len];
-                    match read_remote(pid, at, buf) {
+                    match delta.read_run(pid, at, len) {
                         Ok(()) => {
-                            for (k, page) in buf.chunks_exact(page::SIZE).enumerate() {
-                                let addr = at + (k * page::SIZE) as u64;
-                                delta.push_page(addr, page);
-                                marks[((addr - vma.start) / page::SIZE_U64) as usize] = true;
-                            }
+                            let first = ((at - vma.start) / page::SIZE_U64) as usize;
+                            marks[first..first + len / page::SIZE].fill(true);
                             held += len;
                         }
                         // PROT_NONE pages (which CRIU dumps) or a mapping changed under us:
