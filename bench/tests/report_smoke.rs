@@ -179,3 +179,41 @@ fn invalid_input_is_a_clear_error() {
         .unwrap();
     assert_eq!(usage.status.code(), Some(2));
 }
+
+/// Runs with rounds after the first get the per-round CPU plot (the trackers compared); runs
+/// with only a first round do not.
+#[test]
+fn later_rounds_are_plotted_cpu_against_bytes() {
+    if !Path::new(FONT_PATH).exists() {
+        eprintln!("SKIPPED (LOUDLY): no font at {FONT_PATH}; scripts/setup.sh installs it");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let with_rounds = |mode: &str| {
+        let mut line: serde_json::Value =
+            serde_json::from_str(&result_line(mode, 0.9, 1_000_000, 0.5, 0.2, None)).unwrap();
+        line["rounds"] = serde_json::json!([
+            {"round": 1, "bytes": 1u64 << 30, "seconds": 9.0, "cpu_seconds": 1.0},
+            {"round": 2, "bytes": 60_000_000u64, "seconds": 0.5, "cpu_seconds": 0.12},
+            {"round": 3, "bytes": 6_000_000u64, "seconds": 0.05, "cpu_seconds": 0.03}
+        ]);
+        line.to_string()
+    };
+    let input = dir.path().join("results.jsonl");
+    std::fs::write(
+        &input,
+        [with_rounds("pclive"), with_rounds("pclive-hash")].join("\n") + "\n",
+    )
+    .unwrap();
+    let out = dir.path().join("report");
+    let output = Command::new(REPORT)
+        .args(["--input", input.to_str().unwrap()])
+        .args(["--out-dir", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let png = std::fs::read(out.join("rounds-cpu.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000);
+    let markdown = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(markdown.contains("](rounds-cpu.png)"), "{markdown}");
+}

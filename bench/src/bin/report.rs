@@ -23,6 +23,8 @@ USAGE:
                                  mode's runs, then the targets (met/missed against the baseline)
       downtime-split.png         downtime phases stacked per mode and group
       restore-vs-size.png        restore time against record count, per mode
+      rounds-cpu.png             source CPU of each pre-copy round after the first against
+                                 the bytes it sent, per mode (when runs have such rounds)
       throughput-<group>.png     ops/s over time per mode from the timelines, with pause/resume
 
     Needs the font /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf (apt-get install

@@ -63,6 +63,7 @@ pub fn mode_color(mode: &str) -> RGBColor {
         "pclive-eager" => RGBColor(0xdd, 0x84, 0x52),
         "pclive" => RGBColor(0x4c, 0x72, 0xb0),
         "pclive-moving" => RGBColor(0x55, 0xa8, 0x68),
+        "pclive-hash" => RGBColor(0x81, 0x72, 0xb2),
         other => {
             let c = Palette99::pick(other.bytes().map(usize::from).sum::<usize>()).to_rgba();
             RGBColor(c.0, c.1, c.2)
@@ -254,6 +255,73 @@ pub fn restore_vs_size(groups: &[Group], path: &Path) -> Result<(), ReportError>
     Ok(())
 }
 
+/// Source CPU of each pre-copy round after the first against the bytes it sent, one series
+/// per mode: a tracker that reads all memory each round (content-hash) costs the same whatever
+/// the round sends; a write-protect tracker's cost follows the pages written. The first round
+/// (all memory) is left out so that the later ones are readable. `false`: no round to plot.
+pub fn rounds_cpu(groups: &[Group], path: &Path) -> Result<bool, ReportError> {
+    let mut series: BTreeMap<(usize, String), Vec<(f64, f64)>> = BTreeMap::new();
+    for run in groups.iter().flat_map(|g| &g.runs) {
+        for round in run.rounds.iter().skip(1) {
+            if let (Some(bytes), Some(cpu)) = (round.bytes, round.cpu_seconds) {
+                series
+                    .entry(mode_rank(&run.mode))
+                    .or_default()
+                    .push((bytes as f64 / 1e6, cpu));
+            }
+        }
+    }
+    if series.is_empty() {
+        return Ok(false);
+    }
+    let max_x = series.values().flatten().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let max_y = series.values().flatten().map(|p| p.1).fold(1e-3, f64::max) * 1.15;
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    drawn!(root.fill(&WHITE), path);
+    let mut chart = drawn!(
+        ChartBuilder::on(&root)
+            .caption(
+                "Source CPU per pre-copy round (after the first) vs what it sent",
+                (FAMILY, 22),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..max_x, 0.0..max_y),
+        path
+    );
+    drawn!(
+        chart
+            .configure_mesh()
+            .x_desc("round's pages (MB)")
+            .y_desc("source CPU (s)")
+            .label_style((FAMILY, 13))
+            .draw(),
+        path
+    );
+    for ((_, mode), points) in series {
+        let color = mode_color(&mode);
+        drawn!(
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, color.filled()))),
+            path
+        )
+        .label(mode)
+        .legend(move |(x, y)| Circle::new((x + 8, y), 5, color.filled()));
+    }
+    drawn!(
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FAMILY, 13))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw(),
+        path
+    );
+    drawn!(root.present(), path);
+    Ok(true)
+}
+
 /// A run's throughput over time, from its timeline file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Throughput {
@@ -406,6 +474,10 @@ pub fn write_all(
     };
     downtime_split(groups, &output("downtime-split.png".into()))?;
     restore_vs_size(groups, &output("restore-vs-size.png".into()))?;
+    let rounds = out_dir.join("rounds-cpu.png");
+    if rounds_cpu(groups, &rounds)? {
+        output("rounds-cpu.png".into());
+    }
     for group in groups {
         let runs = group_throughputs(group, results_dir);
         if runs.is_empty() {
