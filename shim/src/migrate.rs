@@ -223,6 +223,52 @@ struct RuncHooks<'a> {
     init_pid: u32,
     work_dir: &'a Path,
     network: DumpNetwork,
+    /// The port of CRIU's page server for the final dump, fenced before the freeze.
+    page_server: PageServerPort,
+}
+
+/// The port CRIU's lazy page server will listen on in the final dump, chosen and (in the
+/// host's network namespace) fenced before the container is frozen: two iptables runs (about
+/// 30 ms) were part of every host-network container's downtime. A listener holds the port
+/// until the dump, so that no other server takes it meanwhile. The fence goes when this is
+/// dropped (after the migration), in the background.
+struct PageServerPort {
+    port: u16,
+    holder: Option<TcpListener>,
+    _fence: Option<PageServerFence>,
+}
+
+impl PageServerPort {
+    fn prepare(network: DumpNetwork) -> Result<PageServerPort, DumpError> {
+        let holder = TcpListener::bind("127.0.0.1:0").map_err(|source| DumpError::Io {
+            what: "choosing a port for CRIU's page server".into(),
+            source,
+        })?;
+        let port = holder
+            .local_addr()
+            .map_err(|source| DumpError::Io {
+                what: "choosing a port for CRIU's page server".into(),
+                source,
+            })?
+            .port();
+        // CRIU's lazy page server ignores runc's address and listens on every address: in the
+        // host's namespace (host-network containers) a firewall keeps it to root on this host.
+        let fence = match network {
+            DumpNetwork::Host => Some(PageServerFence::raise(port)?),
+            DumpNetwork::Private => None,
+        };
+        Ok(PageServerPort {
+            port,
+            holder: Some(holder),
+            _fence: fence,
+        })
+    }
+
+    /// The port, released for CRIU.
+    fn take(&mut self) -> u16 {
+        self.holder = None;
+        self.port
+    }
 }
 
 /// How often `runc pause` is tried before the migration fails (the source keeps running).
@@ -345,6 +391,7 @@ impl SourceHooks for RuncHooks<'_> {
             image_dir,
             self.work_dir,
             self.network,
+            self.page_server.take(),
         )?)
     }
 
@@ -551,20 +598,15 @@ pub enum DumpError {
 /// A CRIU dump of the paused container that leaves the lazy memory out (the destination has it
 /// from the rounds): `runc checkpoint --lazy-pages` makes CRIU serve those pages after writing
 /// the images; closing its page server at once ends the dump, the container still paused.
+/// `port`: the page server's, prepared (and fenced) before the freeze ([`PageServerPort`]).
 fn lazy_final_dump(
     runc: &Runc,
     id: &str,
     image_dir: &Path,
     work_dir: &Path,
     network: DumpNetwork,
+    port: u16,
 ) -> Result<(), DumpError> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|source| DumpError::Io {
-            what: "choosing a port for CRIU's page server".into(),
-            source,
-        })?
-        .port();
     let opts = CheckpointOpts {
         criu: CriuOpts {
             image_path: image_dir.to_owned(),
@@ -583,12 +625,6 @@ fn lazy_final_dump(
         // wait in the listen queue, and CRIU would refuse to dump them. They are dropped (the
         // clients see a reset and reconnect to the destination) instead of failing the move.
         tcp_skip_in_flight: true,
-    };
-    // CRIU's lazy page server ignores runc's address and listens on every address: in the
-    // host's namespace (host-network containers) a firewall keeps it to root on this host.
-    let _fence = match network {
-        DumpNetwork::Host => Some(PageServerFence::raise(port)?),
-        DumpNetwork::Private => None,
     };
     let runc = runc.clone();
     let id = id.to_owned();
@@ -684,12 +720,17 @@ pub fn migrate_out(
     network: DumpNetwork,
 ) -> Result<MigrationReport, MigrateError> {
     let params = request.params(id, work_dir, state_dir, bundle)?;
+    let page_server = PageServerPort::prepare(network).map_err(|e| MigrateError::Io {
+        what: "preparing CRIU's page server for the final dump (nothing was sent; the container keeps running here)".into(),
+        source: io::Error::other(e.to_string()),
+    })?;
     let mut hooks = RuncHooks {
         runc,
         id,
         init_pid,
         work_dir,
         network,
+        page_server,
     };
     hooks.check_seizable()?;
     let processes = hooks.tasks().map(|t| t.len()).unwrap_or(0);

@@ -141,7 +141,8 @@ fn crius_page_server_is_not_reachable_from_the_source_host() {
 /// A host-network container is dumped from the host's namespace, where CRIU's page server
 /// listens on every address (it ignores the address runc passes): a firewall keeps it to root
 /// on the source host. While it listens (stalled two seconds), neither the destination host
-/// nor an unprivileged user of the source host can connect; the migration then completes.
+/// nor an unprivileged user of the source host can connect; the migration then completes. (The
+/// fence is raised before the freeze, so that its iptables runs are not part of the downtime.)
 #[test]
 fn crius_page_server_of_a_host_network_container_is_fenced() {
     let dir = tempfile::tempdir().unwrap();
@@ -238,7 +239,7 @@ fn crius_page_server_of_a_host_network_container_is_fenced() {
         Duration::from_secs(60),
         || memcheck_status(&status).is_some_and(|s| s.pass > before),
     );
-    // The rules went away with the dump.
+    // The rules go when the migration ends.
     wait_for("the firewall rules to go", Duration::from_secs(10), || {
         let rules = std::process::Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}-src", hosts.name()))
