@@ -22,8 +22,9 @@
 #                 (--move-address): the clients' connections continue on the destination
 #   pclive-lz4    pclive with --compress (not in the default set: random values do not compress,
 #                 so it measures what compression costs when it cannot pay)
-#   pclive-hash   pclive with --tracker content-hash (not in the default set): the tracker for
-#                 kernels without uffd-wp, against the default's rounds (CPU per round)
+#   pclive-hash   pclive with --tracker content-hash (not in the default set)
+#   pclive-wp     pclive with --tracker uffd-wp (not in the default set; opt-in tracker):
+#                 with pclive-hash, the trackers' CPU per round side by side
 # --sweep adds runs at other record counts (10gbit, first mix) for restore time vs size.
 # Every run checks the data (every record, against what the client acknowledged).
 #
@@ -79,7 +80,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for mode in ${modes//,/ }; do
-  case "$mode" in baseline|pclive-eager|pclive|pclive-moving|pclive-lz4|pclive-hash) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
+  case "$mode" in baseline|pclive-eager|pclive|pclive-moving|pclive-lz4|pclive-hash|pclive-wp) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
 done
 for n in ${idle_list//,/ }; do
   [[ "$n" =~ ^[0-9]+$ ]] || { echo "bench-migration: --idle-connections takes numbers, e.g. 1,100,900 (got '$n')" >&2; exit 2; }
@@ -268,12 +269,13 @@ run_one() {
       restored=$(now)
       remove_container src "$id"
       ;;
-    pclive|pclive-eager|pclive-lz4|pclive-moving|pclive-hash)
+    pclive|pclive-eager|pclive-lz4|pclive-moving|pclive-hash|pclive-wp)
       local listen=$dst_addr:7411 extra=(--net-host --tcp-close) send=()
       [ "$mode" = pclive-eager ] && extra+=(--eager)
       [ -n "$copier_threads" ] && [ "$mode" != pclive-eager ] && extra+=(--copier-threads "$copier_threads")
       [ "$mode" = pclive-lz4 ] && send=(--compress)
       [ "$mode" = pclive-hash ] && send=(--tracker content-hash)
+      [ "$mode" = pclive-wp ] && send=(--tracker uffd-wp)
       if [ "$mode" = pclive-moving ]; then
         extra=(--netns "/run/netns/$bed-dst-redis" --move-address)
         send=(--move-address)

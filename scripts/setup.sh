@@ -111,7 +111,7 @@ log "containerd $(containerd --version | awk '{print $3}'), $(runc --version | h
 
 # Kernel features: report what is missing now rather than failing late.
 if [ -e /proc/self/pagemap ] && ! criu check --feature mem_dirty_track >/dev/null 2>&1; then
-  log "note: kernel has no soft-dirty tracking; pclive uses its uffd-wp tracker where the kernel has it (Linux 6.7+), else content hashing ('pclive check' says which)"
+  log "note: kernel has no soft-dirty tracking; pclive hashes page contents by default (--tracker uffd-wp is O(dirty) on Linux 6.7+; 'pclive check' says more)"
 fi
 if ! criu check --feature uffd >/dev/null 2>&1; then
   log "WARNING: userfaultfd not usable by CRIU: lazy restore will not work on this host"

@@ -64,6 +64,7 @@ pub fn mode_color(mode: &str) -> RGBColor {
         "pclive" => RGBColor(0x4c, 0x72, 0xb0),
         "pclive-moving" => RGBColor(0x55, 0xa8, 0x68),
         "pclive-hash" => RGBColor(0x81, 0x72, 0xb2),
+        "pclive-wp" => RGBColor(0x2a, 0x9d, 0x8f),
         other => {
             let c = Palette99::pick(other.bytes().map(usize::from).sum::<usize>()).to_rgba();
             RGBColor(c.0, c.1, c.2)
