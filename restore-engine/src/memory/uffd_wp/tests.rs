@@ -272,6 +272,16 @@ fn holds_userfaultfd(pid: u32) -> bool {
         })
 }
 
+/// A tracker and a helper process, or `None` (after saying so loudly) where the kernel has no
+/// uffd-wp.
+fn tracker_and_helper() -> Option<(UffdWpTracker, Helper)> {
+    if let Err(why) = uffd_wp_support() {
+        eprintln!("SKIPPED (LOUDLY): this kernel has no uffd-wp tracker: {why}");
+        return None;
+    }
+    Some((UffdWpTracker::new().unwrap(), Helper::start()))
+}
+
 fn carries_uw(pid: u32) -> bool {
     parse_lazy_vmas_flagged(&read_smaps(pid).unwrap())
         .iter()
@@ -280,12 +290,9 @@ fn carries_uw(pid: u32) -> bool {
 
 #[test]
 fn reports_exactly_the_pages_written_by_tasks_threads_fork_children_and_in_new_mappings() {
-    if let Err(why) = uffd_wp_support() {
-        eprintln!("SKIPPED (LOUDLY): this kernel has no uffd-wp tracker: {why}");
+    let Some((mut tracker, mut h)) = tracker_and_helper() else {
         return;
-    }
-    let mut tracker = UffdWpTracker::new().unwrap();
-    let mut h = Helper::start();
+    };
     let hp = h.pid();
     let a = h.addr("map 64 1");
 
@@ -352,12 +359,9 @@ fn reports_exactly_the_pages_written_by_tasks_threads_fork_children_and_in_new_m
 
 #[test]
 fn a_stopped_task_is_left_alone_and_compared_by_content() {
-    if let Err(why) = uffd_wp_support() {
-        eprintln!("SKIPPED (LOUDLY): this kernel has no uffd-wp tracker: {why}");
+    let Some((mut tracker, mut h)) = tracker_and_helper() else {
         return;
-    }
-    let mut tracker = UffdWpTracker::new().unwrap();
-    let mut h = Helper::start();
+    };
     let hp = h.pid();
     let a = h.addr("map 16 3");
     // SAFETY: signals our own child.
@@ -382,12 +386,9 @@ fn a_stopped_task_is_left_alone_and_compared_by_content() {
 
 #[test]
 fn the_frozen_round_reads_unregistered_tasks_whole_and_injects_nothing() {
-    if let Err(why) = uffd_wp_support() {
-        eprintln!("SKIPPED (LOUDLY): this kernel has no uffd-wp tracker: {why}");
+    let Some((mut tracker, mut h)) = tracker_and_helper() else {
         return;
-    }
-    let mut tracker = UffdWpTracker::new().unwrap();
-    let mut h = Helper::start();
+    };
     let hp = h.pid();
     let a = h.addr("map 16 3");
     round(&mut tracker, &[hp]);
