@@ -61,6 +61,7 @@ pub struct UffdioRegister {
 }
 
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
 nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
 nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
@@ -364,13 +365,37 @@ impl Uffd {
 
     /// Registers `[start, start + len)` for missing-page faults.
     pub fn register_missing(&self, start: u64, len: u64) -> io::Result<()> {
+        self.register(start, len, UFFDIO_REGISTER_MODE_MISSING)
+    }
+
+    /// Registers `[start, start + len)` for write-protect. With [`Self::enable_wp_async`] its
+    /// pages start unprotected (written), and the kernel resolves write faults itself.
+    pub fn register_wp(&self, start: u64, len: u64) -> io::Result<()> {
+        self.register(start, len, UFFDIO_REGISTER_MODE_WP)
+    }
+
+    fn register(&self, start: u64, len: u64, mode: u64) -> io::Result<()> {
         let mut arg = UffdioRegister {
             range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+            mode,
             ioctls: 0,
         };
         // SAFETY: a userfaultfd and a valid uffdio_register for the call.
         unsafe { uffdio_register(self.as_raw(), &mut arg) }
+            .map(drop)
+            .map_err(io::Error::from)
+    }
+
+    /// Turns on asynchronous write-protect (and its markers for pages not yet there) on a
+    /// fresh userfaultfd: the write-protect tracker's, which nobody reads.
+    pub fn enable_wp_async(&self) -> io::Result<()> {
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+            ioctls: 0,
+        };
+        // SAFETY: a userfaultfd and a valid uffdio_api for the call.
+        unsafe { uffdio_api(self.as_raw(), &mut api) }
             .map(drop)
             .map_err(io::Error::from)
     }

@@ -240,17 +240,15 @@ struct PageServerPort {
 
 impl PageServerPort {
     fn prepare(network: DumpNetwork) -> Result<PageServerPort, DumpError> {
-        let holder = TcpListener::bind("127.0.0.1:0").map_err(|source| DumpError::Io {
-            what: "choosing a port for CRIU's page server".into(),
-            source,
-        })?;
-        let port = holder
-            .local_addr()
+        let (holder, port) = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| {
+                let port = l.local_addr()?.port();
+                Ok((l, port))
+            })
             .map_err(|source| DumpError::Io {
                 what: "choosing a port for CRIU's page server".into(),
                 source,
-            })?
-            .port();
+            })?;
         // CRIU's lazy page server ignores runc's address and listens on every address: in the
         // host's namespace (host-network containers) a firewall keeps it to root on this host.
         let fence = match network {

@@ -117,12 +117,7 @@ pub(super) fn parse_lazy_vmas_flagged(smaps: &str) -> Vec<(LazyVma, bool)> {
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
         let Some(first) = fields.next() else { continue };
-        if let Some((start, end)) = first.split_once('-').and_then(|(s, e)| {
-            Some((
-                u64::from_str_radix(s, 16).ok()?,
-                u64::from_str_radix(e, 16).ok()?,
-            ))
-        }) {
+        if let Some((start, end)) = parse_range(first) {
             if let Some((vma, true, wp)) = current.take() {
                 out.push((vma, wp));
             }
@@ -154,6 +149,22 @@ pub(super) fn parse_lazy_vmas_flagged(smaps: &str) -> Vec<(LazyVma, bool)> {
         out.push((vma, wp));
     }
     out
+}
+
+/// A mapping's address range as /proc/PID/maps and smaps print it (`start-end`, hexadecimal).
+pub(super) fn parse_range(field: &str) -> Option<(u64, u64)> {
+    let (s, e) = field.split_once('-')?;
+    Some((
+        u64::from_str_radix(s, 16).ok()?,
+        u64::from_str_radix(e, 16).ok()?,
+    ))
+}
+
+/// The state letter (R, S, D, T, t, Z, ...) in a /proc `stat` file's text.
+pub(super) fn stat_state(stat: &str) -> Option<char> {
+    stat.rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().next())
+        .and_then(|s| s.chars().next())
 }
 
 pub(super) fn read_smaps(pid: u32) -> Result<String, TrackError> {
@@ -307,10 +318,7 @@ impl Quiesce for StopSignal {
         // Wait until it is stopped (state T), briefly.
         for _ in 0..200 {
             let stat = fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
-            let state = stat
-                .rfind(')')
-                .and_then(|at| stat[at + 1..].split_whitespace().next());
-            if matches!(state, Some("T") | Some("t") | None) {
+            if matches!(stat_state(&stat), Some('T') | Some('t') | None) {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(1));

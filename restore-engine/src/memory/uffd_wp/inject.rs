@@ -93,13 +93,7 @@ fn vdso_syscall_address(pid: u32) -> Result<u64, InjectError> {
         .lines()
         .find(|l| l.ends_with("[vdso]"))
         .and_then(|l| l.split_whitespace().next())
-        .and_then(|range| range.split_once('-'))
-        .and_then(|(s, e)| {
-            Some((
-                u64::from_str_radix(s, 16).ok()?,
-                u64::from_str_radix(e, 16).ok()?,
-            ))
-        })
+        .and_then(super::super::parse_range)
         .ok_or(InjectError::NoSyscallInstruction { pid })?;
     let mut code = vec![0u8; (end - start) as usize];
     super::super::read_remote(pid, start, &mut code).map_err(|e| InjectError::Sys {
@@ -115,10 +109,7 @@ fn vdso_syscall_address(pid: u32) -> Result<u64, InjectError> {
 
 /// A thread's state letter in /proc (R, S, D, T, t, Z, ...).
 fn state_of(pid: u32, tid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    stat.rfind(')')
-        .and_then(|at| stat[at + 1..].split_whitespace().next())
-        .and_then(|s| s.chars().next())
+    super::super::stat_state(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?)
 }
 
 /// A thread of `pid` that can run a call: the leader unless it has exited (a zombie leader

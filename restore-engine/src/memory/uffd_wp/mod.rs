@@ -27,7 +27,6 @@ mod scan;
 mod tests;
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 
 pub use inject::InjectError;
 pub use scan::pagemap_scan_available;
@@ -38,6 +37,7 @@ use super::{
     DELTA_PIECE_BYTES, READ_BATCH,
 };
 use crate::page;
+use crate::uffd::Uffd;
 
 /// Whether this kernel and architecture offer the write-protect tracker, and if not why.
 pub fn uffd_wp_support() -> Result<(), String> {
@@ -58,7 +58,7 @@ pub fn uffd_wp_support() -> Result<(), String> {
 #[derive(Default)]
 struct Task {
     /// The userfaultfd of the task's address space (none yet, or dropped after an exec).
-    uffd: Option<OwnedFd>,
+    uffd: Option<Uffd>,
     /// A scan found registered mappings once (none later: the address space was replaced).
     registered_before: bool,
     /// Tracked by content hash instead (the reason was logged).
@@ -76,7 +76,8 @@ pub struct UffdWpTracker {
     fallback: HashTracker,
     frozen: bool,
     regions: Vec<scan::PageRegion>,
-    buf: Vec<u8>,
+    /// A page, for runs that must be read page by page.
+    page: Vec<u8>,
 }
 
 impl UffdWpTracker {
@@ -87,7 +88,7 @@ impl UffdWpTracker {
             fallback: HashTracker::default(),
             frozen: false,
             regions: Vec::new(),
-            buf: vec![0u8; READ_BATCH],
+            page: vec![0u8; page::SIZE],
         })
     }
 
@@ -125,8 +126,9 @@ impl UffdWpTracker {
         }
         if task.uffd.is_none() {
             let made = inject::userfaultfd_of(pid).and_then(|fd| {
-                scan::enable_wp_async(&fd)
-                    .map(|()| fd)
+                let uffd = Uffd::from_owned(fd);
+                uffd.enable_wp_async()
+                    .map(|()| uffd)
                     .map_err(|source| InjectError::Sys {
                         pid,
                         what: "UFFDIO_API (write-protect async)",
@@ -158,7 +160,7 @@ impl UffdWpTracker {
             if *registered != Registration::None {
                 continue;
             }
-            match scan::register_wp(uffd, vma.start, vma.end) {
+            match uffd.register_wp(vma.start, vma.end - vma.start) {
                 Ok(()) => *registered = Registration::Now,
                 // Changed since smaps was read, or a kind of mapping that cannot be registered:
                 // read whole this round.
@@ -228,8 +230,14 @@ fn plan_scanned(
 }
 
 /// Plans an unregistered mapping: every present page (and zero for what is gone).
-fn plan_whole(pid: u32, vma: LazyVma, before: &[bool], plan: &mut Plan) -> Result<(), TrackError> {
-    let entries = pagemap_entries(pid, &open_pagemap(pid)?, vma.start, vma.end)?;
+fn plan_whole(
+    pid: u32,
+    pagemap: &std::fs::File,
+    vma: LazyVma,
+    before: &[bool],
+    plan: &mut Plan,
+) -> Result<(), TrackError> {
+    let entries = pagemap_entries(pid, pagemap, vma.start, vma.end)?;
     for (i, entry) in entries.iter().enumerate() {
         let addr = vma.start + i as u64 * page::SIZE_U64;
         if has_page(*entry) {
@@ -295,7 +303,7 @@ impl DirtyTracker for UffdWpTracker {
                     }
                 };
             if !scanned || registered == Registration::Now {
-                plan_whole(pid, vma, &marks, &mut plan)?;
+                plan_whole(pid, &pagemap, vma, &marks, &mut plan)?;
             }
             // Pages a previous round could not read.
             for &addr in retry.iter().filter(|a| (vma.start..vma.end).contains(*a)) {
@@ -321,7 +329,6 @@ impl DirtyTracker for UffdWpTracker {
                 let mut at = start;
                 while at < end {
                     let len = ((end - at) as usize).min(READ_BATCH);
-                    let buf = &mut self.buf[..len];
                     match delta.read_run(pid, at, len) {
                         Ok(()) => {
                             let first = ((at - vma.start) / page::SIZE_U64) as usize;
@@ -333,11 +340,11 @@ impl DirtyTracker for UffdWpTracker {
                         Err(TrackError::Read { source, .. })
                             if source.raw_os_error() == Some(libc::EFAULT) =>
                         {
-                            for (k, page) in buf.chunks_exact_mut(page::SIZE).enumerate() {
-                                let addr = at + (k * page::SIZE) as u64;
-                                match read_page_forced(pid, addr, page) {
+                            let one = &mut self.page;
+                            for addr in (at..at + len as u64).step_by(page::SIZE) {
+                                match read_page_forced(pid, addr, one) {
                                     Ok(()) => {
-                                        delta.push_page(addr, page);
+                                        delta.push_page(addr, one);
                                         marks[((addr - vma.start) / page::SIZE_U64) as usize] =
                                             true;
                                         held += page::SIZE;

@@ -1,15 +1,10 @@
-//! The kernel calls of the write-protect tracker besides the injection: `PAGEMAP_SCAN` on
-//! /proc/PID/pagemap (fs/proc/task_mmu.c, Linux 6.7+), and `UFFDIO_API` / `UFFDIO_REGISTER`
-//! on a userfaultfd the shim holds for a task.
+//! `PAGEMAP_SCAN` on /proc/PID/pagemap (fs/proc/task_mmu.c, Linux 6.7+): what the
+//! write-protect tracker asks each round. (Its `UFFDIO_API` and `UFFDIO_REGISTER` calls are
+//! crate::uffd's.)
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-
-use crate::uffd::{
-    UffdioApi, UffdioRange, UffdioRegister, UFFD_API, UFFD_FEATURE_WP_ASYNC,
-    UFFD_FEATURE_WP_UNPOPULATED,
-};
+use std::os::fd::AsRawFd;
 
 /// `struct pm_scan_arg` (linux/fs.h).
 #[repr(C)]
@@ -55,10 +50,6 @@ pub const PAGE_IS_GUARD: u64 = 1 << 8;
 static GUARD_CATEGORY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
-nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
-nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
-
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
 /// Whether the PAGEMAP_SCAN ioctl on /proc/PID/pagemap exists (Linux 6.7+).
 pub fn pagemap_scan_available() -> bool {
@@ -148,35 +139,4 @@ pub fn take_written(
         at = arg.walk_end;
     }
     Ok(())
-}
-
-/// Turns on asynchronous write-protect (and its markers for pages not yet there) on a fresh
-/// userfaultfd.
-pub fn enable_wp_async(uffd: &OwnedFd) -> io::Result<()> {
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-        ioctls: 0,
-    };
-    // SAFETY: a userfaultfd and a valid uffdio_api for the call.
-    unsafe { uffdio_api(uffd.as_raw_fd(), &mut api) }
-        .map(drop)
-        .map_err(io::Error::from)
-}
-
-/// Registers `[start, end)` of the userfaultfd's address space for write-protect. Its pages
-/// start unprotected (written): the next scan reports them all.
-pub fn register_wp(uffd: &OwnedFd, start: u64, end: u64) -> io::Result<()> {
-    let mut arg = UffdioRegister {
-        range: UffdioRange {
-            start,
-            len: end - start,
-        },
-        mode: UFFDIO_REGISTER_MODE_WP,
-        ioctls: 0,
-    };
-    // SAFETY: a userfaultfd and a valid uffdio_register for the call.
-    unsafe { uffdio_register(uffd.as_raw_fd(), &mut arg) }
-        .map(drop)
-        .map_err(io::Error::from)
 }
