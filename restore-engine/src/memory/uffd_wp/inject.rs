@@ -1,14 +1,17 @@
-//! Making a running task create a userfaultfd of its own address space, for the write-protect
-//! tracker: a `userfaultfd()` system call injected with ptrace, the descriptor taken with
-//! `pidfd_getfd`, and the task's copy closed again (CRIU refuses to dump a task that holds a
-//! userfaultfd). Only the creation needs the task: the shim registers mappings and scans them
+//! Stopping every thread of a task (so that its mappings hold still while the tracker reads
+//! and registers them), and making it create a userfaultfd of its own address space: a
+//! `userfaultfd()` system call injected with ptrace, the descriptor taken with `pidfd_getfd`,
+//! and the task's copy closed again (CRIU refuses to dump a task that holds a userfaultfd).
+//! Only the creation needs the task to run code: the shim registers mappings and scans them
 //! through its own copy, which acts on the task's address space.
 //!
 //! Hand-written: no maintained crate injects a system call into another process (CRIU's compel
 //! is C and injects a whole parasite). The steps follow ptrace(2):
-//! - `PTRACE_SEIZE` one thread with `PTRACE_O_SUSPEND_SECCOMP` (a container's seccomp profile
-//!   may deny `userfaultfd`), then `PTRACE_INTERRUPT` it. Other threads keep running; the
-//!   calls act on the shared address space.
+//! - `PTRACE_SEIZE` every thread with `PTRACE_O_SUSPEND_SECCOMP` (a container's seccomp
+//!   profile may deny `userfaultfd`) and `PTRACE_INTERRUPT` it; list the threads again until a
+//!   pass finds none new (a thread may start another before it stops). A thread in a group
+//!   stop (state T) means the task is left alone. One thread runs the calls, which act on the
+//!   shared address space and descriptor table.
 //! - Block every signal while the thread runs the calls (`PTRACE_SETSIGMASK`), so that no
 //!   handler runs on borrowed registers.
 //! - For each call: point the instruction pointer at a `syscall` instruction of the vDSO (code
@@ -44,6 +47,8 @@ pub enum InjectError {
     Timeout { pid: u32 },
     #[error("task {pid} is stopped (state T): pclive does not run code in a stopped task")]
     Stopped { pid: u32 },
+    #[error("task {pid}: thread {tid} exited while being stopped")]
+    ThreadExited { pid: u32, tid: u32 },
     #[error("task {pid} has no vDSO with a `syscall` instruction to run a call through")]
     NoSyscallInstruction { pid: u32 },
     #[error("task {pid} stopped unexpectedly while running {call} ({detail})")]
@@ -66,17 +71,41 @@ pub enum InjectError {
 
 const UFFD_USER_MODE_ONLY: u64 = 1;
 
-/// Makes task `pid` create a userfaultfd (user-mode faults only, which needs no privilege in
-/// the task), takes it, and closes the task's copy. The descriptor has not had `UFFDIO_API`.
-pub fn userfaultfd_of(pid: u32) -> Result<OwnedFd, InjectError> {
+/// Task `pid` with every thread in a ptrace stop: its mappings cannot change until this is
+/// dropped, which resumes every thread as it was.
+pub struct StoppedTask {
+    #[cfg(target_arch = "x86_64")]
+    inner: x86_64::Stopped,
+}
+
+/// Stops every thread of task `pid` (threads it starts meanwhile too). A task in a group stop
+/// (state T) is left alone: [`InjectError::Stopped`].
+pub fn stop_task(pid: u32) -> Result<StoppedTask, InjectError> {
     #[cfg(target_arch = "x86_64")]
     {
-        x86_64::userfaultfd_of(pid)
+        Ok(StoppedTask {
+            inner: x86_64::stop_task(pid)?,
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = pid;
         Err(InjectError::Unsupported)
+    }
+}
+
+impl StoppedTask {
+    /// Makes the task create a userfaultfd (user-mode faults only, which needs no privilege in
+    /// the task), takes it, and closes the task's copy. The descriptor has not had `UFFDIO_API`.
+    pub fn userfaultfd(&mut self) -> Result<OwnedFd, InjectError> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.inner.userfaultfd()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Err(InjectError::Unsupported)
+        }
     }
 }
 
@@ -112,32 +141,18 @@ fn state_of(pid: u32, tid: u32) -> Option<char> {
     super::super::stat_state(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?)
 }
 
-/// A thread of `pid` that can run a call: the leader unless it has exited (a zombie leader
-/// of a live thread group).
-fn runnable_thread(pid: u32) -> Result<u32, InjectError> {
-    match state_of(pid, pid) {
-        Some('T') => return Err(InjectError::Stopped { pid }),
-        Some('Z') | Some('X') | None => {}
-        Some(_) => return Ok(pid),
-    }
+/// The threads of task `pid`.
+fn threads_of(pid: u32) -> Result<Vec<u32>, InjectError> {
     let tasks =
         std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|source| InjectError::Sys {
             pid,
             what: "listing /proc/PID/task",
             source,
         })?;
-    for entry in tasks.flatten() {
-        if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
-            if matches!(state_of(pid, tid), Some(c) if !matches!(c, 'Z' | 'X' | 'T')) {
-                return Ok(tid);
-            }
-        }
-    }
-    Err(InjectError::Sys {
-        pid,
-        what: "finding a live thread",
-        source: io::Error::from_raw_os_error(libc::ESRCH),
-    })
+    Ok(tasks
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect())
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -176,6 +191,8 @@ mod x86_64 {
         saved: Option<(libc::user_regs_struct, u64)>,
         /// A signal whose delivery stop we found the thread in: delivered on detach.
         pending_signal: libc::c_int,
+        /// It exited while seized: nothing to restore or detach.
+        exited: bool,
     }
 
     /// # Safety
@@ -223,6 +240,7 @@ mod x86_64 {
                 tid,
                 saved: None,
                 pending_signal: 0,
+                exited: false,
             })
         }
 
@@ -245,6 +263,14 @@ mod x86_64 {
                     Ok(_) => return Ok(info),
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                     Err(e) => return Err(self.sys("PTRACE_GETSIGINFO")(e)),
+                }
+                if spins % 64 == 63
+                    && !matches!(state_of(self.pid, self.tid as u32), Some(c) if !matches!(c, 'Z' | 'X'))
+                {
+                    return Err(InjectError::ThreadExited {
+                        pid: self.pid,
+                        tid: self.tid as u32,
+                    });
                 }
                 if Instant::now() > deadline {
                     return Err(InjectError::Timeout { pid: self.pid });
@@ -302,11 +328,16 @@ mod x86_64 {
             .map_err(self.sys("PTRACE_SETSIGMASK"))
         }
 
-        /// Interrupts the thread, saves its registers and signal mask, blocks its signals.
-        fn stop(&mut self) -> Result<(), InjectError> {
+        /// Asks the thread to stop ([`Seized::await_stop`] waits for it).
+        fn interrupt(&self) -> Result<(), InjectError> {
             // SAFETY: PTRACE_INTERRUPT takes integers only.
             unsafe { ptrace(libc::PTRACE_INTERRUPT, self.tid, 0, 0) }
-                .map_err(self.sys("PTRACE_INTERRUPT"))?;
+                .map(drop)
+                .map_err(self.sys("PTRACE_INTERRUPT"))
+        }
+
+        /// Waits for the stop [`Seized::interrupt`] asked for.
+        fn await_stop(&mut self) -> Result<(), InjectError> {
             let info = self.wait_stop()?;
             let event = info.si_code >> 8;
             if event != PTRACE_EVENT_STOP {
@@ -317,6 +348,12 @@ mod x86_64 {
                 // A group stop (SIGSTOP, SIGTSTP...): leave a stopped task alone.
                 return Err(InjectError::Stopped { pid: self.pid });
             }
+            Ok(())
+        }
+
+        /// Saves the stopped thread's registers and signal mask (restored on drop) and blocks
+        /// its signals, so that no handler runs on borrowed registers.
+        fn prepare_calls(&mut self) -> Result<(), InjectError> {
             let regs = self.regs()?;
             let mut mask = 0u64;
             // SAFETY: an 8-byte mask, the size passed.
@@ -451,6 +488,9 @@ mod x86_64 {
 
     impl Drop for Seized {
         fn drop(&mut self) {
+            if self.exited {
+                return;
+            }
             if let Err(e) = self.restore() {
                 log::error!(
                     "task {}: restoring its registers after an injected call failed: {e}",
@@ -471,51 +511,121 @@ mod x86_64 {
         }
     }
 
-    pub(super) fn userfaultfd_of(pid: u32) -> Result<OwnedFd, InjectError> {
-        let entry = vdso_syscall_address(pid)?;
-        let tid = runnable_thread(pid)?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
-        if pidfd < 0 {
-            return Err(InjectError::Sys {
-                pid,
-                what: "pidfd_open",
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: a fresh descriptor we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-        let mut seized = Seized::seize(pid, tid)?;
-        seized.stop()?;
-        let flags = libc::O_CLOEXEC as u64 | libc::O_NONBLOCK as u64 | UFFD_USER_MODE_ONLY;
-        let remote = seized.call("userfaultfd", entry, libc::SYS_userfaultfd, [flags, 0, 0])?;
-        let taken = {
-            use std::os::fd::AsRawFd;
-            // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags, and returns a
-            // new descriptor or -1.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_getfd,
-                    pidfd.as_raw_fd() as libc::c_long,
-                    remote as libc::c_long,
-                    0,
-                )
-            }
+    /// A task with all its threads seized and stopped (see [`super::StoppedTask`]).
+    pub(super) struct Stopped {
+        pid: u32,
+        threads: Vec<Seized>,
+    }
+
+    pub(super) fn stop_task(pid: u32) -> Result<Stopped, InjectError> {
+        let mut stopped = Stopped {
+            pid,
+            threads: Vec::new(),
         };
-        let taken_error = io::Error::last_os_error();
-        // The task's copy goes in any case (CRIU refuses a task that holds one).
-        let closed = seized.call("close", entry, libc::SYS_close, [remote as u64, 0, 0]);
-        drop(seized);
-        if taken < 0 {
+        let mut seen = std::collections::HashSet::new();
+        // A thread may start others until it stops: list again until a pass finds none new
+        // (as CRIU's seize does).
+        loop {
+            let mut batch = Vec::new();
+            for tid in threads_of(pid)? {
+                if !seen.insert(tid) {
+                    continue;
+                }
+                match state_of(pid, tid) {
+                    Some('T') => return Err(InjectError::Stopped { pid }),
+                    Some('Z') | Some('X') | None => continue,
+                    Some(_) => {}
+                }
+                let seized = match Seized::seize(pid, tid) {
+                    Ok(seized) => seized,
+                    // Exited since it was listed.
+                    Err(InjectError::Sys { source, .. })
+                        if source.raw_os_error() == Some(libc::ESRCH) =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(e),
+                };
+                seized.interrupt()?;
+                batch.push(seized);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            for mut seized in batch {
+                match seized.await_stop() {
+                    Ok(()) => stopped.threads.push(seized),
+                    Err(InjectError::ThreadExited { .. }) => seized.exited = true,
+                    Err(e) => {
+                        stopped.threads.push(seized);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if stopped.threads.is_empty() {
             return Err(InjectError::Sys {
                 pid,
-                what: "pidfd_getfd",
-                source: taken_error,
+                what: "stopping its threads",
+                source: io::Error::from_raw_os_error(libc::ESRCH),
             });
         }
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(taken as RawFd) };
-        closed?;
-        Ok(fd)
+        Ok(stopped)
+    }
+
+    impl Stopped {
+        pub(super) fn userfaultfd(&mut self) -> Result<OwnedFd, InjectError> {
+            let pid = self.pid;
+            let entry = vdso_syscall_address(pid)?;
+            // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
+            if pidfd < 0 {
+                return Err(InjectError::Sys {
+                    pid,
+                    what: "pidfd_open",
+                    source: io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: a fresh descriptor we own.
+            let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+            // Any stopped thread runs the calls: they act on the shared address space and
+            // descriptor table.
+            let seized = &mut self.threads[0];
+            seized.prepare_calls()?;
+            let flags = libc::O_CLOEXEC as u64 | libc::O_NONBLOCK as u64 | UFFD_USER_MODE_ONLY;
+            let remote = seized.call("userfaultfd", entry, libc::SYS_userfaultfd, [flags, 0, 0])?;
+            let taken = {
+                use std::os::fd::AsRawFd;
+                // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags, and returns
+                // a new descriptor or -1.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_getfd,
+                        pidfd.as_raw_fd() as libc::c_long,
+                        remote as libc::c_long,
+                        0,
+                    )
+                }
+            };
+            let taken_error = io::Error::last_os_error();
+            // The task's copy goes in any case (CRIU refuses a task that holds one).
+            let closed = seized.call("close", entry, libc::SYS_close, [remote as u64, 0, 0]);
+            if let Err(e) = seized.restore() {
+                log::error!(
+                    "task {pid}: restoring its registers after an injected call failed: {e}"
+                );
+            }
+            if taken < 0 {
+                return Err(InjectError::Sys {
+                    pid,
+                    what: "pidfd_getfd",
+                    source: taken_error,
+                });
+            }
+            // SAFETY: a fresh descriptor we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(taken as RawFd) };
+            closed?;
+            Ok(fd)
+        }
     }
 }

@@ -5,7 +5,10 @@
 //! - Each task creates a userfaultfd once, by a system call injected with ptrace
 //!   ([`inject`]); the shim keeps the descriptor, and registers each lazy mapping of the task
 //!   for write-protect through it (a new mapping, a fork child, an `mremap`ped area or an exec'd
-//!   task is found unregistered in a later round, and registered then).
+//!   task is found unregistered in a later round, and registered then). Registration happens
+//!   with all the task's threads stopped and its mappings read again: a range read while it
+//!   runs may be stale, and registering it could split a mapping the task then cannot
+//!   `mremap` as one.
 //! - A round asks `PAGEMAP_SCAN`, mapping by mapping, for the pages written since the last one
 //!   and protects them again in the same step; a write after that unprotects the page (the
 //!   kernel resolves the fault itself, nothing reads the descriptor) and the next round sees
@@ -67,6 +70,8 @@ struct Task {
     sent: Vec<(LazyVma, Vec<bool>)>,
     /// Pages that could not be read: read next round (the scan protected them again).
     retry: Vec<u64>,
+    /// Mappings registering refused (with the task stopped): read whole, not asked again.
+    unregistrable: Vec<(u64, u64)>,
 }
 
 /// The write-protect tracker.
@@ -93,39 +98,69 @@ impl UffdWpTracker {
     }
 
     /// Makes sure task `pid` has a userfaultfd and that its unregistered mappings are
-    /// registered (not while frozen). Returns, per mapping, whether it is registered.
+    /// registered (not while frozen). Returns the task's mappings, each with whether it is
+    /// registered: `vmas` as read, or read again with the task stopped if it had to register.
+    ///
+    /// Registration stops every thread of the task first and reads its mappings again: a range
+    /// read from smaps while the task runs may have grown or merged since, and registering the
+    /// stale range would split the task's mapping (its next `mremap` of it then fails with
+    /// `EFAULT`: pclive would change what the program sees).
     fn register(
         &mut self,
         pid: u32,
-        vmas: &[(LazyVma, bool)],
-    ) -> Result<Vec<Registration>, TrackError> {
-        let mut registered: Vec<Registration> = vmas
-            .iter()
-            .map(|(_, wp)| {
-                if *wp {
-                    Registration::Before
-                } else {
-                    Registration::None
-                }
-            })
-            .collect();
+        vmas: Vec<(LazyVma, bool)>,
+    ) -> Result<Vec<(LazyVma, Registration)>, TrackError> {
         let task = self.tasks.entry(pid).or_default();
-        let none = |r: &Registration| *r == Registration::None;
-        if !registered.iter().all(none) {
+        let wanted = |vmas: &[(LazyVma, bool)], task: &Task| {
+            vmas.iter()
+                .any(|(v, wp)| !wp && !task.unregistrable.contains(&(v.start, v.end)))
+        };
+        if vmas.iter().any(|(_, wp)| *wp) {
             task.registered_before = true;
         }
-        if self.frozen || !registered.iter().any(none) {
-            return Ok(registered);
+        if self.frozen || !wanted(&vmas, task) {
+            return Ok(registrations(&vmas));
         }
-        if task.uffd.is_some() && task.registered_before && registered.iter().all(none) {
+        let mut stopped = match inject::stop_task(pid) {
+            Ok(stopped) => stopped,
+            Err(e) => {
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    // Gone since the list was taken: as for any tracker.
+                    return Err(TrackError::Proc {
+                        pid,
+                        what: "stopping its threads",
+                        source: std::io::Error::from_raw_os_error(libc::ESRCH),
+                    });
+                }
+                if task.uffd.is_none() {
+                    log::warn!(
+                        "task {pid}: cannot track its writes with uffd-wp ({e}); its pages are \
+                         compared by content instead"
+                    );
+                    task.hashed = true;
+                } else {
+                    // Its new mappings are read whole this round, and registered in a later one.
+                    log::debug!("task {pid}: new mappings not registered this round: {e}");
+                }
+                return Ok(registrations(&vmas));
+            }
+        };
+        // The mappings as they are now: they cannot change until `stopped` is dropped.
+        let vmas = parse_lazy_vmas_flagged(&read_smaps(pid)?);
+        let mut registered = registrations(&vmas);
+        if task.uffd.is_some()
+            && task.registered_before
+            && registered.iter().all(|(_, r)| *r == Registration::None)
+        {
             // No mapping carries our registration any more: the task exec'd (the descriptor
             // refers to its old address space). A new one is made below.
             log::debug!("task {pid}: its address space was replaced; a new userfaultfd");
             task.uffd = None;
             task.registered_before = false;
+            task.unregistrable.clear();
         }
         if task.uffd.is_none() {
-            let made = inject::userfaultfd_of(pid).and_then(|fd| {
+            let made = stopped.userfaultfd().and_then(|fd| {
                 let uffd = Uffd::from_owned(fd);
                 uffd.enable_wp_async()
                     .map(|()| uffd)
@@ -138,14 +173,6 @@ impl UffdWpTracker {
             match made {
                 Ok(fd) => task.uffd = Some(fd),
                 Err(e) => {
-                    // Gone since the list was taken: as for any tracker.
-                    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                        return Err(TrackError::Proc {
-                            pid,
-                            what: "userfaultfd",
-                            source: std::io::Error::from_raw_os_error(libc::ESRCH),
-                        });
-                    }
                     log::warn!(
                         "task {pid}: cannot track its writes with uffd-wp ({e}); its pages are \
                          compared by content instead"
@@ -156,23 +183,43 @@ impl UffdWpTracker {
             }
         }
         let uffd = task.uffd.as_ref().expect("made above");
-        for ((vma, _), registered) in vmas.iter().zip(registered.iter_mut()) {
-            if *registered != Registration::None {
+        for (vma, registered) in registered.iter_mut() {
+            if *registered != Registration::None
+                || task.unregistrable.contains(&(vma.start, vma.end))
+            {
                 continue;
             }
             match uffd.register_wp(vma.start, vma.end - vma.start) {
                 Ok(()) => *registered = Registration::Now,
-                // Changed since smaps was read, or a kind of mapping that cannot be registered:
-                // read whole this round.
-                Err(e) => log::debug!(
-                    "task {pid}: registering {:#x}-{:#x} for write-protect: {e}",
-                    vma.start,
-                    vma.end
-                ),
+                // A kind of mapping that cannot be registered (the task is stopped: the range
+                // is current). Read whole each round; not asked again.
+                Err(e) => {
+                    log::debug!(
+                        "task {pid}: registering {:#x}-{:#x} for write-protect: {e}",
+                        vma.start,
+                        vma.end
+                    );
+                    task.unregistrable.push((vma.start, vma.end));
+                }
             }
         }
+        drop(stopped);
         Ok(registered)
     }
+}
+
+/// The mappings, each with whether smaps shows it registered.
+fn registrations(vmas: &[(LazyVma, bool)]) -> Vec<(LazyVma, Registration)> {
+    vmas.iter()
+        .map(|(vma, wp)| {
+            let registered = if *wp {
+                Registration::Before
+            } else {
+                Registration::None
+            };
+            (*vma, registered)
+        })
+        .collect()
 }
 
 /// Whether a mapping is registered for write-protect.
@@ -271,7 +318,7 @@ impl DirtyTracker for UffdWpTracker {
             return self.fallback.round_into(pid, sink);
         }
         let vmas = parse_lazy_vmas_flagged(&read_smaps(pid)?);
-        let registered = self.register(pid, &vmas)?;
+        let vmas = self.register(pid, vmas)?;
         let task = self.tasks.get_mut(&pid).expect("registered above");
         if task.hashed {
             return self.fallback.round_into(pid, sink);
@@ -282,10 +329,15 @@ impl DirtyTracker for UffdWpTracker {
         let mut sent = Vec::with_capacity(vmas.len());
         let mut delta = Delta::for_pieces();
         let mut held = 0usize;
-        for ((vma, _), registered) in vmas.iter().zip(registered) {
-            let vma = *vma;
+        for (vma, registered) in vmas {
             let mut marks = carry_over(&task.sent, vma);
             let mut plan = Plan::default();
+            if registered == Registration::Now {
+                // Every present page, planned before the mapping's first scan: that scan
+                // protects its holes with uffd-wp markers, which pagemap reports as swapped
+                // pages.
+                plan_whole(pid, &pagemap, vma, &marks, &mut plan)?;
+            }
             let scanned = registered != Registration::None
                 && match plan_scanned(&pagemap, vma, &marks, &mut self.regions, &mut plan) {
                     Ok(()) => true,
@@ -302,7 +354,7 @@ impl DirtyTracker for UffdWpTracker {
                         })
                     }
                 };
-            if !scanned || registered == Registration::Now {
+            if !scanned {
                 plan_whole(pid, &pagemap, vma, &marks, &mut plan)?;
             }
             // Pages a previous round could not read.

@@ -24,6 +24,8 @@ fn uffd_wp_helper_process() {
 /// Commands, one per line; each answers one line (raw descriptor I/O: the harness captures
 /// `print!`).
 mod helper {
+    use std::sync::atomic::{AtomicI32, AtomicU32, Ordering::Relaxed};
+
     use crate::page;
 
     fn reply(line: &str) {
@@ -72,6 +74,62 @@ mod helper {
         at as u64
     }
 
+    static CYCLES: AtomicU32 = AtomicU32::new(0);
+    static ERRORS: AtomicU32 = AtomicU32::new(0);
+    static FIRST_ERRNO: AtomicI32 = AtomicI32::new(0);
+
+    fn failed() {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+        let _ = FIRST_ERRNO.compare_exchange(0, errno, Relaxed, Relaxed);
+        ERRORS.fetch_add(1, Relaxed);
+    }
+
+    /// Maps, grows in place, moves and grows, checks and unmaps regions forever, as allocators
+    /// do: mappings that grow and merge with their neighbours while the tracker registers.
+    fn churn() {
+        let size = |pages: usize| pages * page::SIZE;
+        loop {
+            let p = map(4, 0x5a);
+            // SAFETY: our own mapping, grown in place (or moved) by the kernel.
+            let mut q = unsafe { libc::mremap(p as *mut libc::c_void, size(4), size(8), 0) };
+            if q == libc::MAP_FAILED {
+                // SAFETY: as above, allowed to move.
+                q = unsafe {
+                    libc::mremap(
+                        p as *mut libc::c_void,
+                        size(4),
+                        size(8),
+                        libc::MREMAP_MAYMOVE,
+                    )
+                };
+            }
+            if q == libc::MAP_FAILED {
+                failed();
+                continue;
+            }
+            for i in 4..8 {
+                write_page(q as u64 + size(i) as u64, 0x5b);
+            }
+            // SAFETY: our own mapping of 8 pages, moved and grown by the kernel.
+            let r = unsafe { libc::mremap(q, size(8), size(16), libc::MREMAP_MAYMOVE) };
+            if r == libc::MAP_FAILED {
+                failed();
+                continue;
+            }
+            // SAFETY: the first 8 pages of our 16-page mapping were written above.
+            let kept = unsafe { std::slice::from_raw_parts(r as *const u8, size(8)) };
+            if kept[..size(4)].iter().any(|b| *b != 0x5a)
+                || kept[size(4)..].iter().any(|b| *b != 0x5b)
+            {
+                let _ = FIRST_ERRNO.compare_exchange(0, libc::EBADMSG, Relaxed, Relaxed);
+                ERRORS.fetch_add(1, Relaxed);
+            }
+            // SAFETY: our own mapping, not used after.
+            unsafe { libc::munmap(r, size(16)) };
+            CYCLES.fetch_add(1, Relaxed);
+        }
+    }
+
     pub fn serve() {
         // The forked child's command and answer pipes.
         let mut child: Option<(i32, i32)> = None;
@@ -85,6 +143,27 @@ mod helper {
             };
             match words[0] {
                 "map" => reply(&format!("{:#x}", map(num(1) as usize, num(2) as u8))),
+                "reserve" => {
+                    // A malloc arena's shape: a large PROT_NONE reserve whose first page is
+                    // made writable and written.
+                    let pages = num(1) as usize;
+                    // SAFETY: a fresh private anonymous mapping, then its first page.
+                    let at = unsafe {
+                        let at = libc::mmap(
+                            std::ptr::null_mut(),
+                            pages * page::SIZE,
+                            libc::PROT_NONE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                            -1,
+                            0,
+                        );
+                        assert_ne!(at, libc::MAP_FAILED);
+                        libc::mprotect(at, page::SIZE, libc::PROT_READ | libc::PROT_WRITE);
+                        at as u64
+                    };
+                    write_page(at, num(2) as u8);
+                    reply(&format!("{at:#x}"));
+                }
                 "write" => {
                     write_page(num(1), num(2) as u8);
                     reply("ok");
@@ -155,6 +234,23 @@ mod helper {
                         libc::read(from, (&mut byte as *mut u8).cast(), 1);
                     }
                     reply("ok");
+                }
+                "churn" => {
+                    for _ in 0..num(1) {
+                        std::thread::spawn(churn);
+                    }
+                    reply("ok");
+                }
+                "churn-cycles" => reply(&CYCLES.load(Relaxed).to_string()),
+                "churn-errors" => {
+                    let errno = FIRST_ERRNO.load(Relaxed);
+                    reply(&ERRORS.load(Relaxed).to_string());
+                    if errno != 0 {
+                        eprintln!(
+                            "first churn error: {}",
+                            std::io::Error::from_raw_os_error(errno)
+                        );
+                    }
                 }
                 _ => reply("?"),
             }
@@ -295,11 +391,17 @@ fn reports_exactly_the_pages_written_by_tasks_threads_fork_children_and_in_new_m
     };
     let hp = h.pid();
     let a = h.addr("map 64 1");
+    let reserve = h.addr("reserve 4096 2");
 
     // The first round: every page.
     let r = round(&mut tracker, &[hp]);
     let (data, _) = within(&r[&hp], a, 64);
     assert_eq!(data.len(), 64, "{data:?}");
+    // Of a reserve, only what was written (its first scan marks the holes protected, and
+    // pagemap shows those markers as swapped pages: they must not be read).
+    assert_eq!(within(&r[&hp], reserve, 4096), (vec![(0, 2)], vec![]));
+    let r = round(&mut tracker, &[hp]);
+    assert_eq!(within(&r[&hp], reserve, 4096), (vec![], vec![]));
     assert!(data.iter().all(|(_, v)| *v == 1));
     assert!(
         !holds_userfaultfd(hp),
@@ -351,10 +453,32 @@ fn reports_exactly_the_pages_written_by_tasks_threads_fork_children_and_in_new_m
     let r = round(&mut tracker, &[hp, child]);
     assert_eq!(within(&r[&hp], moved, 64), (vec![(40, 9)], vec![]));
 
-    // Released: no registration left.
+    // Released: no registration left, and no marker that CRIU would take for a swapped page.
     tracker.release();
     assert!(!carries_uw(hp) && !carries_uw(child));
     assert!(!holds_userfaultfd(hp));
+    assert_no_markers(hp);
+}
+
+/// No page of `pid`'s lazy mappings carries a uffd-wp bit in pagemap (a protected page, or a
+/// marker that pagemap shows as a swapped page). glibc's guard regions are markers too, and
+/// show the bit: they are not ours.
+fn assert_no_markers(pid: u32) {
+    const PM_UFFD_WP: u64 = 1 << 57;
+    const PM_GUARD_REGION: u64 = 1 << 58;
+    let pagemap = open_pagemap(pid).unwrap();
+    for (vma, _) in parse_lazy_vmas_flagged(&read_smaps(pid).unwrap()) {
+        let entries = pagemap_entries(pid, &pagemap, vma.start, vma.end).unwrap();
+        let marked = entries
+            .iter()
+            .filter(|e| *e & PM_UFFD_WP != 0 && *e & PM_GUARD_REGION == 0)
+            .count();
+        assert_eq!(
+            marked, 0,
+            "{:#x}-{:#x}: {marked} pages still marked",
+            vma.start, vma.end
+        );
+    }
 }
 
 #[test]
@@ -418,4 +542,37 @@ fn the_frozen_round_reads_unregistered_tasks_whole_and_injects_nothing() {
     );
     tracker.release();
     assert!(!carries_uw(hp));
+    assert_no_markers(hp);
+}
+
+#[test]
+fn registering_never_splits_a_mapping_the_task_is_growing_or_moving() {
+    let Some((mut tracker, mut h)) = tracker_and_helper() else {
+        return;
+    };
+    let hp = h.pid();
+    // Threads that map, grow in place, move and unmap all the time: a registration of a range
+    // read while they run would split a mapping that grew since, and their next mremap of it
+    // would fail with EFAULT.
+    h.ask("churn 3");
+    let started = std::time::Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < std::time::Duration::from_secs(3) {
+        round(&mut tracker, &[hp]);
+        rounds += 1;
+    }
+    let cycles: u32 = h.ask("churn-cycles").parse().unwrap();
+    let errors: u32 = h.ask("churn-errors").parse().unwrap();
+    eprintln!("{rounds} rounds, {cycles} churn cycles, {errors} errors");
+    assert!(
+        rounds > 20 && cycles > 1000,
+        "the test did not race: {rounds} rounds, {cycles} cycles"
+    );
+    assert_eq!(
+        errors, 0,
+        "the task saw mremap fail or lose content (its stderr says how)"
+    );
+    tracker.release();
+    assert!(!carries_uw(hp));
+    assert_no_markers(hp);
 }
