@@ -23,7 +23,8 @@
 #   pclive-lz4    pclive with --compress (not in the default set: random values do not compress,
 #                 so it measures what compression costs when it cannot pay)
 #   pclive-hash   pclive with --tracker content-hash (not in the default set)
-#   pclive-wp     pclive with --tracker uffd-wp (not in the default set; opt-in tracker):
+#   pclive-wp     pclive with --tracker uffd-wp (not in the default set; pclive's default where
+#                 the kernel has it, named here so that a run says which it measured):
 #                 with pclive-hash, the trackers' CPU per round side by side
 # --sweep adds runs at other record counts (10gbit, first mix) for restore time vs size.
 # Every run checks the data (every record, against what the client acknowledged).

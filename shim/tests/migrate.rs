@@ -214,6 +214,12 @@ fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
     );
     eprintln!("{report:#}");
     assert!(report["downtime_seconds"].as_f64().unwrap() > 0.0);
+    // With the host's default tracker (uffd-wp here; `pclive check` says which and why).
+    assert_eq!(
+        report["precopy"]["tracker"],
+        restore_engine::memory::default_tracker().0,
+        "{report}"
+    );
     // The destination task is an ordinary task.
     dst.ctr_ok(&["task", "pause", "app"]);
     dst.ctr_ok(&["task", "resume", "app"]);
@@ -597,17 +603,14 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
     // Compressed: DEBUG POPULATE's values are mostly padding, so this also proves LZ4 runs
     // arrive intact. The live rounds may use a tenth of a core: unbounded, the first round
     // takes about 0.3 (the destination's page population is the bottleneck on these VMs).
+    // The default tracker: uffd-wp where the kernel has it.
     let uffd_wp = restore_engine::memory::uffd_wp_support().is_ok();
     let report = migrate_with(
         src,
         "redis",
         &listen,
         &key,
-        &if uffd_wp {
-            vec!["--compress", "--max-cpu", "10", "--tracker", "uffd-wp"]
-        } else {
-            vec!["--compress", "--max-cpu", "10"]
-        },
+        &["--compress", "--max-cpu", "10"],
     )
     .unwrap_or_else(|e| {
         panic!(
@@ -628,10 +631,9 @@ fn redis_with_a_million_keys_migrates_under_load_and_serves_on_the_destination()
         cores < 0.13,
         "round 1 used {cores:.2} cores under --max-cpu 10: {first}"
     );
-    // The write-protect tracker (opt-in): the frozen round costs what was written since the
-    // last round, not a read of all memory (the content-hash tracker's frozen round takes
-    // about a quarter of the first round's CPU here; uffd-wp's about 3%). Redis allocates with
-    // jemalloc, which never mremaps (the race that keeps uffd-wp from being the default).
+    // The write-protect tracker: the frozen round costs what was written since the last round,
+    // not a read of all memory (the content-hash tracker's frozen round takes about a quarter
+    // of the first round's CPU here; uffd-wp's about 3%).
     let rounds = report["precopy"]["rounds"].as_array().unwrap();
     let last = rounds.last().unwrap();
     if uffd_wp {

@@ -627,41 +627,44 @@ pub(super) fn for_each_present_page(
 /// The trackers, by the name `--tracker` takes.
 pub const TRACKERS: [&str; 3] = ["uffd-wp", "soft-dirty", "content-hash"];
 
-/// The best tracker this kernel offers by default (soft-dirty, then content-hash), or the one
-/// asked for. The write-protect tracker is opt-in (`uffd-wp`) for now: it registers a running
-/// task's mappings, and a registration racing with the task's own `mremap` can split a mapping
-/// the task then cannot move as one (EFAULT, seen once in the workload suite's mmap-churn). It
-/// becomes the default once it registers with the task's threads stopped.
+/// The best tracker this kernel offers by default (uffd-wp, then soft-dirty, then
+/// content-hash), or the one asked for.
 pub fn tracker(preference: Option<&str>) -> Result<Box<dyn DirtyTracker + Send>, TrackError> {
     match preference {
         Some("content-hash") => Ok(Box::new(HashTracker::default())),
         Some("soft-dirty") => Ok(Box::new(SoftDirtyTracker::new()?)),
         Some("uffd-wp") => Ok(Box::new(UffdWpTracker::new()?)),
-        _ => match SoftDirtyTracker::new() {
-            Ok(t) => Ok(Box::new(t)),
-            Err(_) => Ok(Box::new(HashTracker::default())),
-        },
+        _ => {
+            if let Ok(t) = UffdWpTracker::new() {
+                return Ok(Box::new(t));
+            }
+            match SoftDirtyTracker::new() {
+                Ok(t) => Ok(Box::new(t)),
+                Err(_) => Ok(Box::new(HashTracker::default())),
+            }
+        }
     }
 }
 
 /// Which tracker [`tracker`] picks on this host by default, and why.
 pub fn default_tracker() -> (&'static str, String) {
-    let uffd_wp = match uffd_wp_support() {
-        Ok(()) => "uffd-wp is available with --tracker uffd-wp (opt-in: O(pages written) \
-                   rounds; a task that mremaps while pclive registers its mappings may see \
-                   EFAULT)"
-            .to_string(),
-        Err(why) => format!("no uffd-wp ({why})"),
-    };
-    if soft_dirty_supported() {
-        (
+    let uffd_wp = uffd_wp_support();
+    match (&uffd_wp, soft_dirty_supported()) {
+        (Ok(()), _) => (
+            "uffd-wp",
+            "userfaultfd write-protect (async) and PAGEMAP_SCAN: rounds cost O(pages written)"
+                .to_string(),
+        ),
+        (Err(why), true) => (
             "soft-dirty",
-            format!("the kernel has soft-dirty; {uffd_wp}"),
-        )
-    } else {
-        (
+            format!("no uffd-wp ({why}); the kernel has soft-dirty"),
+        ),
+        (Err(why), false) => (
             "content-hash",
-            format!("no soft-dirty: rounds read all resident memory; {uffd_wp}"),
-        )
+            format!(
+                "no uffd-wp ({why}) and no soft-dirty: rounds read all resident memory; \
+                 upgrade to Linux 6.7+ on x86-64 for O(pages written) rounds"
+            ),
+        ),
     }
 }
