@@ -6,6 +6,7 @@
 #                              [--mixes 90:10,10:90] [--modes baseline,pclive-eager,pclive,pclive-moving]
 #                              [--rate OPS] [--out DIR] [--quick] [--no-setup]
 #                              [--testbed NAME] [--copier-threads N] [--idle-connections N,N]
+#                              [--host-run]
 #
 # For every link rate, read:write mix and mode: a Redis container on the source host holding
 # N records of 1 KiB random (incompressible) values, a YCSB-like client load at --rate ops/s
@@ -48,8 +49,13 @@
 # client connections are restored closed (--tcp-close) and clients reconnect to the destination;
 # in pclive-moving it has an address of its own on the test bed's pod network, which moves.
 # Everything created is removed on exit, also on failure.
+# --host-run: measure this machine's /run as it is (see scripts/lib/standard-run.sh: where /run
+# is not a tmpfs, CRIU re-probes the kernel in every run, and the benchmark otherwise runs with a
+# tmpfs /run of its own, as on a standard host). Results carry criu_kdat_cached.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/standard-run.sh
+standard_run "$0" "$@"
 
 records=1000000
 sweep=100000,2000000
@@ -76,6 +82,7 @@ while [ $# -gt 0 ]; do
     --testbed) bed=${2:?--testbed needs a name}; shift 2 ;;
     --copier-threads) copier_threads=${2:?--copier-threads needs a number}; shift 2 ;;
     --idle-connections) idle_list=${2:?--idle-connections needs a list of numbers}; shift 2 ;;
+    --host-run) shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-migration: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
@@ -91,6 +98,9 @@ for mix in ${mixes//,/ }; do
   [[ "$mix" =~ ^[0-9]+:[0-9]+$ ]] || { echo "bench-migration: a mix is READ:WRITE, e.g. 90:10 (got '$mix')" >&2; exit 2; }
 done
 out=${out:-bench-results/$(date +%Y%m%d-%H%M%S)}
+# Whether CRIU keeps its kernel probe between runs here (pclive check: criu-kdat-cache).
+kdat_cached=false
+[ "$(stat -f -c %T /run)" = tmpfs ] && kdat_cached=true
 
 if [ "$setup" = 1 ]; then
   bash scripts/setup.sh
@@ -332,12 +342,12 @@ run_one() {
     --argjson transfer "$transfer_s" --argjson rounds "$rounds" --argjson precopy "$precopy_bytes" \
     --argjson cpu_src "$(( cpu_src1 - cpu_src0 ))" --argjson cpu_dst "$(( cpu_dst1 - cpu_dst0 ))" \
     --argjson peak_src "$peak_src" --argjson peak_dst "$peak_dst" --argjson dst_mem "$dst_mem" \
-    --argjson dst_total_peak "$dst_total_peak" --argjson idle "$idle" \
+    --argjson dst_total_peak "$dst_total_peak" --argjson idle "$idle" --argjson kdat "$kdat_cached" \
     --argjson rss "$rss" --slurpfile client "$dir/client.json" --slurpfile verify "$dir/verify.json" \
     --arg timeline "runs/$tag/timeline.jsonl" --slurpfile migration <(cat "$dir/migration.json" 2>/dev/null || echo '{}') '
     ($client[0]) as $c | ($verify[0]) as $v | ($migration[0]) as $m |
     {mode: $mode, link: $link, records: $records, value_size: 1024, read_ratio: $read_ratio,
-     rate_ops: $rate, idle_connections: $idle,
+     rate_ops: $rate, idle_connections: $idle, criu_kdat_cached: $kdat,
      downtime_s: $c.longest_gap_s,
      patient_downtime_s: $c.patient_longest_gap_s,
      patient_recovered: $c.patient_recovered,

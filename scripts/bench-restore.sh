@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: eager vs lazy restore time as container memory grows, measured in the same run.
 #
-#   scripts/bench-restore.sh [--sizes "256 1024 2048"] [--runs 3] [--out DIR]
+#   scripts/bench-restore.sh [--sizes "256 1024 2048"] [--runs 3] [--out DIR] [--host-run]
 #
 # For each size (MiB) a container holding that much checksummed private memory (memcheck) is
 # checkpointed once; then it is restored eagerly (CRIU fills memory before the tasks resume) and
@@ -10,8 +10,12 @@
 # container (containerd → shim → runc restore → task running). Every restore is verified: memcheck
 # must complete a full pass over its memory afterwards. Prints a Markdown table and writes JSON
 # lines to DIR/bench-restore.jsonl. Run as root; installs what it needs (scripts/setup.sh).
+# Where /run is not a tmpfs it runs with a tmpfs /run of its own, as on a standard host, so that
+# CRIU keeps its kernel probe between runs (scripts/lib/standard-run.sh); --host-run does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/standard-run.sh
+standard_run "$0" "$@"
 
 sizes="256 1024 2048"
 runs=3
@@ -21,7 +25,8 @@ while [ $# -gt 0 ]; do
     --sizes) sizes=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --host-run) shift ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-restore.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
