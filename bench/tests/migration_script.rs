@@ -7,6 +7,8 @@
 //! Needs root and what scripts/setup.sh installs (containerd, runc, CRIU, redis-server and the
 //! pclive binaries on PATH); test.sh runs setup before the tests.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -116,6 +118,11 @@ fn every_mode_migrates_redis_with_its_data_intact_and_the_report_is_written() {
     assert!(!Path::new("/run/pclive-testbed/pcbtest").exists());
     assert!(!Path::new("/run/netns/pcbtest-src").exists());
     assert!(!Path::new("/run/netns/pcbtest-src-redis").exists());
+    // Where the script ran with a /run of its own, a leftover would be a process.
+    assert_eq!(
+        common::processes_mentioning("pcbtest"),
+        Vec::<String>::new()
+    );
 }
 
 fn nix_is_root() -> bool {
