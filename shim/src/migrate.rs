@@ -523,6 +523,9 @@ fn iptables(action: &str, rule: &[String]) -> io::Result<()> {
         .map_err(io::Error::other)
 }
 
+/// How often the connection to CRIU's page server is tried while the final dump runs.
+const CONNECT_RETRY: Duration = Duration::from_micros(250);
+
 /// Connects to CRIU's page server: from the shim, or, when the dump runs in a network
 /// namespace of its own, from a thread that joined it (the page server is reachable there only).
 struct Connector {
@@ -553,13 +556,16 @@ impl Connector {
                     return;
                 }
             }
+            // CRIU opens its page server last, when the dump is written: the connection is
+            // tried often, as each moment here is downtime (a refused connection on loopback
+            // costs microseconds).
             while running() {
                 match TcpStream::connect(("127.0.0.1", port)) {
                     Ok(s) => {
                         let _ = tx.send(s);
                         return;
                     }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                    Err(_) => thread::sleep(CONNECT_RETRY),
                 }
             }
         });
@@ -629,12 +635,16 @@ fn lazy_final_dump(
     // runc and its CRIU run in a process group of their own: a dump that does not end in time
     // is stopped as a whole before the container may resume.
     let group = Arc::new(AtomicI32::new(0));
+    // The dump's end is signalled, not polled: the wait for it is downtime.
+    let (ended, end) = std::sync::mpsc::channel::<()>();
     let dump = {
         let group = Arc::clone(&group);
         thread::spawn(move || {
-            runc.checkpoint_in_group(&id, &opts, network, |pgid| {
+            let result = runc.checkpoint_in_group(&id, &opts, network, |pgid| {
                 group.store(pgid, Ordering::SeqCst)
-            })
+            });
+            let _ = ended.send(());
+            result
         })
     };
     let give_up = |what: String| {
@@ -685,16 +695,16 @@ fn lazy_final_dump(
         source,
     })?;
     drop(stream);
-    let deadline = Instant::now() + DUMP_END_TIMEOUT;
-    while !dump.is_finished() {
-        if Instant::now() > deadline {
+    match end.recv_timeout(DUMP_END_TIMEOUT) {
+        // Ended, or the thread is gone (a panic, which join reports).
+        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
             let error = give_up(format!(
                 "runc checkpoint did not end within {DUMP_END_TIMEOUT:?} after its page server closed"
             ));
             let _ = dump.join();
             return Err(error);
         }
-        thread::sleep(Duration::from_millis(5));
     }
     match dump.join() {
         Ok(result) => Ok(result?),
