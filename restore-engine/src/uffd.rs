@@ -63,7 +63,15 @@ pub struct UffdioRegister {
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+pub struct UffdioWriteprotect {
+    pub range: UffdioRange,
+    pub mode: u64,
+}
+
 nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
+nix::ioctl_readwrite!(uffdio_writeprotect, 0xAA, 0x06, UffdioWriteprotect);
 nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
 nix::ioctl_readwrite!(uffdio_copy, 0xAA, 0x03, UffdioCopy);
 nix::ioctl_readwrite!(uffdio_zeropage, 0xAA, 0x04, UffdioZeropage);
@@ -382,6 +390,19 @@ impl Uffd {
         };
         // SAFETY: a userfaultfd and a valid uffdio_register for the call.
         unsafe { uffdio_register(self.as_raw(), &mut arg) }
+            .map(drop)
+            .map_err(io::Error::from)
+    }
+
+    /// Removes write-protection from `[start, start + len)`, markers of pages not there
+    /// included (`UFFDIO_WRITEPROTECT` without `MODE_WP`).
+    pub fn unprotect(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut arg = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode: 0,
+        };
+        // SAFETY: a userfaultfd and a valid uffdio_writeprotect for the call.
+        unsafe { uffdio_writeprotect(self.as_raw(), &mut arg) }
             .map(drop)
             .map_err(io::Error::from)
     }

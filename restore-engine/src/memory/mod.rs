@@ -511,8 +511,12 @@ pub trait DirtyTracker {
     }
     /// How many threads a round may use (a hint; trackers that cannot use more ignore it).
     fn set_threads(&mut self, _threads: usize) {}
-    /// The last round is done: undo whatever the tracker changed in the tasks (before CRIU
-    /// dumps them).
+    /// The last round is done and CRIU dumps the tasks next: undo whatever in the tasks CRIU
+    /// would misread. This is in the pause; what can wait is left to [`Self::release`].
+    fn prepare_dump(&mut self) {
+        self.release()
+    }
+    /// Undo whatever the tracker changed in the tasks. Dropping the tracker does too.
     fn release(&mut self) {}
 }
 

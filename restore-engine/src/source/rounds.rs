@@ -398,12 +398,12 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         // The frozen tasks leave every core to the last round, which is all downtime.
         tracker.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
         let last = self.round(round + 1, &mut tasks, tracker, quiesce, true)?;
-        let released = Instant::now();
-        tracker.release();
+        let prepared = Instant::now();
+        tracker.prepare_dump();
         log::debug!(
-            "{} tracker released in {:.1} ms",
+            "{} tracker ready for the dump in {:.1} ms",
             tracker.name(),
-            released.elapsed().as_secs_f64() * 1e3
+            prepared.elapsed().as_secs_f64() * 1e3
         );
         on_round(&last);
         report.final_round_seconds = last.seconds;

@@ -72,6 +72,8 @@ struct Task {
     retry: Vec<u64>,
     /// Mappings registering refused (with the task stopped): read whole, not asked again.
     unregistrable: Vec<(u64, u64)>,
+    /// The mappings registered as of the latest round.
+    registered: Vec<LazyVma>,
 }
 
 /// The write-protect tracker.
@@ -208,6 +210,36 @@ impl UffdWpTracker {
     }
 }
 
+/// Clears the uffd-wp markers of `pid`'s registered mappings `vmas` (see
+/// [`DirtyTracker::prepare_dump`]).
+fn clear_markers(
+    pid: u32,
+    uffd: &Uffd,
+    vmas: &[LazyVma],
+    regions: &mut Vec<scan::PageRegion>,
+) -> Result<(), String> {
+    let pagemap = open_pagemap(pid).map_err(|e| e.to_string())?;
+    let mut holes = Vec::new();
+    for vma in vmas {
+        holes.clear();
+        scan::swapped(&pagemap, vma.start, vma.end, regions, |r| {
+            holes.push((r.start, r.end))
+        })
+        .map_err(|e| {
+            format!(
+                "finding the write-protect markers of {:#x}-{:#x}: {e}",
+                vma.start, vma.end
+            )
+        })?;
+        for &(start, end) in &holes {
+            uffd.unprotect(start, end - start).map_err(|e| {
+                format!("clearing the write-protect markers of {start:#x}-{end:#x}: {e}")
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// The mappings, each with whether smaps shows it registered.
 fn registrations(vmas: &[(LazyVma, bool)]) -> Vec<(LazyVma, Registration)> {
     vmas.iter()
@@ -329,6 +361,11 @@ impl DirtyTracker for UffdWpTracker {
         let mut sent = Vec::with_capacity(vmas.len());
         let mut delta = Delta::for_pieces();
         let mut held = 0usize;
+        task.registered = vmas
+            .iter()
+            .filter(|(_, r)| *r != Registration::None)
+            .map(|(vma, _)| *vma)
+            .collect();
         for (vma, registered) in vmas {
             let mut marks = carry_over(&task.sent, vma);
             let mut plan = Plan::default();
@@ -423,6 +460,27 @@ impl DirtyTracker for UffdWpTracker {
             sink(&mut delta).map_err(|()| TrackError::Stopped)?;
         }
         Ok(())
+    }
+
+    /// Clears the markers protection left on never-touched pages: pagemap shows them as
+    /// swapped pages, and CRIU would dump each (a zero page faulted in, a lazy page to serve).
+    /// Protected pages that are there stay protected: CRIU reads them with vmsplice, which the
+    /// protection does not stop, and the frozen tasks write nothing. Lifting the protection of
+    /// every page is a walk of all their page tables (29 ms per GiB measured), so that waits
+    /// for [`DirtyTracker::release`] or the drop, after the pause: a resumed task's writes are
+    /// resolved by the kernel (asynchronous mode), and a killed task's go with it.
+    fn prepare_dump(&mut self) {
+        let regions = &mut self.regions;
+        for (pid, task) in self.tasks.iter_mut() {
+            let Some(uffd) = task.uffd.as_ref() else {
+                continue;
+            };
+            if let Err(e) = clear_markers(*pid, uffd, &task.registered, regions) {
+                // The safe way, at the full cost: this task's registrations go now.
+                log::warn!("task {pid}: {e}; releasing its write-protect entirely");
+                task.uffd = None;
+            }
+        }
     }
 
     fn release(&mut self) {

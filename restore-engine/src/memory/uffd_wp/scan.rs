@@ -87,6 +87,62 @@ pub fn take_written(
     start: u64,
     end: u64,
     regions: &mut Vec<PageRegion>,
+    visit: impl FnMut(&PageRegion),
+) -> io::Result<()> {
+    scan(
+        pagemap,
+        (start, end),
+        PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+        Ask {
+            inverted: 0,
+            mask: PAGE_IS_WRITTEN,
+            returned: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        },
+        regions,
+        visit,
+    )
+}
+
+/// Reports the pages of `[start, end)` that pagemap shows as swapped, guard regions left out:
+/// on a host without swap, the uffd-wp markers that protection left on pages never there.
+/// Changes nothing.
+pub fn swapped(
+    pagemap: &File,
+    start: u64,
+    end: u64,
+    regions: &mut Vec<PageRegion>,
+    visit: impl FnMut(&PageRegion),
+) -> io::Result<()> {
+    scan(
+        pagemap,
+        (start, end),
+        0,
+        Ask {
+            // Swapped and (where the kernel knows guard regions) not a guard.
+            inverted: PAGE_IS_GUARD,
+            mask: PAGE_IS_SWAPPED | PAGE_IS_GUARD,
+            returned: PAGE_IS_SWAPPED,
+        },
+        regions,
+        visit,
+    )
+}
+
+/// Which pages a scan reports: those whose categories, with `inverted` flipped, have every
+/// bit of `mask`; `returned`: the categories reported. [`PAGE_IS_GUARD`] is dropped from all
+/// three on a kernel without guard regions.
+struct Ask {
+    inverted: u64,
+    mask: u64,
+    returned: u64,
+}
+
+fn scan(
+    pagemap: &File,
+    (start, end): (u64, u64),
+    flags: u64,
+    ask: Ask,
+    regions: &mut Vec<PageRegion>,
     mut visit: impl FnMut(&PageRegion),
 ) -> io::Result<()> {
     use std::sync::atomic::Ordering;
@@ -96,22 +152,21 @@ pub fn take_written(
     let mut guard = GUARD_CATEGORY.load(Ordering::Relaxed) != 2;
     let mut at = start;
     while at < end {
+        let guard_bit = if guard { PAGE_IS_GUARD } else { 0 };
+        let no_guard = !PAGE_IS_GUARD | guard_bit;
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            flags,
             start: at,
             end,
             walk_end: 0,
             vec: regions.as_mut_ptr() as u64,
             vec_len: regions.len() as u64,
             max_pages: 0,
-            category_inverted: 0,
-            category_mask: PAGE_IS_WRITTEN,
+            category_inverted: ask.inverted & no_guard,
+            category_mask: ask.mask & no_guard,
             category_anyof_mask: 0,
-            return_mask: PAGE_IS_WRITTEN
-                | PAGE_IS_PRESENT
-                | PAGE_IS_SWAPPED
-                | if guard { PAGE_IS_GUARD } else { 0 },
+            return_mask: (ask.returned | guard_bit) & no_guard,
         };
         // SAFETY: `arg` is a valid pm_scan_arg whose vector is `regions` (vec_len entries of
         // struct page_region, which the kernel fills).
