@@ -523,20 +523,27 @@ mod x86_64 {
             threads: Vec::new(),
         };
         let mut seen = std::collections::HashSet::new();
+        // The first reason to give up. Threads already interrupted are waited for first in any
+        // case: only a thread in a ptrace stop can be detached, and one left undetached would
+        // stay traced.
+        let mut failed = None;
         // A thread may start others until it stops: list again until a pass finds none new
         // (as CRIU's seize does).
-        loop {
+        while failed.is_none() {
             let mut batch = Vec::new();
             for tid in threads_of(pid)? {
                 if !seen.insert(tid) {
                     continue;
                 }
                 match state_of(pid, tid) {
-                    Some('T') => return Err(InjectError::Stopped { pid }),
+                    Some('T') => {
+                        failed = Some(InjectError::Stopped { pid });
+                        break;
+                    }
                     Some('Z') | Some('X') | None => continue,
                     Some(_) => {}
                 }
-                let seized = match Seized::seize(pid, tid) {
+                let mut seized = match Seized::seize(pid, tid) {
                     Ok(seized) => seized,
                     // Exited since it was listed.
                     Err(InjectError::Sys { source, .. })
@@ -544,9 +551,17 @@ mod x86_64 {
                     {
                         continue
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 };
-                seized.interrupt()?;
+                if let Err(e) = seized.interrupt() {
+                    // Seized but not stopping (it exited): nothing to detach.
+                    seized.exited = true;
+                    failed = Some(e);
+                    break;
+                }
                 batch.push(seized);
             }
             if batch.is_empty() {
@@ -558,10 +573,13 @@ mod x86_64 {
                     Err(InjectError::ThreadExited { .. }) => seized.exited = true,
                     Err(e) => {
                         stopped.threads.push(seized);
-                        return Err(e);
+                        failed.get_or_insert(e);
                     }
                 }
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         if stopped.threads.is_empty() {
             return Err(InjectError::Sys {
