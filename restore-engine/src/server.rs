@@ -245,6 +245,7 @@ pub fn server_main(args: &[String]) -> i32 {
         };
         crate::fault::load();
         let mut options = ReceiveOptions::new(&address, auth, Store::new(&state_dir));
+        options.terms.closes_connections = grant.closes_connections;
         if let Some(seconds) = accept_timeout {
             options.accept_timeout = Duration::from_secs(seconds);
         }

@@ -323,7 +323,11 @@ impl SourceHooks for WriterHooks {
         self.frozen = true;
         Ok(())
     }
-    fn final_dump(&mut self, image_dir: &std::path::Path) -> Result<(), HookError> {
+    fn final_dump(
+        &mut self,
+        image_dir: &std::path::Path,
+        _connections: crate::source::ConnectionDump,
+    ) -> Result<(), HookError> {
         write_lazy_images(image_dir, 1, self.base, self.len as u64 / PAGE);
         Ok(())
     }

@@ -115,6 +115,11 @@ pub fn of_spec(spec: &Spec, path: &Path) -> Result<Grant, GrantSpecError> {
             .as_ref()
             .and_then(|a| a.get(crate::annotations::RECEIVE_MOVE_ADDRESS))
             .is_some_and(|v| v == "true"),
+        closes_connections: spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(crate::annotations::RESTORE_TCP_CLOSE))
+            .is_some_and(|v| v == "true"),
     })
 }
 

@@ -17,8 +17,8 @@ use log::info;
 use restore_engine::policy::ConvergencePolicy;
 use restore_engine::record::{self, Store};
 use restore_engine::source::{
-    self, ClientsReleased, HookError, MigrateParams, MigrationReport, RoundStats, SourceError,
-    SourceHooks, TaskIds,
+    self, ClientsReleased, ConnectionDump, HookError, MigrateParams, MigrationReport, RoundStats,
+    SourceError, SourceHooks, TaskIds,
 };
 use restore_engine::wire::{self, Auth};
 
@@ -222,6 +222,8 @@ struct RuncHooks<'a> {
     /// The container's init (host pid): its cgroup lists the processes while frozen.
     init_pid: u32,
     work_dir: &'a Path,
+    /// The container's bundle (its CRIU config).
+    bundle: &'a Path,
     network: DumpNetwork,
     /// The port of CRIU's page server for the final dump, fenced before the freeze.
     page_server: PageServerPort,
@@ -382,7 +384,28 @@ impl SourceHooks for RuncHooks<'_> {
         unreachable!()
     }
 
-    fn final_dump(&mut self, image_dir: &Path) -> Result<(), HookError> {
+    fn final_dump(
+        &mut self,
+        image_dir: &Path,
+        connections: ConnectionDump,
+    ) -> Result<(), HookError> {
+        let _tcp_close = match connections {
+            ConnectionDump::Closed => {
+                let guard = crate::network_lock::closing_connections(self.bundle)?;
+                match &guard {
+                    Some(_) => log::info!(
+                        "{}: the destination restores TCP connections closed: the final dump records them closed, without locking them",
+                        self.id
+                    ),
+                    None => log::info!(
+                        "{}: the destination restores TCP connections closed, but the container's CRIU config is the user's: the final dump records and locks them",
+                        self.id
+                    ),
+                }
+                guard
+            }
+            ConnectionDump::State => None,
+        };
         Ok(lazy_final_dump(
             self.runc,
             self.id,
@@ -737,6 +760,7 @@ pub fn migrate_out(
         id,
         init_pid,
         work_dir,
+        bundle,
         network,
         page_server,
     };

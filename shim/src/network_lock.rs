@@ -13,6 +13,12 @@
 //! runc's default still applies), and adds the lock method to it before a dump
 //! ([`prefer_nftables`]) when CRIU supports it. A container whose annotation names a config
 //! of the user's is left as the user wrote it.
+//!
+//! Cheaper still is no lock at all: when the destination restores the connections closed
+//! (`pclive receive --tcp-close`, which it says in the handshake), their state is of no use
+//! there, and the final dump adds `tcp-close` to the config for its run
+//! ([`closing_connections`]). CRIU then neither puts each connection in repair mode to read it
+//! nor locks it, and the images say so (a restore without `tcp-close` refuses them).
 
 use std::fs;
 use std::path::Path;
@@ -26,6 +32,8 @@ pub const CREATE_CONFIG: &str = "criu.conf";
 
 /// The line that selects the method.
 const NFTABLES_LINE: &str = "network-lock nftables";
+/// The line that makes a dump record established connections as closed (and lock none).
+const TCP_CLOSE_LINE: &str = "tcp-close";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkLockError {
@@ -110,7 +118,9 @@ pub fn prefer_nftables(bundle: &Path) -> Result<&'static str, NetworkLockError> 
     if named.parent() != Some(bundle) {
         return Ok("as the container's own CRIU config says");
     }
-    let text = fs::read_to_string(named).unwrap_or_default();
+    // A shim that died during a final dump left its tcp-close line ([`closing_connections`]).
+    let text = without_tcp_close(&fs::read_to_string(named).unwrap_or_default());
+    fs::write(named, &text).map_err(io("write", named))?;
     if text
         .lines()
         .any(|l| l.trim_start().starts_with("network-lock"))
@@ -128,6 +138,56 @@ pub fn prefer_nftables(bundle: &Path) -> Result<&'static str, NetworkLockError> 
     updated.push('\n');
     fs::write(named, updated).map_err(io("write", named))?;
     Ok("nftables")
+}
+
+/// The config's text without `tcp-close` lines.
+fn without_tcp_close(text: &str) -> String {
+    text.lines()
+        .filter(|l| l.trim() != TCP_CLOSE_LINE)
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The shim's own CRIU config of the container in `bundle`, if it names one.
+fn own_config(bundle: &Path) -> Option<std::path::PathBuf> {
+    let named = crate::annotations::of_bundle(bundle)
+        .get(CRIU_CONFIG)?
+        .clone();
+    let named = std::path::PathBuf::from(named);
+    (named.parent() == Some(bundle)).then_some(named)
+}
+
+/// A CRIU config that says `tcp-close` until this is dropped.
+#[derive(Debug)]
+pub struct TcpCloseInDump {
+    config: std::path::PathBuf,
+}
+
+impl Drop for TcpCloseInDump {
+    fn drop(&mut self) {
+        let text = fs::read_to_string(&self.config).unwrap_or_default();
+        if let Err(e) = fs::write(&self.config, without_tcp_close(&text)) {
+            log::warn!(
+                "cannot take tcp-close out of {} again ({e}); the next dump removes it",
+                self.config.display()
+            );
+        }
+    }
+}
+
+/// For a final dump whose destination restores the connections closed: adds `tcp-close` to
+/// the container's CRIU config until the returned guard drops (after the dump, whatever its
+/// outcome: a source that resumes dumps its connections again later). None when the config is
+/// the user's: CRIU then reads and locks each connection, as it would without pclive.
+pub fn closing_connections(bundle: &Path) -> Result<Option<TcpCloseInDump>, NetworkLockError> {
+    let Some(config) = own_config(bundle) else {
+        return Ok(None);
+    };
+    let mut text = without_tcp_close(&fs::read_to_string(&config).unwrap_or_default());
+    text.push_str(TCP_CLOSE_LINE);
+    text.push('\n');
+    fs::write(&config, text).map_err(io("write", &config))?;
+    Ok(Some(TcpCloseInDump { config }))
 }
 
 #[cfg(test)]
@@ -171,5 +231,31 @@ mod tests {
             fs::read_to_string(&named).unwrap(),
             "network-lock iptables\n"
         );
+    }
+
+    #[test]
+    fn tcp_close_is_in_the_own_config_for_one_dump_only() {
+        let user = bundle_with(serde_json::json!({ CRIU_CONFIG: "/etc/my-criu.conf" }));
+        assert!(closing_connections(user.path()).unwrap().is_none());
+
+        let own = bundle_with(serde_json::json!({}));
+        own_config_at_create(own.path()).unwrap();
+        let named = own.path().join(CREATE_CONFIG);
+        fs::write(&named, "network-lock iptables\n").unwrap();
+        let guard = closing_connections(own.path()).unwrap().unwrap();
+        assert_eq!(
+            fs::read_to_string(&named).unwrap(),
+            "network-lock iptables\ntcp-close\n"
+        );
+        drop(guard);
+        assert_eq!(
+            fs::read_to_string(&named).unwrap(),
+            "network-lock iptables\n"
+        );
+        // A line a dead shim left is gone before the next dump chooses its lock.
+        let guard = closing_connections(own.path()).unwrap().unwrap();
+        std::mem::forget(guard);
+        prefer_nftables(own.path()).unwrap();
+        assert!(!fs::read_to_string(&named).unwrap().contains("tcp-close"));
     }
 }

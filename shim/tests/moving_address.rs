@@ -222,6 +222,22 @@ fn a_clients_connection_survives_when_the_address_moves() {
     );
     assert!(!eth0_up(&src_pod), "the source's address is still up");
     assert!(eth0_up(&dst_pod), "the destination's address is not up");
+    // The connection's state travelled: the final dump read it, locked with CRIU's nftables set
+    // (shim/src/network_lock.rs), not with an iptables run per connection and direction.
+    assert_eq!(report["tcp_connections"], "state", "{report:#}");
+    let nftables = std::process::Command::new("criu")
+        .args(["check", "--feature", "network_lock_nftables"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if nftables {
+        assert!(
+            hosts.src.log().contains("locks the network with nftables"),
+            "{}",
+            tail(&hosts.src.log(), 30)
+        );
+    } else {
+        eprintln!("SKIPPED (LOUDLY): this CRIU has no nftables network lock");
+    }
 }
 
 /// A receiver that was not prepared for the address (no --move-address) refuses the source

@@ -106,6 +106,8 @@ pub struct ReceiveOptions {
     /// After the migration ended, how long to keep answering the source's questions about its
     /// outcome if it has not acknowledged it.
     pub linger: Duration,
+    /// What the source learns in the handshake about how this end restores.
+    pub terms: wire::Terms,
 }
 
 impl ReceiveOptions {
@@ -117,6 +119,7 @@ impl ReceiveOptions {
             accept_timeout: Duration::from_secs(600),
             handshake_timeout: Duration::from_secs(10),
             linger: Duration::from_secs(300),
+            terms: wire::Terms::default(),
         }
     }
 }
@@ -307,7 +310,7 @@ fn handshake(
     stream
         .set_write_timeout(Some(options.handshake_timeout))
         .map_err(DestinationError::Accept)?;
-    let mut session = wire::accept(stream, &options.auth)?;
+    let mut session = wire::accept_on(stream, &options.auth, options.terms)?;
     let _ = session.stream().set_write_timeout(None);
     Ok(session)
 }

@@ -212,6 +212,10 @@ pub struct Grant {
     /// source whose address moves may come, and only such a source's restore raises them.
     #[serde(default)]
     pub moves_address: bool,
+    /// The receiving container restores established TCP connections closed (`pclive receive
+    /// --tcp-close`): the source is told so in the handshake ([`crate::wire::Terms`]).
+    #[serde(default)]
+    pub closes_connections: bool,
 }
 
 impl Grant {

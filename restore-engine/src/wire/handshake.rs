@@ -8,7 +8,7 @@
 //!   keys = HKDF-SHA256(salt = SHA-256(Hello frame | Challenge frame),
 //!                      ikm = pre-shared key | X25519 shared secret)
 //!   Proof {migration, purpose, container} ->                         sealed (seq 1, c2s key)
-//!                                        <-  Accept {version}         sealed (seq 1, s2c key)
+//!                                        <-  Accept {version, terms}  sealed (seq 1, s2c key)
 //! ```
 //!
 //! A Proof that opens proves the connecting side holds the key; an Accept that opens proves the
@@ -28,7 +28,7 @@ use ring::{digest, hkdf};
 
 use super::{
     encode_frame, read_sealed, Accept, Challenge, FrameKey, Hello, Intent, Kind, Proof, Purpose,
-    Reject, Session, WireError, VERSION,
+    Reject, Session, Terms, WireError, VERSION,
 };
 
 const NONCE_LEN: usize = 32;
@@ -189,17 +189,30 @@ pub fn connect<S: Read + Write>(
             found: frame.kind,
         });
     }
-    let _: Accept = frame.decode()?;
+    let accept: Accept = frame.decode()?;
+    let terms = Terms {
+        closes_connections: accept.closes_connections,
+    };
     Ok(Session::established(
         stream,
         keys.c2s,
         keys.s2c,
         intent.clone(),
+        terms,
     ))
 }
 
-/// The listening side (the migration destination).
-pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>, WireError> {
+/// The listening side (the migration destination), on default [`Terms`].
+pub fn accept<S: Read + Write>(stream: S, auth: &Auth) -> Result<Session<S>, WireError> {
+    accept_on(stream, auth, Terms::default())
+}
+
+/// The listening side, telling the connecting side `terms` once it has proven the key.
+pub fn accept_on<S: Read + Write>(
+    mut stream: S,
+    auth: &Auth,
+    terms: Terms,
+) -> Result<Session<S>, WireError> {
     let sealed = read_sealed(&mut stream)?;
     let mut transcript = Vec::new();
     sealed.append_to(&mut transcript);
@@ -274,6 +287,7 @@ pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>,
         1,
         &Accept {
             version: VERSION as u32,
+            closes_connections: terms.closes_connections,
         }
         .encode_to_vec(),
     ))?;
@@ -283,7 +297,9 @@ pub fn accept<S: Read + Write>(mut stream: S, auth: &Auth) -> Result<Session<S>,
         container: proof.container,
         moves_address: proof.moves_address,
     };
-    Ok(Session::established(stream, keys.s2c, keys.c2s, intent))
+    Ok(Session::established(
+        stream, keys.s2c, keys.c2s, intent, terms,
+    ))
 }
 
 /// Makes a migration connection notice a dead peer or a cut link within ~15 s, idle or not:
@@ -399,6 +415,21 @@ mod tests {
 
     fn key(byte: u8) -> Auth {
         Auth::Key(vec![byte; 32])
+    }
+
+    #[test]
+    fn the_destinations_terms_reach_the_source() {
+        let (client, server) = pair(key(7), key(7));
+        assert_eq!(client.unwrap().terms(), Terms::default());
+        assert_eq!(server.unwrap().terms(), Terms::default());
+        let closing = Terms {
+            closes_connections: true,
+        };
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || accept_on(b, &key(7), closing));
+        let client = connect(a, &key(7), &Intent::default()).unwrap();
+        assert_eq!(client.terms(), closing);
+        assert_eq!(server.join().unwrap().unwrap().terms(), closing);
     }
 
     #[test]

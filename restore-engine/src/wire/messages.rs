@@ -97,11 +97,25 @@ pub struct Proof {
     pub moves_address: bool,
 }
 
-/// The listening side's first encrypted frame: proves it holds the key too.
+/// The listening side's first encrypted frame: proves it holds the key too, and says on what
+/// terms it receives ([`Terms`]).
 #[derive(Clone, PartialEq, Message)]
 pub struct Accept {
     #[prost(uint32, tag = "1")]
     pub version: u32,
+    /// [`Terms::closes_connections`].
+    #[prost(bool, tag = "2")]
+    pub closes_connections: bool,
+}
+
+/// What the listening side tells the connecting side about how it will restore the container
+/// (known to both ends of a session once the handshake is done).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Terms {
+    /// The receiving container restores established TCP connections closed (`pclive receive
+    /// --tcp-close`): their state is of no use there, so the source's final dump need not read
+    /// it, nor lock each connection while it does.
+    pub closes_connections: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -31,7 +31,7 @@ use std::io::{self, Read, Write};
 
 use prost::Message;
 
-pub use handshake::{accept, connect, harden_tcp, read_key_file, Auth};
+pub use handshake::{accept, accept_on, connect, harden_tcp, read_key_file, Auth};
 pub use messages::*;
 pub use seal::{FrameKey, TAG_LEN};
 
@@ -43,7 +43,9 @@ pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
 /// 6: the source says whether the container's address moves with it (`Proof::moves_address`),
 /// which the destination must have been prepared for. 7: a page frame carries its runs' bytes
 /// ahead of its descriptor ([`pages`]), so neither side copies them into or out of a message.
-pub const VERSION: u16 = 7;
+/// 8: the destination says whether it restores connections closed (`Accept::closes_connections`,
+/// [`Terms`]), so the source's final dump can leave their state out.
+pub const VERSION: u16 = 8;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 20;
 /// Largest payload accepted: a page batch of 8 MiB plus framing. Anything larger is refused
@@ -329,10 +331,18 @@ pub struct Session<S: Read + Write> {
     credit: u64,
     /// What the connecting side said it wants (on both ends).
     intent: Intent,
+    /// What the listening side said it does (on both ends).
+    terms: Terms,
 }
 
 impl<S: Read + Write> Session<S> {
-    fn established(stream: S, send_key: FrameKey, recv_key: FrameKey, intent: Intent) -> Self {
+    fn established(
+        stream: S,
+        send_key: FrameKey,
+        recv_key: FrameKey,
+        intent: Intent,
+        terms: Terms,
+    ) -> Self {
         Session {
             stream,
             send_key,
@@ -343,7 +353,13 @@ impl<S: Read + Write> Session<S> {
             recv_seq: handshake::FIRST_SESSION_SEQ,
             credit: INITIAL_CREDIT,
             intent,
+            terms,
         }
+    }
+
+    /// What the listening side said about how it restores.
+    pub fn terms(&self) -> Terms {
+        self.terms
     }
 
     /// The migration and purpose the connecting side announced.
