@@ -329,6 +329,9 @@ run_one() {
   wait "$client_pid" || true
   on cli "$client" verify --endpoint "$dst_ep" --records "$records" --value-size 1024 \
     --seed "$seed" --state "$dir/client.state" > "$dir/verify.json" || true
+  # CRIU's restore log (timestamped, as source-work/dump.log) goes with the bundle.
+  cp "/run/pclive-testbed/$bed/dst/state/io.containerd.runtime.v2.task/$dst_ns/$id/criu-work/restore.log" \
+    "$dir/restore.log" 2>/dev/null || true
   remove_container dst "$id"
   remove_container src "$id"
   ip netns del "$bed-src-redis" 2>/dev/null || true
