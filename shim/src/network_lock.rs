@@ -16,9 +16,9 @@
 //!
 //! Cheaper still is no lock at all: when the destination restores the connections closed
 //! (`pclive receive --tcp-close`, which it says in the handshake), their state is of no use
-//! there, and the final dump adds `tcp-close` to the config for its run
+//! there, and the final dump adds `tcp-close` and `network-lock skip` to the config for its run
 //! ([`closing_connections`]). CRIU then neither puts each connection in repair mode to read it
-//! nor locks it, and the images say so (a restore without `tcp-close` refuses them).
+//! nor locks anything, and the images say so (a restore without `tcp-close` refuses them).
 
 use std::fs;
 use std::path::Path;
@@ -34,6 +34,8 @@ pub const CREATE_CONFIG: &str = "criu.conf";
 const NFTABLES_LINE: &str = "network-lock nftables";
 /// The line that makes a dump record established connections as closed (and lock none).
 const TCP_CLOSE_LINE: &str = "tcp-close";
+/// The line that keeps CRIU from setting up a network lock at all.
+const SKIP_LINE: &str = "network-lock skip";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkLockError {
@@ -118,9 +120,9 @@ pub fn prefer_nftables(bundle: &Path) -> Result<&'static str, NetworkLockError> 
     if named.parent() != Some(bundle) {
         return Ok("as the container's own CRIU config says");
     }
-    // A shim that died during a final dump left its tcp-close line ([`closing_connections`]).
-    let text = without_tcp_close(&fs::read_to_string(named).unwrap_or_default());
-    fs::write(named, &text).map_err(io("write", named))?;
+    // A shim that died during a final dump left the config changed ([`closing_connections`]).
+    put_back(named)?;
+    let text = fs::read_to_string(named).unwrap_or_default();
     if text
         .lines()
         .any(|l| l.trim_start().starts_with("network-lock"))
@@ -140,12 +142,31 @@ pub fn prefer_nftables(bundle: &Path) -> Result<&'static str, NetworkLockError> 
     Ok("nftables")
 }
 
-/// The config's text without `tcp-close` lines.
-fn without_tcp_close(text: &str) -> String {
-    text.lines()
-        .filter(|l| l.trim() != TCP_CLOSE_LINE)
-        .map(|l| format!("{l}\n"))
-        .collect()
+/// Where [`closing_connections`] keeps the config as it was during a final dump.
+fn saved_path(config: &Path) -> std::path::PathBuf {
+    let mut name = config.as_os_str().to_owned();
+    name.push(".before-final-dump");
+    std::path::PathBuf::from(name)
+}
+
+/// Puts back the config a final dump changed, if a shim died before it could.
+fn put_back(config: &Path) -> Result<(), NetworkLockError> {
+    let saved = saved_path(config);
+    match fs::rename(&saved, config) {
+        Ok(()) => {
+            log::info!(
+                "{}: put back as it was before an interrupted final dump",
+                config.display()
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NetworkLockError::Io {
+            what: "put back",
+            path: saved.display().to_string(),
+            source: e,
+        }),
+    }
 }
 
 /// The shim's own CRIU config of the container in `bundle`, if it names one.
@@ -157,37 +178,55 @@ fn own_config(bundle: &Path) -> Option<std::path::PathBuf> {
     (named.parent() == Some(bundle)).then_some(named)
 }
 
-/// A CRIU config that says `tcp-close` until this is dropped.
+/// A CRIU config changed for one final dump; dropping this puts it back.
 #[derive(Debug)]
-pub struct TcpCloseInDump {
+pub struct ConfigForClosedConnections {
     config: std::path::PathBuf,
 }
 
-impl Drop for TcpCloseInDump {
+impl Drop for ConfigForClosedConnections {
     fn drop(&mut self) {
-        let text = fs::read_to_string(&self.config).unwrap_or_default();
-        if let Err(e) = fs::write(&self.config, without_tcp_close(&text)) {
-            log::warn!(
-                "cannot take tcp-close out of {} again ({e}); the next dump removes it",
-                self.config.display()
-            );
+        if let Err(e) = put_back(&self.config) {
+            log::warn!("{e}; the next dump puts it back");
         }
     }
 }
 
-/// For a final dump whose destination restores the connections closed: adds `tcp-close` to
-/// the container's CRIU config until the returned guard drops (after the dump, whatever its
-/// outcome: a source that resumes dumps its connections again later). None when the config is
-/// the user's: CRIU then reads and locks each connection, as it would without pclive.
-pub fn closing_connections(bundle: &Path) -> Result<Option<TcpCloseInDump>, NetworkLockError> {
+/// For a final dump whose destination restores the connections closed: until the returned
+/// guard drops (after the dump, whatever its outcome: a source that resumes may dump its
+/// connections' state later), the container's CRIU config says `tcp-close` and
+/// `network-lock skip`. With nothing to lock, CRIU's lock would still create and delete its
+/// nftables table (about 20 ms of libnftables in the pause). The config as it was is kept
+/// beside it and put back by the guard, or by the next dump if this shim dies first. None when
+/// the config is the user's: CRIU then reads and locks each connection, as it would without
+/// pclive.
+pub fn closing_connections(
+    bundle: &Path,
+) -> Result<Option<ConfigForClosedConnections>, NetworkLockError> {
     let Some(config) = own_config(bundle) else {
         return Ok(None);
     };
-    let mut text = without_tcp_close(&fs::read_to_string(&config).unwrap_or_default());
-    text.push_str(TCP_CLOSE_LINE);
-    text.push('\n');
-    fs::write(&config, text).map_err(io("write", &config))?;
-    Ok(Some(TcpCloseInDump { config }))
+    put_back(&config)?;
+    let text = fs::read_to_string(&config).unwrap_or_default();
+    let saved = saved_path(&config);
+    fs::write(&saved, &text).map_err(io("write", &saved))?;
+    let guard = ConfigForClosedConnections {
+        config: config.clone(),
+    };
+    let mut changed: String = text
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !(l.starts_with("network-lock") || l.trim_end() == TCP_CLOSE_LINE)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    changed.push_str(TCP_CLOSE_LINE);
+    changed.push('\n');
+    changed.push_str(SKIP_LINE);
+    changed.push('\n');
+    fs::write(&config, changed).map_err(io("write", &config))?;
+    Ok(Some(guard))
 }
 
 #[cfg(test)]
@@ -234,28 +273,34 @@ mod tests {
     }
 
     #[test]
-    fn tcp_close_is_in_the_own_config_for_one_dump_only() {
+    fn tcp_close_and_no_lock_are_in_the_own_config_for_one_dump_only() {
         let user = bundle_with(serde_json::json!({ CRIU_CONFIG: "/etc/my-criu.conf" }));
         assert!(closing_connections(user.path()).unwrap().is_none());
 
         let own = bundle_with(serde_json::json!({}));
         own_config_at_create(own.path()).unwrap();
         let named = own.path().join(CREATE_CONFIG);
-        fs::write(&named, "network-lock iptables\n").unwrap();
+        let before = "manage-cgroups-mode soft\nnetwork-lock nftables\n";
+        fs::write(&named, before).unwrap();
         let guard = closing_connections(own.path()).unwrap().unwrap();
         assert_eq!(
             fs::read_to_string(&named).unwrap(),
-            "network-lock iptables\ntcp-close\n"
+            "manage-cgroups-mode soft\ntcp-close\nnetwork-lock skip\n"
         );
         drop(guard);
+        assert_eq!(fs::read_to_string(&named).unwrap(), before);
+        assert!(!saved_path(&named).exists());
+        // What a dead shim left is put back before the next dump chooses its lock.
+        std::mem::forget(closing_connections(own.path()).unwrap().unwrap());
+        assert!(fs::read_to_string(&named).unwrap().contains("skip"));
         assert_eq!(
-            fs::read_to_string(&named).unwrap(),
-            "network-lock iptables\n"
+            prefer_nftables(own.path()).unwrap(),
+            "as the CRIU config says"
         );
-        // A line a dead shim left is gone before the next dump chooses its lock.
-        let guard = closing_connections(own.path()).unwrap().unwrap();
-        std::mem::forget(guard);
-        prefer_nftables(own.path()).unwrap();
-        assert!(!fs::read_to_string(&named).unwrap().contains("tcp-close"));
+        assert_eq!(fs::read_to_string(&named).unwrap(), before);
+        // And before the next final dump.
+        std::mem::forget(closing_connections(own.path()).unwrap().unwrap());
+        drop(closing_connections(own.path()).unwrap().unwrap());
+        assert_eq!(fs::read_to_string(&named).unwrap(), before);
     }
 }

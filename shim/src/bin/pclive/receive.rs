@@ -51,7 +51,9 @@ pub struct ReceiveArgs {
     #[arg(long)]
     pub net_host: bool,
     /// Restore established TCP connections closed (when the container's address does not move
-    /// with it, e.g. host networking: its clients reconnect)
+    /// with it, e.g. host networking: its clients reconnect). The source learns it in the
+    /// handshake and its final dump neither reads nor locks the connections, which keeps the
+    /// pause short for a server with many clients
     #[arg(long, conflicts_with = "move_address")]
     pub tcp_close: bool,
     /// Join this network namespace (`ctr run --with-ns network:PATH`), e.g. one a network
