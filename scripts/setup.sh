@@ -102,7 +102,7 @@ for unit in containerd redis-server docker-registry; do
 done
 
 # No CRIU options go into /etc/criu/runc.conf: runc uses that file for dumps as well, and CRIU 4.2
-# refuses `mntns-compat-mode` on dump. The shim gives restores their own config (see shim/src/task.rs).
+# refuses `mntns-compat-mode` on dump. The shim gives restores their own config (see shim/src/task/restore.rs).
 
 for tool in containerd runc criu ctr; do
   command -v "$tool" >/dev/null || { echo "setup.sh: $tool not found after install" >&2; exit 1; }
@@ -111,7 +111,7 @@ log "containerd $(containerd --version | awk '{print $3}'), $(runc --version | h
 
 # Kernel features: report what is missing now rather than failing late.
 if [ -e /proc/self/pagemap ] && ! criu check --feature mem_dirty_track >/dev/null 2>&1; then
-  log "note: kernel has no soft-dirty tracking; pclive hashes page contents by default (--tracker uffd-wp is O(dirty) on Linux 6.7+; 'pclive check' says more)"
+  log "note: kernel has no soft-dirty tracking; pclive tracks writes with uffd-wp where the kernel offers it (Linux 6.7+), else it hashes page contents ('pclive check' says which this host gets)"
 fi
 if ! criu check --feature uffd >/dev/null 2>&1; then
   log "WARNING: userfaultfd not usable by CRIU: lazy restore will not work on this host"
