@@ -6,7 +6,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::migration::*;
@@ -26,7 +27,8 @@ struct ClientEnd {
 
 /// A client that sends a line every millisecond on one connection and waits for its echo, as
 /// long as the connection lasts (no timeout of its own but a long one), as most clients do.
-fn client(address: SocketAddr, ready: mpsc::Sender<()>) -> ClientEnd {
+/// `echoed` counts the echoes as they come.
+fn client(address: SocketAddr, ready: mpsc::Sender<()>, echoed: Arc<AtomicU64>) -> ClientEnd {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
@@ -41,6 +43,7 @@ fn client(address: SocketAddr, ready: mpsc::Sender<()>) -> ClientEnd {
             Ok(()) => {
                 assert_eq!(&reply, b"ping\n");
                 replies += 1;
+                echoed.store(replies, Ordering::SeqCst);
                 if replies == 10 {
                     ready.send(()).unwrap();
                 }
@@ -69,6 +72,8 @@ struct Setup {
     dst_address: SocketAddr,
     cli: String,
     client: std::thread::JoinHandle<ClientEnd>,
+    /// The client's echoes so far.
+    echoed: Arc<AtomicU64>,
     receiver: Guarded,
     listen: String,
 }
@@ -86,7 +91,9 @@ fn set_up(hosts: &TwoHosts) -> Setup {
     let cli = format!("{}-cli", hosts.name());
     wait_reachable("the echo service to listen", &cli, src_address);
     let (ready, is_ready) = mpsc::channel();
-    let client = in_netns(cli.clone(), move || client(src_address, ready));
+    let echoed = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&echoed);
+    let client = in_netns(cli.clone(), move || client(src_address, ready, counter));
     is_ready
         .recv_timeout(Duration::from_secs(30))
         .expect("the client got no echo from the source");
@@ -106,6 +113,7 @@ fn set_up(hosts: &TwoHosts) -> Setup {
         dst_address,
         cli,
         client,
+        echoed,
         receiver,
         listen,
     }
@@ -238,6 +246,42 @@ fn an_in_doubt_source_refuses_clients_until_an_operator_resumes_it() {
     );
     let rules = source_rules(&hosts);
     assert!(!rules.contains("pclive-release"), "{rules}");
+    assert_eq!(
+        &echo(&setup.cli, setup.src_address).expect("the resumed source does not answer"),
+        b"hello\n"
+    );
+}
+
+/// The destination restores connections closed, so the source's final dump recorded them closed
+/// and locked nothing; then the destination fails before it restores. The source resumes, and the
+/// client's connection, which no repair mode or lock ever touched, goes on being answered.
+#[test]
+fn a_migration_that_fails_before_the_restore_leaves_the_clients_connection_working() {
+    let (failpoints, _remove) = failpoints_file("destination::after-images=return(error)\n");
+    let hosts = TwoHosts::up_with_env("10gbit", &[("PCLIVE_FAILPOINTS", &failpoints)]);
+    let (src, dst) = (&hosts.src, &hosts.dst);
+    let setup = set_up(&hosts);
+    let err = migrate(src, "echo", &setup.listen, &src.key()).unwrap_err();
+    assert!(
+        src.log()
+            .contains("the final dump records them closed, without locking them"),
+        "the final dump did not record the connections closed: {err}\n{}",
+        tail(&src.log(), 30)
+    );
+    assert_ne!(setup.receiver.wait_code(Duration::from_secs(60)), 0);
+    assert_eq!(src.task("echo").unwrap().1, "RUNNING", "{err}");
+    let resumed = setup.echoed.load(Ordering::SeqCst);
+    wait_for(
+        "the client's connection to the resumed source to carry echoes",
+        Duration::from_secs(10),
+        || setup.echoed.load(Ordering::SeqCst) > resumed + 100,
+    );
+    assert!(
+        !setup.client.is_finished(),
+        "the client's connection ended: {:?}\n{}",
+        setup.client.join(),
+        tail(&dst.log(), 20)
+    );
     assert_eq!(
         &echo(&setup.cli, setup.src_address).expect("the resumed source does not answer"),
         b"hello\n"

@@ -175,6 +175,32 @@ pub(super) fn read_smaps(pid: u32) -> Result<String, TrackError> {
     })
 }
 
+/// /proc/PID/maps: the mappings without smaps' counters, whose computation walks every page
+/// table entry (24 ms for a 1.4 GiB heap here, against 0.2 ms for maps).
+pub(super) fn read_maps(pid: u32) -> Result<String, TrackError> {
+    fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| TrackError::Proc {
+        pid,
+        what: "maps",
+        source,
+    })
+}
+
+/// Whether task `pid` has locked memory (/proc/PID/status `VmLck`): which mappings are locked
+/// (CRIU dumps them eagerly) only smaps says.
+pub(super) fn has_locked_memory(pid: u32) -> Result<bool, TrackError> {
+    let status =
+        fs::read_to_string(format!("/proc/{pid}/status")).map_err(|source| TrackError::Proc {
+            pid,
+            what: "status",
+            source,
+        })?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.split_whitespace().next())
+        .is_none_or(|kb| kb != "0"))
+}
+
 pub fn lazy_vmas(pid: u32) -> Result<Vec<LazyVma>, TrackError> {
     Ok(parse_lazy_vmas(&read_smaps(pid)?))
 }

@@ -35,9 +35,9 @@ pub use inject::InjectError;
 pub use scan::pagemap_scan_available;
 
 use super::{
-    carry_over, has_page, open_pagemap, pagemap_entries, parse_lazy_vmas_flagged, read_page_forced,
-    read_smaps, Delta, DeltaSink, DirtyTracker, HashTracker, LazyVma, Quiesce, TrackError,
-    DELTA_PIECE_BYTES, READ_BATCH,
+    carry_over, has_locked_memory, has_page, open_pagemap, pagemap_entries,
+    parse_lazy_vmas_flagged, read_maps, read_page_forced, read_smaps, Delta, DeltaSink,
+    DirtyTracker, HashTracker, LazyVma, Quiesce, TrackError, DELTA_PIECE_BYTES, READ_BATCH,
 };
 use crate::page;
 use crate::uffd::Uffd;
@@ -74,6 +74,9 @@ struct Task {
     unregistrable: Vec<(u64, u64)>,
     /// The mappings registered as of the latest round.
     registered: Vec<LazyVma>,
+    /// The eligible mappings as of the latest round, each with whether it is registered; None
+    /// when they must be read from smaps again ([`UffdWpTracker::mappings`]).
+    layout: Option<Vec<(LazyVma, bool)>>,
 }
 
 /// The write-protect tracker.
@@ -97,6 +100,25 @@ impl UffdWpTracker {
             regions: Vec::new(),
             page: vec![0u8; page::SIZE],
         })
+    }
+
+    /// Task `pid`'s eligible mappings, each with whether it is registered (smaps' `uw`). smaps
+    /// costs a walk of every page table entry (24 ms per round for a 1.4 GiB heap, all of it
+    /// in the pause in the frozen round), so it is read only when /proc/PID/maps, which does
+    /// not walk, shows other mappings than the latest round's, or when the task has locked
+    /// memory (smaps' `lo`). Otherwise the registrations are the latest round's: a mapping
+    /// loses its registration only by going away or moving, which maps shows, and a scan of a
+    /// mapping that lost it all the same fails (EPERM: read whole, and smaps next round).
+    fn mappings(&mut self, pid: u32) -> Result<Vec<(LazyVma, bool)>, TrackError> {
+        if let Some(layout) = self.tasks.get(&pid).and_then(|t| t.layout.as_ref()) {
+            let now = parse_lazy_vmas_flagged(&read_maps(pid)?);
+            let same =
+                now.len() == layout.len() && now.iter().zip(layout).all(|((a, _), (b, _))| a == b);
+            if same && !has_locked_memory(pid)? {
+                return Ok(layout.clone());
+            }
+        }
+        Ok(parse_lazy_vmas_flagged(&read_smaps(pid)?))
     }
 
     /// Makes sure task `pid` has a userfaultfd and that its unregistered mappings are
@@ -349,9 +371,16 @@ impl DirtyTracker for UffdWpTracker {
         if self.tasks.get(&pid).is_some_and(|t| t.hashed) {
             return self.fallback.round_into(pid, sink);
         }
-        let vmas = parse_lazy_vmas_flagged(&read_smaps(pid)?);
+        let vmas = self.mappings(pid)?;
         let vmas = self.register(pid, vmas)?;
         let task = self.tasks.get_mut(&pid).expect("registered above");
+        // Taken again below unless the registrations turn out otherwise than recorded.
+        task.layout = None;
+        let mut layout_holds = true;
+        let layout: Vec<(LazyVma, bool)> = vmas
+            .iter()
+            .map(|(vma, r)| (*vma, *r != Registration::None))
+            .collect();
         if task.hashed {
             return self.fallback.round_into(pid, sink);
         }
@@ -381,6 +410,7 @@ impl DirtyTracker for UffdWpTracker {
                     // Unregistered since smaps was read (mremap, munmap and mmap): whole.
                     Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                         plan = Plan::default();
+                        layout_holds = false;
                         false
                     }
                     Err(source) => {
@@ -456,6 +486,9 @@ impl DirtyTracker for UffdWpTracker {
             sent.push((vma, marks));
         }
         task.sent = sent;
+        if layout_holds {
+            task.layout = Some(layout);
+        }
         if !delta.is_empty() {
             sink(&mut delta).map_err(|()| TrackError::Stopped)?;
         }

@@ -143,6 +143,60 @@ mod helper {
             };
             match words[0] {
                 "map" => reply(&format!("{:#x}", map(num(1) as usize, num(2) as u8))),
+                "map-alone" => {
+                    // A mapping between two PROT_NONE pages, so that the kernel never merges it
+                    // with a neighbour: what maps shows of it stays the same when it is
+                    // replaced in place.
+                    let pages = num(1) as usize;
+                    let whole = (pages + 2) * page::SIZE;
+                    // SAFETY: a fresh private anonymous mapping, then a fixed one inside it.
+                    let at = unsafe {
+                        let at = libc::mmap(
+                            std::ptr::null_mut(),
+                            whole,
+                            libc::PROT_NONE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        );
+                        assert_ne!(at, libc::MAP_FAILED);
+                        let inner = at as u64 + page::SIZE_U64;
+                        libc::mprotect(
+                            inner as *mut libc::c_void,
+                            pages * page::SIZE,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                        );
+                        inner
+                    };
+                    for i in 0..pages {
+                        write_page(at + (i * page::SIZE) as u64, num(2) as u8);
+                    }
+                    reply(&format!("{at:#x}"));
+                }
+                "remap" => {
+                    // Unmaps a mapping and maps a new one at the same place, of the same size.
+                    let (addr, pages) = (num(1), num(2) as usize);
+                    // SAFETY: our own mapping, replaced by a fresh one at the same address.
+                    unsafe {
+                        assert_eq!(
+                            libc::munmap(addr as *mut libc::c_void, pages * page::SIZE),
+                            0
+                        );
+                        let at = libc::mmap(
+                            addr as *mut libc::c_void,
+                            pages * page::SIZE,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                            -1,
+                            0,
+                        );
+                        assert_eq!(at as u64, addr);
+                    }
+                    for i in 0..pages {
+                        write_page(addr + (i * page::SIZE) as u64, num(3) as u8);
+                    }
+                    reply("ok");
+                }
                 "reserve" => {
                     // A malloc arena's shape: a large PROT_NONE reserve whose first page is
                     // made writable and written.
@@ -634,4 +688,57 @@ fn before_the_dump_only_the_markers_go_and_the_rest_waits_for_the_release() {
     tracker.release();
     assert!(!carries_uw(hp));
     assert_no_markers(hp);
+}
+
+/// The maps lines of `pid` that overlap `[start, end)`.
+fn maps_lines(pid: u32, start: u64, end: u64) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            crate::memory::parse_range(l.split_whitespace().next().unwrap())
+                .is_some_and(|(s, e)| s < end && e > start)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Rounds read the mappings from /proc/PID/maps and trust the latest round's registrations
+/// while maps shows the same layout (smaps walks every page table entry). A mapping replaced
+/// at the same place shows the same layout without the registration: its scan fails, it is
+/// read whole, registered again (and read whole once more), and tracked exactly from there.
+#[test]
+fn a_mapping_replaced_at_the_same_place_is_read_whole_and_tracked_again() {
+    let Some((mut tracker, mut h)) = tracker_and_helper() else {
+        return;
+    };
+    let hp = h.pid();
+    let a = h.addr("map-alone 16 1");
+    let end = a + 16 * page::SIZE_U64;
+    let r = round(&mut tracker, &[hp]);
+    assert_eq!(within(&r[&hp], a, 16).0.len(), 16);
+    let r = round(&mut tracker, &[hp]);
+    assert_eq!(within(&r[&hp], a, 16), (vec![], vec![]));
+    let before = maps_lines(hp, a, end);
+
+    h.ask(&format!("remap {a:#x} 16 4"));
+    assert_eq!(
+        maps_lines(hp, a, end),
+        before,
+        "the replaced mapping does not look the same in maps: this test needs it to"
+    );
+    let r = round(&mut tracker, &[hp]);
+    let (data, _) = within(&r[&hp], a, 16);
+    assert_eq!(data, (0..16).map(|i| (i, 4)).collect::<Vec<_>>());
+    // The next round reads smaps (the scan failed), registers it again and reads it whole
+    // once more (what was written before the registration is not known); then only what is
+    // written.
+    let r = round(&mut tracker, &[hp]);
+    assert_eq!(within(&r[&hp], a, 16).0.len(), 16);
+    assert!(carries_uw(hp));
+    let r = round(&mut tracker, &[hp]);
+    assert_eq!(within(&r[&hp], a, 16), (vec![], vec![]));
+    h.ask(&format!("write {:#x} 6", a + 2 * page::SIZE_U64));
+    let r = round(&mut tracker, &[hp]);
+    assert_eq!(within(&r[&hp], a, 16), (vec![(2, 6)], vec![]));
 }
