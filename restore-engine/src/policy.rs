@@ -99,11 +99,13 @@ impl ConvergencePolicy {
 
     /// Seconds until the pause if the workload keeps dirtying `dirty_rate` bytes/s and the
     /// link carries `bandwidth` bytes/s: the rounds this policy would still run, simulated
-    /// (each round carries what was dirtied while the previous one was sent). `None` when
-    /// either rate is unknown.
+    /// (each round carries what was dirtied while the previous one was sent), after round
+    /// `rounds_done`, which sent `last_bytes` in `last_seconds` after a round of
+    /// `previous_bytes`. `None` when either rate is unknown.
     pub fn projected_seconds_to_pause(
         &self,
         rounds_done: u32,
+        previous_bytes: Option<u64>,
         last_bytes: u64,
         last_seconds: f64,
         dirty_rate: f64,
@@ -113,14 +115,12 @@ impl ConvergencePolicy {
             return None;
         }
         let (mut rounds, mut previous, mut bytes, mut seconds) =
-            (rounds_done, last_bytes, last_bytes, last_seconds);
+            (rounds_done, previous_bytes, last_bytes, last_seconds);
         let mut total = 0.0;
-        // A decision was already taken on the round just done: project the ones after it.
-        while self
-            .decide(rounds, bytes, Some(previous), bandwidth)
-            .is_none()
-        {
-            previous = bytes;
+        // The first decision repeats the one taken on the round just done (go on); the loop
+        // projects the rounds after it.
+        while self.decide(rounds, bytes, previous, bandwidth).is_none() {
+            previous = Some(bytes);
             bytes = (dirty_rate * seconds) as u64;
             seconds = bytes as f64 / bandwidth;
             total += seconds;
@@ -189,23 +189,43 @@ mod tests {
         // 1 GB/s link, 100 MB/s dirtied, 1 s round of 1 GB just done: 100 MB (0.1 s) next,
         // which converges.
         let eta = policy
-            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 1e8, 1e9)
+            .projected_seconds_to_pause(1, None, 1_000_000_000, 1.0, 1e8, 1e9)
             .unwrap();
         assert!((eta - 0.1).abs() < 1e-6, "{eta}");
         // Dirtying as fast as the link: the rounds stop shrinking after the third.
         let eta = policy
-            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 1e9, 1e9)
+            .projected_seconds_to_pause(1, None, 1_000_000_000, 1.0, 1e9, 1e9)
             .unwrap();
         assert!((eta - 2.0).abs() < 1e-6, "{eta}");
         // A round limit bounds it even when nothing converges.
         let eta = policy
-            .projected_seconds_to_pause(1, 1_000_000_000, 1.0, 2e9, 1e9)
+            .projected_seconds_to_pause(1, None, 1_000_000_000, 1.0, 2e9, 1e9)
             .unwrap();
         assert!(eta.is_finite());
         assert_eq!(
-            policy.projected_seconds_to_pause(1, 1, 1.0, 1e6, 0.0),
+            policy.projected_seconds_to_pause(1, None, 1, 1.0, 1e6, 0.0),
             None,
             "no bandwidth, no projection"
+        );
+    }
+
+    #[test]
+    fn a_later_rounds_projection_compares_it_with_the_round_before() {
+        // The demo (512 MiB rewritten at ~86 MB/s over 1 Gbit/s) printed "pause in ~0.0s"
+        // after rounds 3, 4 and 5 and paused after round 6: the projection compared the round
+        // just done with itself, which the policy reads as "not shrinking" from round 3 on.
+        let policy = ConvergencePolicy::default();
+        let mib = |m: f64| (m * (1 << 20) as f64) as u64;
+        let eta = policy
+            .projected_seconds_to_pause(3, Some(mib(246.6)), mib(138.7), 1.219, 85.9e6, 119.3e6)
+            .unwrap();
+        // Rounds 4 to 8 projected (0.88 + 0.63 + 0.46 + 0.33 + 0.24 s); the real ones took 2.7 s
+        // with a pause after round 6.
+        assert!((2.0..3.0).contains(&eta), "{eta}");
+        // A round that did stop shrinking ends the projection at once.
+        assert_eq!(
+            policy.projected_seconds_to_pause(4, Some(mib(100.0)), mib(95.0), 1.0, 1e8, 1e8),
+            Some(0.0)
         );
     }
 }

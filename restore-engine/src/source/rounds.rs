@@ -377,6 +377,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 stats.eta_seconds = stats.dirty_bytes_per_second.and_then(|dirty_rate| {
                     policy.projected_seconds_to_pause(
                         round,
+                        previous,
                         stats.bytes,
                         stats.seconds,
                         dirty_rate,
