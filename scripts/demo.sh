@@ -98,8 +98,9 @@ cat <<END
 
 The container moved from $bed-src to $bed-dst over a $rate link while it ran: $(jq '.precopy.rounds | length' "$work/report.json") rounds of
 pre-copy, then a pause of $(jq -r '.downtime_seconds | . * 1000 | floor' "$work/report.json") ms. On the destination it verified all $((mib * 256)) pages of its
-$mib MiB (pass $pass_before -> $pass) and runs on; the source container is gone. The migration's
-record on each host (pclive status):
+$mib MiB (pass $pass_before -> $pass) and runs on. The source's copy was killed once the destination
+committed: its task shows STOPPED, as after any exit, until it is deleted (ctr task delete; Kubernetes
+sees the source's container exited). The migration's record on each host (pclive status):
 END
 pclive status app --address "$src_sock" -n demo-src --state-dir "/run/pclive-testbed/$bed/src/pclive" || true
 pclive status app --address "$dst_sock" -n demo-dst --state-dir "/run/pclive-testbed/$bed/dst/pclive" || true
