@@ -13,6 +13,10 @@ use crate::versions::{self, MIN_CONTAINERD, MIN_CRIU, MIN_RUNC};
 pub struct Finding {
     pub name: String,
     pub ok: bool,
+    /// Works, but slower or more limited on this host than it could be: `meaning` says why and
+    /// what to do. Never set with `ok: false`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub note: bool,
     pub detail: String,
     /// What follows for pclive, or what to do.
     pub meaning: String,
@@ -37,12 +41,14 @@ fn version_finding(name: &'static str, binary: &str, args: &[&str], min: (u32, u
         Ok((major, minor, patch)) => Finding {
             name: name.into(),
             ok: true,
+            note: false,
             detail: format!("{major}.{minor}.{patch}"),
             meaning: format!("{name} >= {}.{} as pclive needs", min.0, min.1),
         },
         Err(e) => Finding {
             name: name.into(),
             ok: false,
+            note: false,
             detail: "missing or too old".into(),
             meaning: e.to_string(),
         },
@@ -93,12 +99,14 @@ pub fn inspect() -> HostReport {
         Ok(features) => Finding {
             name: "userfaultfd".into(),
             ok: features.has(crate::uffd::UFFD_FEATURE_EVENT_FORK | crate::uffd::UFFD_FEATURE_EVENT_REMAP),
+            note: false,
             detail: format!("features {:#x}", features.features),
             meaning: "lazy restore: pclive installs memory with UFFDIO_COPY from local RAM".into(),
         },
         Err(e) => Finding {
             name: "userfaultfd".into(),
             ok: false,
+            note: false,
             detail: e.to_string(),
             meaning: "no userfaultfd: lazy restore cannot work (needs CONFIG_USERFAULTFD and root or vm.unprivileged_userfaultfd=1)".into(),
         },
@@ -108,6 +116,7 @@ pub fn inspect() -> HostReport {
         name: "uffd-wp".into(),
         // Optional: the write-protect tracker is an optimisation over content hashing.
         ok: true,
+        note: false,
         detail: match &wp {
             Ok(()) => "write-protect async and PAGEMAP_SCAN: yes".into(),
             Err(why) => why.clone(),
@@ -123,6 +132,8 @@ pub fn inspect() -> HostReport {
     findings.push(Finding {
         name: "tracker".into(),
         ok: true,
+        // Content hashing rereads all memory every round.
+        note: tracker == "content-hash",
         detail: tracker.into(),
         meaning: format!(
             "pre-copy finds changed pages with the {tracker} tracker by default: {why} \
@@ -134,6 +145,7 @@ pub fn inspect() -> HostReport {
         name: "soft-dirty".into(),
         // Optional: pclive falls back to its content-hash tracker.
         ok: true,
+        note: false,
         detail: if soft_dirty { "present" } else { "absent" }.into(),
         meaning: if soft_dirty {
             "dirty pages are tracked by the kernel".into()
@@ -147,6 +159,7 @@ pub fn inspect() -> HostReport {
         name: "free-page-reporting".into(),
         // Informational: it sets the pace of restores, it does not stop them.
         ok: true,
+        note: reporting,
         detail: if reporting {
             "on (virtio balloon)"
         } else {
@@ -157,7 +170,8 @@ pub fn inspect() -> HostReport {
             "memory freed in this VM goes back to its hypervisor, which must populate every page \
              a restore installs again: the fill after a live migration runs at that pace \
              (0.3-0.8 GB/s measured on such a VM, against 1.5-2.2 GB/s into memory used before; \
-             docs/benchmarks.md)"
+             docs/benchmarks.md). A VM whose memory stays backed (no free page reporting, or \
+             preallocated memory) fills at the faster pace"
                 .into()
         } else {
             "memory freed on this host stays with it".into()
@@ -169,6 +183,7 @@ pub fn inspect() -> HostReport {
     findings.push(Finding {
         name: "cgroups".into(),
         ok: freezer,
+        note: false,
         detail: if v2 { "v2 (unified)" } else { "v1" }.into(),
         meaning: if freezer {
             "containers can be frozen for the final dump".into()
@@ -185,12 +200,14 @@ pub fn inspect() -> HostReport {
 /// 50 ms measured here, and a migration's pause holds two runs: the dump and the restore.
 fn kdat_cache_finding(run: &Path) -> Finding {
     use nix::sys::statfs::{statfs, TMPFS_MAGIC};
-    let (detail, meaning) = match statfs(run) {
+    let (kept, detail, meaning) = match statfs(run) {
         Ok(fs) if fs.filesystem_type() == TMPFS_MAGIC => (
+            true,
             format!("kept ({} is a tmpfs)", run.display()),
             "CRIU keeps its kernel probe between runs".to_string(),
         ),
         Ok(fs) => (
+            false,
             format!(
                 "not kept ({} is not a tmpfs, type {:#x})",
                 run.display(),
@@ -204,6 +221,7 @@ fn kdat_cache_finding(run: &Path) -> Finding {
             ),
         ),
         Err(e) => (
+            false,
             format!("unknown ({}: {e})", run.display()),
             "CRIU may probe the kernel again on every run".to_string(),
         ),
@@ -212,6 +230,7 @@ fn kdat_cache_finding(run: &Path) -> Finding {
         name: "criu-kdat-cache".into(),
         // Informational: it lengthens pauses, it does not stop them.
         ok: true,
+        note: !kept,
         detail,
         meaning,
     }
@@ -225,9 +244,9 @@ mod tests {
     fn the_kdat_cache_is_kept_only_on_a_tmpfs() {
         // /dev/shm is a tmpfs on every Linux host; /proc never is.
         let shm = kdat_cache_finding(Path::new("/dev/shm"));
-        assert!(shm.detail.starts_with("kept"), "{shm:?}");
+        assert!(shm.detail.starts_with("kept") && !shm.note, "{shm:?}");
         let proc = kdat_cache_finding(Path::new("/proc"));
-        assert!(proc.detail.starts_with("not kept"), "{proc:?}");
+        assert!(proc.detail.starts_with("not kept") && proc.note, "{proc:?}");
         assert!(proc.meaning.contains("mount a tmpfs on /proc"), "{proc:?}");
     }
 
