@@ -87,7 +87,9 @@ ctr_on src run -d --null-io --runtime io.containerd.pclive.v2 --rootfs "$work/ro
   "$(echo /usr/local/bin/memcheck)" "$mib" --status /status --writes-per-tick 256 >/dev/null
 wait_passes src 2
 before_src=$(snapshot src); before_dst=$(snapshot dst); netns_before=$(ip netns list | wc -l)
-tmp_before=$(ls -d /tmp/pclive-migrate-* /tmp/pclive-receive-* 2>/dev/null | wc -l)
+# pclive's temporary directories (find, not ls: no match is 0, not an error under pipefail).
+pclive_tmp_dirs() { find /tmp -maxdepth 1 \( -name 'pclive-migrate-*' -o -name 'pclive-receive-*' \) | wc -l; }
+tmp_before=$(pclive_tmp_dirs)
 echo "soak: $hops hops of $mib MiB over $rate; before: src {$before_src} dst {$before_dst}" >&2
 
 : > "$work/results.jsonl"
@@ -127,7 +129,7 @@ done
 after_src=$(snapshot src); after_dst=$(snapshot dst)
 if [ "$here" = dst ]; then a=$before_src; before_src=$before_dst; before_dst=$a; fi
 netns_after=$(ip netns list | wc -l)
-tmp_after=$(ls -d /tmp/pclive-migrate-* /tmp/pclive-receive-* 2>/dev/null | wc -l)
+tmp_after=$(pclive_tmp_dirs)
 leaks=""
 [ "$after_src" = "$before_src" ] || leaks="$leaks src: {$before_src} → {$after_src};"
 [ "$after_dst" = "$before_dst" ] || leaks="$leaks dst: {$before_dst} → {$after_dst};"
