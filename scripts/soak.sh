@@ -6,10 +6,11 @@
 # the shims, mounts, network namespaces, cgroups, bundles and staging directories, listening
 # sockets, processes.
 #
-#   scripts/soak.sh [--hops N] [--mib N] [--rate 1gbit|10gbit|none] [--out FILE]
+#   scripts/soak.sh [--hops N] [--mib N] [--rate 1gbit|10gbit|none] [--out FILE] [--no-setup]
 #
 # Defaults: 50 hops of 256 MiB over 10gbit. Prints one JSON line per hop and a summary (also
 # written to FILE, default docs/soak-results.jsonl). Everything it creates is removed on exit.
+# --no-setup skips scripts/setup.sh (what it installs must be there already).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,18 +18,20 @@ hops=50
 mib=256
 rate=10gbit
 out=docs/soak-results.jsonl
+setup=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --hops) hops=${2:?}; shift 2 ;;
     --mib) mib=${2:?}; shift 2 ;;
     --rate) rate=${2:?}; shift 2 ;;
     --out) out=${2:?}; shift 2 ;;
+    --no-setup) setup=0; shift ;;
     -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "soak.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
 
-bash scripts/setup.sh
+if [ "$setup" = 1 ]; then bash scripts/setup.sh; fi
 cargo build --release --locked -q -p pclive-workloads
 memcheck=$PWD/target/release/memcheck
 
