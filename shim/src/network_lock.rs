@@ -121,7 +121,7 @@ pub fn prefer_nftables(bundle: &Path) -> Result<&'static str, NetworkLockError> 
         return Ok("as the container's own CRIU config says");
     }
     // A shim that died during a final dump left the config changed ([`closing_connections`]).
-    put_back(named)?;
+    put_back_stale(named)?;
     let text = fs::read_to_string(named).unwrap_or_default();
     if text
         .lines()
@@ -149,24 +149,29 @@ fn saved_path(config: &Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
-/// Puts back the config a final dump changed, if a shim died before it could.
-fn put_back(config: &Path) -> Result<(), NetworkLockError> {
+/// Puts back the config a final dump changed; true when there was one to put back.
+fn put_back(config: &Path) -> Result<bool, NetworkLockError> {
     let saved = saved_path(config);
     match fs::rename(&saved, config) {
-        Ok(()) => {
-            log::info!(
-                "{}: put back as it was before an interrupted final dump",
-                config.display()
-            );
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(NetworkLockError::Io {
             what: "put back",
             path: saved.display().to_string(),
             source: e,
         }),
     }
+}
+
+/// Puts back what a final dump left changed because its shim died before the dump's guard could.
+fn put_back_stale(config: &Path) -> Result<(), NetworkLockError> {
+    if put_back(config)? {
+        log::info!(
+            "{}: put back as it was before an interrupted final dump",
+            config.display()
+        );
+    }
+    Ok(())
 }
 
 /// The shim's own CRIU config of the container in `bundle`, if it names one.
@@ -186,8 +191,9 @@ pub struct ConfigForClosedConnections {
 
 impl Drop for ConfigForClosedConnections {
     fn drop(&mut self) {
-        if let Err(e) = put_back(&self.config) {
-            log::warn!("{e}; the next dump puts it back");
+        match put_back(&self.config) {
+            Ok(_) => log::debug!("{}: put back after the final dump", self.config.display()),
+            Err(e) => log::warn!("{e}; the next dump puts it back"),
         }
     }
 }
@@ -206,7 +212,7 @@ pub fn closing_connections(
     let Some(config) = own_config(bundle) else {
         return Ok(None);
     };
-    put_back(&config)?;
+    put_back_stale(&config)?;
     let text = fs::read_to_string(&config).unwrap_or_default();
     let saved = saved_path(&config);
     fs::write(&saved, &text).map_err(io("write", &saved))?;
