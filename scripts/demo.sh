@@ -70,7 +70,7 @@ before=$(cat "$rootfs/status")
 pclive migrate app "$dst_addr:7411" --key-file "/run/pclive-testbed/$bed/src/migration.key" --address "$src_sock" --namespace demo-src \
   --state-dir "/run/pclive-testbed/$bed/src/pclive" --json > "$work/report.json"
 wait "$receiver"; receiver=""
-jq '{downtime_seconds, last_round_seconds, final_dump_seconds, images_seconds, commit_wait_seconds,
+jq '{downtime_seconds, last_round_seconds, final_dump_seconds, dump_overlap, images_seconds, commit_wait_seconds,
      rounds: [.precopy.rounds[] | {round, pages, bytes, seconds, frozen}]}' "$work/report.json"
 
 say "after the migration"

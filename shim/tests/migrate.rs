@@ -703,12 +703,13 @@ fn reference_redis_digest(server: &Path, cli: &Path, dir: &Path, writes: u64) ->
 #[test]
 fn a_link_cut_during_the_final_transfer_resumes_the_source() {
     let run = InterruptedMigration::start_with("1gbit", &["--resolve-timeout", "60"]);
-    // The moment the source is frozen for its last round, the link goes dead. If the images
-    // were already on their way, the source cannot know whether the destination got them: it
-    // stays frozen and keeps asking. Once the link is back, the destination (which never got
-    // them, and aborted) says so, and the source resumes.
+    // The moment the source has read its last round (frozen), while those pages go over beside
+    // the final dump, the link goes dead. If the images were already on their way, the source
+    // cannot know whether the destination got them: it stays frozen and keeps asking. Once the
+    // link is back, the destination (which never got them, and aborted) says so, and the
+    // source resumes.
     wait_for("the frozen round", Duration::from_secs(120), || {
-        run.hosts.src.log().contains("(frozen)")
+        run.hosts.src.log().contains("frozen round read")
     });
     run.hosts.cut_link();
     std::thread::sleep(Duration::from_secs(15));

@@ -401,6 +401,26 @@ impl Delta {
             ..Default::default()
         }
     }
+    /// Bytes of page data it holds.
+    pub fn held_bytes(&self) -> usize {
+        self.data.len() - self.front
+    }
+
+    /// A copy that owns its pages, for a sender that keeps them a while (a tracker reuses its
+    /// buffer piece after piece), with room after them for a frame's descriptor and tag, as a
+    /// streamed piece has.
+    pub fn to_held(&self) -> Delta {
+        let room = 256 + 32 * (self.runs.len() + self.zero.len());
+        let mut data = Vec::with_capacity(self.data.len() + room);
+        data.extend_from_slice(&self.data);
+        Delta {
+            runs: self.runs.clone(),
+            data,
+            front: self.front,
+            zero: self.zero.clone(),
+        }
+    }
+
     /// Each run of consecutive changed pages: its address and contents.
     pub fn runs(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
         let mut at = self.front;

@@ -18,6 +18,7 @@
 
 mod pace;
 pub mod query;
+mod report;
 pub mod rounds;
 
 use std::fs;
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub use crate::clock::unix_now;
+pub use report::{ClientsReleased, DumpOverlap, MigrationReport};
 pub use rounds::{RoundStats, Sender, SourceLayer, SourceReport, TaskIds};
 
 use crate::memory::{self, Quiesce, TrackError};
@@ -152,7 +154,8 @@ impl MigrateParams {
 }
 
 /// What the engine asks of the container runtime (the shim, over runc and CRIU).
-pub trait SourceHooks {
+/// `Send`: the final dump runs on a thread of its own while the frozen round is sent.
+pub trait SourceHooks: Send {
     /// The container's processes now (taken anew each round: they come and go).
     fn tasks(&mut self) -> Result<Vec<TaskIds>, HookError>;
     /// Freezes every process of the container.
@@ -198,67 +201,6 @@ pub enum ConnectionDump {
     /// closed, so reading each one's state and locking it would only lengthen the pause (by
     /// about 0.5 ms per connection here).
     Closed,
-}
-
-/// What the source did for its clients once the destination ran the container.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ClientsReleased {
-    /// TCP ports the container listens on: connection attempts to them are refused here.
-    pub ports: Vec<u16>,
-    /// Its established connections, reset (their clients see the reset and reconnect).
-    pub connections_reset: u32,
-    /// After the destination said it runs the container.
-    pub seconds: f64,
-    /// Why the clients could not be released (they then wait on the frozen copy until the
-    /// commit); the migration goes on.
-    pub error: Option<String>,
-}
-
-/// What a migration did (the shim writes it as JSON next to the final dump's logs).
-#[derive(Debug, Clone, Serialize)]
-pub struct MigrationReport {
-    pub migration_id: String,
-    pub container: String,
-    pub destination: String,
-    pub precopy: SourceReport,
-    /// Pause → last round sent.
-    pub last_round_seconds: f64,
-    pub final_dump_seconds: f64,
-    pub image_bytes: u64,
-    pub images_seconds: f64,
-    /// Images sent → the destination committed (restore and every page installed).
-    pub commit_wait_seconds: f64,
-    /// Pause → the tasks run on the destination (reported by it): the service's downtime.
-    pub downtime_seconds: f64,
-    /// Pause → commit: how long the source stayed frozen, ready to resume if anything failed
-    /// (includes the destination's background fill, while the service already runs there).
-    pub frozen_until_commit_seconds: f64,
-    /// Unix times of the steps, to line them up with what clients of the service saw.
-    pub started_unix: f64,
-    pub paused_unix: f64,
-    /// The image files were on the destination: its restore could start.
-    pub images_sent_unix: f64,
-    /// The destination reported its tasks running (None if it never did before committing).
-    pub restored_unix: Option<f64>,
-    pub committed_unix: f64,
-    /// The commit was learnt by asking the destination after the connection was lost.
-    pub learnt_by_query: bool,
-    /// How the filesystem travelled: `copied`, `shared` or `none`.
-    pub filesystem: &'static str,
-    /// Host paths bind-mounted into the container, not copied (the user said the destination
-    /// has them).
-    pub external_mounts: Vec<String>,
-    /// What the source did for its clients at the switchover (None: the destination never said
-    /// it ran the container before committing).
-    pub clients_released: Option<ClientsReleased>,
-    /// The interfaces whose address moved to the destination (`--move-address`): taken down
-    /// here before the final dump, announced there before the tasks resumed.
-    pub address_moved: Vec<String>,
-    /// What protected the migration's frames on the link: `AES-256-GCM`, or none (`--insecure`).
-    pub encryption: &'static str,
-    /// What the final dump recorded of the TCP connections: `state`, or `closed` when the
-    /// destination restores them closed.
-    pub tcp_connections: ConnectionDump,
 }
 
 /// Connects to the receiving end and authenticates the session.
@@ -393,28 +335,29 @@ fn migrate_over_txn<S: Read + Write>(
     let mut paused: Option<(Instant, f64)> = None;
     // Until the images are complete the destination cannot run the container: any failure
     // resumes it here.
-    let before_images = (|| -> Result<(SourceReport, f64, f64, u64, f64), SourceError> {
-        let image_dir = params.image_dir();
-        fs::create_dir_all(&image_dir)
-            .map_err(SourceError::io(format!("creating {}", image_dir.display())))?;
-        fault("source::precopy")?;
-        // The hooks are used by the rounds (tasks, progress) and by the freeze: a cell lets
-        // both closures borrow them.
-        let hooks_cell = std::cell::RefCell::new(&mut *hooks);
-        let txn_cell = std::cell::RefCell::new(&mut txn);
-        let mut quiesce = HooksQuiesce(&hooks_cell);
-        let layer = params.layer.as_ref().map(|plan| match plan {
-            LayerPlan::Copy(source) => {
-                rounds::SourceLayer::Copy(crate::layer::Scanner::new(source.clone()))
-            }
-            LayerPlan::Shared(root) => rounds::SourceLayer::Shared(root.clone()),
-        });
-        let precopy = Sender::new(&mut session)
-            .compress(params.compress)
-            .max_bandwidth(params.max_bandwidth)
-            .max_cpu(params.max_cpu)
-            .layer(layer)
-            .run(
+    let before_images =
+        (|| -> Result<(SourceReport, f64, f64, DumpOverlap, u64, f64), SourceError> {
+            let image_dir = params.image_dir();
+            fs::create_dir_all(&image_dir)
+                .map_err(SourceError::io(format!("creating {}", image_dir.display())))?;
+            fault("source::precopy")?;
+            // The hooks are used by the rounds (tasks, progress) and by the freeze: a cell lets
+            // both closures borrow them.
+            let hooks_cell = std::cell::RefCell::new(&mut *hooks);
+            let txn_cell = std::cell::RefCell::new(&mut txn);
+            let mut quiesce = HooksQuiesce(&hooks_cell);
+            let layer = params.layer.as_ref().map(|plan| match plan {
+                LayerPlan::Copy(source) => {
+                    rounds::SourceLayer::Copy(crate::layer::Scanner::new(source.clone()))
+                }
+                LayerPlan::Shared(root) => rounds::SourceLayer::Shared(root.clone()),
+            });
+            let mut sender = Sender::new(&mut session)
+                .compress(params.compress)
+                .max_bandwidth(params.max_bandwidth)
+                .max_cpu(params.max_cpu)
+                .layer(layer);
+            let (mut precopy, frozen_round) = sender.run_until_frozen(
                 || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),
                 tracker.as_mut(),
                 &mut quiesce,
@@ -430,54 +373,93 @@ fn migrate_over_txn<S: Read + Write>(
                     paused = Some((Instant::now(), unix_now()));
                     fault("source::after-freeze")
                 },
-                |round| hooks_cell.borrow_mut().round_done(round),
+                &mut |round| hooks_cell.borrow_mut().round_done(round),
+                true,
             )?;
-        let (paused_at, _) = paused.expect("the last round follows the freeze");
-        let last_round_seconds = paused_at.elapsed().as_secs_f64();
-        let dump_start = Instant::now();
-        if params.move_address {
-            // From here on nothing may change the connections' state that the dump records:
-            // the address goes down (recorded first: whoever resumes this copy restores it).
-            let links = hooks.address_links().map_err(SourceError::Dump)?;
-            if links.is_empty() {
-                return Err(SourceError::Dump(
-                    "--move-address: the container's network namespace has no interface up \
+            let (paused_at, _) = paused.expect("the last round follows the freeze");
+            if params.move_address {
+                // From here on nothing may change the connections' state that the dump records:
+                // the address goes down (recorded first: whoever resumes this copy restores it).
+                let links = hooks.address_links().map_err(SourceError::Dump)?;
+                if links.is_empty() {
+                    return Err(SourceError::Dump(
+                        "--move-address: the container's network namespace has no interface up \
                      besides lo: there is no address to move"
-                        .into(),
-                ));
+                            .into(),
+                    ));
+                }
+                txn.record.moved_links = links.clone();
+                txn.store.write(&txn.record)?;
+                hooks
+                    .set_address_links(&links, false)
+                    .map_err(SourceError::Dump)?;
+                fault("source::after-address-down")?;
             }
-            txn.record.moved_links = links.clone();
-            txn.store.write(&txn.record)?;
-            hooks
-                .set_address_links(&links, false)
-                .map_err(SourceError::Dump)?;
-            fault("source::after-address-down")?;
-        }
-        hooks
-            .final_dump(&image_dir, connections)
-            .map_err(SourceError::Dump)?;
-        let timers = crate::fixups::fix_overdue_timerfds(&image_dir)
-            .map_err(|e| SourceError::Dump(e.into()))?;
-        if timers > 0 {
+            // The frozen round's pages are read: CRIU's dump and their transfer are independent,
+            // so they run together (the dump on a thread of its own).
+            let held_bytes = frozen_round.held_bytes() as u64;
+            let dump_start = Instant::now();
+            let last_round_seconds = paused_at.elapsed().as_secs_f64();
             log::info!(
+            "{}: frozen round read {last_round_seconds:.3}s after the pause: {:.1} MiB go over beside the final dump",
+            params.container,
+            held_bytes as f64 / (1 << 20) as f64
+        );
+            let (sent, dumped) = std::thread::scope(|scope| {
+                let dump = scope.spawn(|| {
+                    let dumped = hooks.final_dump(&image_dir, connections);
+                    (dumped, dump_start.elapsed().as_secs_f64())
+                });
+                let sent = sender
+                    .send_frozen(frozen_round, &mut precopy)
+                    .map(|last| (last, dump_start.elapsed().as_secs_f64()));
+                (sent, dump.join())
+            });
+            let final_dump_seconds = dump_start.elapsed().as_secs_f64();
+            let (dumped, dump_seconds) =
+                dumped.map_err(|_| SourceError::Dump("the final dump's thread panicked".into()))?;
+            let (last, sent_seconds) = match (sent, dumped) {
+                (Ok(sent), Ok(())) => sent,
+                (Err(e), dumped) => {
+                    if let Err(dump_error) = dumped {
+                        log::warn!(
+                            "{}: the final dump failed too: {dump_error}",
+                            params.container
+                        );
+                    }
+                    return Err(e);
+                }
+                (Ok(_), Err(e)) => return Err(SourceError::Dump(e)),
+            };
+            let overlap = DumpOverlap {
+                held_bytes,
+                sent_seconds,
+                dump_seconds,
+            };
+            log::debug!("{}: beside the final dump: {overlap:?}", params.container);
+            hooks.round_done(&last);
+            let timers = crate::fixups::fix_overdue_timerfds(&image_dir)
+                .map_err(|e| SourceError::Dump(e.into()))?;
+            if timers > 0 {
+                log::info!(
                 "{}: {timers} overdue periodic timerfd(s) set to expire at once (CRIU would disarm them)",
                 params.container
             );
-        }
-        let final_dump_seconds = dump_start.elapsed().as_secs_f64();
-        fault("source::after-dump")?;
-        let images_start = Instant::now();
-        let image_bytes = send_image_files(&mut session, &image_dir)?;
-        fault("source::before-images-done")?;
-        Ok((
-            precopy,
-            last_round_seconds,
-            final_dump_seconds,
-            image_bytes,
-            images_start.elapsed().as_secs_f64(),
-        ))
-    })();
-    let (precopy, last_round_seconds, final_dump_seconds, image_bytes, images_seconds) =
+            }
+            fault("source::after-dump")?;
+            let images_start = Instant::now();
+            let image_bytes = send_image_files(&mut session, &image_dir)?;
+            fault("source::before-images-done")?;
+            Ok((
+                precopy,
+                last_round_seconds,
+                final_dump_seconds,
+                overlap,
+                image_bytes,
+                images_start.elapsed().as_secs_f64(),
+            ))
+        })();
+    let (precopy, last_round_seconds, final_dump_seconds, overlap, image_bytes, images_seconds) =
         match before_images {
             Ok(done) => done,
             Err(e) => return Err(resume_here(&mut txn, hooks, e, params, paused.is_some())),
@@ -591,6 +573,7 @@ fn migrate_over_txn<S: Read + Write>(
                 precopy,
                 last_round_seconds,
                 final_dump_seconds,
+                dump_overlap: overlap,
                 image_bytes,
                 images_seconds,
                 commit_wait_seconds: commit_start.elapsed().as_secs_f64(),

@@ -96,6 +96,8 @@ pub struct Sender<'a, S: Read + Write> {
     cpu: super::pace::CpuBudget,
     /// The page frame being built (its buffer is reused frame after frame).
     frame: PageFrame,
+    /// Page bytes a held round keeps at most ([`HOLD_LIMIT`]).
+    hold_limit: usize,
 }
 
 impl<'a, S: Read + Write> Sender<'a, S> {
@@ -107,7 +109,14 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             pacer: super::pace::Pacer::new(None),
             cpu: super::pace::CpuBudget::new(None),
             frame: PageFrame::default(),
+            hold_limit: HOLD_LIMIT,
         }
+    }
+
+    /// Bounds what a held frozen round keeps in memory (tests: a small bound).
+    pub fn hold_limit(mut self, bytes: usize) -> Self {
+        self.hold_limit = bytes;
+        self
     }
 
     /// Bounds the cores the live rounds use (`--max-cpu`).
@@ -228,6 +237,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         Ok(wire)
     }
 
+    /// One round, read and sent.
     fn round(
         &mut self,
         round: u32,
@@ -236,6 +246,22 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         quiesce: &mut dyn Quiesce,
         frozen: bool,
     ) -> Result<RoundStats, SourceError> {
+        let read = self.read_round(round, tasks, tracker, quiesce, frozen, false)?;
+        self.end_round(read)
+    }
+
+    /// Reads a round's changes and sends them as they are found, or, with `hold`, keeps pieces
+    /// of them while they fit in [`Self::hold_limit`] bytes (sending the others as found) for
+    /// [`Self::end_round`].
+    fn read_round(
+        &mut self,
+        round: u32,
+        tasks: &mut dyn FnMut() -> Result<Vec<TaskIds>, SourceError>,
+        tracker: &mut dyn DirtyTracker,
+        quiesce: &mut dyn Quiesce,
+        frozen: bool,
+        hold: bool,
+    ) -> Result<ReadRound, SourceError> {
         let started = Instant::now();
         let cpu_start = process_cpu_seconds();
         self.pacer.frozen(frozen);
@@ -268,6 +294,8 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             None => {}
         }
         let (mut scan, mut send) = (Duration::ZERO, Duration::ZERO);
+        let mut held: Vec<(u32, Delta)> = Vec::new();
+        let mut held_bytes = 0usize;
         // The task list is taken anew each round: processes come and go while the container
         // runs (once frozen, the list is the one CRIU dumps).
         let tasks = tasks()?;
@@ -278,12 +306,21 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             let mut sending = Duration::ZERO;
             let mut failed: Option<SourceError> = None;
             // Pieces of the task's changed pages go out as the tracker finds them: the source
-            // never holds more than a piece (the first round is the whole container).
+            // never holds more than a piece (the first round is the whole container), or what
+            // a held round keeps.
             let tracked = tracker.round_into(task.host_pid, &mut |delta: &mut Delta| {
-                let send_start = Instant::now();
                 stats.pages += delta.data_pages();
                 stats.zero_pages += delta.zero.len() as u64;
                 stats.bytes += delta.data_pages() * page::SIZE_U64;
+                let bytes = delta.held_bytes();
+                if hold && held_bytes + bytes <= self.hold_limit {
+                    held_bytes += bytes;
+                    held.push((task.ns_pid, delta.to_held()));
+                    return Ok(());
+                }
+                // No room left for it: it goes now, what is held goes beside the dump (a page
+                // appears once in a round, so their order does not matter).
+                let send_start = Instant::now();
                 let sent = self.send_delta(task.ns_pid, round, delta);
                 sending += send_start.elapsed();
                 self.cpu.keep();
@@ -311,21 +348,44 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.session.send(
-            Kind::RoundEnd,
-            &RoundEnd {
+        stats.scan_seconds = scan.as_secs_f64();
+        stats.send_seconds = send.as_secs_f64();
+        stats.cpu_seconds = process_cpu_seconds() - cpu_start;
+        Ok(ReadRound {
+            stats,
+            started,
+            held,
+            end: RoundEnd {
                 round,
-                pages: stats.pages,
-                bytes: stats.bytes,
+                pages: 0,
+                bytes: 0,
                 last: frozen,
                 layer: sync as i32,
                 layer_digest,
             },
-        )?;
-        stats.scan_seconds = scan.as_secs_f64();
-        stats.send_seconds = send.as_secs_f64();
+        })
+    }
+
+    /// Sends what `read` held and the round's end; returns the round's statistics.
+    fn end_round(&mut self, read: ReadRound) -> Result<RoundStats, SourceError> {
+        let ReadRound {
+            mut stats,
+            started,
+            held,
+            mut end,
+        } = read;
+        let send_start = Instant::now();
+        let cpu_start = crate::clock::thread_cpu_seconds();
+        for (ns_pid, mut piece) in held {
+            stats.wire_bytes += self.send_delta(ns_pid, stats.round, &mut piece)?;
+        }
+        end.pages = stats.pages;
+        end.bytes = stats.bytes;
+        self.session.send(Kind::RoundEnd, &end)?;
+        stats.send_seconds += send_start.elapsed().as_secs_f64();
+        // Only this thread sends (a held round's read was counted for the whole process).
+        stats.cpu_seconds += crate::clock::thread_cpu_seconds() - cpu_start;
         stats.seconds = started.elapsed().as_secs_f64();
-        stats.cpu_seconds = process_cpu_seconds() - cpu_start;
         stats.link_bytes_per_second = if stats.seconds > 0.0 {
             stats.wire_bytes as f64 / stats.seconds
         } else {
@@ -341,13 +401,42 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
-        mut tasks: impl FnMut() -> Result<Vec<TaskIds>, SourceError>,
+        tasks: impl FnMut() -> Result<Vec<TaskIds>, SourceError>,
         tracker: &mut dyn DirtyTracker,
         quiesce: &mut dyn Quiesce,
         policy: &ConvergencePolicy,
         freeze: impl FnOnce() -> Result<(), SourceError>,
         mut on_round: impl FnMut(&RoundStats),
     ) -> Result<SourceReport, SourceError> {
+        let (mut report, frozen) = self.run_until_frozen(
+            tasks,
+            tracker,
+            quiesce,
+            policy,
+            freeze,
+            &mut on_round,
+            false,
+        )?;
+        let last = self.send_frozen(frozen, &mut report)?;
+        on_round(&last);
+        Ok(report)
+    }
+
+    /// [`Self::run`] up to the frozen round read: with `hold`, that round's pages (up to
+    /// [`HOLD_LIMIT`]) are read but not yet sent, so that CRIU's final dump can run while
+    /// [`Self::send_frozen`] sends them. They are read before CRIU injects its parasite, which
+    /// rewrites code of the frozen tasks while it runs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_until_frozen(
+        &mut self,
+        mut tasks: impl FnMut() -> Result<Vec<TaskIds>, SourceError>,
+        tracker: &mut dyn DirtyTracker,
+        quiesce: &mut dyn Quiesce,
+        policy: &ConvergencePolicy,
+        freeze: impl FnOnce() -> Result<(), SourceError>,
+        on_round: &mut dyn FnMut(&RoundStats),
+        hold: bool,
+    ) -> Result<(SourceReport, FrozenRound), SourceError> {
         let mut report = SourceReport {
             tracker: tracker.name().into(),
             ..Default::default()
@@ -398,7 +487,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
         freeze()?;
         // The frozen tasks leave every core to the last round, which is all downtime.
         tracker.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let last = self.round(round + 1, &mut tasks, tracker, quiesce, true)?;
+        let last = self.read_round(round + 1, &mut tasks, tracker, quiesce, true, hold)?;
         let prepared = Instant::now();
         tracker.prepare_dump();
         log::debug!(
@@ -406,10 +495,45 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             tracker.name(),
             prepared.elapsed().as_secs_f64() * 1e3
         );
-        on_round(&last);
+        Ok((report, FrozenRound(last)))
+    }
+
+    /// Sends what the frozen round held and its end, and adds it to `report`.
+    pub fn send_frozen(
+        &mut self,
+        frozen: FrozenRound,
+        report: &mut SourceReport,
+    ) -> Result<RoundStats, SourceError> {
+        let last = self.end_round(frozen.0)?;
         report.final_round_seconds = last.seconds;
-        report.rounds.push(last);
-        Ok(report)
+        report.rounds.push(last.clone());
+        Ok(last)
+    }
+}
+
+/// Page bytes a held frozen round keeps in memory at most; beyond it, the rest is sent as it
+/// is read, before the dump starts, and what is held goes beside the dump. The frozen round
+/// carries what the link moves within the policy's downtime target (0.3 s: about 36 MiB at
+/// 1 Gbit/s), unless rounds stopped shrinking.
+pub const HOLD_LIMIT: usize = 64 << 20;
+
+/// A round read and not yet (wholly) sent.
+struct ReadRound {
+    stats: RoundStats,
+    started: Instant,
+    /// Pieces read and not yet sent: (task's pid in the container, its pages).
+    held: Vec<(u32, Delta)>,
+    /// The round's end, to send after them (its counts are filled in then).
+    end: RoundEnd,
+}
+
+/// The frozen round, read: [`Sender::send_frozen`] sends what it holds.
+pub struct FrozenRound(ReadRound);
+
+impl FrozenRound {
+    /// Page bytes read and not yet sent.
+    pub fn held_bytes(&self) -> usize {
+        self.0.held.iter().map(|(_, d)| d.held_bytes()).sum()
     }
 }
 
@@ -520,6 +644,108 @@ mod tests {
                     page.iter().all(|&b| b == 0),
                     "page {addr:#x} was never staged but is not zero"
                 ),
+            }
+        }
+    }
+
+    /// Reads the writer's whole region (stopped) into a buffer.
+    fn region_of(writer: &Writer) -> Vec<u8> {
+        let mut bytes = vec![0u8; writer.len];
+        let local = libc::iovec {
+            iov_base: bytes.as_mut_ptr().cast(),
+            iov_len: bytes.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: writer.base as *mut libc::c_void,
+            iov_len: writer.len,
+        };
+        // SAFETY: reads the region of our stopped child into `bytes`, which is as long.
+        let n = unsafe { libc::process_vm_readv(writer.pid, &local, 1, &remote, 1, 0) };
+        assert_eq!(n, writer.len as isize);
+        bytes
+    }
+
+    #[test]
+    fn a_held_frozen_round_sends_what_was_read_before_the_dump_began() {
+        held_frozen_round(HOLD_LIMIT);
+    }
+
+    #[test]
+    fn a_frozen_round_beyond_the_hold_limit_is_sent_before_the_dump() {
+        // The hash tracker hands the frozen round over whole: with no room, it all goes at once.
+        held_frozen_round(0);
+    }
+
+    /// CRIU's parasite rewrites code of the frozen tasks while the dump runs beside the frozen
+    /// round's transfer: what goes out must be what was read before it started, whether held
+    /// (up to `limit`) or sent before.
+    fn held_frozen_round(limit: usize) {
+        let mut tracker = HashTracker::default();
+        let writer = Writer::start();
+        let (mut session, receiver) = to_a_receiver();
+        let tasks = [TaskIds {
+            host_pid: writer.pid as u32,
+            ns_pid: 1,
+        }];
+        let policy = ConvergencePolicy {
+            max_rounds: 3,
+            ..Default::default()
+        };
+        let pid = writer.pid;
+        let mut sender = Sender::new(&mut session).hold_limit(limit);
+        let (mut report, frozen) = sender
+            .run_until_frozen(
+                || Ok(tasks.to_vec()),
+                &mut tracker,
+                &mut crate::memory::NoQuiesce,
+                &policy,
+                || {
+                    // SAFETY: stops our own child.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    thread::sleep(Duration::from_millis(50));
+                    Ok(())
+                },
+                &mut |_| {},
+                true,
+            )
+            .unwrap();
+        let held = frozen.held_bytes();
+        if limit > 0 {
+            assert!(held > 0, "the writer dirtied pages before the freeze");
+        }
+        assert!(held <= limit, "{held} held, beyond {limit}");
+        let read = region_of(&writer);
+        // Every page rewritten after the read, as a parasite might.
+        let scribbled = vec![0xa5u8; writer.len];
+        let local = libc::iovec {
+            iov_base: scribbled.as_ptr() as *mut libc::c_void,
+            iov_len: scribbled.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: writer.base as *mut libc::c_void,
+            iov_len: writer.len,
+        };
+        // SAFETY: writes our stopped child's region from a buffer as long.
+        let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+        assert_eq!(n, writer.len as isize);
+        let last = sender.send_frozen(frozen, &mut report).unwrap();
+        assert!(last.frozen && last.pages > 0, "{last:?}");
+        assert!(
+            last.bytes >= held as u64,
+            "the round sent what it held and what it sent before: {last:?}"
+        );
+        let (store, received) = receiver.join().unwrap();
+        assert_eq!(
+            received.unwrap().pages,
+            report.rounds.iter().map(|r| r.pages).sum::<u64>()
+        );
+        for (i, expected) in read.chunks(page::SIZE).enumerate() {
+            let addr = writer.base + (i * page::SIZE) as u64;
+            match store.get(1, addr) {
+                Some(PageRef::Data(staged)) => assert_eq!(staged, expected, "page {addr:#x}"),
+                Some(PageRef::Zero) | None => {
+                    assert!(expected.iter().all(|&b| b == 0), "page {addr:#x}")
+                }
             }
         }
     }
