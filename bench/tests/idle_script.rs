@@ -8,20 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 #[test]
 fn an_idle_container_migrates_and_its_pause_is_recorded() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "the idle benchmark needs root (network namespaces, containerd): run as root"
-    );
+    common::require_root("the idle benchmark");
     let out = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-idle.sh");
-    let output = Command::new("bash")
-        .arg(&script)
+    let output = common::script("bench-idle.sh")
         .args([
             "--mib",
             "16",

@@ -10,18 +10,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 #[test]
 fn every_mode_migrates_redis_with_its_data_intact_and_the_report_is_written() {
-    assert!(
-        nix_is_root(),
-        "the migration benchmark needs root (network namespaces, containerd): run as root"
-    );
+    common::require_root("the migration benchmark");
     let out = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-migration.sh");
-    let status = Command::new("bash")
-        .arg(&script)
+    let status = common::script("bench-migration.sh")
         .args([
             "--quick",
             "--records",
@@ -123,9 +117,4 @@ fn every_mode_migrates_redis_with_its_data_intact_and_the_report_is_written() {
         common::processes_mentioning("pcbtest"),
         Vec::<String>::new()
     );
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }

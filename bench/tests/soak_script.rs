@@ -8,21 +8,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 #[test]
 fn two_hops_verify_and_leave_nothing_behind() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "the soak needs root (network namespaces, containerd): run as root"
-    );
+    common::require_root("the soak");
     let out = tempfile::tempdir().unwrap();
     let results = out.path().join("soak.jsonl");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/soak.sh");
-    let output = Command::new("bash")
-        .arg(&script)
+    let output = common::script("soak.sh")
         .args(["--hops", "2", "--mib", "16", "--rate", "none", "--no-setup"])
         .arg("--out")
         .arg(&results)
