@@ -310,6 +310,16 @@ fn fault(name: &str) -> Result<(), SourceError> {
     crate::fault::point(name).map_err(SourceError::io(name))
 }
 
+/// What the source did up to the images sent (the report's first part).
+struct BeforeImages {
+    precopy: SourceReport,
+    last_round_seconds: f64,
+    final_dump_seconds: f64,
+    dump_overlap: DumpOverlap,
+    image_bytes: u64,
+    images_seconds: f64,
+}
+
 fn migrate_over_txn<S: Read + Write>(
     mut session: Session<S>,
     params: &MigrateParams,
@@ -335,135 +345,140 @@ fn migrate_over_txn<S: Read + Write>(
     let mut paused: Option<(Instant, f64)> = None;
     // Until the images are complete the destination cannot run the container: any failure
     // resumes it here.
-    let before_images =
-        (|| -> Result<(SourceReport, f64, f64, DumpOverlap, u64, f64), SourceError> {
-            let image_dir = params.image_dir();
-            fs::create_dir_all(&image_dir)
-                .map_err(SourceError::io(format!("creating {}", image_dir.display())))?;
-            fault("source::precopy")?;
-            // The hooks are used by the rounds (tasks, progress) and by the freeze: a cell lets
-            // both closures borrow them.
-            let hooks_cell = std::cell::RefCell::new(&mut *hooks);
-            let txn_cell = std::cell::RefCell::new(&mut txn);
-            let mut quiesce = HooksQuiesce(&hooks_cell);
-            let layer = params.layer.as_ref().map(|plan| match plan {
-                LayerPlan::Copy(source) => {
-                    rounds::SourceLayer::Copy(crate::layer::Scanner::new(source.clone()))
-                }
-                LayerPlan::Shared(root) => rounds::SourceLayer::Shared(root.clone()),
-            });
-            let mut sender = Sender::new(&mut session)
-                .compress(params.compress)
-                .max_bandwidth(params.max_bandwidth)
-                .max_cpu(params.max_cpu)
-                .layer(layer);
-            let (mut precopy, frozen_round) = sender.run_until_frozen(
-                || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),
-                tracker.as_mut(),
-                &mut quiesce,
-                &params.policy,
-                || {
-                    // (Tests stall here to change the container between the rounds and the freeze.)
-                    fault("source::before-freeze")?;
-                    txn_cell.borrow_mut().enter(Phase::Frozen, None)?;
-                    hooks_cell
-                        .borrow_mut()
-                        .freeze()
-                        .map_err(SourceError::Freeze)?;
-                    paused = Some((Instant::now(), unix_now()));
-                    fault("source::after-freeze")
-                },
-                &mut |round| hooks_cell.borrow_mut().round_done(round),
-                true,
-            )?;
-            let (paused_at, _) = paused.expect("the last round follows the freeze");
-            if params.move_address {
-                // From here on nothing may change the connections' state that the dump records:
-                // the address goes down (recorded first: whoever resumes this copy restores it).
-                let links = hooks.address_links().map_err(SourceError::Dump)?;
-                if links.is_empty() {
-                    return Err(SourceError::Dump(
-                        "--move-address: the container's network namespace has no interface up \
-                     besides lo: there is no address to move"
-                            .into(),
-                    ));
-                }
-                txn.record.moved_links = links.clone();
-                txn.store.write(&txn.record)?;
-                hooks
-                    .set_address_links(&links, false)
-                    .map_err(SourceError::Dump)?;
-                fault("source::after-address-down")?;
+    let before_images = (|| -> Result<BeforeImages, SourceError> {
+        let image_dir = params.image_dir();
+        fs::create_dir_all(&image_dir)
+            .map_err(SourceError::io(format!("creating {}", image_dir.display())))?;
+        fault("source::precopy")?;
+        // The hooks are used by the rounds (tasks, progress) and by the freeze: a cell lets
+        // both closures borrow them.
+        let hooks_cell = std::cell::RefCell::new(&mut *hooks);
+        let txn_cell = std::cell::RefCell::new(&mut txn);
+        let mut quiesce = HooksQuiesce(&hooks_cell);
+        let layer = params.layer.as_ref().map(|plan| match plan {
+            LayerPlan::Copy(source) => {
+                rounds::SourceLayer::Copy(crate::layer::Scanner::new(source.clone()))
             }
-            // The frozen round's pages are read: CRIU's dump and their transfer are independent,
-            // so they run together (the dump on a thread of its own).
-            let held_bytes = frozen_round.held_bytes() as u64;
-            let dump_start = Instant::now();
-            let last_round_seconds = paused_at.elapsed().as_secs_f64();
-            log::info!(
+            LayerPlan::Shared(root) => rounds::SourceLayer::Shared(root.clone()),
+        });
+        let mut sender = Sender::new(&mut session)
+            .compress(params.compress)
+            .max_bandwidth(params.max_bandwidth)
+            .max_cpu(params.max_cpu)
+            .layer(layer);
+        let (mut precopy, frozen_round) = sender.run_until_frozen(
+            || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),
+            tracker.as_mut(),
+            &mut quiesce,
+            &params.policy,
+            || {
+                // (Tests stall here to change the container between the rounds and the freeze.)
+                fault("source::before-freeze")?;
+                txn_cell.borrow_mut().enter(Phase::Frozen, None)?;
+                hooks_cell
+                    .borrow_mut()
+                    .freeze()
+                    .map_err(SourceError::Freeze)?;
+                paused = Some((Instant::now(), unix_now()));
+                fault("source::after-freeze")
+            },
+            &mut |round| hooks_cell.borrow_mut().round_done(round),
+            true,
+        )?;
+        let (paused_at, _) = paused.expect("the last round follows the freeze");
+        if params.move_address {
+            // From here on nothing may change the connections' state that the dump records:
+            // the address goes down (recorded first: whoever resumes this copy restores it).
+            let links = hooks.address_links().map_err(SourceError::Dump)?;
+            if links.is_empty() {
+                return Err(SourceError::Dump(
+                    "--move-address: the container's network namespace has no interface up \
+                     besides lo: there is no address to move"
+                        .into(),
+                ));
+            }
+            txn.record.moved_links = links.clone();
+            txn.store.write(&txn.record)?;
+            hooks
+                .set_address_links(&links, false)
+                .map_err(SourceError::Dump)?;
+            fault("source::after-address-down")?;
+        }
+        // The frozen round's pages are read: CRIU's dump and their transfer are independent,
+        // so they run together (the dump on a thread of its own).
+        let held_bytes = frozen_round.held_bytes() as u64;
+        let dump_start = Instant::now();
+        let last_round_seconds = paused_at.elapsed().as_secs_f64();
+        log::info!(
             "{}: frozen round read {last_round_seconds:.3}s after the pause: {:.1} MiB go over beside the final dump",
             params.container,
             held_bytes as f64 / (1 << 20) as f64
         );
-            let (sent, dumped) = std::thread::scope(|scope| {
-                let dump = scope.spawn(|| {
-                    let dumped = hooks.final_dump(&image_dir, connections);
-                    (dumped, dump_start.elapsed().as_secs_f64())
-                });
-                let sent = sender
-                    .send_frozen(frozen_round, &mut precopy)
-                    .map(|last| (last, dump_start.elapsed().as_secs_f64()));
-                (sent, dump.join())
+        let (sent, dumped) = std::thread::scope(|scope| {
+            let dump = scope.spawn(|| {
+                let dumped = hooks.final_dump(&image_dir, connections);
+                (dumped, dump_start.elapsed().as_secs_f64())
             });
-            let final_dump_seconds = dump_start.elapsed().as_secs_f64();
-            let (dumped, dump_seconds) =
-                dumped.map_err(|_| SourceError::Dump("the final dump's thread panicked".into()))?;
-            let (last, sent_seconds) = match (sent, dumped) {
-                (Ok(sent), Ok(())) => sent,
-                (Err(e), dumped) => {
-                    if let Err(dump_error) = dumped {
-                        log::warn!(
-                            "{}: the final dump failed too: {dump_error}",
-                            params.container
-                        );
-                    }
-                    return Err(e);
+            let sent = sender
+                .send_frozen(frozen_round, &mut precopy)
+                .map(|last| (last, dump_start.elapsed().as_secs_f64()));
+            (sent, dump.join())
+        });
+        let (dumped, dump_seconds) =
+            dumped.map_err(|_| SourceError::Dump("the final dump's thread panicked".into()))?;
+        let (last, sent_seconds) = match (sent, dumped) {
+            (Ok(sent), Ok(())) => sent,
+            (Err(e), dumped) => {
+                if let Err(dump_error) = dumped {
+                    log::warn!(
+                        "{}: the final dump failed too: {dump_error}",
+                        params.container
+                    );
                 }
-                (Ok(_), Err(e)) => return Err(SourceError::Dump(e)),
-            };
-            let overlap = DumpOverlap {
-                held_bytes,
-                sent_seconds,
-                dump_seconds,
-            };
-            log::debug!("{}: beside the final dump: {overlap:?}", params.container);
-            hooks.round_done(&last);
-            let timers = crate::fixups::fix_overdue_timerfds(&image_dir)
-                .map_err(|e| SourceError::Dump(e.into()))?;
-            if timers > 0 {
-                log::info!(
+                return Err(e);
+            }
+            (Ok(_), Err(e)) => return Err(SourceError::Dump(e)),
+        };
+        let overlap = DumpOverlap {
+            held_bytes,
+            sent_seconds,
+            dump_seconds,
+        };
+        log::debug!("{}: beside the final dump: {overlap:?}", params.container);
+        hooks.round_done(&last);
+        let timers = crate::fixups::fix_overdue_timerfds(&image_dir)
+            .map_err(|e| SourceError::Dump(e.into()))?;
+        if timers > 0 {
+            log::info!(
                 "{}: {timers} overdue periodic timerfd(s) set to expire at once (CRIU would disarm them)",
                 params.container
             );
-            }
-            fault("source::after-dump")?;
-            let images_start = Instant::now();
-            let image_bytes = send_image_files(&mut session, &image_dir)?;
-            fault("source::before-images-done")?;
-            Ok((
-                precopy,
-                last_round_seconds,
-                final_dump_seconds,
-                overlap,
-                image_bytes,
-                images_start.elapsed().as_secs_f64(),
-            ))
-        })();
-    let (precopy, last_round_seconds, final_dump_seconds, overlap, image_bytes, images_seconds) =
-        match before_images {
-            Ok(done) => done,
-            Err(e) => return Err(resume_here(&mut txn, hooks, e, params, paused.is_some())),
-        };
+        }
+        let final_dump_seconds = dump_start.elapsed().as_secs_f64();
+        fault("source::after-dump")?;
+        let images_start = Instant::now();
+        let image_bytes = send_image_files(&mut session, &image_dir)?;
+        fault("source::before-images-done")?;
+        Ok(BeforeImages {
+            precopy,
+            last_round_seconds,
+            final_dump_seconds,
+            dump_overlap: overlap,
+            image_bytes,
+            images_seconds: images_start.elapsed().as_secs_f64(),
+        })
+    })();
+    let BeforeImages {
+        precopy,
+        last_round_seconds,
+        final_dump_seconds,
+        dump_overlap,
+        image_bytes,
+        images_seconds,
+    } = match before_images {
+        Ok(done) => done,
+        Err(e) => return Err(resume_here(&mut txn, hooks, e, params, paused.is_some())),
+    };
     let (paused_at, paused_unix) = paused.expect("the last round follows the freeze");
 
     // The point from which the destination may run the container: never resume on our own.
@@ -573,7 +588,7 @@ fn migrate_over_txn<S: Read + Write>(
                 precopy,
                 last_round_seconds,
                 final_dump_seconds,
-                dump_overlap: overlap,
+                dump_overlap,
                 image_bytes,
                 images_seconds,
                 commit_wait_seconds: commit_start.elapsed().as_secs_f64(),

@@ -355,14 +355,8 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             stats,
             started,
             held,
-            end: RoundEnd {
-                round,
-                pages: 0,
-                bytes: 0,
-                last: frozen,
-                layer: sync as i32,
-                layer_digest,
-            },
+            layer: sync,
+            layer_digest,
         })
     }
 
@@ -372,16 +366,25 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             mut stats,
             started,
             held,
-            mut end,
+            layer,
+            layer_digest,
         } = read;
         let send_start = Instant::now();
         let cpu_start = crate::clock::thread_cpu_seconds();
         for (ns_pid, mut piece) in held {
             stats.wire_bytes += self.send_delta(ns_pid, stats.round, &mut piece)?;
         }
-        end.pages = stats.pages;
-        end.bytes = stats.bytes;
-        self.session.send(Kind::RoundEnd, &end)?;
+        self.session.send(
+            Kind::RoundEnd,
+            &RoundEnd {
+                round: stats.round,
+                pages: stats.pages,
+                bytes: stats.bytes,
+                last: stats.frozen,
+                layer: layer as i32,
+                layer_digest,
+            },
+        )?;
         stats.send_seconds += send_start.elapsed().as_secs_f64();
         // Only this thread sends (a held round's read was counted for the whole process).
         stats.cpu_seconds += crate::clock::thread_cpu_seconds() - cpu_start;
@@ -523,8 +526,9 @@ struct ReadRound {
     started: Instant,
     /// Pieces read and not yet sent: (task's pid in the container, its pages).
     held: Vec<(u32, Delta)>,
-    /// The round's end, to send after them (its counts are filled in then).
-    end: RoundEnd,
+    /// How the filesystem went in this round, for the round's end (sent after the held pieces).
+    layer: LayerSync,
+    layer_digest: Vec<u8>,
 }
 
 /// The frozen round, read: [`Sender::send_frozen`] sends what it holds.
@@ -623,22 +627,16 @@ mod tests {
         );
 
         // Every page of the frozen writer's region is staged with its final content.
-        let mut page = vec![0u8; page::SIZE];
-        for offset in (0..writer.len as u64).step_by(page::SIZE) {
-            let addr = writer.base + offset;
-            let local = libc::iovec {
-                iov_base: page.as_mut_ptr().cast(),
-                iov_len: page.len(),
-            };
-            let remote = libc::iovec {
-                iov_base: addr as *mut libc::c_void,
-                iov_len: page.len(),
-            };
-            // SAFETY: reads one page of our stopped child into `page`.
-            let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-            assert_eq!(n, page::SIZE as isize);
+        assert_staged(&store, &writer, &region_of(&writer));
+    }
+
+    /// Every page of `writer`'s region is staged (task 1) as `expected` has it; a page never
+    /// staged must be zero.
+    fn assert_staged(store: &StagingStore, writer: &Writer, expected: &[u8]) {
+        for (i, page) in expected.chunks(page::SIZE).enumerate() {
+            let addr = writer.base + (i * page::SIZE) as u64;
             match store.get(1, addr) {
-                Some(PageRef::Data(staged)) => assert_eq!(staged, &page[..], "page {addr:#x}"),
+                Some(PageRef::Data(staged)) => assert_eq!(staged, page, "page {addr:#x}"),
                 Some(PageRef::Zero) => assert!(page.iter().all(|&b| b == 0), "page {addr:#x}"),
                 None => assert!(
                     page.iter().all(|&b| b == 0),
@@ -739,15 +737,7 @@ mod tests {
             received.unwrap().pages,
             report.rounds.iter().map(|r| r.pages).sum::<u64>()
         );
-        for (i, expected) in read.chunks(page::SIZE).enumerate() {
-            let addr = writer.base + (i * page::SIZE) as u64;
-            match store.get(1, addr) {
-                Some(PageRef::Data(staged)) => assert_eq!(staged, expected, "page {addr:#x}"),
-                Some(PageRef::Zero) | None => {
-                    assert!(expected.iter().all(|&b| b == 0), "page {addr:#x}")
-                }
-            }
-        }
+        assert_staged(&store, &writer, &read);
     }
 
     #[test]
