@@ -25,6 +25,9 @@ pub enum ServerEvent {
         migration_id: String,
         container: String,
         peer: String,
+        /// Connections of their own the pages come on (`--streams`; 0: the main one).
+        #[serde(default)]
+        page_streams: u32,
     },
     /// Migration: a connection that failed to authenticate was refused (the wait goes on).
     Refused { peer: String, reason: String },

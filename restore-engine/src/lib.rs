@@ -43,6 +43,8 @@ pub mod wire;
 #[cfg(test)]
 mod pipeline_tests;
 #[cfg(test)]
+mod streams_tests;
+#[cfg(test)]
 mod testsupport;
 #[cfg(test)]
 mod transaction_tests;

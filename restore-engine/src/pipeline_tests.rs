@@ -57,6 +57,7 @@ fn a_running_process_migrates_through_precopy_images_and_lazy_install() {
         let mut verdicts = 0;
         let stats = receive_and_serve(
             &mut session,
+            None,
             &Limits::unlimited(),
             &config,
             &Grant::default(),
@@ -198,6 +199,7 @@ fn a_failing_destination_tells_the_source_to_abort_and_why() {
         let config = ServerConfig::new(dst_images, work);
         receive_and_serve(
             &mut session,
+            None,
             &Limits::unlimited(),
             &config,
             &Grant::default(),
@@ -270,6 +272,7 @@ fn a_running_process_migrates_into_complete_images_for_an_eager_restore() {
             let mut assembled = false;
             let result = receive_and_restore_eagerly(
                 &mut session,
+                None,
                 &Limits::unlimited(),
                 &dst_images2,
                 &Grant::default(),

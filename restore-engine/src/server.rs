@@ -351,9 +351,20 @@ fn receive_migration(
         }
     };
     let txn = receiver.txn().clone();
+    let streams = match destination::ReceiveStreams::start(receiver.take_streams(), limits, &cancel)
+    {
+        Ok(streams) => streams,
+        Err(e) => {
+            emit(ServerEvent::Error {
+                message: format!("starting the page streams' threads: {e}"),
+            });
+            return 1;
+        }
+    };
     let result = if eager {
         destination::receive_and_restore_eagerly(
             &mut session,
+            Some(&streams),
             limits,
             &config.images,
             grant,
@@ -378,6 +389,7 @@ fn receive_migration(
     } else {
         destination::receive_and_serve(
             &mut session,
+            Some(&streams),
             limits,
             config,
             grant,

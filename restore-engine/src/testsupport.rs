@@ -361,6 +361,7 @@ pub fn params(work_dir: &std::path::Path, key: &Auth) -> MigrateParams {
         compress: false,
         max_bandwidth: None,
         max_cpu: None,
+        streams: 1,
         work_dir: work_dir.to_owned(),
     }
 }
@@ -409,3 +410,40 @@ unsafe impl std::alloc::GlobalAlloc for Tracking {
 
 #[global_allocator]
 static ALLOCATOR: Tracking = Tracking;
+
+/// Every page of `writer`'s region is staged (task 1) as `expected` has it; a page never
+/// staged must be zero.
+pub fn assert_staged(store: &crate::staging::StagingStore, writer: &Writer, expected: &[u8]) {
+    for (i, page) in expected.chunks(crate::page::SIZE).enumerate() {
+        let addr = writer.base + (i * crate::page::SIZE) as u64;
+        match store.get(1, addr) {
+            Some(crate::staging::PageRef::Data(staged)) => {
+                assert_eq!(staged, page, "page {addr:#x}")
+            }
+            Some(crate::staging::PageRef::Zero) => {
+                assert!(page.iter().all(|&b| b == 0), "page {addr:#x}")
+            }
+            None => assert!(
+                page.iter().all(|&b| b == 0),
+                "page {addr:#x} was never staged but is not zero"
+            ),
+        }
+    }
+}
+
+/// Reads the writer's whole region (stopped) into a buffer.
+pub fn region_of(writer: &Writer) -> Vec<u8> {
+    let mut bytes = vec![0u8; writer.len];
+    let local = libc::iovec {
+        iov_base: bytes.as_mut_ptr().cast(),
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: writer.base as *mut libc::c_void,
+        iov_len: writer.len,
+    };
+    // SAFETY: reads the region of our stopped child into `bytes`, which is as long.
+    let n = unsafe { libc::process_vm_readv(writer.pid, &local, 1, &remote, 1, 0) };
+    assert_eq!(n, writer.len as isize);
+    bytes
+}

@@ -178,8 +178,12 @@ impl EagerReceiver {
                     migration_id,
                     container,
                     peer,
+                    page_streams,
                 }) => {
-                    info!("migration {migration_id} of {container} from {peer}: receiving");
+                    info!(
+                        "migration {migration_id} of {container} from {peer}: receiving{}",
+                        restore_engine::source::streams::describe(page_streams)
+                    );
                     self.migration_id = Some(migration_id);
                 }
                 Ok(ServerEvent::Refused { peer, reason }) => {

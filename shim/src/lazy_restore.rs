@@ -213,8 +213,12 @@ impl LazyServer {
                     migration_id: id,
                     container,
                     peer,
+                    page_streams,
                 }) => {
-                    info!("migration {id} of {container} from {peer}: receiving");
+                    info!(
+                        "migration {id} of {container} from {peer}: receiving{}",
+                        restore_engine::source::streams::describe(page_streams)
+                    );
                     migration_id = Some(id);
                 }
                 Ok(ServerEvent::Refused { peer, reason }) => {

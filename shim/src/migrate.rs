@@ -108,6 +108,10 @@ pub struct MigrateRequest {
     /// Percent of one core the live pre-copy rounds may use (0: no bound).
     #[prost(uint32, tag = "14")]
     pub max_cpu_percent: u32,
+    /// Connections the pages travel on (0: as many as the host's cores suggest, see
+    /// [`restore_engine::source::streams::default_streams`]).
+    #[prost(uint32, tag = "15")]
+    pub streams: u32,
 }
 
 impl MigrateRequest {
@@ -191,6 +195,10 @@ impl MigrateRequest {
             compress: self.compress,
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
             max_cpu: (self.max_cpu_percent > 0).then(|| f64::from(self.max_cpu_percent) / 100.0),
+            streams: match self.streams {
+                0 => restore_engine::source::streams::default_streams(),
+                n => n,
+            },
             work_dir: work_dir.to_owned(),
             layer: Some(layer),
             external_mounts,

@@ -5,11 +5,15 @@
 //! the source is told to go (commit), or to resume (abort).
 //!
 //! - [`receive`]: rounds into the store and image files into a directory, checked as they come,
+//! - [`streams`]: page frames arriving on connections of their own (`--streams`),
+//! - `stage`: what every page frame goes through on its way into the store,
 //! - this file: the listener and the conversation with the source.
 
 pub mod gate;
 pub mod limits;
 pub mod receive;
+mod stage;
+pub mod streams;
 pub mod txn;
 
 use std::io::{Read, Write};
@@ -34,6 +38,7 @@ use crate::wire::{self, Auth, Control, ControlCode, Kind, Session, Timeouts, Wir
 pub use limits::Limits;
 pub use receive::DestinationLayer;
 use receive::{ReceiveError, ReceiveReport};
+pub use streams::ReceiveStreams;
 pub use txn::DestinationTxn;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,8 @@ pub enum DestinationError {
     Accept(#[source] std::io::Error),
     #[error("no source arrived within {0:?} (pclive migrate on the source host connects here)")]
     NoSource(Duration),
+    #[error("the source's page streams: {0}")]
+    Streams(String),
     #[error("{0}")]
     Handshake(#[from] WireError),
     #[error("receiving the migration: {0}")]
@@ -133,6 +140,8 @@ pub struct Receiver {
     cancel: Cancel,
     stop: Arc<AtomicBool>,
     answerer: Option<thread::JoinHandle<()>>,
+    /// The source's page streams, once it is here ([`Self::take_streams`]).
+    streams: Vec<Session<TcpStream>>,
 }
 
 impl Receiver {
@@ -163,11 +172,94 @@ impl Receiver {
             cancel,
             stop: Arc::new(AtomicBool::new(false)),
             answerer: None,
+            streams: Vec::new(),
         })
     }
 
     pub fn txn(&self) -> &DestinationTxn {
         &self.txn
+    }
+
+    /// The source's page streams (empty when its pages come on the main connection).
+    pub fn take_streams(&mut self) -> Vec<Session<TcpStream>> {
+        std::mem::take(&mut self.streams)
+    }
+
+    /// Waits for the `wanted` page streams the source announced on `main`, within the
+    /// handshake timeout; other connections meanwhile are answered (queries) or turned away.
+    fn accept_streams(
+        &self,
+        listener: &TcpListener,
+        main: &mut Session<TcpStream>,
+        wanted: u32,
+    ) -> Result<Vec<Session<TcpStream>>, DestinationError> {
+        let migration_id = main.intent().migration_id.clone();
+        let refuse = |main: &mut Session<TcpStream>, reason: String| {
+            let _ = main.send(
+                Kind::Control,
+                &Control {
+                    code: ControlCode::Abort as i32,
+                    message: reason.clone(),
+                },
+            );
+            DestinationError::Streams(reason)
+        };
+        if wanted > crate::source::streams::MAX_STREAMS {
+            return Err(refuse(
+                main,
+                format!(
+                    "{wanted} streams asked for, this receiver takes at most {}: use fewer (--streams)",
+                    crate::source::streams::MAX_STREAMS
+                ),
+            ));
+        }
+        let mut streams: Vec<Option<Session<TcpStream>>> = (0..wanted).map(|_| None).collect();
+        let deadline = Instant::now() + self.options.handshake_timeout;
+        while streams.iter().any(Option::is_none) {
+            check(&self.cancel)?;
+            if Instant::now() >= deadline {
+                let arrived = streams.iter().filter(|s| s.is_some()).count();
+                return Err(refuse(
+                    main,
+                    format!(
+                        "{arrived} of the {wanted} announced arrived within {:?}: does a firewall let only one connection through?",
+                        self.options.handshake_timeout
+                    ),
+                ));
+            }
+            let Some((stream, peer)) = accept_one(listener)? else {
+                continue;
+            };
+            match handshake(stream, &self.options) {
+                Ok(session) if session.intent().is_query() => {
+                    let _ = txn::answer_query(session, &self.txn);
+                }
+                Ok(mut session)
+                    if session.intent().is_stream()
+                        && session.intent().migration_id == migration_id
+                        && streams
+                            .get(session.intent().streams as usize)
+                            .is_some_and(Option::is_none) =>
+                {
+                    let _ = session.stream().set_read_timeout(None);
+                    let index = session.intent().streams as usize;
+                    streams[index] = Some(session);
+                }
+                Ok(mut session) => {
+                    log::warn!("turned away {peer}: not one of the source's page streams");
+                    let _ = session.send(
+                        Kind::Control,
+                        &Control {
+                            code: ControlCode::Abort as i32,
+                            message: "this receiver is taken by another migration".into(),
+                        },
+                    );
+                }
+                Err(e) => log::warn!("refused a connection from {peer}: {e}"),
+            }
+        }
+        log::info!("{wanted} page streams arrived");
+        Ok(streams.into_iter().flatten().collect())
     }
 
     /// Waits for an authenticated migration source. Connections that fail to authenticate are
@@ -191,15 +283,32 @@ impl Receiver {
                 Ok(session) if session.intent().is_query() => {
                     let _ = txn::answer_query(session, &self.txn);
                 }
+                Ok(mut session) if session.intent().is_stream() => {
+                    log::warn!("turned away {peer}: a page stream of a migration not begun here");
+                    let _ = session.send(
+                        Kind::Control,
+                        &Control {
+                            code: ControlCode::Abort as i32,
+                            message: "no migration with these page streams began here".into(),
+                        },
+                    );
+                }
                 Ok(mut session) => {
                     let _ = session.stream().set_read_timeout(None);
                     let intent = session.intent().clone();
+                    if intent.streams > 0 {
+                        // Before anything is recorded: without its streams the migration
+                        // does not begin (the source is told, and resumes).
+                        self.streams =
+                            self.accept_streams(&listener, &mut session, intent.streams)?;
+                    }
                     self.txn
                         .begin(&intent.migration_id, &intent.container, &peer)?;
                     events(ServerEvent::SourceArrived {
                         migration_id: intent.migration_id.clone(),
                         container: intent.container.clone(),
                         peer,
+                        page_streams: intent.streams,
                     });
                     break session;
                 }
@@ -366,6 +475,7 @@ fn answer_until_stopped(
 #[allow(clippy::too_many_arguments)]
 pub fn receive_and_serve<S: Read + Write + Timeouts>(
     session: &mut Session<S>,
+    streams: Option<&ReceiveStreams>,
     limits: &Limits,
     config: &ServerConfig,
     grant: &Grant,
@@ -382,6 +492,7 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
         let mut budget = limits::Budget::new(limits);
         let received = receive::receive_rounds_reporting(
             session,
+            streams,
             &mut store,
             layer,
             &budget,
@@ -434,6 +545,7 @@ pub fn receive_and_serve<S: Read + Write + Timeouts>(
 #[allow(clippy::too_many_arguments)]
 pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
     session: &mut Session<S>,
+    streams: Option<&ReceiveStreams>,
     limits: &Limits,
     images: &Path,
     grant: &Grant,
@@ -449,6 +561,7 @@ pub fn receive_and_restore_eagerly<S: Read + Write + Timeouts>(
         let mut budget = limits::Budget::new(limits);
         let received = receive::receive_rounds_reporting(
             session,
+            streams,
             &mut store,
             layer,
             &budget,

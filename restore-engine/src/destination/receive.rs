@@ -9,12 +9,13 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::limits::{Budget, LimitExceeded, Limits};
+use super::limits::{Budget, Limits};
+pub use super::stage::{stage_frame, ReceiveError, Staged};
+use super::streams::ReceiveStreams;
 use crate::cancel::Cancel;
-use crate::layer::{Applier, LayerError};
-use crate::page;
-use crate::staging::{StagingError, StagingStore};
-use crate::wire::pages::{decode_run, ReceivedPages};
+use crate::layer::Applier;
+use crate::staging::StagingStore;
+use crate::wire::pages::ReceivedPages;
 use crate::wire::{
     Control, ControlCode, Credit, ImageFile, Kind, LayerBlock, LayerEntry, LayerSync, RoundEnd,
     Session, WireError,
@@ -22,33 +23,6 @@ use crate::wire::{
 
 /// The flow-control window (see [`crate::wire::INITIAL_CREDIT`]).
 const CREDIT_WINDOW: u64 = crate::wire::INITIAL_CREDIT;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReceiveError {
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    #[error("staging: {0}")]
-    Staging(#[from] StagingError),
-    #[error("image file {name}: {source}")]
-    ImageFile {
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("image file name {0:?} is not a plain file name: refusing it")]
-    ImageName(String),
-    #[error("the source aborted the migration: {0}")]
-    Aborted(String),
-    #[error("{0}")]
-    Cancelled(String),
-    /// The source sent more than the receiver may store (see [`super::limits`]).
-    #[error("over a limit of the receiving host: {0}")]
-    Limit(String),
-    #[error("the container's filesystem: {0}")]
-    Layer(#[from] LayerError),
-    #[error("the container's filesystem: {0}")]
-    LayerMismatch(String),
-}
 
 /// Where the container's filesystem goes on the receiving end.
 pub struct DestinationLayer {
@@ -96,12 +70,6 @@ impl DestinationLayer {
                 "the source did not say how the container's filesystem travels: is it an older pclive? Use the same pclive on both hosts".into(),
             )),
         }
-    }
-}
-
-impl From<LimitExceeded> for ReceiveError {
-    fn from(e: LimitExceeded) -> Self {
-        ReceiveError::Limit(e.0)
     }
 }
 
@@ -198,6 +166,7 @@ pub fn receive_rounds<S: Read + Write>(
 ) -> Result<ReceiveReport, ReceiveError> {
     receive_rounds_reporting(
         session,
+        None,
         store,
         None,
         &Budget::new(limits),
@@ -209,8 +178,41 @@ pub fn receive_rounds<S: Read + Write>(
 /// [`receive_rounds`], calling `on_round` with each round's end marker and the report so far.
 /// Each frame is checked against `budget` before it is decoded, and the store after. The
 /// container's filesystem goes to `layer` (without one, a source that sends it is refused).
+/// With `streams`, the page frames arrive on them, and only there.
 pub fn receive_rounds_reporting<S: Read + Write>(
     session: &mut Session<S>,
+    streams: Option<&ReceiveStreams>,
+    store: &mut StagingStore,
+    layer: Option<&mut DestinationLayer>,
+    budget: &Budget,
+    cancel: &Cancel,
+    on_round: impl FnMut(&RoundEnd, &ReceiveReport),
+) -> Result<ReceiveReport, ReceiveError> {
+    let Some(streams) = streams.filter(|s| !s.is_empty()) else {
+        return receive_rounds_on(session, None, store, layer, budget, cancel, on_round);
+    };
+    streams.lend(store);
+    let received = receive_rounds_on(
+        session,
+        Some(streams),
+        store,
+        layer,
+        budget,
+        cancel,
+        on_round,
+    );
+    streams.take_back(store);
+    // A stream's own error says more than what it caused on the main connection.
+    match (received, streams.failure()) {
+        (Err(_), Some(e)) => Err(e),
+        (received, _) => received,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive_rounds_on<S: Read + Write>(
+    session: &mut Session<S>,
+    streams: Option<&ReceiveStreams>,
     store: &mut StagingStore,
     mut layer: Option<&mut DestinationLayer>,
     budget: &Budget,
@@ -226,23 +228,12 @@ pub fn receive_rounds_reporting<S: Read + Write>(
         }
         let frame = session.receive()?;
         match frame.kind {
-            Kind::Pages => {
+            Kind::Pages if streams.is_none() => {
                 let received = ReceivedPages::parse(&frame.payload)?;
-                let pages = &received.pages;
-                budget.check_pages(pages, store)?;
-                let mut bytes = 0u64;
-                for (run, travelled) in received.runs() {
-                    let data = decode_run(pages.pid, run, travelled)?;
-                    store.put(pages.pid, run.vaddr, &data)?;
-                    bytes += data.len() as u64;
-                }
-                for &addr in &pages.zero_pages {
-                    store.put_zero(pages.pid, addr, 1)?;
-                }
-                budget.check_staged(store)?;
-                report.pages += bytes / page::SIZE_U64;
-                report.zero_pages += pages.zero_pages.len() as u64;
-                report.bytes += bytes;
+                let staged = stage_frame(&received, store, budget)?;
+                report.pages += staged.pages;
+                report.zero_pages += staged.zero_pages;
+                report.bytes += staged.bytes;
                 // Return the credit once half the window is used, so the sender never stalls
                 // on a link that keeps up.
                 consumed += received.wire_bytes();
@@ -290,7 +281,22 @@ pub fn receive_rounds_reporting<S: Read + Write>(
                     }
                 }
                 report.rounds = end.round;
-                report.resident_bytes = store.footprint();
+                report.resident_bytes = match streams {
+                    Some(streams) => {
+                        let staged = streams.end_round(&end, cancel)?;
+                        report.pages += staged.pages;
+                        report.zero_pages += staged.zero_pages;
+                        report.bytes += staged.bytes;
+                        staged.resident_bytes
+                    }
+                    None if !end.stream_frames.is_empty() => {
+                        return Err(WireError::BadPageFrame(
+                            "a round's end names page streams this migration does not have".into(),
+                        )
+                        .into())
+                    }
+                    None => store.footprint(),
+                };
                 let cpu = crate::clock::process_cpu_seconds();
                 report.round_cpu_seconds = cpu - cpu_at_round_start;
                 cpu_at_round_start = cpu;

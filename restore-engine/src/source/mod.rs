@@ -6,6 +6,7 @@
 //! final CRIU dump and the thaw as [`SourceHooks`].
 //!
 //! - [`rounds`]: the pre-copy rounds ([`Sender`]),
+//! - [`streams`]: page frames on connections and threads of their own (`--streams`),
 //! - [`query`]: asking the destination how a migration ended, after losing the connection,
 //! - this file: the conversation with the destination ([`migrate`]), its record (written before
 //!   each step: see [`crate::record`]) and the image files.
@@ -20,6 +21,7 @@ mod pace;
 pub mod query;
 mod report;
 pub mod rounds;
+pub mod streams;
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -119,6 +121,9 @@ pub struct MigrateParams {
     pub max_bandwidth: Option<u64>,
     /// Cores the live rounds may use (None: as many as they take; they use one thread).
     pub max_cpu: Option<f64>,
+    /// Connections the page frames travel on, each sealed and sent by a thread of its own
+    /// (`--streams`); 1: on the main connection, by the reading thread.
+    pub streams: u32,
     /// Where the final dump's images go (`<work dir>/images`) and its logs stay.
     pub work_dir: PathBuf,
     /// Where this host records its migrations.
@@ -238,16 +243,38 @@ pub fn migrate(
     hooks: &mut dyn SourceHooks,
 ) -> Result<MigrationReport, SourceError> {
     let mut txn = Txn::begin(params)?;
+    let extra = if params.streams > 1 {
+        params.streams
+    } else {
+        0
+    };
     let intent = Intent::migrate(&params.migration_id, &params.container)
-        .moving_address(params.move_address);
-    let session = match connect(&params.destination, &params.auth, &intent) {
-        Ok(session) => session,
+        .moving_address(params.move_address)
+        .with_streams(extra);
+    let connected = connect(&params.destination, &params.auth, &intent).and_then(|session| {
+        let streams = (0..extra)
+            .map(|index| {
+                connect(
+                    &params.destination,
+                    &params.auth,
+                    &Intent::stream(&params.migration_id, index),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let streams = match streams.is_empty() {
+            true => None,
+            false => Some(streams::PageStreams::start(streams)?),
+        };
+        Ok((session, streams))
+    });
+    let (session, streams) = match connected {
+        Ok(connected) => connected,
         Err(e) => {
             txn.enter(Phase::Resumed, Some(e.to_string()))?;
             return Err(e);
         }
     };
-    migrate_over_txn(session, params, hooks, txn)
+    migrate_over_txn(session, streams, params, hooks, txn)
 }
 
 /// [`migrate`] over an established session.
@@ -257,7 +284,7 @@ pub fn migrate_over<S: Read + Write>(
     hooks: &mut dyn SourceHooks,
 ) -> Result<MigrationReport, SourceError> {
     let txn = Txn::begin(params)?;
-    migrate_over_txn(session, params, hooks, txn)
+    migrate_over_txn(session, None, params, hooks, txn)
 }
 
 /// Records that the frozen source copy of a committed migration is gone.
@@ -322,23 +349,26 @@ struct BeforeImages {
 
 fn migrate_over_txn<S: Read + Write>(
     mut session: Session<S>,
+    streams: Option<streams::PageStreams>,
     params: &MigrateParams,
     hooks: &mut dyn SourceHooks,
     mut txn: Txn,
 ) -> Result<MigrationReport, SourceError> {
     let mut tracker = memory::tracker(params.tracker.as_deref())?;
     let encryption = session.protection();
+    let page_streams = streams.as_ref().map_or(1, |s| s.len() as u32);
     let connections = if session.terms().closes_connections {
         ConnectionDump::Closed
     } else {
         ConnectionDump::State
     };
     log::info!(
-        "{}: pre-copy to {} with the {} tracker, frames protected by {} (migration {})",
+        "{}: pre-copy to {} with the {} tracker, frames protected by {}, pages on {} connection(s) (migration {})",
         params.container,
         params.destination,
         tracker.name(),
         encryption,
+        page_streams,
         params.migration_id
     );
     let started_unix = unix_now();
@@ -365,6 +395,7 @@ fn migrate_over_txn<S: Read + Write>(
             .compress(params.compress)
             .max_bandwidth(params.max_bandwidth)
             .max_cpu(params.max_cpu)
+            .streams(streams)
             .layer(layer);
         let (mut precopy, frozen_round) = sender.run_until_frozen(
             || hooks_cell.borrow_mut().tasks().map_err(SourceError::Tasks),
@@ -611,6 +642,7 @@ fn migrate_over_txn<S: Read + Write>(
                 clients_released,
                 address_moved: txn.record.moved_links.clone(),
                 encryption,
+                page_streams,
                 tcp_connections: connections,
             })
         }

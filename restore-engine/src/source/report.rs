@@ -77,6 +77,8 @@ pub struct MigrationReport {
     pub address_moved: Vec<String>,
     /// What protected the migration's frames on the link: `AES-256-GCM`, or none (`--insecure`).
     pub encryption: &'static str,
+    /// Connections the page frames travelled on (`--streams`; 1: the migration's own).
+    pub page_streams: u32,
     /// What the final dump recorded of the TCP connections: `state`, or `closed` when the
     /// destination restores them closed.
     pub tcp_connections: ConnectionDump,

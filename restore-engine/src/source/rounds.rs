@@ -98,6 +98,8 @@ pub struct Sender<'a, S: Read + Write> {
     frame: PageFrame,
     /// Page bytes a held round keeps at most ([`HOLD_LIMIT`]).
     hold_limit: usize,
+    /// Connections of their own for the page frames (None: they go on `session`).
+    streams: Option<super::streams::PageStreams>,
 }
 
 impl<'a, S: Read + Write> Sender<'a, S> {
@@ -110,7 +112,14 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             cpu: super::pace::CpuBudget::new(None),
             frame: PageFrame::default(),
             hold_limit: HOLD_LIMIT,
+            streams: None,
         }
+    }
+
+    /// Sends the page frames on `streams` (`--streams`), and the rest on the session.
+    pub fn streams(mut self, streams: Option<super::streams::PageStreams>) -> Self {
+        self.streams = streams.filter(|s| !s.is_empty());
+        self
     }
 
     /// Bounds what a held frozen round keeps in memory (tests: a small bound).
@@ -225,6 +234,12 @@ impl<'a, S: Read + Write> Sender<'a, S> {
     /// the wire.
     fn send_frame(&mut self) -> Result<u64, SourceError> {
         let wire = self.frame.wire_bytes() as u64;
+        if let Some(streams) = self.streams.as_mut() {
+            // Each stream waits for its own credit.
+            self.pacer.pace(wire);
+            streams.dispatch(&mut self.frame)?;
+            return Ok(wire);
+        }
         self.wait_for_credit(wire)?;
         self.session.send_pages(&mut self.frame)?;
         Ok(wire)
@@ -383,8 +398,19 @@ impl<'a, S: Read + Write> Sender<'a, S> {
                 last: stats.frozen,
                 layer: layer as i32,
                 layer_digest,
+                stream_frames: self
+                    .streams
+                    .as_mut()
+                    .map(|s| s.end_round())
+                    .unwrap_or_default(),
             },
         )?;
+        if stats.frozen {
+            if let Some(streams) = self.streams.as_mut() {
+                // The last round is sent once every stream has written its share.
+                streams.finish()?;
+            }
+        }
         stats.send_seconds += send_start.elapsed().as_secs_f64();
         // Only this thread sends (a held round's read was counted for the whole process).
         stats.cpu_seconds += crate::clock::thread_cpu_seconds() - cpu_start;
@@ -547,7 +573,7 @@ mod tests {
     use crate::destination::receive::{receive_rounds, ReceiveError, ReceiveReport};
     use crate::memory::HashTracker;
     use crate::staging::{PageRef, StagingStore};
-    use crate::testsupport::Writer;
+    use crate::testsupport::{assert_staged, region_of, Writer};
     use crate::wire::{accept, connect, Auth, Intent};
     use std::os::unix::net::UnixStream;
     use std::thread;
@@ -628,39 +654,6 @@ mod tests {
 
         // Every page of the frozen writer's region is staged with its final content.
         assert_staged(&store, &writer, &region_of(&writer));
-    }
-
-    /// Every page of `writer`'s region is staged (task 1) as `expected` has it; a page never
-    /// staged must be zero.
-    fn assert_staged(store: &StagingStore, writer: &Writer, expected: &[u8]) {
-        for (i, page) in expected.chunks(page::SIZE).enumerate() {
-            let addr = writer.base + (i * page::SIZE) as u64;
-            match store.get(1, addr) {
-                Some(PageRef::Data(staged)) => assert_eq!(staged, page, "page {addr:#x}"),
-                Some(PageRef::Zero) => assert!(page.iter().all(|&b| b == 0), "page {addr:#x}"),
-                None => assert!(
-                    page.iter().all(|&b| b == 0),
-                    "page {addr:#x} was never staged but is not zero"
-                ),
-            }
-        }
-    }
-
-    /// Reads the writer's whole region (stopped) into a buffer.
-    fn region_of(writer: &Writer) -> Vec<u8> {
-        let mut bytes = vec![0u8; writer.len];
-        let local = libc::iovec {
-            iov_base: bytes.as_mut_ptr().cast(),
-            iov_len: bytes.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: writer.base as *mut libc::c_void,
-            iov_len: writer.len,
-        };
-        // SAFETY: reads the region of our stopped child into `bytes`, which is as long.
-        let n = unsafe { libc::process_vm_readv(writer.pid, &local, 1, &remote, 1, 0) };
-        assert_eq!(n, writer.len as isize);
-        bytes
     }
 
     #[test]

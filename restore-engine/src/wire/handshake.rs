@@ -164,6 +164,7 @@ pub fn connect<S: Read + Write>(
         purpose: intent.purpose.unwrap_or(Purpose::Migrate) as i32,
         container: intent.container.clone(),
         moves_address: intent.moves_address,
+        streams: intent.streams,
     };
     stream.write_all(&encode_frame(
         &keys.c2s,
@@ -296,6 +297,7 @@ pub fn accept_on<S: Read + Write>(
         purpose: Purpose::try_from(proof.purpose).ok(),
         container: proof.container,
         moves_address: proof.moves_address,
+        streams: proof.streams,
     };
     Ok(Session::established(
         stream, keys.s2c, keys.c2s, intent, terms,

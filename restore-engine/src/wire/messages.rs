@@ -25,6 +25,9 @@ pub enum Purpose {
     Migrate = 0,
     /// To ask how a migration ended ([`Outcome`]), after losing the migration's connection.
     Query = 1,
+    /// To carry a share of a migration's page frames, beside its main connection
+    /// ([`Intent::streams`]).
+    Stream = 2,
 }
 
 /// Who connects, and why (what [`Proof`] carries).
@@ -36,6 +39,9 @@ pub struct Intent {
     /// The container's network address moves with it (`pclive migrate --move-address`): the
     /// receiving container must have been prepared for it (`pclive receive --move-address`).
     pub moves_address: bool,
+    /// Migrate: how many connections of their own the page frames travel on (0: this one).
+    /// Stream: which of them this connection is (from 0).
+    pub streams: u32,
 }
 
 impl Intent {
@@ -45,7 +51,29 @@ impl Intent {
             purpose: Some(Purpose::Migrate),
             container: container.to_string(),
             moves_address: false,
+            streams: 0,
         }
+    }
+
+    /// The same intent, with the page frames on `streams` connections of their own.
+    pub fn with_streams(mut self, streams: u32) -> Self {
+        self.streams = streams;
+        self
+    }
+
+    /// Page stream `index` of migration `migration_id`.
+    pub fn stream(migration_id: &str, index: u32) -> Self {
+        Intent {
+            migration_id: migration_id.to_string(),
+            purpose: Some(Purpose::Stream),
+            container: String::new(),
+            moves_address: false,
+            streams: index,
+        }
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.purpose == Some(Purpose::Stream)
     }
 
     /// The same intent, saying whether the container's address moves with it.
@@ -60,6 +88,7 @@ impl Intent {
             purpose: Some(Purpose::Query),
             container: String::new(),
             moves_address: false,
+            streams: 0,
         }
     }
 
@@ -95,6 +124,9 @@ pub struct Proof {
     /// The container's address moves with it ([`Intent::moves_address`]).
     #[prost(bool, tag = "4")]
     pub moves_address: bool,
+    /// [`Intent::streams`].
+    #[prost(uint32, tag = "5")]
+    pub streams: u32,
 }
 
 /// The listening side's first encrypted frame: proves it holds the key too, and says on what
@@ -181,6 +213,10 @@ pub struct RoundEnd {
     /// ([`crate::layer::tree_digest`]), for the destination to compare with its own.
     #[prost(bytes = "vec", tag = "6")]
     pub layer_digest: Vec<u8>,
+    /// With page streams ([`Intent::streams`]): the page frames of this round each stream
+    /// carried, for the receiver to know when the round is complete.
+    #[prost(uint64, repeated, tag = "7")]
+    pub stream_frames: Vec<u64>,
 }
 
 /// What the source did with the container's writable filesystem.
@@ -301,6 +337,8 @@ pub enum ControlCode {
     Lost = 5,
     /// Source → destination: the final answer (Committed, Abort, Lost or an [`Outcome`]) arrived.
     Ack = 6,
+    /// Source → destination, on a page stream: the last round's frames are sent.
+    StreamEnd = 7,
 }
 
 /// The [`ControlCode::Progress`] message the destination sends when the restored tasks run: the

@@ -44,8 +44,9 @@ pub const MAGIC: u32 = 0x564C_4350; // "PCLV"
 /// which the destination must have been prepared for. 7: a page frame carries its runs' bytes
 /// ahead of its descriptor ([`pages`]), so neither side copies them into or out of a message.
 /// 8: the destination says whether it restores connections closed (`Accept::closes_connections`,
-/// [`Terms`]), so the source's final dump can leave their state out.
-pub const VERSION: u16 = 8;
+/// [`Terms`]), so the source's final dump can leave their state out. 9: page frames may travel
+/// on connections of their own (`Purpose::Stream`, `Proof::streams`, `RoundEnd::stream_frames`).
+pub const VERSION: u16 = 9;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 20;
 /// Largest payload accepted: a page batch of 8 MiB plus framing. Anything larger is refused
@@ -534,7 +535,7 @@ mod tests {
                 Err(WireError::TooLarge(_))
             ));
             let mut other = frame;
-            other[4] = 9;
+            other[4] = (VERSION + 1) as u8;
             assert!(read_frame(&mut other.as_slice(), &key, 5)
                 .unwrap_err()
                 .to_string()

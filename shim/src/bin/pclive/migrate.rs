@@ -65,6 +65,13 @@ pub struct MigrateArgs {
     /// The frozen last round is not bound (it is downtime); each round's CPU is in the report
     #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(5..=100))]
     pub max_cpu: Option<u32>,
+    /// Send the memory's pages on N connections of their own, each encrypted and sent by a
+    /// thread of its own while the source reads on (as QEMU's multifd): for links faster than
+    /// one core can encrypt and send, on hosts with cores to spare on both ends. 1 sends them
+    /// on the migration's connection, from the reading thread. Default: 1 on hosts with fewer
+    /// than 4 cores, else half the cores, at most 4. The receiver takes up to 16
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub streams: Option<u32>,
     /// If the connection is lost after the images went out, how long to keep asking the
     /// destination how the migration ended before declaring it in doubt
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
@@ -297,6 +304,7 @@ pub fn run(args: MigrateArgs) -> ExitCode {
         compress: args.compress,
         max_bandwidth: args.max_bandwidth.unwrap_or(0),
         max_cpu_percent: args.max_cpu.unwrap_or(0),
+        streams: args.streams.unwrap_or(0),
         migration_id: migration_id.clone(),
         resolve_timeout_seconds: args.resolve_timeout,
         shared_rootfs: args.shared_rootfs,
@@ -416,12 +424,15 @@ pub fn run(args: MigrateArgs) -> ExitCode {
                     println!("{line}");
                 }
                 println!(
-                    "link: {}",
+                    "link: {}{}",
                     match report["encryption"].as_str() {
                         Some("AES-256-GCM") => "encrypted and authenticated (AES-256-GCM)".into(),
                         Some(other) => format!("NOT encrypted: {other}"),
                         None => "protection unknown".into(),
-                    }
+                    },
+                    restore_engine::source::streams::describe(
+                        report["page_streams"].as_u64().unwrap_or(1) as u32
+                    )
                 );
             }
             ExitCode::SUCCESS

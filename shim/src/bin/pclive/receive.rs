@@ -130,8 +130,12 @@ fn follow_receive_progress(path: &Path, done: &AtomicBool) -> Followed {
                     migration_id,
                     container,
                     peer,
+                    page_streams,
                 } => {
-                    say!("  source {peer} arrived: {container}, migration {migration_id}");
+                    say!(
+                        "  source {peer} arrived: {container}, migration {migration_id}{}",
+                        restore_engine::source::streams::describe(page_streams)
+                    );
                     progress.status("receiving memory while the source runs");
                 }
                 ServerEvent::Refused { peer, reason } => {
