@@ -27,6 +27,8 @@
 #   pclive-wp     pclive with --tracker uffd-wp (not in the default set; pclive's default where
 #                 the kernel has it, named here so that a run says which it measured):
 #                 with pclive-hash, the trackers' CPU per round side by side
+#   pclive-sN     pclive with --streams N (pages on N connections and threads of their own;
+#                 not in the default set): against pclive, which uses this host's default
 # --sweep adds runs at other record counts (10gbit, first mix) for restore time vs size.
 # Every run checks the data (every record, against what the client acknowledged).
 #
@@ -88,7 +90,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for mode in ${modes//,/ }; do
-  case "$mode" in baseline|pclive-eager|pclive|pclive-moving|pclive-lz4|pclive-hash|pclive-wp) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
+  case "$mode" in baseline|pclive-eager|pclive|pclive-moving|pclive-lz4|pclive-hash|pclive-wp|pclive-s[1-9]|pclive-s1[0-6]) ;; *) echo "bench-migration: unknown mode '$mode'" >&2; exit 2 ;; esac
 done
 for n in ${idle_list//,/ }; do
   [[ "$n" =~ ^[0-9]+$ ]] || { echo "bench-migration: --idle-connections takes numbers, e.g. 1,100,900 (got '$n')" >&2; exit 2; }
@@ -280,13 +282,14 @@ run_one() {
       restored=$(now)
       remove_container src "$id"
       ;;
-    pclive|pclive-eager|pclive-lz4|pclive-moving|pclive-hash|pclive-wp)
+    pclive|pclive-eager|pclive-lz4|pclive-moving|pclive-hash|pclive-wp|pclive-s*)
       local listen=$dst_addr:7411 extra=(--net-host --tcp-close) send=()
       [ "$mode" = pclive-eager ] && extra+=(--eager)
       [ -n "$copier_threads" ] && [ "$mode" != pclive-eager ] && extra+=(--copier-threads "$copier_threads")
       [ "$mode" = pclive-lz4 ] && send=(--compress)
       [ "$mode" = pclive-hash ] && send=(--tracker content-hash)
       [ "$mode" = pclive-wp ] && send=(--tracker uffd-wp)
+      case "$mode" in pclive-s*) send=(--streams "${mode#pclive-s}") ;; esac
       if [ "$mode" = pclive-moving ]; then
         extra=(--netns "/run/netns/$bed-dst-redis" --move-address)
         send=(--move-address)

@@ -19,18 +19,24 @@
 //! (`scripts/bench-migration.sh`) measures the same path through the shim, with a real container
 //! and a real link.
 //!
-//! Usage: `precopy_cost [GIB] [--insecure] [--max-cpu CORES] [--tracker NAME]` (the tracker:
-//! content-hash by default, so that builds before the write-protect tracker compare alike).
+//! Usage: `precopy_cost [GIB] [--insecure] [--max-cpu CORES] [--tracker NAME] [--streams N]`
+//! (the tracker: content-hash by default, so that builds before the write-protect tracker
+//! compare alike). With `--streams N` (N > 1) the pages go on N connections and threads of
+//! their own on each side: the per-side figures, which count one thread each, are then null,
+//! and `process_cpu_s_per_gib` (both sides, all threads) is what compares.
 
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use restore_engine::clock::thread_cpu_seconds;
-use restore_engine::destination::receive::receive_rounds;
-use restore_engine::destination::Limits;
+use restore_engine::cancel::Cancel;
+use restore_engine::clock::{process_cpu_seconds, thread_cpu_seconds};
+use restore_engine::destination::limits::Budget;
+use restore_engine::destination::receive::receive_rounds_reporting;
+use restore_engine::destination::{Limits, ReceiveStreams};
 use restore_engine::memory::NoQuiesce;
 use restore_engine::policy::ConvergencePolicy;
 use restore_engine::source::rounds::{Sender, TaskIds};
+use restore_engine::source::streams::PageStreams;
 use restore_engine::staging::StagingStore;
 use restore_engine::wire::{accept, connect, Auth, Intent};
 
@@ -132,6 +138,12 @@ fn main() {
         .iter()
         .position(|a| a == "--max-cpu")
         .and_then(|i| args.get(i + 1)?.parse().ok());
+    let streams: u32 = args
+        .iter()
+        .position(|a| a == "--streams")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(1);
+    let extra = if streams > 1 { streams } else { 0 };
     let bytes = ((gib * (1u64 << 30) as f64) as usize) & !4095;
     let holder = spawn_holder(bytes);
 
@@ -150,8 +162,23 @@ fn main() {
             let (stream, _) = listener.accept().unwrap();
             let cpu = thread_cpu_seconds();
             let mut session = accept(stream, &server_auth).unwrap();
+            // The source connects its streams one after the other, in order.
+            let lanes = (0..extra)
+                .map(|_| accept(listener.accept().unwrap().0, &server_auth).unwrap())
+                .collect();
+            let streams =
+                ReceiveStreams::start(lanes, &Limits::unlimited(), &Cancel::default()).unwrap();
             let mut store = StagingStore::default();
-            let report = receive_rounds(&mut session, &mut store, &Limits::unlimited()).unwrap();
+            let report = receive_rounds_reporting(
+                &mut session,
+                Some(&streams),
+                &mut store,
+                None,
+                &Budget::new(&Limits::unlimited()),
+                &Cancel::default(),
+                |_, _| {},
+            )
+            .unwrap();
             let cpu = thread_cpu_seconds() - cpu;
             let (peak, _) = rss();
             (
@@ -167,6 +194,13 @@ fn main() {
     ready.recv().unwrap();
     let stream = TcpStream::connect(addr).unwrap();
     let mut session = connect(stream, &auth, &Intent::default()).unwrap();
+    let lanes: Vec<_> = (0..extra)
+        .map(|i| {
+            let stream = TcpStream::connect(addr).unwrap();
+            connect(stream, &auth, &Intent::stream("", i)).unwrap()
+        })
+        .collect();
+    let lanes = (!lanes.is_empty()).then(|| PageStreams::start(lanes).unwrap());
     let mut tracker = restore_engine::memory::tracker(Some(&tracker_name)).unwrap();
     let tasks = [TaskIds {
         host_pid: holder as u32,
@@ -178,8 +212,10 @@ fn main() {
     };
     let started = Instant::now();
     let cpu = thread_cpu_seconds();
+    let process_cpu = process_cpu_seconds();
     let report = Sender::new(&mut session)
         .max_cpu(max_cpu)
+        .streams(lanes)
         .run(
             || Ok(tasks.to_vec()),
             tracker.as_mut(),
@@ -197,6 +233,7 @@ fn main() {
     let source_cpu = thread_cpu_seconds() - cpu;
     let wall = started.elapsed().as_secs_f64();
     let (dest_cpu, received, footprint, dest_peak_growth, population) = receiver.join().unwrap();
+    let process_cpu = process_cpu_seconds() - process_cpu;
     // SAFETY: kills and reaps our own child.
     unsafe {
         libc::kill(holder, libc::SIGKILL);
@@ -211,8 +248,10 @@ fn main() {
             "encryption": if matches!(auth, Auth::Insecure) { "none" } else { "AES-256-GCM" },
             "tracker": report.tracker,
             "frozen_round_cpu_s": report.rounds.last().map(|r| r.cpu_seconds),
-            "source_cpu_s_per_gib": source_cpu / moved,
-            "destination_cpu_s_per_gib": dest_cpu / moved,
+            "streams": streams.max(1),
+            "source_cpu_s_per_gib": (extra == 0).then_some(source_cpu / moved),
+            "destination_cpu_s_per_gib": (extra == 0).then_some(dest_cpu / moved),
+            "process_cpu_s_per_gib": process_cpu / moved,
             "population_cpu_s_per_gib": population / moved,
             "first_round_mb_per_s": first.bytes as f64 / first.seconds / 1e6,
             "first_round_seconds": first.seconds,

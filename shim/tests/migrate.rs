@@ -369,10 +369,6 @@ struct InterruptedMigration {
 }
 
 impl InterruptedMigration {
-    fn start(rate: &str) -> Self {
-        Self::start_with(rate, &[])
-    }
-
     fn start_with(rate: &str, options: &[&str]) -> Self {
         let hosts = TwoHosts::up(rate);
         let rootfs = counter(&hosts.src);
@@ -411,11 +407,30 @@ impl InterruptedMigration {
 
 #[test]
 fn a_destination_killed_during_precopy_leaves_the_source_running() {
-    let run = InterruptedMigration::start("10gbit");
+    destination_killed_during_precopy(&[], 1);
+}
+
+#[test]
+fn a_destination_killed_during_precopy_over_page_streams_leaves_the_source_running() {
+    // The streams' threads see the connection die; the reading thread must learn it from
+    // them and resume the container, not wait on a stream forever.
+    destination_killed_during_precopy(&["--streams", "2"], 2);
+}
+
+fn destination_killed_during_precopy(options: &[&str], connections: u32) {
+    let run = InterruptedMigration::start_with("10gbit", options);
     // Kill the receiving side while the first (256 MiB) round is on its way.
     wait_for("pre-copy to start", Duration::from_secs(30), || {
-        run.hosts.src.log().contains("process(es) to")
+        run.hosts.src.log().contains("connection(s) (migration")
     });
+    assert!(
+        run.hosts
+            .src
+            .log()
+            .contains(&format!("pages on {connections} connection(s)")),
+        "{}",
+        tail(&run.hosts.src.log(), 5)
+    );
     std::thread::sleep(Duration::from_millis(200));
     let servers = processes_with_args(&["--receive", &run.destination]);
     assert_eq!(servers.len(), 1, "one receiving server");

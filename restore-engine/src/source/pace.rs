@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::clock::process_cpu_seconds;
+#[cfg(test)]
 use crate::clock::thread_cpu_seconds;
 
 /// How much may go at once after a pause in sending (the tracker's scans): a short burst, not
@@ -50,13 +52,16 @@ impl Pacer {
     }
 }
 
-/// `--max-cpu`: the live rounds use at most this many cores. The sending thread reads, hashes,
-/// encrypts and sends (the live rounds use no other thread); after each piece it sleeps until
-/// its CPU time since the round began is within the bound of the wall time.
+/// `--max-cpu`: the live rounds use at most this many cores. The reading thread reads and
+/// hashes, and seals and sends unless page streams do that on threads of their own; after each
+/// piece it sleeps until the process's CPU time since the round began (its threads and the
+/// streams', the shim's others being idle meanwhile) is within the bound of the wall time.
 #[derive(Debug)]
 pub struct CpuBudget {
     /// Cores; None: no bound.
     cores: Option<f64>,
+    /// CPU seconds so far (the process's).
+    clock: fn() -> f64,
     started: Instant,
     cpu_at_start: f64,
     frozen: bool,
@@ -66,17 +71,26 @@ impl CpuBudget {
     pub fn new(cores: Option<f64>) -> Self {
         CpuBudget {
             cores: cores.filter(|c| *c > 0.0),
+            clock: process_cpu_seconds,
             started: Instant::now(),
-            cpu_at_start: thread_cpu_seconds(),
+            cpu_at_start: process_cpu_seconds(),
             frozen: false,
         }
+    }
+
+    /// Counts CPU time on `clock` instead (tests: this thread's alone).
+    #[cfg(test)]
+    fn clock(mut self, clock: fn() -> f64) -> Self {
+        self.clock = clock;
+        self.cpu_at_start = clock();
+        self
     }
 
     /// A round begins, with the container frozen (no bound) or not.
     pub fn round(&mut self, frozen: bool) {
         self.frozen = frozen;
         self.started = Instant::now();
-        self.cpu_at_start = thread_cpu_seconds();
+        self.cpu_at_start = (self.clock)();
     }
 
     /// Waits until the CPU used since the round began is within the bound.
@@ -84,7 +98,7 @@ impl CpuBudget {
         let Some(cores) = self.cores.filter(|_| !self.frozen) else {
             return;
         };
-        let used = thread_cpu_seconds() - self.cpu_at_start;
+        let used = (self.clock)() - self.cpu_at_start;
         let due = Duration::from_secs_f64(used / cores);
         let elapsed = self.started.elapsed();
         if due > elapsed {
@@ -109,7 +123,7 @@ mod tests {
             }
         };
         // 200 ms of CPU at a quarter of a core: at least 0.8 s.
-        let mut budget = CpuBudget::new(Some(0.25));
+        let mut budget = CpuBudget::new(Some(0.25)).clock(thread_cpu_seconds);
         budget.round(false);
         let started = Instant::now();
         burn(&mut budget);

@@ -60,9 +60,10 @@ pub struct MigrateArgs {
     /// frozen last round is not bound (it is downtime), as with QEMU's max-bandwidth
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
-    /// Bound the CPU the live pre-copy rounds use, in percent of one core (they read, hash,
-    /// encrypt and send on one thread): 50 leaves half a core of it to the host's other work.
-    /// The frozen last round is not bound (it is downtime); each round's CPU is in the report
+    /// Bound the CPU the live pre-copy rounds use, in percent of one core, counted over all
+    /// their threads (--streams included): 50 leaves half a core of it to the host's other
+    /// work. The frozen last round is not bound (it is downtime); each round's CPU is in the
+    /// report
     #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(5..=100))]
     pub max_cpu: Option<u32>,
     /// Send the memory's pages on N connections of their own, each encrypted and sent by a
