@@ -385,7 +385,14 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             layer_digest,
         } = read;
         let send_start = Instant::now();
-        let cpu_start = crate::clock::thread_cpu_seconds();
+        // This thread sends, or, with page streams, theirs: the process's CPU then (a held
+        // round's read was counted for the whole process; the final dump's thread meanwhile
+        // waits on runc, which is not this process).
+        let cpu_clock = match self.streams {
+            Some(_) => crate::clock::process_cpu_seconds,
+            None => crate::clock::thread_cpu_seconds,
+        };
+        let cpu_start = cpu_clock();
         for (ns_pid, mut piece) in held {
             stats.wire_bytes += self.send_delta(ns_pid, stats.round, &mut piece)?;
         }
@@ -412,8 +419,7 @@ impl<'a, S: Read + Write> Sender<'a, S> {
             }
         }
         stats.send_seconds += send_start.elapsed().as_secs_f64();
-        // Only this thread sends (a held round's read was counted for the whole process).
-        stats.cpu_seconds += crate::clock::thread_cpu_seconds() - cpu_start;
+        stats.cpu_seconds += cpu_clock() - cpu_start;
         stats.seconds = started.elapsed().as_secs_f64();
         stats.link_bytes_per_second = if stats.seconds > 0.0 {
             stats.wire_bytes as f64 / stats.seconds
