@@ -32,6 +32,7 @@ pub mod lazy;
 pub mod memory;
 pub mod page;
 pub mod policy;
+pub mod procfs;
 pub mod record;
 pub mod server;
 pub mod source;

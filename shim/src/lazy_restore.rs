@@ -414,10 +414,7 @@ fn kill_descendants(spare: i32) {
         .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
         .filter_map(|pid| {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The command may contain spaces and parentheses: the fields follow the last ')'.
-            let after = &stat[stat.rfind(')')? + 2..];
-            let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
-            Some((pid, ppid))
+            Some((pid, restore_engine::procfs::stat_ppid(&stat)?))
         })
         .collect();
     let mut family = vec![me];

@@ -82,11 +82,6 @@ pub fn classify(state: char, wchan: &str, v1_freezer: bool) -> Option<Why> {
     None
 }
 
-fn state_letter(stat: &str) -> Option<char> {
-    // "tid (comm) S ...": the comm may hold spaces and parentheses.
-    stat.rsplit_once(") ")?.1.chars().next()
-}
-
 /// The unseizable threads of the processes `pids` (host pids); processes that vanish meanwhile
 /// are skipped.
 pub fn find(pids: &[u32]) -> Vec<Unseizable> {
@@ -110,7 +105,7 @@ pub fn find(pids: &[u32]) -> Vec<Unseizable> {
             ) else {
                 continue;
             };
-            let Some(state) = state_letter(&stat) else {
+            let Some(state) = restore_engine::procfs::stat_state(&stat) else {
                 continue;
             };
             if let Some(why) = classify(state, wchan.trim(), v1_freezer) {
@@ -154,12 +149,6 @@ mod tests {
         assert_eq!(classify('D', "hrtimer_nanosleep", true), None);
         assert_eq!(classify('D', "__refrigerator", true), None);
         assert_eq!(classify('R', "0", true), None);
-    }
-
-    #[test]
-    fn reads_the_state_after_a_comm_with_parentheses() {
-        assert_eq!(state_letter("12 (a) b) T 1 2"), Some('T'));
-        assert_eq!(state_letter("garbage"), None);
     }
 
     #[test]

@@ -160,13 +160,6 @@ pub(super) fn parse_range(field: &str) -> Option<(u64, u64)> {
     ))
 }
 
-/// The state letter (R, S, D, T, t, Z, ...) in a /proc `stat` file's text.
-pub(super) fn stat_state(stat: &str) -> Option<char> {
-    stat.rfind(')')
-        .and_then(|at| stat[at + 1..].split_whitespace().next())
-        .and_then(|s| s.chars().next())
-}
-
 pub(super) fn read_smaps(pid: u32) -> Result<String, TrackError> {
     fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|source| TrackError::Proc {
         pid,
@@ -344,7 +337,10 @@ impl Quiesce for StopSignal {
         // Wait until it is stopped (state T), briefly.
         for _ in 0..200 {
             let stat = fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
-            if matches!(stat_state(&stat), Some('T') | Some('t') | None) {
+            if matches!(
+                crate::procfs::stat_state(&stat),
+                Some('T') | Some('t') | None
+            ) {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(1));

@@ -194,11 +194,8 @@ fn init_alive(init: &Process) -> Result<(), String> {
     let pid = inner.pid;
     drop(inner);
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rfind(')')
-        .and_then(|at| stat[at + 1..].split_whitespace().next());
-    match state {
-        Some("Z") | Some("X") | None => Err(format!("its init (pid {pid}) has exited")),
+    match restore_engine::procfs::stat_state(&stat) {
+        Some('Z') | Some('X') | None => Err(format!("its init (pid {pid}) has exited")),
         Some(_) => Ok(()),
     }
 }

@@ -138,7 +138,9 @@ fn vdso_syscall_address(pid: u32) -> Result<u64, InjectError> {
 
 /// A thread's state letter in /proc (R, S, D, T, t, Z, ...).
 fn state_of(pid: u32, tid: u32) -> Option<char> {
-    super::super::stat_state(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?)
+    crate::procfs::stat_state(
+        &std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?,
+    )
 }
 
 /// The threads of task `pid`.
