@@ -6,9 +6,11 @@
 # the shims, mounts, network namespaces, cgroups, bundles and staging directories, listening
 # sockets, processes.
 #
-#   scripts/soak.sh [--hops N] [--mib N] [--rate 1gbit|10gbit|none] [--out FILE] [--no-setup]
+#   scripts/soak.sh [--hops N] [--mib N] [--rate 1gbit|10gbit|none] [--streams N] [--out FILE]
+#                   [--no-setup]
 #
-# Defaults: 50 hops of 256 MiB over 10gbit. Prints one JSON line per hop and a summary (also
+# Defaults: 50 hops of 256 MiB over 10gbit; --streams N migrates with pages on N connections
+# of their own (pclive migrate --streams; default: the host's). Prints one JSON line per hop and a summary (also
 # written to FILE, default docs/soak-results.jsonl). Everything it creates is removed on exit.
 # --no-setup skips scripts/setup.sh (what it installs must be there already).
 set -euo pipefail
@@ -19,14 +21,16 @@ mib=256
 rate=10gbit
 out=docs/soak-results.jsonl
 setup=1
+streams=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --hops) hops=${2:?}; shift 2 ;;
     --mib) mib=${2:?}; shift 2 ;;
     --rate) rate=${2:?}; shift 2 ;;
     --out) out=${2:?}; shift 2 ;;
+    --streams) streams=(--streams "${2:?}"); shift 2 ;;
     --no-setup) setup=0; shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "soak.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -109,7 +113,7 @@ for hop in $(seq "$hops"); do
     sleep 0.05
   done
   if ! pclive migrate app "$listen" --key-file "$state/$here/migration.key" --address "$(sock_of "$here")" \
-      --namespace "$(ns_of "$here")" --state-dir "$state/$here/pclive" --json \
+      --namespace "$(ns_of "$here")" --state-dir "$state/$here/pclive" --json ${streams[@]+"${streams[@]}"} \
       > "$work/report.json" 2> "$work/migrate.log"; then
     echo "soak: hop $hop ($here → $there) failed:" >&2; cat "$work/migrate.log" "$work/receive.log" >&2; exit 1
   fi
@@ -122,7 +126,8 @@ for hop in $(seq "$hops"); do
   jq -c --argjson hop "$hop" --arg from "$here" --arg to "$there" \
     --argjson seconds "$(echo "$(date +%s.%N) - $started" | bc)" \
     '{hop: $hop, from: $from, to: $to, seconds: $seconds, downtime_s: .downtime_seconds,
-      rounds: (.precopy.rounds | length), frozen_until_commit_s: .frozen_until_commit_seconds}' \
+      rounds: (.precopy.rounds | length), frozen_until_commit_s: .frozen_until_commit_seconds,
+      page_streams: .page_streams}' \
     "$work/report.json" | tee -a "$work/results.jsonl"
   here=$there
 done
