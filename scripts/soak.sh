@@ -127,7 +127,8 @@ for hop in $(seq "$hops"); do
     --argjson seconds "$(echo "$(date +%s.%N) - $started" | bc)" \
     '{hop: $hop, from: $from, to: $to, seconds: $seconds, downtime_s: .downtime_seconds,
       rounds: (.precopy.rounds | length), frozen_until_commit_s: .frozen_until_commit_seconds,
-      page_streams: .page_streams}' \
+      page_streams: .page_streams, last_round_s: .last_round_seconds,
+      frozen_round_sent_s: .dump_overlap.sent_seconds, dump_s: .dump_overlap.dump_seconds}' \
     "$work/report.json" | tee -a "$work/results.jsonl"
   here=$there
 done
