@@ -151,7 +151,12 @@ fn send_page(stream: &mut Session<UnixStream>, round: u32, fill: u8) {
     stream.send_pages(&mut frame).unwrap();
 }
 
-fn end_round(main: &mut Session<UnixStream>, round: u32, last: bool, frames: &[u64]) {
+fn end_round<S: std::io::Read + std::io::Write>(
+    main: &mut Session<S>,
+    round: u32,
+    last: bool,
+    frames: &[u64],
+) {
     main.send(
         Kind::RoundEnd,
         &RoundEnd {
@@ -271,4 +276,92 @@ fn a_receiver_takes_only_the_streams_of_its_migration_and_waits_for_them_briefly
         receiver.txn().phase().is_none(),
         "nothing was recorded for a migration that did not begin"
     );
+}
+
+#[test]
+fn a_stream_that_ends_after_its_credit_came_back_loses_no_frame() {
+    // More than half the credit window on one TCP stream: the receiver returns credit that the
+    // sending thread never needs to read. Closing with it unread resets the connection, and a
+    // reset discards what the receiver has not read yet (the last frames and the stream's end).
+    const FRAMES: usize = 6;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let receiving = thread::spawn(move || {
+        // The receiver stalls once it has returned credit, as a receiver populating fresh
+        // memory does: the source's last frames are then still in its socket when it closes.
+        let mut sessions: Vec<_> = (0..2)
+            .map(|_| {
+                let stream = Stalling {
+                    inner: listener.accept().unwrap().0,
+                    read: 0,
+                };
+                accept(stream, &key()).unwrap()
+            })
+            .collect();
+        let mut main = sessions.remove(0);
+        let streams =
+            ReceiveStreams::start(sessions, &Limits::unlimited(), &Cancel::default()).unwrap();
+        let mut store = StagingStore::default();
+        let report = receive_rounds_reporting(
+            &mut main,
+            Some(&streams),
+            &mut store,
+            None,
+            &Budget::new(&Limits::unlimited()),
+            &Cancel::default(),
+            |_, _| {},
+        );
+        // The source waits for this end to close its streams, then for the main connection.
+        report.map(|r| r.bytes)
+    });
+    let connect_to = || {
+        connect(
+            std::net::TcpStream::connect(address).unwrap(),
+            &key(),
+            &Intent::default(),
+        )
+        .unwrap()
+    };
+    let mut main = connect_to();
+    let mut streams = PageStreams::start(vec![connect_to()]).unwrap();
+    let batch = vec![0x5au8; crate::wire::pages::BATCH_BYTES];
+    for i in 0..FRAMES {
+        let mut frame = PageFrame::default();
+        frame.start(1, 1);
+        frame.push_run(ADDR + (i * batch.len()) as u64, &batch, false);
+        streams.dispatch(&mut frame).unwrap();
+    }
+    end_round(&mut main, 1, true, &streams.end_round());
+    streams.finish().unwrap();
+    assert_eq!(
+        receiving.join().unwrap().unwrap(),
+        (FRAMES * batch.len()) as u64
+    );
+}
+
+/// A connection whose reads stall for half a second once, after 36 MiB.
+struct Stalling {
+    inner: std::net::TcpStream,
+    read: usize,
+}
+
+impl std::io::Read for Stalling {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        const AFTER: usize = 36 << 20;
+        let n = self.inner.read(buf)?;
+        if self.read < AFTER && self.read + n >= AFTER {
+            thread::sleep(Duration::from_millis(500));
+        }
+        self.read += n;
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Stalling {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
