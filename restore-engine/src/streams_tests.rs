@@ -11,8 +11,7 @@ use std::time::Duration;
 use crate::cancel::Cancel;
 use crate::destination::limits::{Budget, Limits};
 use crate::destination::receive::{receive_rounds_reporting, ReceiveError};
-use crate::destination::{DestinationError, ReceiveOptions, ReceiveStreams, Receiver};
-use crate::events::ServerEvent;
+use crate::destination::{DestinationError, ReceiveStreams, Receiver};
 use crate::memory::HashTracker;
 use crate::page;
 use crate::policy::ConvergencePolicy;
@@ -30,17 +29,7 @@ fn key() -> Auth {
 
 /// A receiver on a free loopback port (handshakes and streams given `wait`); its address.
 fn receiver(store: &Store, wait: Duration) -> (Receiver, String) {
-    let mut options = ReceiveOptions::new("127.0.0.1:0", key(), store.clone());
-    options.accept_timeout = Duration::from_secs(30);
-    options.handshake_timeout = wait;
-    let mut address = String::new();
-    let receiver = Receiver::bind(options, Cancel::default(), |event| {
-        if let ServerEvent::Listening { address: a } = event {
-            address = a;
-        }
-    })
-    .unwrap();
-    (receiver, address)
+    crate::testsupport::loopback_receiver(store, &key(), |options| options.handshake_timeout = wait)
 }
 
 #[test]

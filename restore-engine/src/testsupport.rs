@@ -447,3 +447,25 @@ pub fn region_of(writer: &Writer) -> Vec<u8> {
     assert_eq!(n, writer.len as isize);
     bytes
 }
+
+/// A receiver on a free loopback port that waits 30 s for its source (`configure` changes the
+/// rest); its address.
+pub fn loopback_receiver(
+    store: &Store,
+    key: &Auth,
+    configure: impl FnOnce(&mut crate::destination::ReceiveOptions),
+) -> (crate::destination::Receiver, String) {
+    let mut options =
+        crate::destination::ReceiveOptions::new("127.0.0.1:0", key.clone(), store.clone());
+    options.accept_timeout = Duration::from_secs(30);
+    configure(&mut options);
+    let mut address = String::new();
+    let receiver =
+        crate::destination::Receiver::bind(options, crate::cancel::Cancel::default(), |event| {
+            if let crate::events::ServerEvent::Listening { address: a } = event {
+                address = a;
+            }
+        })
+        .unwrap();
+    (receiver, address)
+}

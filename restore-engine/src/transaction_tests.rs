@@ -8,11 +8,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use crate::cancel::Cancel;
 use crate::destination::limits::{Budget, Limits};
 use crate::destination::receive::{receive_images, receive_rounds};
-use crate::destination::{ReceiveOptions, Receiver};
-use crate::events::ServerEvent;
+use crate::destination::Receiver;
 use crate::record::{Phase, Role, Store};
 use crate::source::{self, MigrateParams, SourceError};
 use crate::staging::StagingStore;
@@ -25,17 +23,7 @@ fn key() -> Auth {
 
 /// A receiver on a free loopback port; its address.
 fn receiver(store: &Store, linger: Duration) -> (Receiver, String) {
-    let mut options = ReceiveOptions::new("127.0.0.1:0", key(), store.clone());
-    options.linger = linger;
-    options.accept_timeout = Duration::from_secs(30);
-    let mut address = String::new();
-    let receiver = Receiver::bind(options, Cancel::default(), |event| {
-        if let ServerEvent::Listening { address: a } = event {
-            address = a;
-        }
-    })
-    .unwrap();
-    (receiver, address)
+    crate::testsupport::loopback_receiver(store, &key(), |options| options.linger = linger)
 }
 
 struct Run {

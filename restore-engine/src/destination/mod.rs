@@ -195,13 +195,7 @@ impl Receiver {
     ) -> Result<Vec<Session<TcpStream>>, DestinationError> {
         let migration_id = main.intent().migration_id.clone();
         let refuse = |main: &mut Session<TcpStream>, reason: String| {
-            let _ = main.send(
-                Kind::Control,
-                &Control {
-                    code: ControlCode::Abort as i32,
-                    message: reason.clone(),
-                },
-            );
+            turn_away(main, &reason);
             DestinationError::Streams(reason)
         };
         if wanted > crate::source::streams::MAX_STREAMS {
@@ -247,13 +241,7 @@ impl Receiver {
                 }
                 Ok(mut session) => {
                     log::warn!("turned away {peer}: not one of the source's page streams");
-                    let _ = session.send(
-                        Kind::Control,
-                        &Control {
-                            code: ControlCode::Abort as i32,
-                            message: "this receiver is taken by another migration".into(),
-                        },
-                    );
+                    turn_away(&mut session, TAKEN);
                 }
                 Err(e) => log::warn!("refused a connection from {peer}: {e}"),
             }
@@ -285,12 +273,9 @@ impl Receiver {
                 }
                 Ok(mut session) if session.intent().is_stream() => {
                     log::warn!("turned away {peer}: a page stream of a migration not begun here");
-                    let _ = session.send(
-                        Kind::Control,
-                        &Control {
-                            code: ControlCode::Abort as i32,
-                            message: "no migration with these page streams began here".into(),
-                        },
+                    turn_away(
+                        &mut session,
+                        "no migration with these page streams began here",
                     );
                 }
                 Ok(mut session) => {
@@ -389,6 +374,21 @@ pub fn answer_queries(options: ReceiveOptions, migration_id: &str) -> Result<(),
     Ok(())
 }
 
+/// What a source that connects while another migration is received here is told.
+const TAKEN: &str = "this receiver is taken by another migration";
+
+/// Tells the peer of an authenticated session why it is turned away (a peer that is gone
+/// already does not matter).
+fn turn_away(session: &mut Session<TcpStream>, reason: &str) {
+    let _ = session.send(
+        Kind::Control,
+        &Control {
+            code: ControlCode::Abort as i32,
+            message: reason.to_string(),
+        },
+    );
+}
+
 /// One connection, or None after a short wait.
 fn accept_one(listener: &TcpListener) -> Result<Option<(TcpStream, String)>, DestinationError> {
     match listener.accept() {
@@ -449,13 +449,7 @@ fn answer_until_stopped(
                 }
             }
             Ok(mut session) => {
-                let _ = session.send(
-                    Kind::Control,
-                    &Control {
-                        code: ControlCode::Abort as i32,
-                        message: "this receiver is taken by another migration".into(),
-                    },
-                );
+                turn_away(&mut session, TAKEN);
             }
             Err(e) => log::warn!("refused a connection from {peer}: {e}"),
         }
