@@ -173,9 +173,10 @@ fn checksummed_memory_migrates_with_an_eager_restore() {
     assert!(ps.lines().count() >= 4, "the process tree arrived: {ps}");
 }
 
-#[test]
-fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
-    let hosts = TwoHosts::up("10gbit");
+/// memcheck holding `mib` MiB on the source, migrated with `options` to a receiver; after two
+/// more verified passes there. Returns the migration's report (the source is STOPPED, the
+/// destination RUNNING).
+fn checksummed_memory_migrates(hosts: &TwoHosts, mib: &str, options: &[&str]) -> serde_json::Value {
     let (src, dst) = (&hosts.src, &hosts.dst);
     let rootfs = src.rootfs("app");
     let status = rootfs.join("status");
@@ -183,7 +184,7 @@ fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
         "app",
         &rootfs,
         &[],
-        &["/usr/local/bin/memcheck", "1024", "--status", "/status"],
+        &["/usr/local/bin/memcheck", mib, "--status", "/status"],
     );
     wait_for("memcheck to verify", Duration::from_secs(120), || {
         memcheck_status(&status).is_some_and(|s| s.pass >= 1)
@@ -195,7 +196,7 @@ fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
 
     let started = Instant::now();
     let before = memcheck_status(&status).unwrap();
-    let report = migrate(src, "app", &listen, &key).unwrap_or_else(|e| {
+    let report = migrate_with(src, "app", &listen, &key, options).unwrap_or_else(|e| {
         panic!(
             "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
             tail(&src.log(), 30),
@@ -206,12 +207,21 @@ fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
     assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
     dst.wait_status("app", "RUNNING");
     src.wait_status("app", "STOPPED");
+    // memcheck checks its own memory: two more passes there mean every page arrived intact.
     let status = dst_rootfs.join("status");
     wait_for(
         "two verified passes on the destination",
         Duration::from_secs(120),
         || memcheck_status(&status).is_some_and(|s| s.pass >= before.pass + 2),
     );
+    report
+}
+
+#[test]
+fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
+    let hosts = TwoHosts::up("10gbit");
+    let dst = &hosts.dst;
+    let report = checksummed_memory_migrates(&hosts, "1024", &[]);
     eprintln!("{report:#}");
     assert!(report["downtime_seconds"].as_f64().unwrap() > 0.0);
     // With the host's default tracker (uffd-wp here; `pclive check` says which and why).
@@ -230,43 +240,13 @@ fn a_gib_of_checksummed_memory_migrates_live_and_keeps_running() {
 #[test]
 fn checksummed_memory_migrates_over_three_page_streams() {
     let hosts = TwoHosts::up("10gbit");
-    let (src, dst) = (&hosts.src, &hosts.dst);
-    let rootfs = src.rootfs("app");
-    let status = rootfs.join("status");
-    src.run_detached(
-        "app",
-        &rootfs,
-        &[],
-        &["/usr/local/bin/memcheck", "256", "--status", "/status"],
-    );
-    wait_for("memcheck to verify", Duration::from_secs(120), || {
-        memcheck_status(&status).is_some_and(|s| s.pass >= 1)
-    });
-    let key = src.key();
-    let listen = format!("{}:{}", hosts.dst_ip, free_port());
-    let dst_rootfs = dst.rootfs("app");
-    let receiver = receive(dst, "app", &dst_rootfs, &listen, Some(&key));
-    let before = memcheck_status(&status).unwrap();
-    let report = migrate_with(src, "app", &listen, &key, &["--streams", "3"]).unwrap_or_else(|e| {
-        panic!(
-            "migration failed: {e}\n--- source log ---\n{}\n--- destination log ---\n{}",
-            tail(&src.log(), 30),
-            tail(&dst.log(), 30)
-        )
-    });
-    assert_eq!(receiver.wait_code(Duration::from_secs(60)), 0);
+    let report = checksummed_memory_migrates(&hosts, "256", &["--streams", "3"]);
     assert_eq!(report["page_streams"], 3, "{report:#}");
-    dst.wait_status("app", "RUNNING");
-    src.wait_status("app", "STOPPED");
-    // memcheck checks its own memory: two more passes there mean every page arrived intact.
-    let status = dst_rootfs.join("status");
-    wait_for(
-        "two verified passes on the destination",
-        Duration::from_secs(120),
-        || memcheck_status(&status).is_some_and(|s| s.pass >= before.pass + 2),
-    );
     assert!(
-        dst.log().contains("pages on 3 connections of their own"),
+        hosts
+            .dst
+            .log()
+            .contains("pages on 3 connections of their own"),
         "the receiver took the pages on three streams"
     );
 }
