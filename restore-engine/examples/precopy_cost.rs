@@ -30,8 +30,7 @@ use std::time::{Duration, Instant};
 
 use restore_engine::cancel::Cancel;
 use restore_engine::clock::{process_cpu_seconds, thread_cpu_seconds};
-use restore_engine::destination::limits::Budget;
-use restore_engine::destination::receive::receive_rounds_reporting;
+use restore_engine::destination::receive::receive_rounds;
 use restore_engine::destination::{Limits, ReceiveStreams};
 use restore_engine::memory::NoQuiesce;
 use restore_engine::policy::ConvergencePolicy;
@@ -169,14 +168,11 @@ fn main() {
             let streams =
                 ReceiveStreams::start(lanes, &Limits::unlimited(), &Cancel::default()).unwrap();
             let mut store = StagingStore::default();
-            let report = receive_rounds_reporting(
+            let report = receive_rounds(
                 &mut session,
                 Some(&streams),
                 &mut store,
-                None,
-                &Budget::new(&Limits::unlimited()),
-                &Cancel::default(),
-                |_, _| {},
+                &Limits::unlimited(),
             )
             .unwrap();
             let cpu = thread_cpu_seconds() - cpu;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::cancel::Cancel;
 use crate::destination::limits::{Budget, Limits};
-use crate::destination::receive::{receive_rounds_reporting, ReceiveError};
+use crate::destination::receive::{receive_rounds, receive_rounds_reporting, ReceiveError};
 use crate::destination::{DestinationError, ReceiveStreams, Receiver};
 use crate::memory::HashTracker;
 use crate::page;
@@ -60,9 +60,7 @@ fn a_writer_migrates_over_three_page_streams_with_its_memory_intact() {
                 &mut crate::memory::NoQuiesce,
                 &policy,
                 || {
-                    // SAFETY: stops our own child.
-                    unsafe { libc::kill(pid, libc::SIGSTOP) };
-                    thread::sleep(Duration::from_millis(50));
+                    crate::testsupport::stop(pid);
                     Ok(())
                 },
                 |_| {},
@@ -114,15 +112,7 @@ fn streams_over_pairs(n: usize) -> (Session<UnixStream>, Vec<Session<UnixStream>
         let streams =
             ReceiveStreams::start(destinations, &Limits::unlimited(), &Cancel::default()).unwrap();
         let mut store = StagingStore::default();
-        let result = receive_rounds_reporting(
-            &mut main,
-            Some(&streams),
-            &mut store,
-            None,
-            &Budget::new(&Limits::unlimited()),
-            &Cancel::default(),
-            |_, _| {},
-        );
+        let result = receive_rounds(&mut main, Some(&streams), &mut store, &Limits::unlimited());
         (store, result.map(drop))
     });
     let main = sources.remove(0);
@@ -290,15 +280,11 @@ fn a_stream_that_ends_after_its_credit_came_back_loses_no_frame() {
         let mut main = sessions.remove(0);
         let streams =
             ReceiveStreams::start(sessions, &Limits::unlimited(), &Cancel::default()).unwrap();
-        let mut store = StagingStore::default();
-        let report = receive_rounds_reporting(
+        let report = receive_rounds(
             &mut main,
             Some(&streams),
-            &mut store,
-            None,
-            &Budget::new(&Limits::unlimited()),
-            &Cancel::default(),
-            |_, _| {},
+            &mut StagingStore::default(),
+            &Limits::unlimited(),
         );
         // The source waits for this end to close its streams, then for the main connection.
         report.map(|r| r.bytes)

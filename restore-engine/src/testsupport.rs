@@ -287,6 +287,13 @@ impl Drop for Writer {
     }
 }
 
+/// Stops our child `pid` (the writer's freeze) and gives the signal a moment to take effect.
+pub fn stop(pid: libc::pid_t) {
+    // SAFETY: stops our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    thread::sleep(Duration::from_millis(50));
+}
+
 /// The runtime's part of a migration, played on a forked writer: SIGSTOP freezes it, the final
 /// dump writes stand-in lazy-dump images, SIGCONT resumes it.
 pub struct WriterHooks {
@@ -317,9 +324,7 @@ impl SourceHooks for WriterHooks {
         }])
     }
     fn freeze(&mut self) -> Result<(), HookError> {
-        // SAFETY: stops our own child.
-        unsafe { libc::kill(self.pid, libc::SIGSTOP) };
-        thread::sleep(Duration::from_millis(50));
+        stop(self.pid);
         self.frozen = true;
         Ok(())
     }

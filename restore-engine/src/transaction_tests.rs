@@ -73,6 +73,7 @@ fn the_source_learns_a_commit_it_missed_by_asking() {
     std::fs::create_dir(&images).unwrap();
     receive_rounds(
         &mut session,
+        None,
         &mut StagingStore::default(),
         &Limits::unlimited(),
     )
@@ -114,6 +115,7 @@ fn a_destination_that_lost_the_container_leaves_the_source_frozen_in_doubt() {
     std::fs::create_dir(&images).unwrap();
     receive_rounds(
         &mut session,
+        None,
         &mut StagingStore::default(),
         &Limits::unlimited(),
     )
@@ -167,6 +169,7 @@ fn an_unanswered_question_leaves_the_source_in_doubt() {
     std::fs::create_dir(&images).unwrap();
     receive_rounds(
         &mut session,
+        None,
         &mut StagingStore::default(),
         &Limits::unlimited(),
     )

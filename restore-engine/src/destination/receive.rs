@@ -10,19 +10,17 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::limits::{Budget, Limits};
-pub use super::stage::{stage_frame, ReceiveError, Staged};
+pub use super::stage::ReceiveError;
+use super::stage::{stage_frame, CreditReturn};
 use super::streams::ReceiveStreams;
 use crate::cancel::Cancel;
 use crate::layer::Applier;
 use crate::staging::StagingStore;
 use crate::wire::pages::ReceivedPages;
 use crate::wire::{
-    Control, ControlCode, Credit, ImageFile, Kind, LayerBlock, LayerEntry, LayerSync, RoundEnd,
-    Session, WireError,
+    Control, ControlCode, ImageFile, Kind, LayerBlock, LayerEntry, LayerSync, RoundEnd, Session,
+    WireError,
 };
-
-/// The flow-control window (see [`crate::wire::INITIAL_CREDIT`]).
-const CREDIT_WINDOW: u64 = crate::wire::INITIAL_CREDIT;
 
 /// Where the container's filesystem goes on the receiving end.
 pub struct DestinationLayer {
@@ -158,15 +156,17 @@ pub struct ReceiveReport {
     pub layer_bytes: u64,
 }
 
-/// Receives rounds into `store` until the last (frozen) round has arrived.
+/// Receives rounds into `store` until the last (frozen) round has arrived (the page frames on
+/// `streams`, if any).
 pub fn receive_rounds<S: Read + Write>(
     session: &mut Session<S>,
+    streams: Option<&ReceiveStreams>,
     store: &mut StagingStore,
     limits: &Limits,
 ) -> Result<ReceiveReport, ReceiveError> {
     receive_rounds_reporting(
         session,
-        None,
+        streams,
         store,
         None,
         &Budget::new(limits),
@@ -220,7 +220,7 @@ fn receive_rounds_on<S: Read + Write>(
     mut on_round: impl FnMut(&RoundEnd, &ReceiveReport),
 ) -> Result<ReceiveReport, ReceiveError> {
     let mut report = ReceiveReport::default();
-    let mut consumed = 0u64;
+    let mut credit = CreditReturn::default();
     let mut cpu_at_round_start = crate::clock::process_cpu_seconds();
     loop {
         if let Some(reason) = cancel.reason() {
@@ -234,15 +234,10 @@ fn receive_rounds_on<S: Read + Write>(
                 report.pages += staged.pages;
                 report.zero_pages += staged.zero_pages;
                 report.bytes += staged.bytes;
-                // Return the credit once half the window is used, so the sender never stalls
-                // on a link that keeps up.
-                consumed += received.wire_bytes();
+                let wire = received.wire_bytes();
                 drop(received);
                 session.recycle(frame.payload);
-                if consumed >= CREDIT_WINDOW / 2 {
-                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
-                    consumed = 0;
-                }
+                credit.consumed(session, wire)?;
             }
             Kind::LayerEntry => {
                 let entry: LayerEntry = frame.decode()?;
@@ -264,11 +259,7 @@ fn receive_rounds_on<S: Read + Write>(
                     .into());
                 };
                 report.layer_bytes += layer.accepting()?.block(&block)?;
-                consumed += block.data.len() as u64;
-                if consumed >= CREDIT_WINDOW / 2 {
-                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
-                    consumed = 0;
-                }
+                credit.consumed(session, block.data.len() as u64)?;
             }
             Kind::RoundEnd => {
                 let end: RoundEnd = frame.decode()?;
@@ -301,10 +292,7 @@ fn receive_rounds_on<S: Read + Write>(
                 report.round_cpu_seconds = cpu - cpu_at_round_start;
                 cpu_at_round_start = cpu;
                 on_round(&end, &report);
-                if consumed > 0 {
-                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
-                    consumed = 0;
-                }
+                credit.flush(session)?;
                 if end.last {
                     return Ok(report);
                 }

@@ -1,13 +1,15 @@
 //! What every received page frame goes through, on the main connection or on a page stream:
-//! checked against the receiver's limits, decoded and put in the staging store; and the errors
-//! of receiving a migration.
+//! checked against the receiver's limits, decoded and put in the staging store, its credit
+//! returned to the sender; and the errors of receiving a migration.
 
 use super::limits::{Budget, LimitExceeded};
 use crate::layer::LayerError;
 use crate::page;
 use crate::staging::{StagingError, StagingStore};
 use crate::wire::pages::{decode_run, ReceivedPages};
-use crate::wire::WireError;
+use std::io::{Read, Write};
+
+use crate::wire::{Credit, Kind, Session, WireError, INITIAL_CREDIT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -80,4 +82,34 @@ pub fn stage_frame(
         zero_pages: pages.zero_pages.len() as u64,
         bytes,
     })
+}
+
+/// Flow-control credit for what this end has consumed, returned to the sender once half the
+/// window is used ([`crate::wire::INITIAL_CREDIT`]), so that a sender on a link that keeps up
+/// never stalls; and at the end of a round.
+#[derive(Default)]
+pub struct CreditReturn(u64);
+
+impl CreditReturn {
+    /// `bytes` more were consumed: returns the credit when half the window is.
+    pub fn consumed<S: Read + Write>(
+        &mut self,
+        session: &mut Session<S>,
+        bytes: u64,
+    ) -> Result<(), WireError> {
+        self.0 += bytes;
+        if self.0 >= INITIAL_CREDIT / 2 {
+            self.flush(session)?;
+        }
+        Ok(())
+    }
+
+    /// Returns whatever credit is due.
+    pub fn flush<S: Read + Write>(&mut self, session: &mut Session<S>) -> Result<(), WireError> {
+        if self.0 > 0 {
+            session.send(Kind::Credit, &Credit { bytes: self.0 })?;
+            self.0 = 0;
+        }
+        Ok(())
+    }
 }

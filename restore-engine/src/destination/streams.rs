@@ -10,15 +10,14 @@
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::limits::{Budget, Limits};
-use super::stage::{stage_frame, ReceiveError};
+use super::stage::{stage_frame, CreditReturn, ReceiveError};
 use crate::cancel::Cancel;
 use crate::staging::StagingStore;
 use crate::wire::pages::ReceivedPages;
-use crate::wire::{Control, ControlCode, Credit, Kind, RoundEnd, Session, WireError};
+use crate::wire::{Control, ControlCode, Kind, RoundEnd, Session, WireError};
 
 /// What the streams and the main connection's thread share.
 struct State {
@@ -42,7 +41,8 @@ struct State {
 /// The page streams of a migration on the receiving end.
 pub struct ReceiveStreams {
     shared: Arc<(Mutex<State>, Condvar)>,
-    threads: Vec<JoinHandle<()>>,
+    /// How many there are (their threads are not joined: see the `Drop`).
+    count: usize,
 }
 
 /// What a round's pages came to on the streams.
@@ -77,37 +77,30 @@ impl ReceiveStreams {
             }),
             Condvar::new(),
         ));
-        let mut threads = Vec::with_capacity(count);
         for (index, session) in sessions.into_iter().enumerate() {
             let (shared, limits, cancel) = (shared.clone(), *limits, cancel.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("page-stream-{index}"))
-                    .spawn(move || {
-                        let result = receive_frames(index, session, &shared, &limits, &cancel);
-                        let (state, changed) = &*shared;
-                        let mut state = lock(state);
-                        match result {
-                            Ok(()) => state.ended[index] = true,
-                            Err(e) => {
-                                if state.failed.is_none() && !state.closed {
-                                    state.failed = Some((index, e));
-                                }
+            std::thread::Builder::new()
+                .name(format!("page-stream-{index}"))
+                .spawn(move || {
+                    let result = receive_frames(index, session, &shared, &limits, &cancel);
+                    let (state, changed) = &*shared;
+                    let mut state = lock(state);
+                    match result {
+                        Ok(()) => state.ended[index] = true,
+                        Err(e) => {
+                            if state.failed.is_none() && !state.closed {
+                                state.failed = Some((index, e));
                             }
                         }
-                        changed.notify_all();
-                    })?,
-            );
+                    }
+                    changed.notify_all();
+                })?;
         }
-        Ok(ReceiveStreams { shared, threads })
-    }
-
-    pub fn len(&self) -> usize {
-        self.threads.len()
+        Ok(ReceiveStreams { shared, count })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
+        self.count == 0
     }
 
     /// The store goes to the streams for the rounds (the caller's is left empty).
@@ -230,7 +223,7 @@ fn receive_frames<S: Read + Write>(
     cancel: &Cancel,
 ) -> Result<(), ReceiveError> {
     let budget = Budget::new(limits);
-    let mut consumed = 0u64;
+    let mut credit = CreditReturn::default();
     loop {
         if let Some(reason) = cancel.reason() {
             return Err(ReceiveError::Cancelled(reason));
@@ -267,13 +260,10 @@ fn receive_frames<S: Read + Write>(
                 state.staged[index] += 1;
                 changed.notify_all();
                 drop(state);
-                consumed += received.wire_bytes();
+                let wire = received.wire_bytes();
                 drop(received);
                 session.recycle(frame.payload);
-                if consumed >= crate::wire::INITIAL_CREDIT / 2 {
-                    session.send(Kind::Credit, &Credit { bytes: consumed })?;
-                    consumed = 0;
-                }
+                credit.consumed(&mut session, wire)?;
             }
             Kind::Control => {
                 let control: Control = frame.decode()?;

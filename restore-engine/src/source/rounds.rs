@@ -597,6 +597,7 @@ mod tests {
             let mut store = StagingStore::default();
             let report = receive_rounds(
                 &mut session,
+                None,
                 &mut store,
                 &crate::destination::Limits::unlimited(),
             );
@@ -637,9 +638,7 @@ mod tests {
                 &mut crate::memory::NoQuiesce,
                 &policy,
                 || {
-                    // SAFETY: stops our own child.
-                    unsafe { libc::kill(pid, libc::SIGSTOP) };
-                    thread::sleep(Duration::from_millis(50));
+                    crate::testsupport::stop(pid);
                     Ok(())
                 },
                 |_| {},
@@ -697,9 +696,7 @@ mod tests {
                 &mut crate::memory::NoQuiesce,
                 &policy,
                 || {
-                    // SAFETY: stops our own child.
-                    unsafe { libc::kill(pid, libc::SIGSTOP) };
-                    thread::sleep(Duration::from_millis(50));
+                    crate::testsupport::stop(pid);
                     Ok(())
                 },
                 &mut |_| {},
